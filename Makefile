@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, then run the main job on the embedded default
+#   make test   set up .venv, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch lies on this machine's disk; installing it first keeps
+# pip from pulling a multi-GB CUDA build for the bare `torch` requirement.
+TORCH  ?= torch==2.13.0
+DEMO   ?= runs/demo-data
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	# Everything else in one resolver call, so no later install can break a pin.
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip check
+	touch $@
+
+demo: setup
+	$(BIN)/fedmri demo --out $(DEMO)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_index.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

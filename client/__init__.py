@@ -1,0 +1,1 @@
+"""Site side: the Flower ClientApp, stage trainers, site policy and privacy."""

@@ -1,0 +1,24 @@
+"""Configuration: schema, presets and the one merge order."""
+
+from fedmri.config.loader import list_presets, load_config, parse_overrides, to_yaml
+from fedmri.config.schema import (
+    CatalogConfig,
+    DataConfig,
+    FedmriConfig,
+    ModelConfig,
+    PreprocessConfig,
+    SynthConfig,
+)
+
+__all__ = [
+    "CatalogConfig",
+    "DataConfig",
+    "FedmriConfig",
+    "ModelConfig",
+    "PreprocessConfig",
+    "SynthConfig",
+    "list_presets",
+    "load_config",
+    "parse_overrides",
+    "to_yaml",
+]

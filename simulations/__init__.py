@@ -1,0 +1,1 @@
+"""Synthetic hospitals, partitioning and local simulation."""

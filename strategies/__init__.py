@@ -1,0 +1,1 @@
+"""Aggregation strategies for staged, grouped parameters (federation work)."""
