@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; installing it first keeps
 # pip from pulling a multi-GB CUDA build for the bare `torch` requirement.
 TORCH  ?= torch==2.13.0
-DEMO   ?= runs/demo-data
+DEMO   ?= runs/demo
 
 .PHONY: setup demo test bench clean
 
@@ -22,8 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip check
 	touch $@
 
+# Until the federation lands, the main job is what a researcher and three site
+# admins do first: synthesise three hospitals, index each site, show each catalog.
 demo: setup
-	$(BIN)/fedmri demo --out $(DEMO)
+	$(BIN)/fedmri data synth --sites 3 --seed 0 --out $(DEMO)/hospitals
+	set -e; for site in $(DEMO)/hospitals/site-*; do \
+	  name=$$(basename $$site); \
+	  $(BIN)/fedmri data index $$site/dicom --reports $$site/reports.csv \
+	    --labels $$site/labels.csv --out $(DEMO)/catalogs/$$name --preset tiny; \
+	  $(BIN)/fedmri data show $(DEMO)/catalogs/$$name; \
+	done
 
 test: setup
 	$(BIN)/python -m pytest -q

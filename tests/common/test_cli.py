@@ -1,0 +1,51 @@
+"""The `fedmri` command as a user runs it: a real subprocess, real exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+import fedmri
+
+
+def fedmri_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from fedmri.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_version() -> None:
+    out = fedmri_cli("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"fedmri {fedmri.__version__}"
+
+
+def test_help_lists_every_group() -> None:
+    out = fedmri_cli("--help")
+    assert out.returncode == 0
+    for group in ("data", "config", "client", "server", "certs", "run", "status", "export", "simulate"):
+        assert group in out.stdout
+
+
+def test_config_show_prints_resolved_yaml() -> None:
+    out = fedmri_cli("config", "show", "tiny", "model.depth=2", "seed=3")
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["model"]["depth"] == 2 and cfg["seed"] == 3 and cfg["model"]["embed_dim"] == 96
+
+
+def test_user_error_is_one_line_without_traceback() -> None:
+    out = fedmri_cli("config", "show", "tiny", "model.nope=1")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.nope" in lines[0]
+
+
+def test_later_commands_say_so_clearly() -> None:
+    out = fedmri_cli("server", "start")
+    assert out.returncode == 2
+    assert "not available" in out.stderr and "Traceback" not in out.stderr
