@@ -1,0 +1,291 @@
+"""Write a :class:`~fedmri.data.Volume` as a DICOM MR series.
+
+Used by the synthetic hospitals and by the reader's tests. Geometry tags are
+derived from ``volume.affine`` with the same functions the reader uses
+(:mod:`fedmri.data.geometry`), pixels are stored as 16-bit integers with a
+RescaleSlope/Intercept that covers the value range, and file names are opaque
+random strings so that no reader can lean on them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.datadict import dictionary_VR, keyword_dict
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    UID,
+    generate_uid,
+)
+from pydicom import config
+from pydicom.valuerep import DSfloat, validate_value
+
+from fedmri.data.geometry import affine_to_dicom, is_dicom_representable
+from fedmri.data.volume import Volume
+from fedmri.errors import InputError
+
+__all__ = ["SUPPORTED_TRANSFER_SYNTAXES", "write_series"]
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+# Lossless encoders available here: RLE is native to pydicom, JPEG-LS comes
+# from pyjpegls, JPEG 2000 from pylibjpeg-openjpeg.
+COMPRESSED = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
+SUPPORTED_TRANSFER_SYNTAXES = UNCOMPRESSED + COMPRESSED
+
+# Written from volume.affine / the pixel array; a caller's value would contradict them.
+_DERIVED = {
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+    "SpacingBetweenSlices", "SliceLocation", "Rows", "Columns", "NumberOfFrames", "PixelData",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
+    "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "SOPClassUID",
+}
+# Classic MR tags that Enhanced MR keeps inside functional groups instead.
+_ENHANCED_MOVED = {"EchoTime", "RepetitionTime", "InversionTime", "DiffusionBValue", "ScanningSequence"}
+
+
+def write_series(
+    out_dir: str | Path,
+    volume: Volume,
+    tags: Mapping[str, Any],
+    *,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    enhanced: bool = False,
+    file_names: Sequence[str] | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[Path]:
+    """Write ``volume`` as MR Image Storage files (one per slice) or one Enhanced MR file.
+
+    Slice k of the volume has ImagePositionPatient ``affine @ [0, 0, k, 1]``
+    (in LPS), so a reader that orders slices along the normal gets the same
+    array and affine back. A volume with a left-handed voxel grid (negative
+    determinant) is written with its k axis reversed, which is the same image:
+    DICOM readers always return k along row x col.
+
+    Args:
+        out_dir: folder to write into (created if missing).
+        volume: the image; values are stored as uint16 (int16 if integer and
+            negative) with RescaleSlope/Intercept, exact for integer data.
+        tags: DICOM keywords to copy (PatientID, PatientAge "045Y", StudyInstanceUID,
+            SeriesDescription, EchoTime, ...). UIDs not given are generated.
+        transfer_syntax: one of :data:`SUPPORTED_TRANSFER_SYNTAXES`.
+        enhanced: write one multi-frame Enhanced MR file instead of one file per slice.
+        file_names: names (relative to ``out_dir``) for the files, one per slice
+            or one if ``enhanced``; default opaque random names.
+        rng: source of generated UIDs and names; pass a seeded one for reproducible output.
+
+    Returns:
+        Paths of the written files, in slice order.
+
+    Raises:
+        InputError: unsupported transfer syntax, unknown or geometry keyword in
+            ``tags``, non-finite values, wrong number of file names, or a skewed grid.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    ts = UID(str(transfer_syntax))
+    if ts not in SUPPORTED_TRANSFER_SYNTAXES:
+        names = ", ".join(f"{u.name} ({u})" for u in SUPPORTED_TRANSFER_SYNTAXES)
+        raise InputError(f"cannot write transfer syntax {ts}: use one of {names}")
+    if ts == JPEG2000Lossless and min(volume.shape[:2]) < 32:
+        raise InputError(f"JPEG 2000 needs at least 32x32 pixels per slice (got {volume.shape[:2]}): "
+                         "OpenJPEG's 5 wavelet levels do not fit; use RLE Lossless")
+    _check_tags(tags)
+    array, affine = np.asarray(volume.array), volume.affine
+    if not np.all(np.isfinite(array)):
+        raise InputError("volume has NaN or infinite values; DICOM stores finite integers only")
+    if np.linalg.det(affine[:3, :3]) < 0:
+        flip = np.eye(4)
+        flip[2, 2], flip[2, 3] = -1.0, array.shape[2] - 1
+        array, affine = array[:, :, ::-1], affine @ flip
+    if not is_dicom_representable(affine):
+        raise InputError("volume affine has non-orthogonal voxel axes; DICOM slices cannot store a skewed grid")
+    n_files = 1 if enhanced else array.shape[2]
+    if file_names is None:
+        file_names = [f"{int(v):016X}" for v in rng.integers(0, 2**63, size=n_files)]
+    if len(file_names) != n_files:
+        raise InputError(f"file_names has {len(file_names)} names; {n_files} file(s) will be written")
+
+    stored, slope, intercept = _quantise(array)  # I, J, K integers
+    iop, spacing, origin, step = affine_to_dicom(affine)
+    slice_gap = float(np.linalg.norm(step))
+    uid = lambda: generate_uid(entropy_srcs=[str(int(rng.integers(0, 2**63)))])  # noqa: E731
+
+    base = _base_dataset(tags, uid, stored.dtype == np.int16)
+    base.Rows, base.Columns = stored.shape[1], stored.shape[0]
+    base.ImageOrientationPatient = _ds(iop)
+    out = Path(out_dir)
+    paths = [out / name for name in file_names]
+    if enhanced:
+        ds = _enhanced(base, tags, stored, slope, intercept, spacing, slice_gap, origin, step, uid)
+        _save(ds, paths[0], ts, np.ascontiguousarray(stored.transpose(2, 1, 0)))  # K, rows=J, cols=I
+        return paths
+    base.PixelSpacing = _ds(spacing)
+    base.SliceThickness = base.SpacingBetweenSlices = _ds([slice_gap])[0]
+    base.RescaleIntercept, base.RescaleSlope = _ds([intercept, slope])
+    normal = np.cross(iop[:3], iop[3:])
+    for k, path in enumerate(paths):
+        ds = copy.deepcopy(base)  # Dataset.copy() is shallow: slices would share (and overwrite) elements
+        ds.SOPInstanceUID = uid()
+        ds.InstanceNumber = k + 1
+        ipp = origin + k * step
+        ds.ImagePositionPatient = _ds(ipp.tolist())
+        ds.SliceLocation = _ds([float(ipp @ normal)])[0]
+        _save(ds, path, ts, np.ascontiguousarray(stored[:, :, k].T))  # rows=J, cols=I
+    return paths
+
+
+def _check_tags(tags: Mapping[str, Any]) -> None:
+    for key in tags:
+        if key not in keyword_dict:
+            raise InputError(f"tags: {key!r} is not a DICOM keyword (e.g. 'PatientID', 'SeriesDescription')")
+        if key in _DERIVED:
+            raise InputError(f"tags: {key} is derived from the volume (affine and pixels); do not pass it")
+
+
+def _ds(values: Sequence[float]) -> list[DSfloat]:
+    # auto_format keeps DS within its 16 characters at full available precision.
+    return [DSfloat(float(v), auto_format=True) for v in values]
+
+
+def _quantise(array: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Integers to store plus the (slope, intercept) that map them back."""
+    lo, hi = float(array.min()), float(array.max())
+    if np.array_equal(array, np.round(array)) and lo >= -32768 and hi <= 32767:
+        return array.astype(np.int16 if lo < 0 else np.uint16), 1.0, 0.0
+    if 0 <= lo and hi <= 65535 and np.array_equal(array, np.round(array)):
+        return array.astype(np.uint16), 1.0, 0.0
+    # Read back the DS-formatted numbers so the quantisation uses what a reader sees.
+    intercept = float(_ds([lo])[0])
+    slope = float(_ds([(hi - intercept) / 65535.0 if hi > intercept else 1.0])[0])
+    stored = np.clip(np.round((array.astype(np.float64) - intercept) / slope), 0, 65535)
+    return stored.astype(np.uint16), slope, intercept
+
+
+def _base_dataset(tags: Mapping[str, Any], uid: Any, signed: bool) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, so names with accents survive
+    ds.SOPClassUID = MRImageStorage
+    ds.Modality = "MR"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber", "Manufacturer", "PositionReferenceIndicator",
+                "ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
+        setattr(ds, key, "" if dictionary_VR(key) not in ("DS", "IS") else None)
+    ds.SeriesNumber = 1
+    ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"  # research mode unless tags say otherwise
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uid(), uid(), uid()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if signed else 0
+    for key, value in tags.items():
+        _set(ds, key, value)
+    return ds
+
+
+def _set(ds: Dataset, key: str, value: Any) -> None:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if key == "PatientAge" and isinstance(value, int | float):
+        value = f"{int(value):03d}Y"
+    vr = dictionary_VR(key)
+    try:
+        if vr == "DS" and value is not None and not isinstance(value, str):
+            # numbers are formatted to fit DS's 16 characters, so they are valid by construction
+            value = _ds(value) if isinstance(value, list | tuple) else _ds([value])[0]
+        else:
+            # pydicom only warns on bad values when writing, and readers would then warn too
+            for item in value if isinstance(value, list | tuple) else [value]:
+                validate_value(vr, item, config.RAISE)
+        setattr(ds, key, value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"tags: invalid value {value!r} for {key}: {exc}") from exc
+
+
+def _enhanced(base: Dataset, tags: Mapping[str, Any], stored: np.ndarray, slope: float, intercept: float,
+              spacing: list[float], slice_gap: float, origin: np.ndarray, step: np.ndarray, uid: Any) -> Dataset:
+    """Enhanced MR: geometry and rescale live in shared / per-frame functional groups."""
+    ds = base
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = uid()
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = stored.shape[2]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    iop = list(ds.ImageOrientationPatient)
+    for key in _ENHANCED_MOVED | {"ImageOrientationPatient", "EchoTrainLength", "ScanOptions"}:
+        if key in ds:
+            del ds[key]
+    ds.PixelPresentation, ds.VolumetricProperties = "MONOCHROME", "VOLUME"
+    ds.VolumeBasedCalculationTechnique, ds.ComplexImageComponent = "NONE", "MAGNITUDE"
+    ds.AcquisitionContrast, ds.ContentQualification = "UNKNOWN", "PRODUCT"
+    scanning = str(tags.get("ScanningSequence", ""))
+    pulse = "BOTH" if "GR" in scanning and "SE" in scanning else "GRADIENT" if "GR" in scanning else "SPIN"
+    ds.EchoPulseSequence = pulse
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [_item(PixelSpacing=_ds(spacing), SliceThickness=_ds([slice_gap])[0],
+                                          SpacingBetweenSlices=_ds([slice_gap])[0])]
+    shared.PlaneOrientationSequence = [_item(ImageOrientationPatient=iop)]
+    shared.PixelValueTransformationSequence = [_item(RescaleIntercept=_ds([intercept])[0],
+                                                     RescaleSlope=_ds([slope])[0], RescaleType="US")]
+    if "RepetitionTime" in tags:
+        shared.MRTimingAndRelatedParametersSequence = [_item(RepetitionTime=_ds([tags["RepetitionTime"]])[0])]
+    if "EchoTime" in tags:
+        shared.MREchoSequence = [_item(EffectiveEchoTime=float(tags["EchoTime"]))]
+    ti = tags.get("InversionTime")
+    shared.MRModifierSequence = [_item(InversionRecovery="YES" if ti else "NO",
+                                       **({"InversionTimes": [float(ti)]} if ti else {}))]
+    if "DiffusionBValue" in tags:
+        shared.MRDiffusionSequence = [_item(DiffusionBValue=float(tags["DiffusionBValue"]),
+                                            DiffusionDirectionality="ISOTROPIC")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in range(stored.shape[2]):
+        frame = Dataset()
+        frame.PlanePositionSequence = [_item(ImagePositionPatient=_ds((origin + k * step).tolist()))]
+        frame.FrameContentSequence = [_item(StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[k + 1])]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    organisation = uid()
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organisation)]
+    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=organisation, DimensionIndexPointer=0x00209057,
+                                       FunctionalGroupPointer=0x00209111)]
+    return ds
+
+
+def _item(**values: Any) -> Dataset:
+    item = Dataset()
+    for key, value in values.items():
+        setattr(item, key, value)
+    return item
+
+
+def _save(ds: Dataset, path: Path, ts: UID, pixels: np.ndarray) -> None:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ts in COMPRESSED:
+        try:
+            ds.compress(ts, pixels, generate_instance_uid=False)
+        except RuntimeError as exc:  # pydicom wraps every plugin's failure in RuntimeError
+            raise InputError(
+                f"{ts.name} encoder failed on a {ds.Rows}x{ds.Columns} image ({exc}); "
+                "use RLE Lossless or an uncompressed transfer syntax for tiny or incompressible images"
+            ) from exc
+    else:
+        ds.file_meta.TransferSyntaxUID = ts
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
