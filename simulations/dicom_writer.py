@@ -201,6 +201,8 @@ def _set(ds: Dataset, key: str, value: Any) -> None:
     if key == "PatientAge" and isinstance(value, int | float):
         value = f"{int(value):03d}Y"
     vr = dictionary_VR(key)
+    if vr == "IS" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # pydicom's validator wants IS as text; an int is what callers naturally pass
     try:
         if vr == "DS" and value is not None and not isinstance(value, str):
             # numbers are formatted to fit DS's 16 characters, so they are valid by construction

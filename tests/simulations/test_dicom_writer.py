@@ -162,3 +162,10 @@ def test_bad_volumes(tmp_path: Path) -> None:
     small = Volume(np.zeros((16, 16, 2), np.float32), np.eye(4))
     with pytest.raises(InputError, match="JPEG 2000 needs at least 32x32"):
         write_series(tmp_path, small, {}, transfer_syntax=JPEG2000Lossless)
+
+
+def test_integer_string_tags_accept_python_ints(tmp_path: Path) -> None:
+    paths = write_series(tmp_path, _integers(), {**TAGS, "SeriesNumber": 7, "EchoTrainLength": 12},
+                         rng=np.random.default_rng(4))
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert (int(ds.SeriesNumber), int(ds.EchoTrainLength)) == (7, 12)
