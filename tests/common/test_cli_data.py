@@ -1,0 +1,112 @@
+"""`fedmri data index` / `fedmri data show` as a user types them: exit codes, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from data.site_factory import add_bad_inputs, make_site
+
+from fedmri.cli import main
+
+SMALL = "data.preprocess.target_shape=[16,16,8]"
+
+
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `fedmri ARGS` in this process (the real entry point, with its error handling)."""
+    monkeypatch.setattr(sys, "argv", ["fedmri", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    code = exc.value.code
+    return (code if isinstance(code, int) else 0 if code is None else 1), out.out, out.err
+
+
+def _dump(catalog: Path) -> list:
+    conn = sqlite3.connect(catalog / "catalog.sqlite")
+    rows = [list(conn.execute(f"SELECT * FROM {t}")) for t in ("files", "series", "skipped", "runs")]
+    conn.close()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("cli")
+    good = make_site(root / "good", n_patients=2, series_per_patient=2, seed=11)
+    bad = make_site(root / "bad", n_patients=2, series_per_patient=2, seed=12)
+    add_bad_inputs(bad)
+    return good, bad
+
+
+def test_index_clean_site_exits_0_then_show(sites, tmp_path: Path, monkeypatch, capsys) -> None:
+    good, _ = sites
+    cat = tmp_path / "cat"
+    code, out, err = run(monkeypatch, capsys, "data", "index", str(good.dicom), "--reports", str(good.reports),
+                         "--labels", str(good.labels), "--out", str(cat), SMALL)
+    assert code == 0, err
+    assert "series in catalog" in out and "Skipped" not in out
+    assert "files scanned" in err and "series processed" in err  # rich progress goes to stderr
+
+    code, out, err = run(monkeypatch, capsys, "data", "show", str(cat))
+    assert code == 0, err
+    for word in ("Sequence", "Body region", "Vendor", "Split", "Label coverage", "brain", "Siemens"):
+        assert word in out
+
+    code, out, _ = run(monkeypatch, capsys, "data", "show", str(cat), "--json")
+    doc = json.loads(out)
+    assert doc["n_series"] == 4 and len(doc["series"]) == 4 and doc["skipped"] == []
+    assert sum(doc["by_split"].values()) == 4 and doc["coverage"]["reports"] == 4 and doc["coverage"]["masks"] == 1
+    entry = doc["series"][0]
+    assert set(entry) == {"id", "shape", "spacing", "sequence", "body_region", "vendor", "split"}
+    assert entry["shape"] == [24, 20, 6] and entry["spacing"] == pytest.approx([1.2, 1.1, 3.0])
+    assert good.series_uids[0] not in out and "PAT" not in out  # only pseudonyms leave the catalog
+
+
+def test_index_bad_inputs_exits_3_and_lists_them(sites, tmp_path: Path, monkeypatch, capsys) -> None:
+    _, bad = sites
+    args = ("data", "index", str(bad.dicom), "--reports", str(bad.reports), "--labels", str(bad.labels),
+            "--out", str(tmp_path / "cat"), SMALL)
+    code, out, _ = run(monkeypatch, capsys, *args)
+    assert code == 3
+    assert "Skipped inputs (9)" in out and "CT" in out and "duplicate" in out
+    code, out, _ = run(monkeypatch, capsys, *args)  # unchanged: still listed, still 3
+    assert code == 3 and "Skipped inputs (9)" in out
+    code, out, _ = run(monkeypatch, capsys, "data", "show", str(tmp_path / "cat"), "--json")
+    doc = json.loads(out)
+    assert len(doc["skipped"]) == 9 and doc["n_series"] == 4
+    assert all(set(s) == {"path", "reason"} and s["reason"] for s in doc["skipped"])
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "bad_csv", "bad_override", "missing_reports"])
+def test_user_errors_exit_2_and_change_nothing(case: str, sites, tmp_path: Path, monkeypatch, capsys) -> None:
+    good, _ = sites
+    cat = tmp_path / "cat"
+    base = ["data", "index", str(good.dicom), "--reports", str(good.reports), "--out", str(cat), SMALL]
+    assert run(monkeypatch, capsys, *base)[0] == 0
+    before = _dump(cat)
+    args = list(base)
+    if case == "missing_folder":
+        args[2] = str(tmp_path / "nowhere")
+    elif case == "bad_csv":
+        (tmp_path / "r.csv").write_text("accession,text\nA,b\n")
+        args[4] = str(tmp_path / "r.csv")
+    elif case == "bad_override":
+        args.append("data.preprocess.nope=1")
+    else:
+        args[4] = str(tmp_path / "absent.csv")
+    code, out, err = run(monkeypatch, capsys, *args)
+    assert code == 2 and "Traceback" not in err and err.strip()
+    assert _dump(cat) == before
+
+
+def test_show_without_catalog_and_help(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run(monkeypatch, capsys, "data", "show", str(tmp_path))
+    assert code == 2 and "data index" in err
+    code, out, _ = run(monkeypatch, capsys, "data", "index", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    for text in ("0 = everything indexed", "3 = index completed", "2 = user error"):
+        assert text in flat
