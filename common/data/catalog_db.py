@@ -5,8 +5,10 @@
 the latest run and a short run history. ``CATALOG_DIR/site.salt`` is the site's
 random HMAC key: patient, study and series pseudonyms are HMAC-SHA256 of the
 DICOM identifier under it, so they cannot be reversed or linked across sites
-without the salt, which never leaves the site. A patient's split follows from
-its pseudonym, so no patient is in two splits and re-indexing never moves one.
+without the salt, which never leaves the site. Splits are kept per patient in
+the ``patients`` table: no patient is in two splits, re-indexing never moves
+one, and new patients fill the split furthest below its target share, so even
+a site with ten patients gets a validation and a test patient.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ CREATE TABLE series (
     indexed_at TEXT NOT NULL
 );
 CREATE INDEX series_split ON series (split);
+CREATE TABLE patients (            -- a patient's split, fixed when first seen
+    patient_id TEXT PRIMARY KEY,   -- pseudonymous
+    split TEXT NOT NULL
+);
 CREATE TABLE failed_series (       -- series that could not be read, so unchanged ones are not read again
     series_uid TEXT PRIMARY KEY,
     files_digest TEXT NOT NULL,
@@ -178,16 +184,33 @@ def check_split_fractions(fractions: Sequence[float]) -> tuple[float, float, flo
     return values  # type: ignore[return-value]
 
 
-def split_for(patient_pseudonym: str, fractions: Sequence[float]) -> str:
-    """The split of a patient: a uniform number from its pseudonym against the cumulative fractions."""
-    u = int(patient_pseudonym[:13], 16) / 16**13
-    edge = 0.0
-    for name, fraction in zip(SPLITS, fractions, strict=True):
-        edge += fraction
-        if u < edge:
-            return name
-    # Rounding left u above the last edge: the last split with a share takes it.
-    return next(name for name, f in reversed(list(zip(SPLITS, fractions, strict=True))) if f > 0)
+def assign_splits(conn: sqlite3.Connection, fractions: Sequence[float]) -> None:
+    """Give every new patient a split and copy each patient's split onto its series.
+
+    A patient keeps the split it was first given. New patients, taken in
+    pseudonym order (which no file name or arrival order influences), each go
+    to the split whose count is furthest below ``fraction * patients``: a
+    largest-remainder rule, so shares match the fractions as closely as whole
+    patients allow even at a ten-patient site, where independent random draws
+    often leave the validation or test split empty.
+
+    Args:
+        conn: catalog connection inside the caller's transaction.
+        fractions: train/val/test fractions (see :func:`check_split_fractions`).
+    """
+    known = dict(conn.execute("SELECT patient_id, split FROM patients").fetchall())
+    counts = Counter(known.values())
+    present = {pid for (pid,) in conn.execute("SELECT DISTINCT patient_id FROM series")}
+    new_rows = []
+    for pid in sorted(present - known.keys()):
+        total = sum(counts.values()) + 1
+        deficit = [f * total - counts[name] for name, f in zip(SPLITS, fractions, strict=True)]
+        # Largest deficit wins; on a tie the larger fraction, then the earlier split.
+        best = max(range(len(SPLITS)), key=lambda i: (round(deficit[i], 9), fractions[i], -i))
+        counts[SPLITS[best]] += 1
+        new_rows.append((pid, SPLITS[best]))
+    conn.executemany("INSERT INTO patients (patient_id, split) VALUES (?, ?)", new_rows)
+    conn.execute("UPDATE series SET split = (SELECT split FROM patients WHERE patients.patient_id = series.patient_id)")
 
 
 _JSON_COLUMNS = ("shape", "spacing", "meta", "label_findings", "source_paths", "settings")

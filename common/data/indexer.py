@@ -30,7 +30,13 @@ from omegaconf import DictConfig
 
 from fedmri import __version__
 from fedmri.config import load_config
-from fedmri.data.catalog_db import CACHE_DIR, check_split_fractions, load_or_create_salt, open_catalog
+from fedmri.data.catalog_db import (
+    CACHE_DIR,
+    assign_splits,
+    check_split_fractions,
+    load_or_create_salt,
+    open_catalog,
+)
 from fedmri.data.dicom import DicomHeader, Skipped, SkipInput, find_files, group_series, read_header
 from fedmri.data.preprocess import PreprocessSettings, Preprocessor, VolumeCache
 from fedmri.data.series_job import SeriesJob, SeriesOutcome, process_job
@@ -138,7 +144,8 @@ def index_site(
             raise InputError(f"catalog {out} is busy ({exc}); is another `fedmri data index` running on it?") from None
         try:
             jobs = _scan(conn, dicom_root, nifti, out, result, skipped, progress)
-            indexed = _process(conn, jobs, out, settings, fractions, salt, label_rows, result, skipped, progress)
+            indexed = _process(conn, jobs, out, settings, salt, label_rows, result, skipped, progress)
+            assign_splits(conn, fractions)
             skipped += _join_reports(conn, report_rows, reports)
             skipped += label_skips + _join_labels(label_rows, indexed, labels)
             result.skipped = skipped
@@ -223,7 +230,7 @@ def _read_file(path: Path, kind: str) -> tuple[dict[str, Any] | None, str | None
 
 
 def _process(conn: Any, jobs: list[SeriesJob], out: Path, settings: PreprocessSettings,
-             fractions: tuple[float, float, float], salt: bytes, label_rows: list[LabelRow],
+             salt: bytes, label_rows: list[LabelRow],
              result: IndexResult, skipped: list[Skipped], progress: IndexProgress) -> set[str]:
     """Bring every series row up to date; returns the series UIDs now in the catalog."""
     labels = {row.series_instance_uid: row for row in label_rows}
@@ -237,7 +244,7 @@ def _process(conn: Any, jobs: list[SeriesJob], out: Path, settings: PreprocessSe
     progress.start("series", len(jobs))
     for job in sorted(jobs, key=lambda j: j.uid):
         outcome: SeriesOutcome = process_job(job, existing.get(job.uid), failed.get(job.uid), labels.get(job.uid),
-                                             settings, fractions, salt, cache, preprocessor, out)
+                                             settings, salt, cache, preprocessor, out)
         skipped += outcome.skipped
         if outcome.row is not None:
             indexed.add(job.uid)

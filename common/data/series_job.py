@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmri import __version__
-from fedmri.data.catalog_db import pseudonym, split_for
+from fedmri.data.catalog_db import pseudonym
 from fedmri.data.dicom import DicomHeader, Skipped, load_series
 from fedmri.data.nifti import load_nifti
 from fedmri.data.preprocess import PreprocessSettings, Preprocessor, VolumeCache, cache_key, check_same_grid
@@ -81,7 +81,7 @@ class SeriesOutcome:
 
 
 def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapping[str, Any] | None,
-                label: LabelRow | None, settings: PreprocessSettings, fractions: Sequence[float], salt: bytes,
+                label: LabelRow | None, settings: PreprocessSettings, salt: bytes,
                 cache: VolumeCache, preprocessor: Preprocessor, catalog_dir: Path) -> SeriesOutcome:
     """Bring one series' row up to date, reading files only when something changed.
 
@@ -91,7 +91,6 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
         failed: its ``failed_series`` row if it failed before; unchanged, it is not read again.
         label: its labels.csv row, if any.
         settings: preprocessing settings of this run.
-        fractions: train/val/test fractions.
         salt: the site's HMAC key.
         cache: the volume cache; misses are preprocessed and written.
         preprocessor: built once per run from ``settings``.
@@ -106,7 +105,6 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
         row = dict(existing)
         meta = json.loads(row["meta"])
         row.update(_label_columns(label, meta, mask_stat))
-        row["split"] = split_for(row["patient_id"], fractions)
         return SeriesOutcome(row)
     if failed is not None and (failed["files_digest"], failed["reader"]) == (job.digest, __version__):
         return SeriesOutcome(None, failure=Skipped(failed["path"], failed["reason"]))
@@ -146,7 +144,7 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
         "study_id": pseudonym(salt, "study", study or job.uid),
         "study_uid": study,
         "accession": job.accession or str(volume.meta.get("accession_number") or ""),
-        "split": split_for(patient_id, fractions),
+        "split": "",  # set per patient by catalog_db.assign_splits once every series is in
         "sequence": meta.get("sequence_family"),
         "body_region": meta.get("body_region"),
         "vendor": meta.get("manufacturer"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from fedmri.data.catalog_db import (
     check_split_fractions,
     load_or_create_salt,
     open_catalog,
+    assign_splits,
     pseudonym,
-    split_for,
 )
 from fedmri.errors import ConfigError, InputError
 
@@ -44,14 +45,51 @@ def test_pseudonyms_depend_on_salt_and_kind_and_hide_the_id() -> None:
     assert "PAT001" not in pseudonym(a, "patient", "PAT001") and len(pseudonym(a, "x", "y")) == 32
 
 
-def test_split_follows_the_fractions() -> None:
-    rng = np.random.default_rng(0)
-    salt = rng.bytes(32)
-    splits = [split_for(pseudonym(salt, "patient", f"P{i}"), (0.7, 0.15, 0.15)) for i in range(4000)]
-    shares = {name: splits.count(name) / len(splits) for name in ("train", "val", "test")}
-    assert abs(shares["train"] - 0.7) < 0.03 and abs(shares["val"] - 0.15) < 0.03 and abs(shares["test"] - 0.15) < 0.03
-    assert {split_for(pseudonym(salt, "patient", f"P{i}"), (0.0, 0.0, 1.0)) for i in range(50)} == {"test"}
-    assert split_for("f" * 32, (0.5, 0.5, 0.0)) == "val"  # the top of the range stays in a split with a share
+def _add_patients(conn: sqlite3.Connection, salt: bytes, ids: range) -> None:
+    """Series rows with just what assign_splits reads: one series per patient."""
+    conn.executemany(
+        "INSERT INTO series (id, series_uid, patient_id, study_id, study_uid, accession, split, shape, spacing, meta, "
+        "source_kind, source_paths, files_digest, settings, settings_digest, cache_key, cache_path, has_mask, "
+        "indexed_at) VALUES (?, ?, ?, '', '', '', '', '[]', '[]', '{}', 'dicom', '[]', '', '{}', '', '', '', 0, '')",
+        [(f"s{i}", f"uid{i}", pseudonym(salt, "patient", f"P{i}")) for i in ids],
+    )
+
+
+def _shares(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT split, COUNT(DISTINCT patient_id) FROM series GROUP BY split").fetchall())
+
+
+@pytest.mark.parametrize("n", [7, 10, 11, 13, 20])
+def test_small_sites_get_every_split(tmp_path: Path, n: int) -> None:
+    conn = open_catalog(tmp_path, create=True)
+    _add_patients(conn, b"\x05" * 32, range(n))
+    assign_splits(conn, (0.7, 0.15, 0.15))
+    shares = _shares(conn)
+    assert set(shares) == {"train", "val", "test"}
+    # Largest remainder: each count is within one patient of its target share.
+    for name, fraction in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        assert abs(shares[name] - fraction * n) <= 1.0
+
+
+def test_split_follows_the_fractions_and_never_moves_a_patient(tmp_path: Path) -> None:
+    conn = open_catalog(tmp_path, create=True)
+    salt = np.random.default_rng(0).bytes(32)
+    _add_patients(conn, salt, range(50))
+    assign_splits(conn, (0.7, 0.15, 0.15))
+    before = dict(conn.execute("SELECT patient_id, split FROM series").fetchall())
+    _add_patients(conn, salt, range(50, 2000))  # the site grows forty-fold
+    assign_splits(conn, (0.7, 0.15, 0.15))
+    after = dict(conn.execute("SELECT patient_id, split FROM series").fetchall())
+    assert all(after[pid] == split for pid, split in before.items())
+    shares = _shares(conn)
+    assert abs(shares["train"] / 2000 - 0.7) < 0.01 and abs(shares["val"] / 2000 - 0.15) < 0.01
+
+
+def test_a_split_with_no_share_stays_empty(tmp_path: Path) -> None:
+    conn = open_catalog(tmp_path, create=True)
+    _add_patients(conn, b"\x07" * 32, range(30))
+    assign_splits(conn, (0.5, 0.5, 0.0))
+    assert _shares(conn) == {"train": 15, "val": 15}
 
 
 @pytest.mark.parametrize("fractions", [(0.7, 0.3), (0.5, 0.5, 0.5), (1.2, -0.1, -0.1)])

@@ -13,7 +13,6 @@ from pathlib import Path
 from site_factory import make_site
 
 from fedmri.config import load_config
-from fedmri.data.catalog_db import SALT_FILE
 from fedmri.data.indexer import HANG_ENV, index_site
 
 OVERRIDE = "data.preprocess.target_shape=[16,16,8]"
@@ -39,6 +38,9 @@ def test_kill_9_mid_index_then_rerun(tmp_path: Path) -> None:
     extra = make_site(tmp_path / "extra", n_patients=3, series_per_patient=2, seed=5, with_mask=False)
     shutil.copytree(extra.dicom, site.dicom / "new")
     before = _dump(cat)
+    # The uninterrupted twin starts from the same catalog (same salt, same patients' splits).
+    fresh = tmp_path / "fresh"
+    shutil.copytree(cat, fresh)
 
     cmd = [sys.executable, "-c", "from fedmri.cli import main; main()", "data", "index", str(site.dicom),
            "--reports", str(site.reports), "--labels", str(site.labels), "--out", str(cat), OVERRIDE]
@@ -63,10 +65,7 @@ def test_kill_9_mid_index_then_rerun(tmp_path: Path) -> None:
     assert rerun.n_loaded == 6 and rerun.n_preprocessed == 3  # three cache entries survived the kill
     assert rerun.n_series == 10
 
-    # Same catalog as one uninterrupted index of the same data with the same salt.
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    shutil.copy(cat / SALT_FILE, fresh / SALT_FILE)
+    # Same catalog as one uninterrupted index of the same data from the same starting catalog.
     index_site(site.dicom, site.reports, fresh, labels=site.labels, cfg=CFG)
     a, b = _dump(cat, ("indexed_at", "run_id")), _dump(fresh, ("indexed_at", "run_id"))
     assert a["series"] == b["series"] and a["files"] == b["files"] and a["skipped"] == b["skipped"]
