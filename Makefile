@@ -38,6 +38,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_index.py
+	$(BIN)/python benchmarks/bench_encoder.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

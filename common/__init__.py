@@ -17,4 +17,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["ConfigError", "FedmriError", "InputError", "__version__"]
+__all__ = ["ConfigError", "FedmriError", "InputError", "__version__", "load_encoder", "save_encoder"]
+
+
+def __getattr__(name: str) -> object:
+    # Export and load pull in torch: import them on first use so that
+    # `import fedmri` (and the CLI's start-up) stays light.
+    if name in {"save_encoder", "load_encoder"}:
+        from fedmri import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'fedmri' has no attribute {name!r}")

@@ -2,18 +2,22 @@
 
 from fedmri.config.loader import list_presets, load_config, parse_overrides, to_yaml
 from fedmri.config.schema import (
+    AlignConfig,
     CatalogConfig,
     DataConfig,
     FedmriConfig,
+    HeadsConfig,
     ModelConfig,
     PreprocessConfig,
     SynthConfig,
 )
 
 __all__ = [
+    "AlignConfig",
     "CatalogConfig",
     "DataConfig",
     "FedmriConfig",
+    "HeadsConfig",
     "ModelConfig",
     "PreprocessConfig",
     "SynthConfig",

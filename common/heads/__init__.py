@@ -1,0 +1,48 @@
+"""Light task heads on the frozen encoder, and the feature cache they train from.
+
+The segmentation decoder (MONAI, slow to import) and the feature cache load on
+first use, so that importing the MLP heads stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fedmri.heads.anomaly import AnomalyHead, build_anomaly_head
+from fedmri.heads.mlp import MLPHead, build_mlp_head, pool_features, pooled_dim
+
+_LAZY = {
+    "UNETRDecoder": "fedmri.heads.segmentation",
+    "build_segmentation_head": "fedmri.heads.segmentation",
+    "default_skip_layers": "fedmri.heads.segmentation",
+    "skip_layers": "fedmri.heads.segmentation",
+    "CachedFeatures": "fedmri.heads.features",
+    "FeatureCache": "fedmri.heads.features",
+    "build_feature_cache": "fedmri.heads.features",
+    "preprocess_key": "fedmri.heads.features",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fedmri.heads' has no attribute {name!r}")
+
+
+__all__ = [
+    "AnomalyHead",
+    "CachedFeatures",
+    "FeatureCache",
+    "MLPHead",
+    "UNETRDecoder",
+    "build_anomaly_head",
+    "build_feature_cache",
+    "build_mlp_head",
+    "build_segmentation_head",
+    "default_skip_layers",
+    "pool_features",
+    "pooled_dim",
+    "preprocess_key",
+    "skip_layers",
+]

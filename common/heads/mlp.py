@@ -1,0 +1,127 @@
+"""Classification and regression MLPs on pooled features of the frozen encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmri.errors import ConfigError
+
+POOLINGS = ("cls", "mean", "cls+mean")
+TASKS = ("multiclass", "multilabel", "regression")
+
+
+def pooled_dim(embed_dim: int, pooling: str) -> int:
+    """Width of :func:`pool_features` output for an encoder of width ``embed_dim``."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return 2 * embed_dim if pooling == "cls+mean" else embed_dim
+
+
+def pool_features(out: Mapping[str, Any], pooling: str) -> Tensor:
+    """One vector per volume from encoder output (or cached features).
+
+    Args:
+        out: Holds ``"cls"`` (B, D) and ``"patch"`` (B, N, D), or a precomputed
+            ``"mean"`` (B, D) as the feature cache stores it.
+        pooling: ``"cls"``, ``"mean"`` (of patch tokens) or ``"cls+mean"``.
+
+    Returns:
+        (B, D) or (B, 2D) for ``"cls+mean"``.
+    """
+    pooled_dim(1, pooling)
+    if pooling == "cls":
+        return out["cls"]  # B, D
+    mean = out["mean"] if "mean" in out else out["patch"].mean(dim=1)  # B, D
+    if pooling == "mean":
+        return mean
+    return torch.cat([out["cls"], mean.to(out["cls"].dtype)], dim=-1)  # B, 2D
+
+
+class MLPHead(nn.Module):
+    """LayerNorm -> [Linear -> GELU -> Dropout] -> Linear, for one task.
+
+    No batch norm anywhere, so the head trains under DP-SGD (Opacus).
+
+    Args:
+        in_dim: Input feature width (see :func:`pooled_dim`).
+        out_dim: Classes (multiclass, >= 2), labels (multilabel) or regression targets.
+        task: ``"multiclass"``, ``"multilabel"`` or ``"regression"``.
+        hidden_dim: Hidden width; 0 makes the head a linear probe. Default 256.
+        dropout: Dropout before each linear layer. Default 0.0.
+        target_mean: Regression only: targets are standardised with this mean and
+            ``target_std`` for the loss, and predictions come out in target units.
+        target_std: Regression only; must be > 0. Default 1.0.
+
+    Raises:
+        ConfigError: For an unknown task or an out-of-range size.
+    """
+
+    # :meth:`loss` is a mean of per-sample terms, so DP-SGD's per-sample
+    # clipping applies to it as is.
+    per_sample_decomposable = True
+
+    def __init__(self, in_dim: int, out_dim: int, task: str = "multiclass", *, hidden_dim: int = 256,
+                 dropout: float = 0.0, target_mean: float = 0.0, target_std: float = 1.0) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ConfigError(f"head task {task!r} is not one of {', '.join(TASKS)}")
+        if in_dim < 1 or out_dim < 1 or hidden_dim < 0:
+            raise ConfigError(f"head sizes must be positive: in_dim={in_dim}, out_dim={out_dim}, "
+                              f"hidden_dim={hidden_dim}")
+        if task == "multiclass" and out_dim < 2:
+            raise ConfigError(f"a multiclass head needs >= 2 classes, got out_dim={out_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"head dropout {dropout} must be in [0, 1)")
+        if target_std <= 0:
+            raise ConfigError(f"target_std {target_std} must be > 0")
+        self.task = task
+        layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
+        width = in_dim
+        if hidden_dim:
+            layers += [nn.Dropout(dropout), nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            width = hidden_dim
+        layers += [nn.Dropout(dropout), nn.Linear(width, out_dim)]
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(float(target_std)))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits (B, out_dim), or predictions in target units for regression."""
+        out = self.net(features)  # B, out_dim
+        if self.task == "regression":
+            out = out * self.target_std + self.target_mean
+        return out
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean task loss of :meth:`forward` output against targets.
+
+        Args:
+            output: What :meth:`forward` returned (B, out_dim).
+            target: Class indices (B,) for multiclass; 0/1 (B, out_dim) for
+                multilabel; values (B, out_dim) or (B,) for regression.
+        """
+        if self.task == "multiclass":
+            return F.cross_entropy(output, target.long())
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
+        target = target.to(output.dtype).reshape(output.shape)
+        return F.mse_loss((output - self.target_mean) / self.target_std, (target - self.target_mean) / self.target_std)
+
+
+def build_mlp_head(cfg: Any, task: str, out_dim: int, **kwargs: Any) -> MLPHead:
+    """An :class:`MLPHead` sized for ``cfg.model.embed_dim`` and ``cfg.heads`` pooling and widths.
+
+    Args:
+        cfg: The whole config.
+        task: ``"multiclass"``, ``"multilabel"`` or ``"regression"``.
+        out_dim: Classes, labels or regression targets.
+        **kwargs: ``target_mean`` / ``target_std`` for regression.
+    """
+    heads = cfg.heads
+    return MLPHead(pooled_dim(cfg.model.embed_dim, heads.pooling), out_dim, task, hidden_dim=heads.hidden_dim,
+                   dropout=heads.dropout, **kwargs)

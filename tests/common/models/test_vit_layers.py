@@ -1,0 +1,92 @@
+"""The ViT building blocks: behaviour and illegal arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmri.models.dino_head import WeightNormLinear
+from fedmri.models.layers import (
+    Attention,
+    Block,
+    DropPath,
+    LayerScale,
+    MaskEmbed,
+    PatchEmbed3D,
+    PositionEmbedding3D,
+    PrefixTokens,
+)
+
+
+def test_attention_matches_explicit_softmax_attention() -> None:
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2)
+    x = torch.randn(2, 5, 8)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 4**0.5, dim=-1)  # B, H, N, N
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 8))
+    torch.testing.assert_close(attn(x), expected)
+
+
+def test_patch_embed_is_a_strided_conv() -> None:
+    pe = PatchEmbed3D(4, 1, 6)
+    x = torch.rand(1, 1, 8, 4, 4)
+    out = pe(x)
+    assert out.shape == (1, 6, 2, 1, 1)
+    # Patch (1, 0, 0) is voxels 4..7 along x: a dot product with the kernel.
+    manual = (pe.proj.weight[:, 0] * x[0, 0, 4:8]).sum((1, 2, 3)) + pe.proj.bias
+    torch.testing.assert_close(out[0, :, 1, 0, 0], manual)
+
+
+def test_block_with_zero_layerscale_gain_is_identity() -> None:
+    block = Block(8, 2, layerscale_init=1e-5)
+    with torch.no_grad():
+        block.ls1.gamma.zero_()
+        block.ls2.gamma.zero_()
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(block(x), x)
+    assert isinstance(Block(8, 2, layerscale_init=0.0).ls1, torch.nn.Identity)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean() -> None:
+    torch.manual_seed(0)
+    dp = DropPath(0.25).train()
+    out = dp(torch.ones(4000, 3))
+    per_sample = out[:, 0]
+    values = per_sample.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.75)
+    assert torch.equal(out[:, 0], out[:, 2])  # one decision per sample
+    assert per_sample.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_prefix_and_mask_tokens() -> None:
+    prefix = PrefixTokens(4, num_register_tokens=2)
+    out = prefix(torch.zeros(3, 5, 4))
+    assert out.shape == (3, 8, 4)
+    torch.testing.assert_close(out[1, 0], prefix.cls_token[0, 0])
+    me = MaskEmbed(4)
+    with torch.no_grad():
+        me.mask_token.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    m = torch.zeros(1, 1, 2, 1, 1)
+    m[0, 0, 1] = 1.0
+    out = me(m)
+    torch.testing.assert_close(out[0, :, 1, 0, 0], me.mask_token)
+    assert out[0, :, 0].abs().sum() == 0
+    assert LayerScale(3, 0.5)(torch.ones(3)).tolist() == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: PatchEmbed3D(0, 1, 8), "patch_size"),
+        (lambda: PositionEmbedding3D((2, 2), 8), "grid"),
+        (lambda: Attention(10, 3), "num_heads"),
+        (lambda: DropPath(1.0), "drop_prob"),
+        (lambda: PrefixTokens(8, -1), "num_register_tokens"),
+        (lambda: Block(10, 4), "num_heads"),
+        (lambda: WeightNormLinear(0, 4), "in_features"),
+    ],
+)
+def test_illegal_arguments(build: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()  # type: ignore[operator]
