@@ -12,35 +12,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-CENTERINGS = ("centering", "sinkhorn_knopp")
+from fedmri.losses.teacher_targets import CENTERINGS, CenteredTeacherLoss, sinkhorn_knopp
 
-
-def sinkhorn_knopp(logits: Tensor, temperature: float, n_iterations: int = 3) -> Tensor:
-    """Soft assignments of rows to columns with (nearly) equal column mass.
-
-    Args:
-        logits: (M, K) teacher logits.
-        temperature: Softmax temperature.
-        n_iterations: Alternating normalisation rounds (DINOv2: 3).
-
-    Returns:
-        (M, K) rows that sum to 1, columns balanced across the M rows.
-    """
-    # Subtracting the global max only rescales Q, which the first normalisation undoes.
-    q = torch.exp((logits - logits.max()).float() / temperature).t()  # K, M
-    n_prototypes, n_rows = q.shape
-    q /= q.sum()
-    for _ in range(n_iterations):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n_rows
-    return (q * n_rows).t()  # M, K
+__all__ = ["CENTERINGS", "DINOClsTokenLoss", "sinkhorn_knopp"]
 
 
-class DINOClsTokenLoss(nn.Module):
+class DINOClsTokenLoss(CenteredTeacherLoss):
     """Cross-entropy between student views and centred, sharpened teacher views.
 
     Args:
@@ -53,14 +32,6 @@ class DINOClsTokenLoss(nn.Module):
         ValueError: For an unknown ``centering`` or an out-of-range number.
     """
 
-    # The target of sample i depends on sample i and the centre buffer, which
-    # is detached and built from earlier batches, so the loss is a sum of
-    # per-sample terms (DP-SGD applies). Sinkhorn-Knopp balances targets
-    # across the batch and is not; __init__ then overrides this on the instance.
-    # The centre itself is a running statistic of the data: privacy work must
-    # count it if it leaves the site.
-    per_sample_decomposable: bool = True
-
     def __init__(
         self,
         out_dim: int,
@@ -68,38 +39,7 @@ class DINOClsTokenLoss(nn.Module):
         center_momentum: float = 0.9,
         centering: str = "centering",
     ) -> None:
-        super().__init__()
-        if out_dim < 1:
-            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum < 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        if centering == "sinkhorn_knopp":
-            self.per_sample_decomposable = False
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def teacher_targets(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher probabilities (M, K) from teacher logits (M, K), per ``centering``."""
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp)
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA of the batch mean of teacher logits (M, K) into the centre.
-
-        Call after :meth:`teacher_targets`, so a batch is centred with the
-        statistics of earlier batches only.
-        """
-        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)  # 1, K
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        super().__init__(out_dim, student_temp, center_momentum, centering, name="out_dim")
 
     def forward(self, student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor]) -> Tensor:
         """Sum over all (student view, teacher view) pairs of the batch-mean cross-entropy.

@@ -8,11 +8,10 @@ image with many masked patches counts as much as one with few.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from fedmri.losses.dino_clstoken_loss import CENTERINGS, sinkhorn_knopp
+from fedmri.losses.teacher_targets import CenteredTeacherLoss
 
 
 def masked_token_weights(masks: Tensor) -> Tensor:
@@ -28,7 +27,7 @@ def masked_token_weights(masks: Tensor) -> Tensor:
     return per_image.unsqueeze(-1).expand_as(masks)[masks]  # M
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 (the method's own spelling)
+class iBOTPatchLoss(CenteredTeacherLoss):  # noqa: N801 (the method's own spelling)
     """Cross-entropy between student and teacher prototypes at masked patches.
 
     Args:
@@ -43,8 +42,6 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the method's own spelling)
 
     # Image b's term reads only image b's tokens and the detached centre of
     # earlier batches; the division by the number of images is a constant.
-    # Sinkhorn-Knopp couples all masked tokens of the batch (see __init__).
-    per_sample_decomposable: bool = True
 
     def __init__(
         self,
@@ -53,36 +50,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the method's own spelling)
         center_momentum: float = 0.9,
         centering: str = "centering",
     ) -> None:
-        super().__init__()
-        if patch_out_dim < 1:
-            raise ValueError(f"patch_out_dim must be >= 1, got {patch_out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum < 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        if centering == "sinkhorn_knopp":
-            self.per_sample_decomposable = False
-        self.register_buffer("center", torch.zeros(1, patch_out_dim))
-
-    @torch.no_grad()
-    def teacher_targets(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher probabilities (M, K) at the masked positions from logits (M, K)."""
-        if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp)
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA of the mean teacher logit over masked tokens (M, K); a no-op if M = 0."""
-        if teacher_logits.shape[0] == 0:
-            return
-        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)  # 1, K
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        super().__init__(patch_out_dim, student_temp, center_momentum, centering, name="patch_out_dim")
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
         """Mean over images of each image's mean masked-token cross-entropy.
