@@ -110,7 +110,6 @@ class SpineAnatomy(Anatomy):
             cv.paint("red_marrow", body.grown(-1.2))
         for lo, hi in self.discs.values():
             cv.paint("annulus", cylinder((0.0, 0.0), (22.5, 16.5), (lo, hi), lordosis, ext))
-            h = 0.5 * (hi - lo)
             cv.paint("nucleus", cylinder((0.0, -1.0), (13.0, 8.5), (lo + 1.5, hi - 1.5), lordosis, ext), soft=2.0)
         for f in self.findings:
             lo, hi = self.discs[f.attrs["level"]]

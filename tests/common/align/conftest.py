@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from fedmri.config import load_config
 from fedmri.text import TextTower, load_text_tower
