@@ -21,17 +21,6 @@ from fedmri.config import load_config
 from fedmri.errors import ConfigError, InputError
 from fedmri.export import FORMAT_VERSION, weights_digest
 from fedmri.models import ViT3D, build_encoder
-from fedmri.text import TextTower, load_text_tower
-
-
-@pytest.fixture(scope="session")
-def minilm(request: pytest.FixtureRequest) -> TextTower:
-    # Shared through the session with the text and align test folders.
-    tower = getattr(request.session, "fedmri_minilm", None)
-    if tower is None:
-        tower = load_text_tower("minilm")
-        request.session.fedmri_minilm = tower
-    return tower
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fixtures for the alignment tests: MiniLM once per session, a tiny real encoder."""
+"""Fixtures for the alignment tests: a private MiniLM copy, a tiny real encoder."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ import copy
 import pytest
 
 from fedmri.config import load_config
-from fedmri.text import TextTower, load_text_tower
-
-
-@pytest.fixture(scope="session")
-def minilm(request: pytest.FixtureRequest) -> TextTower:
-    """The frozen packaged MiniLM; shared with other test folders through the session.
-
-    Tests that change it (trainable layers, weights) must work on a deepcopy.
-    """
-    tower = getattr(request.session, "fedmri_minilm", None)
-    if tower is None:
-        tower = load_text_tower("minilm")
-        request.session.fedmri_minilm = tower
-    return tower
+from fedmri.text import TextTower
 
 
 @pytest.fixture
