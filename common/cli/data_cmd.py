@@ -176,14 +176,17 @@ def synth_command(
 
         infos = generate_federation(out, sites=sites, seed=seed, preset=preset, series_per_site=series_per_site,
                                     progress=progress, workers=workers)
-    table = Table(title=f"Synthetic hospitals in {out}")
-    for column in ("site", "vendor", "field (T)", "series", "patients", "regions", "findings"):
+    from fedmri.data.metadata import normalise_vendor
+
+    table = Table(title=f"Synthetic hospitals in {out}", caption="studies per body region and per finding")
+    for column in ("site", "scanner", "series", "patients", "regions", "findings"):
         table.add_column(column)
     for info in infos:
         table.add_row(
-            info.name + (" (kept)" if info.reused else ""), f"{info.vendor} {info.model}", f"{info.field_strength:g}",
+            info.name + (" (kept)" if info.reused else ""),
+            f"{normalise_vendor(info.vendor)} {info.field_strength:g}T",
             str(info.n_series), str(info.n_patients),
-            ", ".join(f"{k} {v}" for k, v in sorted(info.regions.items())),
-            ", ".join(f"{k} {v}" for k, v in sorted(info.findings.items())) or "none",
+            " ".join(f"{k} {v}" for k, v in sorted(info.regions.items())),
+            " ".join(f"{k} {v}" for k, v in sorted(info.findings.items())) or "none",
         )
     Console().print(table)
