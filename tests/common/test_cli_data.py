@@ -1,4 +1,4 @@
-"""`fedmri data index` / `fedmri data show` as a user types them: exit codes, tables, JSON."""
+"""`fedmri data index` / `show` / `synth` as a user types them: exit codes, tables, JSON."""
 
 from __future__ import annotations
 
@@ -110,3 +110,23 @@ def test_show_without_catalog_and_help(tmp_path: Path, monkeypatch, capsys) -> N
     flat = " ".join(out.split())
     for text in ("0 = everything indexed", "3 = index completed", "2 = user error"):
         assert text in flat
+
+
+def test_synth_writes_sites_and_keeps_them_on_rerun(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ("data", "synth", "--sites", "1", "--series-per-site", "2", "--preset", "tiny", "--out", str(tmp_path))
+    code, out, _ = run(monkeypatch, capsys, *args)
+    assert code == 0
+    site = tmp_path / "site-01"
+    assert (site / "reports.csv").is_file() and (site / "labels.csv").is_file() and any((site / "dicom").rglob("*"))
+    assert "site-01" in out and "(kept)" not in out
+    code, out, _ = run(monkeypatch, capsys, *args)  # same arguments: the site is kept, not rewritten
+    assert code == 0 and "(kept)" in out
+
+
+def test_synth_bad_argument_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(monkeypatch, capsys, "data", "synth", "--sites", "0", "--out", str(tmp_path / "x"))
+    assert code == 2
+    assert "sites" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # nothing written
