@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from fedmri.errors import ConfigError, FedmriError, InputError
+from fedmri.lazy import lazy_attributes
 
 try:
     __version__ = version("fedmri")
@@ -20,11 +21,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = ["ConfigError", "FedmriError", "InputError", "__version__", "load_encoder", "save_encoder"]
 
 
-def __getattr__(name: str) -> object:
-    # Export and load pull in torch: import them on first use so that
-    # `import fedmri` (and the CLI's start-up) stays light.
-    if name in {"save_encoder", "load_encoder"}:
-        from fedmri import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'fedmri' has no attribute {name!r}")
+# Export and load pull in torch: imported on first use so that `import fedmri`
+# (and the CLI's start-up) stays light.
+__getattr__ = lazy_attributes(__name__, {"save_encoder": "fedmri.export", "load_encoder": "fedmri.export"})

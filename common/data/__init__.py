@@ -13,6 +13,7 @@ from fedmri.data.dicom import (
     scan_folder,
 )
 from fedmri.data.nifti import load_nifti
+from fedmri.lazy import lazy_attributes
 
 __all__ = [
     "DicomHeader", "SeriesError", "SkipInput", "Skipped", "Volume", "find_files", "group_series", "load_nifti",
@@ -30,9 +31,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"fedmri.data.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'fedmri.data' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {name: f"fedmri.data.{module}" for name, module in _LAZY.items()})

@@ -6,11 +6,9 @@ first use, so that importing the MLP heads stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from fedmri.heads.anomaly import AnomalyHead, build_anomaly_head
 from fedmri.heads.mlp import MLPHead, build_mlp_head, pool_features, pooled_dim
+from fedmri.lazy import lazy_attributes
 
 _LAZY = {
     "UNETRDecoder": "fedmri.heads.segmentation",
@@ -24,10 +22,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fedmri.heads' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

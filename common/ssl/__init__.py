@@ -6,9 +6,6 @@ seconds, and the server, which only evaluates schedules, never needs them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from fedmri.ssl.masking import MaskingGenerator3D, build_mask_generator, sample_masks
 from fedmri.ssl.meta_arch import SSLMetaArch
 from fedmri.ssl.schedules import (
@@ -21,14 +18,13 @@ from fedmri.ssl.schedules import (
     warmup_cosine,
     weight_decay,
 )
+from fedmri.lazy import lazy_attributes
 
-_LAZY = {"MultiCropAugmentation", "RandResizedCrop3D", "build_multicrop", "collate_multicrop"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module("fedmri.ssl.multicrop"), name)
-    raise AttributeError(f"module 'fedmri.ssl' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    {name: "fedmri.ssl.multicrop" for name in ("MultiCropAugmentation", "RandResizedCrop3D", "build_multicrop",
+                                               "collate_multicrop")},
+)
 
 
 __all__ = [
