@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fedmri.config import load_config
+from fedmri.data.dataset import SeriesDataset
+from fedmri.data.indexer import index_site
+from fedmri.simulations.synth import generate_site
 from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop, ssl_schedule
 
 SIZE = 40  # source volume edge; crops are resized to 32^3 (global) and 16^3 (local)
@@ -55,11 +58,15 @@ def _diagnostics(model: SSLMetaArch, crops: torch.Tensor, k: int, teacher_temp: 
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
         mean_p = p.mean(0)
         entropy_of_mean = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        # Mutual information between crop and prototype: 0 when every crop gets
+        # the same distribution, however peaked or flat that is.
+        kl = (p * (p.clamp_min(1e-12).log() - mean_p.clamp_min(1e-12).log())).sum(-1).mean()
     return {
         # Total variance of unit vectors: 0 when all embeddings coincide.
         "spread": float(1 - z.mean(0).norm() ** 2),
         "entropy": float(entropy) / math.log(k),
         "entropy_of_mean": float(entropy_of_mean) / math.log(k),
+        "information": float(kl),
     }
 
 
@@ -113,3 +120,80 @@ def test_tiny_ssl_lowers_loss_without_collapse(one_thread: None) -> None:
     # coarse clustering (bright vs dark volumes), not a collapse.
     assert 0.1 < end["entropy_of_mean"] < 0.95, end
     assert start["spread"] < 0.1 and end["spread"] > 0.4, (start, end)
+
+
+# The tiny preset itself (96 wide, 4 blocks, 64^3 crops of 3 mm volumes) on
+# synthetic hospital volumes. Only the optimisation settings differ from the
+# preset, for the same reason as above: ~200 steps instead of the thousands a
+# cosine warm-up schedule is written for. Constant rates (no warm-up or decay),
+# a sharp teacher (0.025) and a fast EMA (0.97) let the self-distillation leave
+# the uniform plateau in that time; 64 prototypes suit two dozen series.
+# Measured on seeds 0-4 (2-core CPU): late/early loss 0.47-0.84, final spread
+# 0.66-0.89, mean-distribution entropy 0.26-0.36 of log K, information 0.51-0.72.
+HOSPITAL_OVERRIDES = [
+    "ssl.head_n_prototypes=64", "ssl.ibot_n_prototypes=64",
+    "ssl.lr=1e-3", "ssl.min_lr=1e-3",
+    "ssl.teacher_temp=0.025", "ssl.warmup_teacher_temp=0.025",
+    "ssl.momentum_teacher=0.97", "ssl.final_momentum_teacher=0.97",
+]
+
+
+def _hospital_volumes(root, cfg) -> torch.Tensor:
+    """Preprocessed volumes of two synthetic hospitals (12 series each), in an
+    order that does not depend on the sites' random pseudonym salts."""
+    items = []
+    for k in (1, 2):
+        site = root / f"site-{k}"
+        generate_site(site, site_index=k, seed=0, preset="tiny", series_per_site=12)
+        index_site(site / "dicom", site / "reports.csv", root / f"catalog-{k}", labels=site / "labels.csv", cfg=cfg)
+        for s in SeriesDataset(root / f"catalog-{k}", split=None):
+            items.append((s["meta"]["sequence"], s["meta"]["body_region"], float(s["image"].sum()), s["image"]))
+    items.sort(key=lambda x: x[:3])
+    return torch.stack([x[3] for x in items])
+
+
+@pytest.mark.slow
+def test_tiny_preset_on_hospital_volumes_lowers_loss_without_collapse(one_thread: None, tmp_path) -> None:
+    cfg = load_config("tiny", overrides=HOSPITAL_OVERRIDES)
+    volumes = _hospital_volumes(tmp_path, cfg)
+    assert volumes.shape[1:] == (1, *cfg.data.preprocess.target_shape)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    k = cfg.ssl.head_n_prototypes
+    augment = build_multicrop(cfg).set_random_state(0)
+    views = 4
+    bank = [augment(v) for v in volumes for _ in range(views)]
+    masker = build_mask_generator(cfg)
+    model = SSLMetaArch(cfg).train()
+    opt = torch.optim.AdamW(model.param_groups(cfg.ssl.patch_embed_lr_mult))
+    probe = collate_multicrop(bank[::views])["global_crops"]  # two global crops of every volume
+    teacher_temp = ssl_schedule(cfg, 1.0)["teacher_temp"]
+    start = _diagnostics(model, probe, k, teacher_temp)
+
+    steps, batch_size, totals = 200, 8, []
+    for step in range(steps):
+        idx = rng.choice(len(bank), batch_size, replace=False)
+        batch = collate_multicrop([bank[i] for i in idx], masker, cfg.ssl.mask_sample_probability,
+                                  cfg.ssl.mask_ratio_min_max, rng)
+        values = ssl_schedule(cfg, step / steps)
+        for g in opt.param_groups:
+            g["lr"] = values["lr"] * g["lr_multiplier"]
+            g["weight_decay"] = values["weight_decay"] * g["wd_multiplier"]
+        total = sum(model(batch, batch["masks"], values["teacher_temp"]).values())
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.ssl.clip_grad)
+        opt.step()
+        model.update_teacher(values["teacher_momentum"])
+        totals.append(float(total.detach()))
+    end = _diagnostics(model, probe, k, teacher_temp)
+
+    assert all(math.isfinite(t) for t in totals)
+    early, late = np.mean(totals[10:50]), np.mean(totals[-steps // 3:])
+    assert late < 0.92 * early, (early, late)
+    assert start["spread"] < 0.1 and end["spread"] > 0.4, (start, end)
+    # Away from log K (uniform) per crop, away from 0 (one prototype) across
+    # the batch, and crops that get different targets.
+    assert end["entropy"] < 0.8, end
+    assert 0.1 < end["entropy_of_mean"] < 0.95, end
+    assert end["information"] > 0.2, end
