@@ -1,0 +1,127 @@
+"""The site's own configuration, ``site.yaml``, owned by the site admin.
+
+It says where the site's catalog is, which hardware the client may use, how
+its SuperNode reaches the coordinator and which rules the site keeps whatever
+the coordinator asks. The ClientApp reads it from the path in the SuperNode's
+node config (``site-config``): paths sent by the server are never trusted.
+
+Example::
+
+    name: site-01
+    catalog: /data/fedmri/catalog      # made by `fedmri data index`
+    device: cpu
+    threads: 2
+    batch_size: 4
+    server:
+      address: coordinator.example.org:9092
+      root_certificates: /etc/fedmri/ca.crt
+      node_key: /etc/fedmri/site-01.key
+    policy:
+      stages: [pretrain, align, evaluate]
+      max_local_steps: 100
+
+Relative paths are resolved against the folder holding ``site.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedmri.errors import ConfigError, InputError
+
+# Stages a site can take part in; `heads` lands with the downstream work.
+KNOWN_STAGES = ("pretrain", "align", "heads", "evaluate")
+
+
+@dataclass
+class ServerConnection:
+    """How this site's SuperNode reaches the coordinator's SuperLink."""
+
+    # SuperLink Fleet API address, HOST:PORT.
+    address: str = "127.0.0.1:9092"
+    # CA certificate that signed the SuperLink's certificate (from the coordinator).
+    root_certificates: str | None = None
+    # This site's private node key, OpenSSH format (from `fedmri certs`), mode 0600.
+    node_key: str | None = None
+    # Plain-text gRPC without TLS or node authentication: for local tests only.
+    insecure: bool = False
+    # Port of the SuperNode's own ClientAppIo API; 0 picks the Flower default.
+    clientappio_port: int = 0
+
+
+@dataclass
+class SitePolicy:
+    """Rules the ClientApp enforces whatever the server sends."""
+
+    # Stages this site takes part in; a request for another stage is declined.
+    stages: list[str] = field(default_factory=lambda: list(KNOWN_STAGES))
+    # Most local optimisation steps the site runs in one round.
+    max_local_steps: int = 1000
+
+
+@dataclass
+class SiteConfig:
+    """The whole ``site.yaml``."""
+
+    # Site name shown to the coordinator in metrics (not a patient identifier).
+    name: str = "site"
+    # Catalog folder made by `fedmri data index` (holds catalog.sqlite).
+    catalog: str = "catalog"
+    # torch device for local training: "cpu", "cuda", "cuda:1".
+    device: str = "cpu"
+    # CPU threads for torch; 0 leaves torch's default.
+    threads: int = 0
+    # Local batch size: pick it for this site's hardware.
+    batch_size: int = 4
+    # Data-loading worker processes.
+    num_workers: int = 0
+    server: ServerConnection = field(default_factory=ServerConnection)
+    policy: SitePolicy = field(default_factory=SitePolicy)
+
+
+def load_site(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Read and check ``site.yaml``; paths in it become absolute.
+
+    Args:
+        path: The site file.
+        overrides: ``key=value`` strings applied last.
+
+    Raises:
+        InputError: The file is missing or is not YAML.
+        ConfigError: An unknown key, a wrong type or an unknown stage.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise InputError(f"site file {path} does not exist; write one (see README, 'Running a site')")
+    try:
+        user = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in several types
+        raise InputError(f"site file {path} is not valid YAML: {exc}") from None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SiteConfig), user)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"site file {path}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    bad = [s for s in cfg.policy.stages if s not in KNOWN_STAGES]
+    if bad:
+        raise ConfigError(f"site file {path}: policy.stages has unknown {bad}; known: {', '.join(KNOWN_STAGES)}")
+    if cfg.batch_size < 1 or cfg.policy.max_local_steps < 0 or cfg.threads < 0:
+        raise ConfigError(f"site file {path}: batch_size must be >= 1, threads and policy.max_local_steps >= 0")
+    base = path.parent
+    cfg.catalog = _absolute(base, cfg.catalog)
+    for key in ("root_certificates", "node_key"):
+        if cfg.server[key] is not None:
+            cfg.server[key] = _absolute(base, cfg.server[key])
+    cfg_any: Any = cfg
+    return cfg_any
+
+
+def _absolute(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())

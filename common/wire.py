@@ -1,0 +1,230 @@
+"""What travels between the coordinator and the sites: named parameter groups.
+
+Every tensor of the shared model has a key ``"<group>/<name>"``. A stage
+declares which groups go down to the sites and which come back; only those
+travel, so a frozen text tower or the DINO teacher never costs upload.
+
+Groups:
+    ``encoder``       the image encoder (the student backbone in pretraining).
+    ``dino_head``     the student's DINO (and iBOT) projection heads.
+    ``teacher``       the EMA teacher's backbone.
+    ``teacher_head``  the EMA teacher's heads.
+    ``center``        the DINO/iBOT teacher centres (running means of teacher outputs).
+    ``text``          the text tower's trainable top layers (empty when frozen).
+    ``projections``   image and text projections to the shared space.
+    ``logit_scale``   the contrastive temperature (and SigLIP bias).
+    ``head.<task>``   downstream heads (downstream work).
+
+Where the teacher lives: the coordinator keeps it, as an EMA of the aggregated
+student (:func:`server_teacher_momentum`). It goes down with the student so
+that every site distils from the same teacher, and never comes back up: half
+the pretraining upload of shipping both. The centres come back and are
+averaged, so every site centres with the same statistics.
+
+Values on the wire are float32 tensors in a Flower ``ArrayRecord``; nothing
+else (no names of patients, no per-sample values) is ever put in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedmri.errors import ConfigError
+
+SEP = "/"
+ENCODER, DINO_HEAD, TEACHER, TEACHER_HEAD, CENTER = "encoder", "dino_head", "teacher", "teacher_head", "center"
+TEXT, PROJECTIONS, LOGIT_SCALE = "text", "projections", "logit_scale"
+SSL_GROUPS = (ENCODER, DINO_HEAD, TEACHER, TEACHER_HEAD, CENTER)
+ALIGN_GROUPS = (ENCODER, TEXT, PROJECTIONS, LOGIT_SCALE)
+STAGES = ("pretrain", "align", "evaluate")
+
+State = dict[str, Tensor]
+
+
+def group_of(key: str) -> str:
+    """The group a wire key belongs to: ``"encoder/blocks.0.norm1.weight"`` -> ``"encoder"``."""
+    group, sep, _ = key.partition(SEP)
+    if not sep:
+        raise ValueError(f"wire key {key!r} has no group prefix ('<group>/<name>')")
+    return group
+
+
+def select(state: Mapping[str, Tensor], groups: Iterable[str]) -> State:
+    """The entries of ``state`` in ``groups``, in ``state``'s order."""
+    wanted = set(groups)
+    return {k: v for k, v in state.items() if group_of(k) in wanted}
+
+
+def groups_in(state: Mapping[str, Tensor]) -> list[str]:
+    """Groups present in ``state``, in first-seen order."""
+    return list(dict.fromkeys(group_of(k) for k in state))
+
+
+def _prefixed(prefix: str, module: nn.Module, *, only_trainable: bool = False) -> State:
+    if only_trainable:
+        return {f"{prefix}{n}": p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    return {f"{prefix}{n}": t.detach() for n, t in module.state_dict().items()}
+
+
+def _heads(net: nn.ModuleDict) -> nn.ModuleDict:
+    return nn.ModuleDict({k: v for k, v in net.items() if k != "backbone"})
+
+
+def ssl_state(meta: Any) -> State:
+    """Wire state of an :class:`fedmri.ssl.SSLMetaArch`."""
+    out = _prefixed(f"{ENCODER}{SEP}", meta.student["backbone"])
+    out |= _prefixed(f"{DINO_HEAD}{SEP}", _heads(meta.student))
+    out |= _prefixed(f"{TEACHER}{SEP}", meta.teacher["backbone"])
+    out |= _prefixed(f"{TEACHER_HEAD}{SEP}", _heads(meta.teacher))
+    for name in ("dino_loss", "ibot_loss"):
+        loss = getattr(meta, name)
+        if loss is not None:
+            out[f"{CENTER}{SEP}{name.removesuffix('_loss')}"] = loss.center.detach()
+    return out
+
+
+def align_state(model: Any) -> State:
+    """Wire state of an :class:`fedmri.align.AlignedModel`; ``text`` holds only its trainable layers."""
+    out = _prefixed(f"{ENCODER}{SEP}", model.image_encoder)
+    out |= _prefixed(f"{TEXT}{SEP}", model.text_tower, only_trainable=True)
+    out[f"{PROJECTIONS}{SEP}image_proj.weight"] = model.image_proj.weight.detach()
+    out[f"{PROJECTIONS}{SEP}text_proj.weight"] = model.text_proj.weight.detach()
+    out[f"{LOGIT_SCALE}{SEP}logit_scale"] = model.logit_scale.detach()
+    if model.logit_bias is not None:
+        out[f"{LOGIT_SCALE}{SEP}logit_bias"] = model.logit_bias.detach()
+    return out
+
+
+def _targets_ssl(meta: Any) -> dict[str, Tensor]:
+    # The live tensors that ssl_state reads, so loading writes in place.
+    out: dict[str, Tensor] = {}
+    for group, module in ((ENCODER, meta.student["backbone"]), (DINO_HEAD, _heads(meta.student)),
+                          (TEACHER, meta.teacher["backbone"]), (TEACHER_HEAD, _heads(meta.teacher))):
+        out |= {f"{group}{SEP}{n}": t for n, t in module.state_dict(keep_vars=True).items()}
+    for name in ("dino_loss", "ibot_loss"):
+        loss = getattr(meta, name)
+        if loss is not None:
+            out[f"{CENTER}{SEP}{name.removesuffix('_loss')}"] = loss.center
+    return out
+
+
+def _targets_align(model: Any) -> dict[str, Tensor]:
+    out = {f"{ENCODER}{SEP}{n}": t for n, t in model.image_encoder.state_dict(keep_vars=True).items()}
+    out |= {f"{TEXT}{SEP}{n}": p for n, p in model.text_tower.named_parameters() if p.requires_grad}
+    out[f"{PROJECTIONS}{SEP}image_proj.weight"] = model.image_proj.weight
+    out[f"{PROJECTIONS}{SEP}text_proj.weight"] = model.text_proj.weight
+    out[f"{LOGIT_SCALE}{SEP}logit_scale"] = model.logit_scale
+    if model.logit_bias is not None:
+        out[f"{LOGIT_SCALE}{SEP}logit_bias"] = model.logit_bias
+    return out
+
+
+def _load(targets: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str) -> None:
+    unknown = [k for k in state if k not in targets]
+    if unknown:
+        raise ValueError(f"{len(unknown)} wire keys do not belong to the {what}, e.g. {unknown[0]!r}: "
+                         "coordinator and site run different model configs")
+    with torch.no_grad():
+        for k, v in state.items():
+            t = targets[k]
+            if tuple(t.shape) != tuple(v.shape):
+                raise ValueError(f"wire key {k!r} has shape {tuple(v.shape)}, the {what} expects {tuple(t.shape)}")
+            t.copy_(v.to(dtype=t.dtype, device=t.device))
+
+
+def load_ssl_state(meta: Any, state: Mapping[str, Tensor]) -> None:
+    """Copy wire tensors into an SSLMetaArch in place; keys absent from ``state`` are left as they are."""
+    _load(_targets_ssl(meta), state, "SSL model")
+
+
+def load_align_state(model: Any, state: Mapping[str, Tensor]) -> None:
+    """Copy wire tensors into an AlignedModel in place; keys absent from ``state`` are left as they are."""
+    _load(_targets_align(model), state, "aligned model")
+
+
+@dataclass(frozen=True)
+class StageGroups:
+    """Which groups a stage sends to the sites (``down``) and takes back (``up``)."""
+
+    down: tuple[str, ...]
+    up: tuple[str, ...]
+
+
+def stage_groups(stage: str, cfg: Any) -> StageGroups:
+    """The groups that travel in ``stage`` under the run config ``cfg`` (its ``align`` section).
+
+    Raises:
+        ConfigError: For an unknown stage.
+    """
+    if stage == "pretrain":
+        return StageGroups(down=SSL_GROUPS, up=(ENCODER, DINO_HEAD, CENTER))
+    if stage == "align":
+        up = [PROJECTIONS, LOGIT_SCALE]
+        if not cfg.align.freeze_image_encoder:
+            up.insert(0, ENCODER)
+        if cfg.align.text_trainable_layers != 0:
+            up.insert(-2, TEXT)
+        down = (ENCODER, TEXT, PROJECTIONS, LOGIT_SCALE) if cfg.align.text_trainable_layers != 0 else (
+            ENCODER, PROJECTIONS, LOGIT_SCALE)
+        return StageGroups(down=down, up=tuple(up))
+    if stage == "evaluate":
+        down = (*SSL_GROUPS, *(g for g in ALIGN_GROUPS if g != ENCODER))
+        if cfg.align.text_trainable_layers == 0:
+            down = tuple(g for g in down if g != TEXT)
+        return StageGroups(down=down, up=())
+    raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+
+
+def server_teacher_momentum(step_momentum: float, local_steps: int) -> float:
+    """Per-round EMA momentum of the coordinator's teacher.
+
+    Centrally the teacher moves ``1 - m`` of the way to the student every step.
+    A round is ``local_steps`` steps at every site, so the coordinator applies
+    ``m ** local_steps`` once to the aggregated student: the teacher lags the
+    student by the same number of optimisation steps as it would centrally.
+    """
+    if not 0.0 <= step_momentum <= 1.0 or local_steps < 0:
+        raise ValueError(f"momentum {step_momentum} must be in [0, 1] and local_steps {local_steps} >= 0")
+    return float(step_momentum) ** int(local_steps)
+
+
+def update_teacher(state: State, momentum: float) -> None:
+    """EMA of the student into the teacher, in place: teacher <- m teacher + (1 - m) student."""
+    pairs = ((ENCODER, TEACHER), (DINO_HEAD, TEACHER_HEAD))
+    with torch.no_grad():
+        for student, teacher in pairs:
+            for k in [k for k in state if group_of(k) == student]:
+                t_key = teacher + k[len(student):]
+                state[t_key] = state[t_key] * momentum + state[k] * (1.0 - momentum)
+
+
+def to_record(state: Mapping[str, Tensor]) -> Any:
+    """A Flower ``ArrayRecord`` of float32 CPU copies of ``state``."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
+
+
+def from_record(record: Any) -> State:
+    """Tensors from a Flower ``ArrayRecord`` (keys kept)."""
+    return {k: torch.from_numpy(record[k].numpy().copy()) for k in record.keys()}
+
+
+def initial_state(cfg: Any) -> State:
+    """The coordinator's starting state for every group, seeded by ``cfg.seed``.
+
+    The text tower's frozen layers come from the tower each site loads
+    locally, so only its trainable layers are part of the state.
+    """
+    from fedmri.align import build_aligned_model
+    from fedmri.ssl import SSLMetaArch
+
+    torch.manual_seed(int(cfg.seed))
+    meta = SSLMetaArch(cfg)
+    aligned = build_aligned_model(cfg, image_encoder=meta.student["backbone"])
+    return {k: v.clone() for k, v in (ssl_state(meta) | align_state(aligned)).items()}
