@@ -9,6 +9,7 @@ from __future__ import annotations
 from fedmri.align.model import AlignedModel, build_aligned_model
 from fedmri.align.queue import TextQueue
 from fedmri.align.retrieval import retrieval_metrics, retrieval_ranks
+from fedmri.align.schedule import align_schedule
 from fedmri.lazy import lazy_attributes
 
 _LAZY = {"AlignObjective": "fedmri.align.objective", "build_align_objective": "fedmri.align.objective"}
@@ -21,6 +22,7 @@ __all__ = [
     "AlignObjective",
     "AlignedModel",
     "TextQueue",
+    "align_schedule",
     "build_align_objective",
     "build_aligned_model",
     "retrieval_metrics",

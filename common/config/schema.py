@@ -124,6 +124,14 @@ class AlignConfig:
     # Text tower layers that train, counted from the top: 0 = frozen (no text
     # weights on the wire, and the export only references the tower), -1 = all.
     text_trainable_layers: int = 0
+    # --- optimisation (fedmri.align.align_schedule; evaluated per round) ---
+    # Peak AdamW learning rate of the alignment stage (projections, logit scale
+    # and whatever towers train). The behaviour test aligns at 1e-3.
+    lr: float = 1.0e-3
+    # Learning rate at the end of the stage's cosine decay.
+    min_lr: float = 1.0e-4
+    # AdamW weight decay (CLIP: 0.1-0.2); not applied to the logit scale.
+    weight_decay: float = 0.05
 
 
 @dataclass

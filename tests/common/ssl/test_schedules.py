@@ -74,3 +74,12 @@ def test_ssl_schedule_reads_the_config() -> None:
     assert values["lr"] == pytest.approx(cfg.ssl.min_lr)
     assert values["teacher_temp"] == pytest.approx(0.06)
     assert ssl_schedule(cfg.ssl, 0.0)["teacher_momentum"] == pytest.approx(cfg.ssl.momentum_teacher)
+
+
+def test_align_schedule_decays_from_lr_to_min_lr() -> None:
+    from fedmri.align import align_schedule
+
+    cfg = load_config("tiny", overrides=["align.lr=0.01", "align.min_lr=0.001", "align.weight_decay=0.2"])
+    assert align_schedule(cfg, 0.0) == pytest.approx({"lr": 0.01, "weight_decay": 0.2})
+    assert align_schedule(cfg, 0.5)["lr"] == pytest.approx(0.0055)
+    assert align_schedule(cfg, 1.0)["lr"] == pytest.approx(0.001)
