@@ -34,7 +34,8 @@ def test_matching_update_passes(record) -> None:
     (lambda u: u[KEYS[0]].__setitem__((0, 0), np.nan), f"{KEYS[0]!r} has 1 non-finite"),
     (lambda u: u[KEYS[1]].__setitem__(2, np.inf), f"{KEYS[1]!r} has 1 non-finite"),
     (lambda u: u.__setitem__(KEYS[2], np.zeros((3, 4), np.float32)), f"{KEYS[2]!r} has shape (3, 4), expected (4, 3)"),
-    (lambda u: u.__setitem__(KEYS[1], u[KEYS[1]].astype(np.float64)), f"{KEYS[1]!r} has dtype float64, expected float32"),
+    (lambda u: u.__setitem__(KEYS[1], u[KEYS[1]].astype(np.float64)),
+     f"{KEYS[1]!r} has dtype float64, expected float32"),
     (lambda u: u.pop(KEYS[2]), f"missing key {KEYS[2]!r}"),
     (lambda u: u.__setitem__("teacher/w", np.zeros(2, np.float32)), "unexpected key 'teacher/w'"),
 ], ids=["nan", "inf", "shape", "dtype", "missing", "extra"])
