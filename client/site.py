@@ -80,6 +80,9 @@ class SiteConfig:
     batch_size: int = 4
     # Data-loading worker processes.
     num_workers: int = 0
+    # More catalogs pooled with `catalog` (the centralized baseline of
+    # `fedmri simulate`; a real site has one catalog). Each keeps its splits.
+    extra_catalogs: list[str] = field(default_factory=list)
     server: ServerConnection = field(default_factory=ServerConnection)
     policy: SitePolicy = field(default_factory=SitePolicy)
 
@@ -115,6 +118,7 @@ def load_site(path: str | Path, overrides: list[str] | None = None) -> DictConfi
         raise ConfigError(f"site file {path}: batch_size must be >= 1, threads and policy.max_local_steps >= 0")
     base = path.parent
     cfg.catalog = _absolute(base, cfg.catalog)
+    cfg.extra_catalogs = [_absolute(base, c) for c in cfg.extra_catalogs]
     for key in ("root_certificates", "node_key"):
         if cfg.server[key] is not None:
             cfg.server[key] = _absolute(base, cfg.server[key])

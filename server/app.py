@@ -1,29 +1,53 @@
-"""The Flower ServerApp run by the coordinator.
+"""The Flower ServerApp run by the coordinator: reads the run config, runs the pipeline.
 
-For now it asks every connected site for its versions and logs them; the staged
-pipeline (pretrain -> align -> heads -> evaluate) comes with the federation work.
+The federation config arrives as YAML text in the run config key
+``fedmri-config`` (``fedmri run`` puts it there); without it the app runs the
+default federation. ``fedmri simulate`` builds its own ServerApp around a
+config object with :func:`make_server_app`.
 """
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+from fedmri.errors import FedmriError
+
+
+def run_pipeline(grid: Grid, fed: DictConfig) -> dict:
+    from fedmri.server.pipeline import Pipeline
+
+    try:
+        results = Pipeline(fed).run_all(grid)
+    except FedmriError as exc:
+        log(ERROR, "fedmri: %s", exc)
+        raise
+    log(INFO, "fedmri: run %s finished; results in %s", fed.name, fed.run_root)
+    return results
+
+
+def make_server_app(fed: DictConfig) -> ServerApp:
+    """A ServerApp bound to a federation config object (simulation)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_pipeline(grid, fed)
+
+    return server_app
+
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Query each site's versions once."""
-    node_ids = list(grid.get_node_ids())
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    for reply in grid.send_and_receive(messages, timeout=60):
-        if reply.has_content():
-            versions = dict(reply.content["versions"])
-            log(INFO, "site %s runs fedmri %s (protocol %s)", reply.metadata.src_node_id,
-                versions.get("fedmri_version"), versions.get("protocol_version"))
-        else:
-            log(INFO, "site %s did not answer: %s", reply.metadata.src_node_id, reply.error.reason)
+    """Deployment entry point: the federation config comes in the run config."""
+    from fedmri.server.config import load_federation
+
+    text = context.run_config.get("fedmri-config")
+    run_pipeline(grid, load_federation(text=str(text) if text else None))

@@ -1,0 +1,249 @@
+"""`fedmri simulate`: a whole federation on one machine, with its baselines.
+
+1. Synthesises hospitals (or takes given catalogs) and indexes them.
+2. Runs Flower's Simulation Engine, one virtual SuperNode per site, each with
+   its own ``site.yaml`` (found by the ClientApp through ``FEDMRI_SIM_SITES``,
+   a file on this machine, never through the server).
+3. Modes, each evaluated the same way (the evaluate stage on every real site's
+   validation split):
+   - ``federated``: the pipeline over all sites;
+   - ``local``: every site alone with the same rounds and local steps, its
+     model evaluated on every site; the row is the mean over those models;
+   - ``central``: one pooled site holding every site's training split (each
+     patient keeps the split its own site gave it), with the local steps of
+     all sites together per round.
+4. Writes ``<run_root>/<name>/results.json`` and prints one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedmri.errors import ConfigError, InputError
+from fedmri.server.config import FederationConfig, _check, run_config
+
+MODES = ("federated", "local", "central")
+POOLED = "pooled"
+SITES_ENV = "FEDMRI_SIM_SITES"
+
+
+def _default_federation() -> FederationConfig:
+    fed = FederationConfig()
+    fed.name = "simulate"
+    return fed
+
+
+@dataclass
+class SimulationConfig:
+    """What `fedmri simulate` runs."""
+
+    # Synthetic hospitals to generate (ignored when catalogs are given).
+    sites: int = 3
+    # Synthesis preset: "demo" (small series) or "full" (clinical sizes).
+    synth_preset: str = "demo"
+    # DICOM series per synthetic hospital.
+    series_per_site: int = 24
+    # Where synthetic sites, catalogs and site files go; default <run_root>/<name>/data.
+    data_dir: str | None = None
+    # Existing catalog folders (from `fedmri data index`) to use instead of synthesising.
+    catalogs: list[str] = field(default_factory=list)
+    # Which of federated, local, central to run (in that order).
+    modes: list[str] = field(default_factory=lambda: ["federated", "local", "central"])
+    # Per-site local batch size.
+    batch_size: int = 4
+    # torch threads per virtual site.
+    threads_per_site: int = 1
+    # CPUs Ray reserves per virtual site (2 cores and 1.0: two sites train at once).
+    cpus_per_site: float = 1.0
+    federation: FederationConfig = field(default_factory=_default_federation)
+
+
+def load_simulation(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults, then the file, then ``key=value`` overrides; checked.
+
+    Raises:
+        InputError: A missing or unreadable file.
+        ConfigError: Unknown keys, wrong types, unknown modes, a bad federation.
+    """
+    where = str(path) if path else "simulation defaults"
+    try:
+        cfg = OmegaConf.structured(SimulationConfig)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise InputError(f"simulation config {p} does not exist")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except (InputError, ConfigError):
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {getattr(exc, 'msg', exc)}") from None
+    bad_modes = [m for m in cfg.modes if m not in MODES]
+    if bad_modes or not cfg.modes:
+        raise ConfigError(f"{where}: modes {list(cfg.modes)} must be a non-empty list of {', '.join(MODES)}")
+    n = len(cfg.catalogs) or cfg.sites
+    if n < 1:
+        raise ConfigError(f"{where}: sites must be >= 1")
+    if cfg.federation.min_sites > n:
+        raise ConfigError(f"{where}: federation.min_sites={cfg.federation.min_sites} but only {n} sites")
+    _check(cfg.federation, where)
+    return cfg
+
+
+@dataclass
+class SimSite:
+    name: str
+    catalog: Path
+    site_file: Path
+
+
+def prepare_sites(sim: DictConfig, data_dir: Path, say: Callable[[str], None] = print) -> list[SimSite]:
+    """Synthesise and index the hospitals (or take the given catalogs); write a site.yaml each."""
+    from fedmri.data.indexer import index_site
+    from fedmri.simulations.synth import generate_site
+
+    cfg = run_config(sim.federation)
+    sites: list[SimSite] = []
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if sim.catalogs:
+        for i, catalog in enumerate(sim.catalogs, start=1):
+            path = Path(catalog).expanduser().resolve()
+            if not (path / "catalog.sqlite").is_file():
+                raise InputError(f"catalog {path} has no catalog.sqlite; make it with `fedmri data index`")
+            sites.append(SimSite(f"site-{i:02d}", path, data_dir / f"site-{i:02d}.yaml"))
+    else:
+        for i in range(1, sim.sites + 1):
+            name = f"site-{i:02d}"
+            root = data_dir / "hospitals" / name
+            say(f"[data] {name}: synthesising {sim.series_per_site} series ({sim.synth_preset}) ...")
+            generate_site(root, site_index=i, seed=int(sim.federation.seed), preset=sim.synth_preset,
+                          series_per_site=int(sim.series_per_site))
+            catalog = data_dir / "catalogs" / name
+            result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)
+            say(f"[data] {name}: {result.n_series} series indexed ({result.n_loaded} read, "
+                f"{len(result.skipped)} skipped) -> {catalog}")
+            sites.append(SimSite(name, catalog.resolve(), data_dir / f"{name}.yaml"))
+    for site in sites:
+        _write_site_file(sim, site.site_file, site.name, site.catalog)
+    return sites
+
+
+def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None) -> None:
+    body: dict[str, Any] = {"name": name, "catalog": str(catalog), "device": "cpu",
+                            "threads": int(sim.threads_per_site), "batch_size": int(sim.batch_size)}
+    if extra:
+        body["extra_catalogs"] = [str(p) for p in extra]
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(body)), encoding="utf-8")
+
+
+def _simulate(server_main: Callable[[Any], None], site_files: list[Path], sim: DictConfig, map_file: Path) -> None:
+    """One Flower Simulation Engine session: one virtual SuperNode per site file."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedmri.client.app import app as client_app
+
+    map_file.write_text(json.dumps({str(i): str(p) for i, p in enumerate(site_files)}), encoding="utf-8")
+    os.environ[SITES_ENV] = str(map_file)  # Ray's workers inherit it
+    failure: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Any, context: Any) -> None:
+        try:
+            server_main(grid)
+        except BaseException as exc:  # surfaced after the engine has shut down
+            failure.append(exc)
+            raise
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_files),
+                   backend_config={"client_resources": {"num_cpus": float(sim.cpus_per_site), "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
+    if failure:
+        raise failure[0]
+
+
+def _mode_fed(sim: DictConfig, mode: str, site: str | None = None) -> DictConfig:
+    fed = OmegaConf.create(OmegaConf.to_container(sim.federation, resolve=True))
+    fed = OmegaConf.merge(OmegaConf.structured(FederationConfig), fed)
+    fed.name = f"{sim.federation.name}/{mode}" + (f"-{site}" if site else "")
+    return fed
+
+
+def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every mode of ``sim``; returns {mode: evaluation metrics} (also in results.json)."""
+    from fedmri.server.pipeline import Pipeline
+
+    root = Path(sim.federation.run_root) / sim.federation.name
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(sim.data_dir) if sim.data_dir else root / "data"
+    sites = prepare_sites(sim, data_dir, say)
+    names = [s.name for s in sites]
+    n = len(sites)
+    results: dict[str, Any] = {}
+    if not any(st.name == "evaluate" for st in sim.federation.stages):
+        say("[simulate] note: no evaluate stage, so the modes are not compared")
+
+    for mode in sim.modes:
+        say(f"[simulate] mode {mode}: {n} sites, stages "
+            + " -> ".join(f"{st.name} x{st.rounds}" for st in sim.federation.stages))
+        if mode == "federated":
+            fed = _mode_fed(sim, mode)
+
+            def run_fed(grid: Any, fed: DictConfig = fed) -> None:
+                results["federated"] = Pipeline(fed).run_all(grid)
+
+            _simulate(run_fed, [s.site_file for s in sites], sim, root / "sites-federated.json")
+        elif mode == "local":
+            per_site: dict[str, Any] = {}
+
+            def run_local(grid: Any) -> None:
+                for name in names:
+                    fed = _mode_fed(sim, mode, name)
+                    fed.min_sites = 1
+                    for st in fed.stages:
+                        st.min_sites = n if st.name == "evaluate" else 1
+                    say(f"[simulate] local: {name} trains alone")
+                    per_site[name] = Pipeline(fed, train_sites=[name]).run_all(grid)
+
+            _simulate(run_local, [s.site_file for s in sites], sim, root / "sites-local.json")
+            results["local"] = _mean_of(per_site)
+        elif mode == "central":
+            pooled_file = data_dir / f"{POOLED}.yaml"
+            _write_site_file(sim, pooled_file, POOLED, sites[0].catalog, [s.catalog for s in sites[1:]])
+            fed = _mode_fed(sim, mode)
+            fed.min_sites = 1
+            for st in fed.stages:
+                if st.name == "evaluate":
+                    st.min_sites = n
+                else:
+                    st.min_sites = 1
+                    st.local_steps = int(st.local_steps) * n  # the compute of all sites together
+
+            def run_central(grid: Any, fed: DictConfig = fed) -> None:
+                results["central"] = Pipeline(fed, train_sites=[POOLED], eval_sites=names).run_all(grid)
+
+            _simulate(run_central, [*(s.site_file for s in sites), pooled_file], sim, root / "sites-central.json")
+    summary = {m: r.get("evaluation", {}) for m, r in results.items()}
+    (root / "results.json").write_text(json.dumps({"modes": summary, "runs": results}, indent=1, sort_keys=True),
+                                       encoding="utf-8")
+    return summary
+
+
+def _mean_of(per_site: dict[str, Any]) -> dict[str, Any]:
+    evals = [r.get("evaluation", {}) for r in per_site.values()]
+    keys = sorted({k for e in evals for k in e})
+    mean = {k: sum(e[k] for e in evals if k in e) / max(1, sum(1 for e in evals if k in e)) for k in keys}
+    return {"evaluation": mean, "per_model": per_site}
