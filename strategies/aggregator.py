@@ -56,7 +56,8 @@ class Aggregator:
         """The new global values of the parameters the replies carry.
 
         Args:
-            server_round: The stage's round, counted from 1 (FedAdam's bias correction uses it).
+            server_round: The round, for Flower's log lines. (FedAdam's bias correction
+                counts the steps this aggregator has taken instead, see :class:`AdaptiveAggregator`.)
             current: The parameters shipped this round.
             replies: The replies that :func:`~fedmri.strategies.validate_replies` accepted;
                 they are not modified.
@@ -72,13 +73,14 @@ class Aggregator:
                 server_round, len(current))
             return ArrayRecord(dict(current.items())), MetricRecord()
         keys = _shared_keys(current, replies)
-        self._before_aggregate(current, keys)
-        arrays, metrics = self.strategy.aggregate_train(server_round, _flower_view(replies))
+        flower_round = self._before_aggregate(server_round, current, keys)
+        arrays, metrics = self.strategy.aggregate_train(flower_round, _flower_view(replies))
         assert arrays is not None and metrics is not None, "Flower returns None only for no replies"
         return _cast_like(current, keys, arrays), metrics
 
-    def _before_aggregate(self, current: ArrayRecord, keys: list[str]) -> None:
-        """Hook: tell the strategy what it must know of ``current`` before it aggregates ``keys``."""
+    def _before_aggregate(self, server_round: int, current: ArrayRecord, keys: list[str]) -> int:
+        """Hook: tell the strategy what it must know of ``current``; returns the round to hand it."""
+        return server_round
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays and JSON-able scalars that a checkpoint needs to resume this aggregator."""
@@ -100,15 +102,23 @@ class Aggregator:
 class AdaptiveAggregator(Aggregator):
     """FedAdam / FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization").
 
-    The server applies an Adam- or Yogi-like step to the mean delta; its moments
-    ``m_t`` and ``v_t`` are the state that checkpoints carry, as ``m_t/<key>`` and
-    ``v_t/<key>`` arrays.
+    The server applies an Adam- or Yogi-like step to the mean delta. Its state, which
+    checkpoints carry, is the moments ``m_t`` and ``v_t`` (as ``m_t/<key>`` and
+    ``v_t/<key>`` arrays) and ``steps``, the steps taken so far. Flower's FedAdam
+    takes its bias correction from the round number it is given; it is given
+    ``steps`` (from 1), not the pipeline's round, so the correction matches the
+    moments in every stage and after rounds that had no update.
     """
 
     strategy: FedOpt
     _MOMENTS = ("m_t", "v_t")
 
-    def _before_aggregate(self, current: ArrayRecord, keys: list[str]) -> None:
+    def __init__(self, name: str, strategy: FedOpt,
+                 client_config: Mapping[str, int | float | str] | None = None) -> None:
+        super().__init__(name, strategy, client_config)
+        self.steps = 0
+
+    def _before_aggregate(self, server_round: int, current: ArrayRecord, keys: list[str]) -> int:
         # Flower sets this in configure_train, which the pipeline does not call.
         self.strategy.current_arrays = {key: current[key].numpy() for key in keys}
         for name in self._MOMENTS:
@@ -117,16 +127,21 @@ class AdaptiveAggregator(Aggregator):
                 other = sorted(set(moment) ^ set(keys))[0]
                 raise ConfigError(f"the {self.name} moments were made for other parameters (differ at {other!r}): "
                                   "one aggregator serves one stage, resume with that stage's checkpoint")
+        self.steps += 1
+        return self.steps
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The moments ``m_t``, ``v_t`` (none before the first round), and the strategy's name."""
+        """The moments ``m_t``, ``v_t`` (none before the first step); the name and step count."""
         arrays = {f"{name}/{key}": np.array(value, copy=True)
                   for name in self._MOMENTS for key, value in (getattr(self.strategy, name) or {}).items()}
-        return arrays, {"name": self.name}
+        return arrays, {"name": self.name, "steps": self.steps}
 
     def load_state_dict(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Restore the moments so that the next round is the one an uninterrupted run would take."""
         self._check_meta(meta)
+        steps = meta.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"the checkpoint's {self.name} state has steps {steps!r}; expected an integer >= 0")
         moments: dict[str, dict[str, np.ndarray]] = {name: {} for name in self._MOMENTS}
         for flat, value in arrays.items():
             name, _, key = flat.partition("/")
@@ -136,6 +151,7 @@ class AdaptiveAggregator(Aggregator):
             moments[name][key] = np.array(value, copy=True)
         for name, moment in moments.items():
             setattr(self.strategy, name, moment or None)
+        self.steps = steps
 
 
 def _shared_keys(current: ArrayRecord, replies: list[Message]) -> list[str]:

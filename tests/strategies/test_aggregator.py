@@ -167,13 +167,25 @@ def test_a_round_without_replies_keeps_current_and_the_moments(make_reply, recor
     current = record(_current())
     aggregator = build_aggregator({"name": "fedadam"})
     aggregator.aggregate(1, current, _replies(make_reply, _current(), 1))
-    moments, _ = aggregator.state_dict()
+    moments, meta = aggregator.state_dict()
     arrays, metrics = aggregator.aggregate(2, current, [make_reply(1, error="timeout")])
     assert _numpy(arrays).keys() == _current().keys()
     assert all(np.array_equal(arrays[key].numpy(), current[key].numpy()) for key in SHAPES)
     assert dict(metrics) == {}
-    after, _ = aggregator.state_dict()
+    after, after_meta = aggregator.state_dict()
     assert all(np.array_equal(after[key], moments[key]) for key in moments)
+    assert meta["steps"] == after_meta["steps"] == 1
+
+
+def test_fedadam_bias_correction_counts_steps_not_rounds(make_reply, record) -> None:
+    # Prepare: a stage that starts at global round 7 takes the same first step as one at round 1.
+    current = _current()
+    replies = _replies(make_reply, current, 1)
+    # Execute
+    at_one, _ = build_aggregator({"name": "fedadam"}).aggregate(1, record(current), replies)
+    at_seven, _ = build_aggregator({"name": "fedadam"}).aggregate(7, record(current), replies)
+    # Assert
+    assert all(np.array_equal(at_one[key].numpy(), at_seven[key].numpy()) for key in SHAPES)
 
 
 def test_replies_with_different_names_are_refused(make_reply, record) -> None:
@@ -197,12 +209,14 @@ def test_state_from_another_strategy_is_refused(make_reply, record) -> None:
         build_aggregator({"name": "fedavg"}).load_state_dict(arrays, {"name": "fedavg"})
     with pytest.raises(ConfigError, match="holds 'momentum/x'"):
         build_aggregator({"name": "fedadam"}).load_state_dict({"momentum/x": np.zeros(1)}, meta)
+    with pytest.raises(ConfigError, match="has steps -1"):
+        build_aggregator({"name": "fedadam"}).load_state_dict(arrays, {"name": "fedadam", "steps": -1})
 
 
 def test_moments_for_other_parameters_are_refused(make_reply, record) -> None:
     adam = build_aggregator({"name": "fedadam"})
     adam.load_state_dict({"m_t/other/w": np.zeros(1, np.float32), "v_t/other/w": np.zeros(1, np.float32)},
-                         {"name": "fedadam"})
+                         {"name": "fedadam", "steps": 1})
     with pytest.raises(ConfigError, match="moments were made for other parameters"):
         adam.aggregate(1, record(_current()), _replies(make_reply, _current(), 1))
 
