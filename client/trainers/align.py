@@ -1,0 +1,169 @@
+"""Local image-report alignment steps at a site (CLIP or SigLIP, one round).
+
+The site's text tower is loaded from the site's own disk, once per process
+(loading it each round costs seconds). With the tower frozen, the default,
+the site encodes its training reports once per round and trains the
+projections (and the image encoder unless frozen) on those; with trainable
+top layers each round works on a private copy of the tower.
+
+Studies usually hold several series under one report. A step draws distinct
+reports and one of each report's series, so no batch holds two copies of a
+report that the contrastive loss would take for negatives of each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from fedmri.align import AlignedModel, build_align_objective, build_aligned_model
+from fedmri.client.trainers.batches import balanced_batches, load_batches
+from fedmri.client.trainers.context import (
+    DeclineError,
+    TrainRequest,
+    check_state_keys,
+    derive_seed,
+    round_seed,
+    seeded,
+    site_device,
+)
+from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, set_rates
+from fedmri.client.trainers.pretrain import finite_state
+from fedmri.data.dataset import SeriesDataset
+from fedmri.errors import InputError
+from fedmri.text import TextTower, build_text_tower, prepare_report
+from fedmri.wire import State, align_state, load_align_state, select, stage_groups
+
+_TOWERS: dict[tuple[str, str, int], TextTower] = {}
+_ENCODE_CHUNK = 64  # reports per text-tower forward when encoding a whole split
+
+
+def text_tower(run_cfg: DictConfig) -> TextTower:
+    """The run's text tower, frozen, loaded once per process and shared: do not train it in place."""
+    a = run_cfg.align
+    key = (str(a.text_model), str(a.text_pooling), int(a.max_tokens))
+    if key not in _TOWERS:
+        _TOWERS[key] = build_text_tower(a)
+    return _TOWERS[key]
+
+
+def build_site_aligned_model(run_cfg: DictConfig, image_encoder: Any = None) -> AlignedModel:
+    """The aligned model of ``run_cfg`` on the cached tower (a private copy when text layers train)."""
+    tower = text_tower(run_cfg)
+    if run_cfg.align.text_trainable_layers != 0:
+        tower = copy.deepcopy(tower)
+    return build_aligned_model(run_cfg, image_encoder=image_encoder, text_tower=tower)
+
+
+def report_pairs(dataset: SeriesDataset) -> tuple[list[str], list[int]]:
+    """Distinct prepared reports, and for each series the index of its report (-1 = none).
+
+    Reads the catalog rows only, not the images.
+    """
+    reports: dict[str, int] = {}
+    owner: list[int] = []
+    for row in dataset.rows:
+        try:
+            text = prepare_report(**row["report_sections"])
+        except InputError:  # no findings or impression text
+            owner.append(-1)
+            continue
+        owner.append(reports.setdefault(text, len(reports)))
+    return list(reports), owner
+
+
+@torch.no_grad()
+def encode_reports(model: AlignedModel, reports: list[str], device: torch.device) -> Tensor:
+    """Pooled tower output (R, H) of every report, for a frozen tower."""
+    parts = []
+    for i in range(0, len(reports), _ENCODE_CHUNK):
+        tokens = model.text_tower.tokenize(reports[i:i + _ENCODE_CHUNK])
+        parts.append(model.text_tower(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)))
+    return torch.cat(parts)  # R, H
+
+
+def _image(sample: dict[str, Any], seed: int) -> Tensor:
+    return sample["image"]  # 1, X, Y, Z
+
+
+def run_align(
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest
+) -> tuple[State, dict[str, float]]:
+    """One round of local contrastive alignment on the site's training image-report pairs.
+
+    Args:
+        site_cfg: The site file (:func:`fedmri.client.site.load_site`).
+        run_cfg: The run's resolved config (model and align sections).
+        state_down: Wire tensors of the align down groups.
+        request: The round's request; uses ``local_steps``, ``lr``,
+            ``weight_decay``, ``proximal_mu``.
+
+    Returns:
+        The align up groups as float32 CPU tensors, and metrics:
+        ``num-examples`` (pairs seen), ``steps``, the mean over steps of
+        ``align_loss`` and ``loss``, ``proximal_loss`` when FedProx is on, and
+        the final ``logit_scale`` (exp of the clamped parameter).
+
+    Raises:
+        DeclineError: Fewer than 2 distinct reports with images, or divergence.
+        RequestError: Weights that do not fit the run's model.
+    """
+    if request.stage != "align":
+        raise ValueError(f"run_align got a {request.stage!r} request")
+    device = site_device(site_cfg)
+    dataset = SeriesDataset(site_cfg.catalog, "train")
+    reports, owner = report_pairs(dataset)
+    series_of = [[i for i, r in enumerate(owner) if r == u] for u in range(len(reports))]
+    if len(reports) < 2:
+        raise DeclineError("align needs image-report pairs with at least 2 different reports in the "
+                           "site's train split")
+    batch_size = min(int(site_cfg.batch_size), len(reports))
+    if batch_size < 2:
+        raise DeclineError(f"site batch_size {site_cfg.batch_size} is below the 2 pairs a contrastive step needs")
+    seed = round_seed(request, site_cfg.name)
+    groups = stage_groups("align", run_cfg)
+    with seeded(seed, device):
+        model = build_site_aligned_model(run_cfg)
+        check_state_keys(state_down, select(align_state(model), groups.down), "align")
+        load_align_state(model, state_down)
+        model.to(device).train()
+        objective = build_align_objective(run_cfg).to(device)
+        rng = np.random.default_rng(derive_seed(seed, "batches"))
+        unit_batches = balanced_batches(len(reports), batch_size, request.local_steps, rng)
+        series_batches = [[int(rng.choice(series_of[u])) for u in b] for b in unit_batches]
+        frozen_text = run_cfg.align.text_trainable_layers == 0
+        pooled = encode_reports(model, reports, device) if frozen_text else None  # R, H
+        optimizer = torch.optim.AdamW(decay_groups(model.named_parameters()))
+        set_rates(optimizer, request.lr, request.weight_decay)
+        proximal = Proximal(model.named_parameters(), request.proximal_mu)
+        means = RunningMean()
+        loader = load_batches(dataset, series_batches, _image, seed, site_cfg.num_workers)
+        for units, images in zip(unit_batches, loader):
+            images = torch.stack(images).to(device)  # B, 1, X, Y, Z
+            if pooled is not None:
+                out = model(images, text_pooled=pooled[units])
+            else:
+                tokens = model.text_tower.tokenize([reports[u] for u in units])
+                out = model(images, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            losses = objective(out)
+            total = sum(losses.values())
+            named = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
+            prox = proximal()
+            if prox is not None:
+                total = total + prox
+                named["proximal_loss"] = float(prox.detach())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            means.add(named)
+    up = {k: v.detach().to("cpu", torch.float32).clone() for k, v in select(align_state(model), groups.up).items()}
+    metrics = means.means() | {"logit_scale": float(model.scale().detach())}
+    if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
+        raise DeclineError("align diverged at the site (non-finite loss or weights); lower the learning rate")
+    return up, {"num-examples": len(unit_batches) * batch_size, "steps": len(unit_batches), **metrics}

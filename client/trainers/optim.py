@@ -1,0 +1,67 @@
+"""Pieces every local trainer shares: the FedProx term, per-round rates, running means."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+class Proximal:
+    """FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` (Li et al., MLSys 2020).
+
+    It pulls the local model towards the round's global weights, bounding how
+    far a site with few, skewed series drifts in many local steps.
+
+    Args:
+        params: The trainable parameters, as named in the model.
+        mu: The proximal weight; 0 switches the term off (no copy is kept).
+    """
+
+    def __init__(self, params: Iterable[tuple[str, nn.Parameter]], mu: float) -> None:
+        if mu < 0:
+            raise ValueError(f"proximal mu must be >= 0, got {mu}")
+        self.mu = float(mu)
+        self.params = [p for _, p in params if p.requires_grad]
+        self.reference = [p.detach().clone() for p in self.params] if self.mu > 0 else []
+
+    def __call__(self) -> Tensor | None:
+        """The term for the current weights, or None when ``mu`` is 0."""
+        if self.mu == 0:
+            return None
+        sq = sum(((p - r) ** 2).sum() for p, r in zip(self.params, self.reference))
+        return 0.5 * self.mu * sq
+
+
+def set_rates(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Round values times each group's ``lr_multiplier`` / ``wd_multiplier`` (default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_multiplier", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_multiplier", 1.0)
+
+
+def decay_groups(params: Iterable[tuple[str, nn.Parameter]]) -> list[dict]:
+    """Trainable parameters in two groups: weight decay on matrices only (no biases, norms, scales)."""
+    groups: dict[float, list[nn.Parameter]] = {0.0: [], 1.0: []}
+    for name, p in params:
+        if p.requires_grad:
+            no_wd = p.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower()
+            groups[0.0 if no_wd else 1.0].append(p)
+    return [{"params": ps, "wd_multiplier": wd} for wd, ps in groups.items() if ps]
+
+
+class RunningMean:
+    """Weighted means of named scalars over steps or batches."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, values: Mapping[str, Tensor | float], weight: float = 1.0) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+            self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": self.sums[k] / self.weights[k] for k in self.sums}

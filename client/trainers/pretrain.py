@@ -1,0 +1,158 @@
+"""Local self-supervised steps at a site (DINOv2 recipe, one round).
+
+The coordinator sends the student, the teacher and the centres; the site
+runs ``local-steps`` AdamW steps on multi-crop views of its training series,
+moves its copy of the teacher by EMA after each step as DINOv2 does (so the
+distillation target follows the student within the round), and sends back
+the student and the centres. The teacher stays with the coordinator, which
+advances it from the aggregated student (:mod:`fedmri.wire`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from fedmri.client.trainers.batches import balanced_batches, load_batches
+from fedmri.client.trainers.context import (
+    DeclineError,
+    TrainRequest,
+    check_state_keys,
+    derive_seed,
+    round_seed,
+    seeded,
+    site_device,
+)
+from fedmri.client.trainers.optim import Proximal, RunningMean, set_rates
+from fedmri.data.dataset import SeriesDataset
+from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop
+from fedmri.wire import State, load_ssl_state, select, ssl_state, stage_groups
+
+
+class MultiCropTransform:
+    """Sample dict -> multi-crop views of its image, seeded per draw (picklable for workers)."""
+
+    def __init__(self, run_cfg: DictConfig, keep_image: bool = False) -> None:
+        self.augment = build_multicrop(run_cfg)
+        self.keep_image = keep_image
+
+    def __call__(self, sample: dict[str, Any], seed: int) -> dict[str, Any]:
+        crops = self.augment.set_random_state(seed=seed)(sample["image"])
+        return {"crops": crops, "image": sample["image"]} if self.keep_image else {"crops": crops}
+
+
+def min_ssl_batch(run_cfg: DictConfig) -> int:
+    """KoLeo needs a nearest neighbour in the batch: 2 samples; otherwise 1."""
+    return 2 if run_cfg.ssl.koleo_loss_weight > 0 else 1
+
+
+def build_ssl_model(run_cfg: DictConfig, state_down: State, stage: str) -> SSLMetaArch:
+    """The SSL meta-architecture of ``run_cfg`` holding exactly the stage's down weights.
+
+    Raises:
+        RequestError: The state lacks a key, has an extra one or a wrong shape.
+    """
+    meta = SSLMetaArch(run_cfg)
+    expected = select(ssl_state(meta), stage_groups(stage, run_cfg).down)
+    check_state_keys(state_down, expected, stage)
+    load_ssl_state(meta, state_down)
+    return meta
+
+
+def named_ssl_losses(losses: dict[str, Tensor]) -> dict[str, float]:
+    """``dino_loss`` (local + global crops), ``ibot_loss``, ``koleo_loss`` and their sum ``loss``."""
+    out: dict[str, float] = {}
+    losses = {k: v.detach() for k, v in losses.items()}
+    dino = [v for k, v in losses.items() if k.startswith("dino_")]
+    if dino:
+        out["dino_loss"] = float(sum(dino))
+    for key in ("ibot_loss", "koleo_loss"):
+        if key in losses:
+            out[key] = float(losses[key])
+    out["loss"] = float(sum(losses.values()))
+    return out
+
+
+def to_device(crops: dict[str, Tensor | None], device: torch.device) -> dict[str, Tensor | None]:
+    return {k: None if v is None else v.to(device, non_blocking=True) for k, v in crops.items()}
+
+
+def finite_state(state: State) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def run_pretrain(
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest
+) -> tuple[State, dict[str, float]]:
+    """One round of local DINO + iBOT + KoLeo training on the site's train split.
+
+    Args:
+        site_cfg: The site file (:func:`fedmri.client.site.load_site`).
+        run_cfg: The run's resolved config (model and ssl sections).
+        state_down: Wire tensors of the pretrain down groups (student, teacher, centres).
+        request: The round's request; uses ``local_steps``, ``lr``,
+            ``weight_decay``, ``teacher_temp``, ``teacher_momentum``, ``proximal_mu``.
+
+    Returns:
+        The pretrain up groups (``encoder``, ``dino_head``, ``center``) as
+        float32 CPU tensors, and metrics: ``num-examples`` (samples seen),
+        ``steps``, the mean over steps of ``dino_loss``, ``ibot_loss``,
+        ``koleo_loss`` (those switched on), ``loss``, and ``proximal_loss``
+        when FedProx is on.
+
+    Raises:
+        DeclineError: Too few training series, or training diverged.
+        RequestError: Weights that do not fit the run's model.
+    """
+    if request.stage != "pretrain":
+        raise ValueError(f"run_pretrain got a {request.stage!r} request")
+    device = site_device(site_cfg)
+    dataset = SeriesDataset(site_cfg.catalog, "train")
+    need = min_ssl_batch(run_cfg)
+    if len(dataset) < need:
+        raise DeclineError(f"pretrain needs at least {need} series in the site's train split")
+    batch_size = min(int(site_cfg.batch_size), len(dataset))
+    if batch_size < need:
+        raise DeclineError(f"site batch_size {site_cfg.batch_size} is below the {need} samples the KoLeo term needs")
+    seed = round_seed(request, site_cfg.name)
+    s = run_cfg.ssl
+    with seeded(seed, device):
+        meta = build_ssl_model(run_cfg, state_down, "pretrain").to(device).train()
+        masker = build_mask_generator(run_cfg) if meta.ibot_loss is not None else None
+        mask_rng = np.random.default_rng(derive_seed(seed, "masks"))
+        batches = balanced_batches(len(dataset), batch_size, request.local_steps,
+                                   np.random.default_rng(derive_seed(seed, "batches")))
+        optimizer = torch.optim.AdamW(meta.param_groups())
+        set_rates(optimizer, request.lr, request.weight_decay)
+        proximal = Proximal(meta.student.named_parameters(), request.proximal_mu)
+        params = [p for p in meta.student.parameters() if p.requires_grad]
+        means = RunningMean()
+        for samples in load_batches(dataset, batches, MultiCropTransform(run_cfg), seed, site_cfg.num_workers):
+            crops = collate_multicrop([x["crops"] for x in samples], masker, s.mask_sample_probability,
+                                      s.mask_ratio_min_max, mask_rng)
+            crops = to_device(crops, device)
+            losses = meta(crops, crops["masks"], request.teacher_temp)
+            total = sum(losses.values())
+            named = named_ssl_losses(losses)
+            prox = proximal()
+            if prox is not None:
+                total = total + prox
+                named["proximal_loss"] = float(prox.detach())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if s.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
+            optimizer.step()
+            meta.update_teacher(request.teacher_momentum)
+            means.add(named)
+    up = {k: v.detach().to("cpu", torch.float32).clone()
+          for k, v in select(ssl_state(meta), stage_groups("pretrain", run_cfg).up).items()}
+    metrics = means.means()
+    if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
+        raise DeclineError("pretrain diverged at the site (non-finite loss or weights); lower the learning rate")
+    return up, {"num-examples": len(batches) * batch_size, "steps": len(batches), **metrics}
