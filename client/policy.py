@@ -1,0 +1,45 @@
+"""The site's rules, applied to every request before any work starts.
+
+Each rule is a function ``(site_cfg, request) -> reason | None``; the first
+reason wins and goes back to the coordinator as the decline reason, so it is
+one line about the request and the policy, never about the site's data.
+Add a rule by writing a function and appending it to :data:`RULES` (the
+privacy budget check lands here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fedmri.client.trainers.context import TRAIN_STAGES, TrainRequest
+
+Rule = Callable[[Any, TrainRequest], "str | None"]
+
+
+def stage_allowed(site_cfg: Any, request: TrainRequest) -> str | None:
+    """Only the stages listed in ``policy.stages``."""
+    allowed = list(site_cfg.policy.stages)
+    if request.stage not in allowed:
+        return f"stage {request.stage!r} is not in this site's policy.stages ({', '.join(allowed) or 'none'})"
+    return None
+
+
+def local_steps_within_limit(site_cfg: Any, request: TrainRequest) -> str | None:
+    """At most ``policy.max_local_steps`` optimisation steps in one round."""
+    limit = int(site_cfg.policy.max_local_steps)
+    if request.stage in TRAIN_STAGES and request.local_steps > limit:
+        return f"local-steps {request.local_steps} exceeds this site's policy.max_local_steps {limit}"
+    return None
+
+
+RULES: list[Rule] = [stage_allowed, local_steps_within_limit]
+
+
+def check_request(site_cfg: Any, request: TrainRequest) -> str | None:
+    """The reason to decline ``request`` under the site's policy, or None to run it."""
+    for rule in RULES:
+        reason = rule(site_cfg, request)
+        if reason is not None:
+            return reason
+    return None
