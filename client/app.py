@@ -1,23 +1,119 @@
 """The Flower ClientApp that runs at each hospital.
 
-For now it answers one ``query`` message with the fedmri and protocol versions
-it runs, so the coordinator can check a federation before training; the stage
-trainers come with the federation work.
+It answers ``query`` with the versions it runs and the site's name, ``train`` with one round of
+the stage trainer (pretrain, align) and ``evaluate`` with metrics of the
+global model. The site file comes from the SuperNode's node config
+(``site-config``) or, in simulation, from the local JSON map that
+``FEDMRI_SIM_SITES`` names (partition id -> site file): never from the server.
+
+A request the site will not run gets a decline: ``num-examples`` 0,
+``declined`` 1 and a one-line ``status.reason``. An unexpected exception in a
+trainer is logged here with its traceback and declined with a generic reason
+naming only the exception type. Flower 1.42 would otherwise turn it into an
+error reply carrying ``str(exception)`` to the server, and such text can hold
+catalog paths or series pseudonyms; the SuperNode keeps serving either way.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+import json
+import logging
+import os
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmri import __version__
+from fedmri.client import trainers
+from fedmri.client.policy import check_request
+from fedmri.client.site import load_site
+from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
 from fedmri.protocol import PROTOCOL_VERSION
+from fedmri.wire import from_record, groups_in, stage_groups, to_record
 
 app = ClientApp()
+log = logging.getLogger(__name__)
+SIM_SITES_ENV = "FEDMRI_SIM_SITES"
+MESSAGE_TYPE = {"pretrain": MessageType.TRAIN, "align": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+TRAINER = {"pretrain": "run_pretrain", "align": "run_align", "evaluate": "run_evaluate"}
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Reply with this site's software versions, nothing about its data."""
+    """Reply with this site's software versions and, when it has a site file, its name; nothing about its data."""
     reply = ConfigRecord({"fedmri_version": __version__, "protocol_version": PROTOCOL_VERSION})
+    try:
+        reply["site_name"] = str(load_site(_site_file(context)).name)
+    except Exception:  # noqa: BLE001 -- the coordinator then names the site by its node id
+        log.warning("no site name for the coordinator's query", exc_info=True)
     return Message(RecordDict({"versions": reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training: the stage's up groups and aggregate metrics."""
+    return _handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the global model on one of the site's splits; no weights."""
+    return _handle(msg, context)
+
+
+def _site_file(context: Context) -> str:
+    if "site-config" in context.node_config:
+        return str(context.node_config["site-config"])
+    mapping, partition = os.environ.get(SIM_SITES_ENV), context.node_config.get("partition-id")
+    if not mapping or partition is None:
+        raise DeclineError("this SuperNode has no 'site-config' in its node config")
+    with open(mapping, encoding="utf-8") as fh:
+        sites = json.load(fh)
+    if str(partition) not in sites:
+        raise DeclineError(f"simulated partition {partition} has no site file in {SIM_SITES_ENV}")
+    return str(sites[str(partition)])
+
+
+def _handle(msg: Message, context: Context) -> Message:
+    start, stage = time.perf_counter(), "request"
+    try:
+        if "config" not in msg.content or "arrays" not in msg.content:
+            raise RequestError("the message lacks its 'config' or 'arrays' record")
+        request = TrainRequest.from_config(msg.content["config"])
+        stage = request.stage
+        if msg.metadata.message_type != MESSAGE_TYPE[stage]:
+            raise RequestError(f"stage {stage!r} came as a {msg.metadata.message_type!r} message")
+        site = load_site(_site_file(context))
+        configure_torch(site)
+        reason = check_request(site, request)
+        if reason is not None:
+            raise DeclineError(reason)
+        run_cfg = parse_run_config(request.fedmri_config)
+        arrays = msg.content["arrays"]
+        state = from_record(arrays)
+        down = stage_groups(stage, run_cfg).down
+        if sorted(groups_in(state)) != sorted(down):
+            raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")
+        result = getattr(trainers, TRAINER[stage])(site, run_cfg, state, request)
+    except DeclineError as exc:
+        log.warning("declined %s: %s", stage, exc)
+        return _decline(msg, str(exc))
+    except Exception as exc:  # noqa: BLE001 -- a site bug must not leak its message; see the module docstring
+        log.exception("%s failed at this site", stage)
+        return _decline(msg, f"{stage} failed at the site ({type(exc).__name__}); the site's log has the details")
+    up, metrics = result if stage != "evaluate" else ({}, result)
+    content = RecordDict()
+    sent = 0
+    if stage != "evaluate":
+        content["arrays"] = to_record(up)
+        sent = content["arrays"].count_bytes()
+    content["metrics"] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
+                                       "bytes-received": arrays.count_bytes(), "bytes-sent": sent})
+    return Message(content, reply_to=msg)
+
+
+def _decline(msg: Message, reason: str) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1}),
+                          "status": ConfigRecord({"declined": True, "reason": reason.splitlines()[0]})})
+    return Message(content, reply_to=msg)
