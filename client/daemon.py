@@ -1,0 +1,169 @@
+"""The site's client daemon: a Flower SuperNode that trains next to the site's data.
+
+``fedmri client start --site site.yaml`` checks the site file and everything
+it names before anything connects, then runs ``flower-supernode`` in the
+foreground: TLS to the coordinator's SuperLink with the coordinator's CA, the
+site's node key for authentication, and the absolute path of ``site.yaml`` in
+the node config (``site-config``), where the ClientApp reads it. Paths sent by
+the server are never trusted.
+
+When the SuperNode fails for a reason a site admin can fix (the SuperLink's
+certificate is not signed by the given CA; the coordinator has not registered
+this site's key), the daemon ends with one line that says so.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedmri.client.site import load_site
+from fedmri.errors import FedmriError, InputError
+from fedmri.flower_cli import ForegroundChild, child_env, flower_executable
+
+# SuperNode output that names a cause the site admin can act on.
+_TLS_FAILURE = re.compile(r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error|WRONG_VERSION_NUMBER")
+_AUTH_FAILURE = re.compile(r"\[code: 2004\]|Failed to activate SuperNode")
+_CONNECTED = re.compile(r"SuperNode ID:\s*(\d+)")
+
+
+@dataclass
+class SupernodeLaunch:
+    """A checked site: the argv, environment and folder to run its SuperNode with."""
+
+    site: DictConfig
+    site_file: Path
+    command: list[str]
+    flwr_home: Path
+    insecure: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def _node_config_value(path: Path) -> str:
+    text = str(path)
+    if '"' not in text and "\\" not in text:
+        return f'site-config="{text}"'
+    if "'" not in text:
+        return f"site-config='{text}'"
+    raise InputError(f"the site file path {text} holds both quote kinds; move site.yaml to a plainer path")
+
+
+def _check_address(address: str, site_file: Path) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"site file {site_file}: server.address {address!r} must be HOST:PORT, "
+                         "e.g. coordinator.example.org:9092 (ask the coordinator)")
+
+
+def prepare(site_file: str | Path, *, insecure: bool = False, state: str | Path | None = None) -> SupernodeLaunch:
+    """Check a site file and everything it names; build the SuperNode's command.
+
+    Args:
+        site_file: The site admin's ``site.yaml``.
+        insecure: Connect without TLS and node authentication even if the site
+            file does not say ``server.insecure: true`` (local tests only).
+        state: The SuperNode's Flower home (installed app bundles);
+            default ``.flwr`` next to the site file.
+
+    Raises:
+        InputError: A missing file or folder, or a setting that cannot work,
+            naming the file and what to do.
+        ConfigError: The site file itself is invalid.
+    """
+    site = load_site(site_file)
+    path = Path(site_file).expanduser().resolve()
+    server = site.server
+    insecure = bool(insecure or server.insecure)
+    warnings: list[str] = []
+    _check_address(server.address, path)
+    catalog = Path(site.catalog)
+    if not catalog.is_dir():
+        raise InputError(f"site file {path}: catalog {catalog} does not exist; index the site's data with "
+                         f"`fedmri data index DICOM_DIR --reports reports.csv --out {catalog}`")
+    if not (catalog / "catalog.sqlite").is_file():
+        warnings.append(f"catalog {catalog} holds no catalog.sqlite yet; training rounds will fail until "
+                        "`fedmri data index ... --out` fills it")
+    command = [flower_executable("flower-supernode"), "--superlink", server.address,
+               "--node-config", _node_config_value(path)]
+    if server.clientappio_port:
+        command += ["--port", str(server.clientappio_port)]
+    if insecure:
+        warnings.append("WARNING: insecure: no TLS and no node authentication; the site's updates travel "
+                        "in clear text. Use only for local tests.")
+        command.append("--insecure")
+    else:
+        for key, what in (("root_certificates", "the coordinator's ca.crt"),
+                          ("node_key", f"this site's private key ({site.name}.key from `fedmri certs`)")):
+            value = server[key]
+            if value is None:
+                raise InputError(f"site file {path}: server.{key} is not set; point it at {what} "
+                                 "(or set server.insecure: true for a local test)")
+            if not Path(value).is_file():
+                raise InputError(f"site file {path}: server.{key} {value} does not exist; "
+                                 f"copy {what} there or fix the path")
+        key_mode = stat.S_IMODE(Path(server.node_key).stat().st_mode)
+        if key_mode & 0o077:
+            warnings.append(f"WARNING: {server.node_key} is readable by others (mode {key_mode:o}); "
+                            f"run `chmod 600 {server.node_key}`")
+        command += ["--root-certificates", server.root_certificates,
+                    "--auth-supernode-private-key", server.node_key]
+    home = Path(state).expanduser().resolve() if state is not None else path.parent / ".flwr"
+    return SupernodeLaunch(site, path, command, home, insecure, warnings)
+
+
+class _Watcher:
+    """Reads the SuperNode's output for failures a site admin can fix."""
+
+    def __init__(self, launch: SupernodeLaunch) -> None:
+        self.launch = launch
+        self.cause: str | None = None
+
+    def __call__(self, line: str) -> None:
+        server = self.launch.site.server
+        if (match := _CONNECTED.search(line)) is not None:
+            _say(f"site {self.launch.site.name} connected to the SuperLink at {server.address} "
+                 f"as node {match.group(1)}; waiting for work")
+        elif self.cause is None and _TLS_FAILURE.search(line):
+            self.cause = (f"TLS to the SuperLink at {server.address} failed: its certificate is not signed by "
+                          f"{server.root_certificates} (or does not name that host); get the federation's "
+                          "ca.crt from the coordinator and check server.address")
+        elif self.cause is None and _AUTH_FAILURE.search(line):
+            self.cause = (f"the SuperLink at {server.address} refused this site's key {server.node_key}: "
+                          f"ask the coordinator to register {Path(server.node_key or '').stem}.pub "
+                          "(`fedmri server register`), or check that the key is the one they issued")
+
+
+def serve(launch: SupernodeLaunch) -> int:
+    """Run the SuperNode in the foreground until it exits or is told to stop.
+
+    Returns:
+        The exit code for ``fedmri client start``.
+
+    Raises:
+        FedmriError: The SuperNode stopped for a reason the site admin can fix.
+    """
+    for warning in launch.warnings:
+        _say(warning)
+    launch.flwr_home.mkdir(parents=True, exist_ok=True)
+    watcher = _Watcher(launch)
+    child = ForegroundChild(launch.command, env=child_env({"FLWR_HOME": str(launch.flwr_home)}),
+                            cwd=launch.site_file.parent, watch=watcher)
+    _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
+    child.start()
+    code = child.wait()
+    if child.signalled:
+        _say(f"SuperNode stopped (exit {code})")
+        return 0 if code in (0, 130, 143) else code
+    if code != 0 and watcher.cause is not None:
+        raise FedmriError(f"{watcher.cause} (flower-supernode exit {code})")
+    return code
+
+
+def _say(line: str) -> None:
+    print(f"fedmri: {line}", flush=True)
+    sys.stdout.flush()
