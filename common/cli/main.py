@@ -12,8 +12,12 @@ import typer
 from rich.console import Console
 
 from fedmri import __version__
+from fedmri.cli.certs_cmd import certs_app
+from fedmri.cli.client_cmd import client_app
 from fedmri.cli.config_cmd import config_app
 from fedmri.cli.data_cmd import data_app
+from fedmri.cli.run_cmd import run_command, status_command
+from fedmri.cli.server_cmd import server_app
 from fedmri.errors import FedmriError
 
 err_console = Console(stderr=True)
@@ -27,15 +31,15 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(certs_app, name="certs")
+app.add_typer(server_app, name="server")
+app.add_typer(client_app, name="client")
+app.command("run")(run_command)
+app.command("status")(status_command)
 
 # Commands that land with later work. They are listed so that `--help` shows
 # the whole tool, and they say plainly that they are not there yet.
 _LATER = {
-    "client": "[site admin] Run this site's client daemon; show its privacy ledger (not available yet).",
-    "server": "[coordinator] Run the Flower SuperLink with TLS and node authentication (not available yet).",
-    "certs": "[coordinator] Issue the CA, server certificate and site keys (not available yet).",
-    "run": "[coordinator] Launch a federated run on a running server (not available yet).",
-    "status": "[coordinator] Show runs, stages, rounds and sites (not available yet).",
     "export": "[coordinator] Export a run's encoder (not available yet).",
     "simulate": "[researcher] Simulate a whole federation on this machine (not available yet).",
 }

@@ -1,0 +1,272 @@
+"""``fedmri run`` and ``fedmri status``: the coordinator launches and watches runs on a running server.
+
+A run is submitted with ``flwr run APP_DIR FEDERATION --run-config FILE``.
+APP_DIR holds a single ``pyproject.toml`` that names the installed components
+``fedmri.server.app:app`` and ``fedmri.client.app:app``: no Python module
+travels, so the code that runs at each site is the fedmri that site installed.
+The federation YAML travels as text in the run config key ``fedmri-config``.
+
+With ``--state`` (the folder given to ``fedmri server start``) the commands use
+the Flower CLI config written there and record each submission in
+``STATE/submissions/``; without it they use Flower's own ``$FLWR_HOME``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from fedmri import __version__
+from fedmri.errors import FedmriError, InputError
+
+RUN_CONFIG_KEY = "fedmri-config"
+
+_STATE = typer.Option(None, "--state", envvar="FEDMRI_STATE",
+                      help="The --state folder of `fedmri server start` (default: Flower's own $FLWR_HOME).")
+_FEDERATION = typer.Option(None, "--federation", help="Connection name (default: the default in config.toml).")
+
+
+def _home(state: Path | None) -> Path:
+    from fedmri.server.daemon import flwr_home
+
+    if state is not None:
+        return flwr_home(state)
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def app_pyproject() -> str:
+    """The only file of the app bundle: component names, and the run config key the federation YAML fills."""
+    return f'''# Written by `fedmri run`: the Flower app is the fedmri installed at each site.
+[build-system]
+requires = ["setuptools>=77"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedmri"
+version = "{__version__}"
+description = "fedmri federated run (components come from the installed fedmri package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmri"
+
+[tool.flwr.app.components]
+serverapp = "fedmri.server.app:app"
+clientapp = "fedmri.client.app:app"
+
+[tool.flwr.app.config]
+{RUN_CONFIG_KEY} = ""
+'''
+
+
+def _read_federation(path: Path, state: Path | None) -> tuple[str, str, Path | None]:
+    """The federation YAML's text, the run's name and (with a state folder) its run folder.
+
+    The coordinator's own fedmri checks the file first when it has the
+    federation config loader, so a bad key fails here and not on the server.
+    """
+    path = path.expanduser()
+    if not path.is_file():
+        raise InputError(f"federation config {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        from fedmri.server.config import load_federation
+    except ImportError:  # an older fedmri without the loader: check only that it is a YAML mapping
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InputError(f"federation config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"federation config {path} must be a YAML mapping (key: value lines)")
+        name, run_root = str(data.get("name") or path.stem), str(data.get("run_root") or "runs")
+    else:
+        fed = load_federation(path)
+        name, run_root = str(fed.name), str(fed.run_root)
+    run_dir = None
+    if state is not None:  # the ServerApp works in STATE (see fedmri.server.daemon)
+        root = Path(run_root).expanduser()
+        run_dir = (root if root.is_absolute() else state.expanduser().resolve() / root) / name
+    return text, name, run_dir
+
+
+def run_command(
+    config: Path = typer.Option(..., "--config", help="The federation YAML (stages, rounds, strategy, model)."),
+    federation: str | None = _FEDERATION,
+    state: Path | None = _STATE,
+    stream: bool = typer.Option(False, "--stream/--no-stream", help="Follow the run's log until it ends."),
+) -> None:
+    """[coordinator] Launch a federated run on a running server; prints the run id."""
+    import tomli_w
+
+    from fedmri.flower_cli import child_env, flower_executable, flwr_json
+    from fedmri.server.daemon import read_connection
+
+    home = _home(state)
+    name, _ = read_connection(home, federation)
+    text, run_name, run_dir = _read_federation(config, state)
+    with tempfile.TemporaryDirectory(prefix="fedmri-run-") as tmp:
+        app_dir = Path(tmp) / "app"
+        app_dir.mkdir()
+        (app_dir / "pyproject.toml").write_text(app_pyproject())
+        overrides = Path(tmp) / "run-config.toml"
+        overrides.write_text(tomli_w.dumps({RUN_CONFIG_KEY: text}))
+        answer = flwr_json(["run", str(app_dir), name, "--run-config", str(overrides)], home, timeout=120)
+    run_id = str(answer.get("run-id"))
+    if state is not None:
+        _record_submission(state, run_id, run_name, run_dir, config, text, name)
+    typer.echo(f"run {run_id} submitted to federation '{name}' ({run_name}, from {config})")
+    if not stream:
+        typer.echo(f"follow it with `fedmri status{_state_flag(state)}` or "
+                   f"`FLWR_HOME={home} flwr log {run_id} {name}`")
+        return
+    env = child_env({"FLWR_HOME": str(home)})
+    try:
+        subprocess.run([flower_executable("flwr"), "log", run_id, name, "--stream"], env=env,
+                       stdin=subprocess.DEVNULL, check=False)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped following; run {run_id} goes on (`fedmri status{_state_flag(state)}`)")
+        raise typer.Exit(130) from None
+    runs = flwr_json(["ls", name, "--run-id", run_id], home).get("runs", [])
+    status = runs[0].get("status", "unknown") if runs else "unknown"
+    typer.echo(f"run {run_id}: {status}")
+    if status != "finished:completed":
+        raise typer.Exit(1)
+
+
+def _state_flag(state: Path | None) -> str:
+    return f" --state {state}" if state is not None else ""
+
+
+def _record_submission(state: Path, run_id: str, run_name: str, run_dir: Path | None, config: Path, text: str,
+                       federation: str) -> None:
+    folder = state.expanduser().resolve() / "submissions"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{run_id}.yaml").write_text(text, encoding="utf-8")
+    record = {"run_id": run_id, "name": run_name, "run_dir": str(run_dir) if run_dir else None, "federation": federation,
+              "config": str(config.resolve()),
+              "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    (folder / f"{run_id}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- status
+def _read_state(path: Path) -> dict[str, Any] | None:
+    """A run folder's ``state.json`` (written by the pipeline), None if absent; a bad file says so."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        return {"error": f"{path} unreadable: {exc}"}
+    return value if isinstance(value, dict) else {"error": f"{path} is not a JSON object"}
+
+
+def _submissions(state: Path | None) -> dict[str, dict[str, Any]]:
+    if state is None:
+        return {}
+    out = {}
+    for path in (state.expanduser().resolve() / "submissions").glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+            out[str(record["run_id"])] = record
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return out
+
+
+def collect_status(federation: str | None, state: Path | None, runs_dir: Path | None) -> dict[str, Any]:
+    """Everything ``fedmri status`` shows, as one JSON-ready dict.
+
+    Runs come from the SuperLink (``flwr ls``), sites from ``flwr supernode ls``
+    (named from ``STATE/sites.json``); stage, round, sites and metrics from each
+    run folder's ``state.json`` when the pipeline has written one.
+    """
+    from fedmri.flower_cli import flwr_json
+    from fedmri.server.daemon import read_connection, runs_folder, site_nodes
+
+    home = _home(state)
+    name, entry = read_connection(home, federation)
+    report: dict[str, Any] = {"federation": name, "address": entry.get("address"), "reachable": True,
+                              "error": None, "sites": [], "runs": [], "run_folders": {}}
+    try:
+        flower_runs = flwr_json(["ls", name], home, timeout=30).get("runs", [])
+        nodes = flwr_json(["supernode", "ls", name], home, timeout=30).get("nodes", [])
+    except FedmriError as exc:
+        report.update(reachable=False, error=str(exc))
+        flower_runs, nodes = [], []
+    names = site_nodes(state) if state is not None else {}
+    report["sites"] = [{"site": names.get(str(n.get("node-id"))), "node_id": str(n.get("node-id")),
+                        "status": n.get("status"), "online_at": n.get("online-at")} for n in nodes]
+    if runs_dir is None and state is not None:
+        runs_dir = runs_folder(state)
+    folders = {p.parent: _read_state(p) for p in sorted(runs_dir.glob("*/state.json"))} if runs_dir else {}
+    submitted = _submissions(state)
+    for run in flower_runs:
+        run_id = str(run.get("run-id"))
+        record = submitted.get(run_id, {})
+        run_dir = Path(record["run_dir"]) if record.get("run_dir") else None
+        if run_dir is None:  # a state.json that names its Flower run
+            run_dir = next((d for d, st in folders.items() if st and str(st.get("run_id")) == run_id), None)
+        pipeline = _read_state(run_dir / "state.json") if run_dir is not None else None
+        folders.pop(run_dir, None)
+        report["runs"].append({"run_id": run_id, "status": run.get("status"), "elapsed_s": run.get("elapsed"),
+                               "name": record.get("name") or (run_dir.name if run_dir else None),
+                               "run_dir": str(run_dir) if run_dir else None, "pipeline": pipeline})
+    report["run_folders"] = {str(d): st for d, st in folders.items()}
+    return report
+
+
+def _pipeline_cells(pipeline: dict[str, Any] | None) -> list[str]:
+    if not pipeline:
+        return ["", "", "", ""]
+    if "error" in pipeline and len(pipeline) == 1:  # the full reason is in --json
+        return ["(state.json unreadable)", "", "", ""]
+    sites = pipeline.get("sites")
+    sites_text = ", ".join(map(str, sites)) if isinstance(sites, list) else str(sites or "")
+    metrics = pipeline.get("metrics", pipeline.get("last_metrics")) or {}
+    metrics_text = (", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+                    if isinstance(metrics, dict) else str(metrics))
+    return [str(pipeline.get("stage", "")), str(pipeline.get("round", "")), sites_text, metrics_text]
+
+
+def status_command(
+    federation: str | None = _FEDERATION,
+    state: Path | None = _STATE,
+    runs: Path | None = typer.Option(None, "--runs", help="Folder of run folders (default: STATE/runs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """[coordinator] Show the server's sites and runs, with stage, round, sites and last metrics."""
+    report = collect_status(federation, state, runs)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    if not report["reachable"]:
+        console.print(f"[yellow]SuperLink {report['address']} not reachable:[/] {report['error']}", highlight=False)
+    else:
+        online = [s["site"] or f"node {s['node_id']}" for s in report["sites"] if s["status"] == "online"]
+        console.print(f"federation '{report['federation']}' at {report['address']}: {len(online)} of "
+                      f"{len(report['sites'])} registered site(s) online{': ' if online else ''}{', '.join(online)}",
+                      highlight=False)
+    table = Table(title="runs")
+    for column in ("run id", "status", "elapsed", "name", "stage", "round", "sites", "last metrics"):
+        table.add_column(column)
+    for run in report["runs"]:
+        elapsed = run["elapsed_s"]
+        table.add_row(run["run_id"], str(run["status"]), f"{elapsed:.0f} s" if isinstance(elapsed, float) else "",
+                      run["name"] or "", *_pipeline_cells(run["pipeline"]))
+    for folder, pipeline in report["run_folders"].items():
+        table.add_row("", "(folder only)", "", Path(folder).name, *_pipeline_cells(pipeline))
+    console.print(table)
