@@ -70,7 +70,9 @@ def _chunks(n: int, batch_size: int) -> list[list[int]]:
     return [c.tolist() for c in np.array_split(np.arange(n), max(1, n // batch_size))]
 
 
-def run_evaluate(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest) -> dict[str, float]:
+def run_evaluate(
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest
+) -> dict[str, float]:
     """Score the global model on the site's ``request.split``.
 
     Args:
