@@ -292,7 +292,6 @@ class Pipeline:
             for node, reason in rejected.items():
                 out.rejected[int(node)] = reason
                 rows.append(base | {"site": self.site(int(node)), "node": int(node), "status": "rejected", "reason": reason})
-                log(WARNING, "fedmri: rejected the update of %s: %s", self.site(int(node)), reason)
         metrics_by_node = {}
         for reply in accepted:
             node = int(reply.metadata.src_node_id)
@@ -304,7 +303,10 @@ class Pipeline:
                                 "bytes-up": _nbytes(up) if up is not None else 0} | m)
         out.accepted = sorted(metrics_by_node)
 
-        if len(accepted) >= self._min_sites(stage_i):
+        # An evaluation is worth recording from any site that had data for it;
+        # an update needs min_sites contributors.
+        need = 1 if stage.name == "evaluate" else self._min_sites(stage_i)
+        if len(accepted) >= need:
             out.aggregated = _weighted_mean(list(metrics_by_node.values()))
             if stage.name != "evaluate":
                 # Aggregation order must not depend on node ids (they change
@@ -317,8 +319,8 @@ class Pipeline:
                     wire.update_teacher(self.state, m)
                 out.updated = True
         else:
-            log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than min_sites=%d; weights unchanged",
-                stage.name, rnd, len(accepted), self._min_sites(stage_i))
+            log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
+                len(accepted), need, "nothing to report" if stage.name == "evaluate" else "weights unchanged")
         client_wall = max((m.get("wall-time-s", 0.0) for m in metrics_by_node.values()), default=0.0)
         agg_row = base | {"site": "all", "status": "aggregated" if out.updated or stage.name == "evaluate"
                           and out.aggregated else "skipped", "sites": len(accepted), "wall-time-s": wall,
@@ -403,3 +405,25 @@ class Pipeline:
             model = build_encoder(self.cfg)
             model.load_state_dict({k.split("/", 1)[1]: v for k, v in wire.select(self.state, [wire.ENCODER]).items()})
         return save_encoder(out, model, config=self.cfg, extra=extra)
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Export the encoder of a run's last complete round (``fedmri export``).
+
+    Raises:
+        InputError: The folder is not a run folder or has no complete round yet.
+    """
+    from fedmri.errors import InputError
+    from fedmri.server.config import load_federation
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "federation.yaml").is_file():
+        raise InputError(f"{run_dir} is not a run folder (no federation.yaml); give runs/<name>")
+    ckpt = load_checkpoint(run_dir / "ckpt")
+    if ckpt is None:
+        raise InputError(f"run {run_dir} has no complete round yet; nothing to export")
+    pipeline = Pipeline(load_federation(run_dir / "federation.yaml"), run_dir)
+    pipeline.state, _, meta = ckpt
+    pipeline.history = meta.get("history", [])
+    pipeline.sites_seen = set(meta.get("sites_seen", []))
+    return pipeline.export(Path(out) if out else run_dir / "encoder")

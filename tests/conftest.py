@@ -21,3 +21,32 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def federation_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Three synthetic hospitals (12 series each: a validation patient at every site), indexed for the tiny preset, with a site.yaml each.
+
+    Returns a list of (name, site_file, catalog_dir). Site files train on one
+    thread with batch 2; tests copy and edit them for other policies.
+    """
+    from omegaconf import OmegaConf
+
+    from fedmri.config import load_config
+    from fedmri.data.indexer import index_site
+    from fedmri.simulations.synth import generate_site
+
+    root = tmp_path_factory.mktemp("federation")
+    cfg = load_config("tiny")
+    sites = []
+    for i in (1, 2, 3):
+        name = f"site-{i:02d}"
+        hospital = root / "hospitals" / name
+        generate_site(hospital, site_index=i, seed=0, preset="tiny", series_per_site=12)
+        catalog = root / "catalogs" / name
+        index_site(hospital / "dicom", hospital / "reports.csv", catalog, labels=hospital / "labels.csv", cfg=cfg)
+        site_file = root / f"{name}.yaml"
+        site_file.write_text(OmegaConf.to_yaml(OmegaConf.create(
+            {"name": name, "catalog": str(catalog), "threads": 1, "batch_size": 2})))
+        sites.append((name, site_file, catalog))
+    return sites

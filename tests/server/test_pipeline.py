@@ -1,0 +1,183 @@
+"""The coordinator's pipeline driven in-process over the real ClientApp (no Ray, no SuperLink)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from omegaconf import OmegaConf
+
+from fedmri import wire
+from fedmri.server.config import load_federation
+from fedmri.server.pipeline import Pipeline, StoppedForTest
+
+from local_grid import LocalGrid
+
+# A 2-block, 32-wide encoder on the tiny preset's 64^3 volumes keeps a round to seconds.
+MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
+         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
+
+
+def _fed(tmp_path: Path, stages: list[dict], **extra: object) -> object:
+    body = {"name": "t", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp_path / "runs"),
+            "stages": stages, "export": False, "wait_for_sites_s": 5} | extra
+    return load_federation(text=OmegaConf.to_yaml(OmegaConf.create(body)))
+
+
+def _grid(sites: list, tamper=None) -> LocalGrid:
+    return LocalGrid({101 + i: site_file for i, (_, site_file, _) in enumerate(sites)}, tamper)
+
+
+PRETRAIN = {"name": "pretrain", "rounds": 2, "local_steps": 2}
+ALIGN = {"name": "align", "rounds": 1, "local_steps": 2}
+EVALUATE = {"name": "evaluate"}
+
+
+@pytest.mark.slow
+def test_whole_pipeline_in_process(tmp_path: Path, federation_sites: list) -> None:
+    fed = _fed(tmp_path, [PRETRAIN, ALIGN, EVALUATE], export=True)
+    grid = _grid(federation_sites)
+    pipeline = Pipeline(fed)
+    results = pipeline.run_all(grid)
+    initial = wire.initial_state(pipeline.cfg)
+
+    # The global encoder, the server-side teacher and the projections moved.
+    for group in (wire.ENCODER, wire.TEACHER, wire.PROJECTIONS):
+        keys = [k for k in initial if wire.group_of(k) == group]
+        assert any(not torch.equal(initial[k], pipeline.state[k]) for k in keys), group
+    assert all(torch.isfinite(v).all() for v in pipeline.state.values())
+
+    # Only each stage's groups travelled, down and up.
+    for msg in grid.sent:
+        if msg.metadata.message_type == "query":
+            assert not msg.content.array_records
+            continue
+        stage = msg.content.config_records["config"]["stage"]
+        groups = wire.stage_groups(stage, pipeline.cfg)
+        assert set(wire.groups_in(wire.from_record(msg.content["arrays"]))) == set(groups.down), stage
+    for reply in grid.received:
+        if reply.metadata.message_type in ("train", "evaluate"):
+            arrays = reply.content.array_records.get("arrays")
+            groups_up = set(wire.groups_in(wire.from_record(arrays))) if arrays is not None else set()
+            if reply.metadata.message_type == "evaluate":
+                assert groups_up == set()
+            else:
+                assert groups_up in ({"encoder", "dino_head", "center"}, {"encoder", "projections", "logit_scale"})
+
+    run = tmp_path / "runs" / "t"
+    for name in ("federation.yaml", "config.yaml", "metrics.jsonl", "results.json", "state.json",
+                 "plots/pretrain.png", "plots/align.png", "encoder"):
+        assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "ckpt").glob("round-*")) == ["round-0003", "round-0004"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["server_round"] for r in rows} == {1, 2, 3, 4}
+    assert {r["site"] for r in rows if r["status"] == "ok"} == {"site-01", "site-02", "site-03"}
+    assert results["evaluation"]["num-examples"] > 0
+    assert sorted(results["per_site"]) == ["site-01", "site-02", "site-03"]
+    assert json.loads((run / "state.json").read_text())["status"] == "finished"
+
+
+def _tamper_with(node: int, how: str):
+    def tamper(n: int, reply: Message) -> Message | None:
+        if n != node or reply.metadata.message_type != "train" or reply.has_error():
+            return reply
+        arrays = wire.from_record(reply.content["arrays"])
+        key = next(k for k in arrays if wire.group_of(k) == "encoder" and arrays[k].ndim == 2)
+        if how == "nan":
+            arrays[key][0, 0] = float("nan")
+        elif how == "shape":
+            arrays[key] = arrays[key][:, :-1]
+        elif how == "norm":
+            arrays = {k: v * 1000.0 for k, v in arrays.items()}
+        content = RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in arrays.items()}),
+                              "metrics": reply.content["metrics"]})
+        return Message(content=content, metadata=copy.copy(reply.metadata))  # same sender, corrupted payload
+    return tamper
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["nan", "shape", "norm"])
+def test_bad_update_is_rejected_and_the_round_goes_on(tmp_path: Path, federation_sites: list, how: str) -> None:
+    fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 1, "local_steps": 1}])
+    pipeline = Pipeline(fed)
+    grid = _grid(federation_sites, _tamper_with(103, how))
+    pipeline.run_all(grid)
+    outcome = pipeline.outcomes[0]
+    assert list(outcome.rejected) == [103], outcome
+    assert outcome.accepted == [101, 102] and outcome.updated
+    assert all(torch.isfinite(v).all() for v in pipeline.state.values())
+    rows = [json.loads(line) for line in (tmp_path / "runs/t/metrics.jsonl").read_text().splitlines()]
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["site"] == "site-03" and rejected[0]["reason"]
+
+
+@pytest.mark.slow
+def test_a_site_that_never_answers_is_left_out(tmp_path: Path, federation_sites: list) -> None:
+    fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 1, "local_steps": 1}])
+    pipeline = Pipeline(fed)
+    drop = lambda n, reply: None if n == 102 and reply.metadata.message_type == "train" else reply  # noqa: E731
+    pipeline.run_all(_grid(federation_sites, drop))
+    outcome = pipeline.outcomes[0]
+    assert list(outcome.failed) == [102] and "no reply" in outcome.failed[102]
+    assert outcome.accepted == [101, 103] and outcome.updated
+
+
+@pytest.mark.slow
+def test_too_few_useful_replies_leave_the_weights_unchanged(tmp_path: Path, federation_sites: list) -> None:
+    fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 1, "local_steps": 1}], min_sites=3)
+    pipeline = Pipeline(fed)
+    pipeline.run_all(_grid(federation_sites, _tamper_with(101, "nan")))
+    initial = wire.initial_state(pipeline.cfg)
+    assert not pipeline.outcomes[0].updated
+    assert all(torch.equal(initial[k], pipeline.state[k]) for k in initial)
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_gives_the_uninterrupted_weights(tmp_path: Path, federation_sites: list,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    stages = [{"name": "pretrain", "rounds": 2, "local_steps": 1,
+               "strategy": {"name": "fedadam", "eta": 0.01, "tau": 0.001}},
+              {"name": "align", "rounds": 2, "local_steps": 1}]
+    straight = Pipeline(_fed(tmp_path / "a", stages))
+    straight.run_all(_grid(federation_sites))
+
+    monkeypatch.setenv("FEDMRI_TEST_STOP_AFTER_ROUND", "3")
+    with pytest.raises(StoppedForTest):
+        Pipeline(_fed(tmp_path / "b", stages)).run_all(_grid(federation_sites))
+    monkeypatch.delenv("FEDMRI_TEST_STOP_AFTER_ROUND")
+    resumed = Pipeline(_fed(tmp_path / "b", stages, resume=True))
+    resumed.run_all(_grid(federation_sites))
+
+    assert len(resumed.outcomes) == 1  # only round 4 ran again
+    assert set(resumed.state) == set(straight.state)
+    for k in straight.state:
+        assert torch.equal(straight.state[k], resumed.state[k]), k
+    rows = [json.loads(line) for line in (tmp_path / "b/runs/t/metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["server_round"] for r in rows}) == [1, 2, 3, 4]
+
+
+def test_weighted_mean_of_site_metrics() -> None:
+    from fedmri.server.pipeline import _weighted_mean
+
+    got = _weighted_mean([{"num-examples": 1, "loss": 1.0}, {"num-examples": 3, "loss": 3.0, "x": 2.0}])
+    assert got["num-examples"] == 4 and math.isclose(got["loss"], 2.5) and got["x"] == 2.0
+
+
+def test_round_config_carries_schedules_and_strategy_settings(tmp_path: Path) -> None:
+    fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 4, "local_steps": 3},
+                          {"name": "align", "rounds": 2, "local_steps": 3,
+                           "strategy": {"name": "fedprox", "proximal_mu": 0.5}}])
+    pipeline = Pipeline(fed)
+    first, last = pipeline._round_config(0, 1, 1), pipeline._round_config(0, 4, 4)
+    assert first["stage"] == "pretrain" and first["local-steps"] == 3
+    assert {"lr", "weight-decay", "teacher-momentum", "teacher-temp"} <= set(first)
+    assert OmegaConf.create(first["fedmri-config"]).model.embed_dim == 32
+    align = pipeline._round_config(1, 2, 6)
+    assert align["proximal-mu"] == 0.5 and align["lr"] < pipeline.cfg.align.lr
+    assert np.isfinite(last["lr"])
