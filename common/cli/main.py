@@ -16,8 +16,10 @@ from fedmri.cli.certs_cmd import certs_app
 from fedmri.cli.client_cmd import client_app
 from fedmri.cli.config_cmd import config_app
 from fedmri.cli.data_cmd import data_app
+from fedmri.cli.export_cmd import export_command
 from fedmri.cli.run_cmd import run_command, status_command
 from fedmri.cli.server_cmd import server_app
+from fedmri.cli.simulate_cmd import simulate_command
 from fedmri.errors import FedmriError
 
 err_console = Console(stderr=True)
@@ -36,32 +38,8 @@ app.add_typer(server_app, name="server")
 app.add_typer(client_app, name="client")
 app.command("run")(run_command)
 app.command("status")(status_command)
-
-# Commands that land with later work. They are listed so that `--help` shows
-# the whole tool, and they say plainly that they are not there yet.
-_LATER = {
-    "export": "[coordinator] Export a run's encoder (not available yet).",
-    "simulate": "[researcher] Simulate a whole federation on this machine (not available yet).",
-}
-
-
-def _not_yet(command: str) -> None:
-    raise FedmriError(
-        f"`fedmri {command}` is not available in fedmri {__version__} yet; "
-        "it lands with the federation work (see README, 'Status')"
-    )
-
-
-for _command, _help in _LATER.items():
-
-    def _cmd(ctx: typer.Context, _name: str = _command) -> None:
-        _not_yet(" ".join([_name, *ctx.args]))
-
-    app.command(
-        name=_command,
-        help=_help,
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    )(_cmd)
+app.command("export")(export_command)
+app.command("simulate")(simulate_command)
 
 
 def _version(value: bool) -> None:

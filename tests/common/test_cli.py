@@ -45,7 +45,15 @@ def test_user_error_is_one_line_without_traceback() -> None:
     assert len(lines) == 1 and "model.nope" in lines[0]
 
 
-def test_later_commands_say_so_clearly() -> None:
-    out = fedmri_cli("server", "start")
+def test_every_role_command_is_mounted() -> None:
+    out = fedmri_cli("--help")
+    assert out.returncode == 0
+    for command in ("data", "config", "certs", "server", "client", "run", "status", "export", "simulate"):
+        assert command in out.stdout, command
+    assert "not available" not in out.stdout
+
+
+def test_export_of_a_folder_that_is_not_a_run_is_one_clear_line(tmp_path) -> None:
+    out = fedmri_cli("export", str(tmp_path))
     assert out.returncode == 2
-    assert "not available" in out.stderr and "Traceback" not in out.stderr
+    assert "not a run folder" in out.stderr and "Traceback" not in out.stderr
