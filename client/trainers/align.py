@@ -35,6 +35,7 @@ from fedmri.client.trainers.context import (
 )
 from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, set_rates
 from fedmri.client.trainers.pretrain import finite_state
+from fedmri.client.trainers.data import site_dataset
 from fedmri.data.dataset import SeriesDataset
 from fedmri.errors import InputError
 from fedmri.text import TextTower, build_text_tower, prepare_report
@@ -117,7 +118,7 @@ def run_align(
     if request.stage != "align":
         raise ValueError(f"run_align got a {request.stage!r} request")
     device = site_device(site_cfg)
-    dataset = SeriesDataset(site_cfg.catalog, "train")
+    dataset = site_dataset(site_cfg, "train")
     reports, owner = report_pairs(dataset)
     series_of = [[i for i, r in enumerate(owner) if r == u] for u in range(len(reports))]
     if len(reports) < 2:

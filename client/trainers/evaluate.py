@@ -35,7 +35,7 @@ from fedmri.client.trainers.pretrain import (
     named_ssl_losses,
     to_device,
 )
-from fedmri.data.dataset import SeriesDataset
+from fedmri.client.trainers.data import site_dataset
 from fedmri.ssl import SSLMetaArch, build_mask_generator, collate_multicrop, ssl_schedule
 from fedmri.wire import (
     SSL_GROUPS,
@@ -98,7 +98,7 @@ def run_evaluate(
         raise ValueError(f"run_evaluate got a {request.stage!r} request")
     device = site_device(site_cfg)
     split = request.split
-    dataset = SeriesDataset(site_cfg.catalog, split)
+    dataset = site_dataset(site_cfg, split)
     n = len(dataset)
     if n == 0:
         raise DeclineError(f"the site's {split} split holds no series")

@@ -29,7 +29,7 @@ from fedmri.client.trainers.context import (
     site_device,
 )
 from fedmri.client.trainers.optim import Proximal, RunningMean, set_rates
-from fedmri.data.dataset import SeriesDataset
+from fedmri.client.trainers.data import site_dataset
 from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop
 from fedmri.wire import State, load_ssl_state, select, ssl_state, stage_groups
 
@@ -112,7 +112,7 @@ def run_pretrain(
     if request.stage != "pretrain":
         raise ValueError(f"run_pretrain got a {request.stage!r} request")
     device = site_device(site_cfg)
-    dataset = SeriesDataset(site_cfg.catalog, "train")
+    dataset = site_dataset(site_cfg, "train")
     need = min_ssl_batch(run_cfg)
     if len(dataset) < need:
         raise DeclineError(f"pretrain needs at least {need} series in the site's train split")

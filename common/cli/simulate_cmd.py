@@ -42,7 +42,7 @@ def simulate_command(
         extra.append("federation.resume=true")
     sim = load_simulation(config, extra)
     t0 = time.monotonic()
-    summary = simulate(sim, say=lambda line: console.print(line, highlight=False))
+    summary = simulate(sim, say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     console.print(results_table(summary, f"fedmri simulate: {sim.federation.name}"))
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
