@@ -327,6 +327,12 @@ class Pipeline:
                           "overhead-s": max(0.0, wall - client_wall), "bytes-down": down_bytes * len(sampled)}
         rows.append(agg_row | out.aggregated)
         self.run.append_metrics(rows)
+        shown = {k: v for k, v in out.aggregated.items() if k.endswith("loss") or k in ("t2i_r5", "i2t_r5")}
+        log(INFO, "fedmri: %s round %d/%d done in %.0f s: %s%s", stage.name, rnd, stage.rounds, wall,
+            ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())) or "no metrics",
+            f" ({len(accepted)} sites" + (f", {len(out.declined)} declined" if out.declined else "")
+            + (f", {len(out.failed)} failed" if out.failed else "")
+            + (f", {len(out.rejected)} rejected" if out.rejected else "") + ")")
         return out
 
     # ------------------------------------------------------------------- main

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ def _simulate(server_main: Callable[[Any], None], site_files: list[Path], sim: D
 
     map_file.write_text(json.dumps({str(i): str(p) for i, p in enumerate(site_files)}), encoding="utf-8")
     os.environ[SITES_ENV] = str(map_file)  # Ray's workers inherit it
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU tip on every start
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    _quiet_flower_deprecation()
     failure: list[BaseException] = []
     server_app = ServerApp()
 
@@ -173,6 +177,22 @@ def _simulate(server_main: Callable[[Any], None], site_files: list[Path], sim: D
                                    "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
     if failure:
         raise failure[0]
+
+
+class _DropDeprecation(logging.Filter):
+    """fedmri drives the Simulation Engine through run_simulation on purpose (an
+    in-process ServerApp bound to a config object); Flower's notice about it
+    would only confuse a researcher."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return "DEPRECATED FEATURE" not in text and "run_simulation" not in text
+
+
+def _quiet_flower_deprecation() -> None:
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropDeprecation) for f in logger.filters):
+        logger.addFilter(_DropDeprecation())
 
 
 def _mode_fed(sim: DictConfig, mode: str, site: str | None = None) -> DictConfig:
