@@ -5,6 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +165,39 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(tmp_path: Path, fed
         assert torch.equal(straight.state[k], resumed.state[k]), k
     rows = [json.loads(line) for line in (tmp_path / "b/runs/t/metrics.jsonl").read_text().splitlines()]
     assert sorted({r["server_round"] for r in rows}) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_coordinator_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path: Path,
+                                                                        federation_sites: list) -> None:
+    """A real SIGKILL of the coordinator process after round 2, then --resume."""
+    stages = [{"name": "pretrain", "rounds": 3, "local_steps": 3,
+               "strategy": {"name": "fedadam", "eta": 0.01, "tau": 0.001}}]
+    straight = Pipeline(_fed(tmp_path / "a", stages))
+    straight.run_all(_grid(federation_sites))
+
+    fed_file, sites_file = tmp_path / "b.yaml", tmp_path / "sites.json"
+    fed_file.write_text(OmegaConf.to_yaml(_fed(tmp_path / "b", stages)))
+    sites_file.write_text(json.dumps({101 + i: str(f) for i, (_, f, _) in enumerate(federation_sites)}))
+    latest = tmp_path / "b/runs/t/ckpt/LATEST"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "run_coordinator.py"), str(fed_file),
+                             str(sites_file)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (latest.is_file() and latest.read_text().strip() == "round-0002"):
+            assert proc.poll() is None, "the coordinator ended before it could be killed"
+            assert time.monotonic() < deadline, "round 2 never completed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = Pipeline(_fed(tmp_path / "b", stages, resume=True))
+    resumed.run_all(_grid(federation_sites))
+
+    assert [o.server_round for o in resumed.outcomes] == [3]
+    for k in straight.state:
+        assert torch.equal(straight.state[k], resumed.state[k]), k
 
 
 def test_weighted_mean_of_site_metrics() -> None:
