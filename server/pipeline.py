@@ -265,7 +265,7 @@ class Pipeline:
 
         rows: list[dict[str, Any]] = []
         useful: list[Message] = []
-        base = {"stage": stage.name, "round": rnd, "server_round": server_round}
+        base = {"stage": stage.name, "round": rnd, "server_round": server_round, "time": round(time.time(), 3)}
         answered = set()
         for reply in replies:
             node = int(reply.metadata.src_node_id)
@@ -382,7 +382,7 @@ class Pipeline:
         if final_eval:
             last = final_eval[-1]["server_round"]
             per_site = {str(r["site"]): {k: v for k, v in r.items() if isinstance(v, (int, float))
-                                         and k not in ("round", "server_round", "site")}
+                                         and k not in ("round", "server_round", "site", "node", "time")}
                         for r in rows if r["server_round"] == last and r["status"] == "ok"}
         results = {"name": self.fed.name, "evaluation": final_eval[-1]["metrics"] if final_eval else {},
                    "per_site": per_site, "rounds": len(self.history), "sites_seen": sorted(self.sites_seen)}
