@@ -38,7 +38,7 @@ SITES_ENV = "FEDMRI_SIM_SITES"
 
 def _default_federation() -> FederationConfig:
     fed = FederationConfig()
-    fed.name = "simulate"
+    fed.name = "demo"
     return fed
 
 
