@@ -132,6 +132,7 @@ def run_evaluate(
             if paired:
                 image_features.append(aligned.encode_image(torch.stack(paired).to(device)))  # b, E
         metrics: dict[str, float] = {"num-examples": n, **means.means(prefix=f"{split}_")}
+        metrics |= knn_probe(meta.student["backbone"], site_cfg, dataset, split, device)
         targets = torch.tensor([r for r in owner if r >= 0])
         metrics["num-pairs"] = len(targets)
         if len(targets):
@@ -144,6 +145,47 @@ def run_evaluate(
     if bad:
         raise DeclineError(f"evaluation gave non-finite {', '.join(sorted(bad))}; the global model has diverged")
     return metrics
+
+
+KNN_LABELS = ("sequence", "body_region")
+
+
+def _cls_features(encoder: torch.nn.Module, dataset: object, batch_size: int, device: torch.device) -> Tensor:
+    feats = []
+    for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
+        feats.append(torch.nn.functional.normalize(encoder(images.to(device))["cls"], dim=-1))
+    return torch.cat(feats)  # N, D
+
+
+@torch.no_grad()
+def knn_probe(encoder: torch.nn.Module, site_cfg: DictConfig, dataset: object, split: str,
+              device: torch.device) -> dict[str, float]:
+    """1-nearest-neighbour accuracy of sequence and body region from the encoder's CLS features.
+
+    References are the site's training series (leave-one-out when the split is
+    the training split itself). A frozen-feature probe with no training: it
+    says whether the encoder separates what a radiologist would, and it is
+    comparable across federated, local and central models. Returns nothing
+    when there are no references.
+    """
+    leave_one_out = split == "train"
+    reference = dataset if leave_one_out else site_dataset(site_cfg, "train")
+    if len(reference) < (2 if leave_one_out else 1):  # type: ignore[arg-type]
+        return {}
+    bs = int(site_cfg.batch_size)
+    query = _cls_features(encoder, dataset, bs, device)
+    ref = query if leave_one_out else _cls_features(encoder, reference, bs, device)
+    sims = query @ ref.T  # Q, R
+    if leave_one_out:
+        sims.fill_diagonal_(-float("inf"))
+    nearest = sims.argmax(dim=1).tolist()
+    out = {}
+    for label in KNN_LABELS:
+        truth = [row["meta"][label] for row in dataset.rows]  # type: ignore[attr-defined]
+        ref_labels = [row["meta"][label] for row in reference.rows]  # type: ignore[attr-defined]
+        out[f"knn_{label}_acc"] = float(np.mean([ref_labels[j] == t for j, t in zip(nearest, truth)]))
+    return out
 
 
 def _tokens(model: AlignedModel, reports: list[str], device: torch.device) -> dict[str, Tensor]:

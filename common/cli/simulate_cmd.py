@@ -13,13 +13,13 @@ console = Console()
 
 # Columns of the results table: (metric key, header, format).
 COLUMNS = (
-    ("val_loss", "val SSL loss", "{:.3f}"),
-    ("i2t_r1", "img->txt R@1", "{:.2f}"),
-    ("i2t_r5", "img->txt R@5", "{:.2f}"),
-    ("t2i_r1", "txt->img R@1", "{:.2f}"),
-    ("t2i_r5", "txt->img R@5", "{:.2f}"),
-    ("t2i_medr", "txt->img med. rank", "{:.1f}"),
-    ("num-examples", "eval series", "{:.0f}"),
+    ("val_loss", "SSL", "{:.3f}"),
+    ("knn_sequence_acc", "seq 1-NN", "{:.2f}"),
+    ("knn_body_region_acc", "region 1-NN", "{:.2f}"),
+    ("i2t_r1", "i2t R@1", "{:.2f}"),
+    ("t2i_r1", "t2i R@1", "{:.2f}"),
+    ("t2i_medr", "t2i MdR", "{:.1f}"),
+    ("num-examples", "series", "{:.0f}"),
 )
 
 
@@ -44,6 +44,10 @@ def simulate_command(
     t0 = time.monotonic()
     summary = simulate(sim, say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     console.print(results_table(summary, f"fedmri simulate: {sim.federation.name}"))
+    console.print("On every site's validation split, weighted by series: SSL = self-distillation loss; "
+                  "seq / region 1-NN = accuracy of the nearest training series' sequence / body region in "
+                  "the encoder's CLS space; i2t / t2i = image->report / report->image retrieval (R@1, median "
+                  "rank MdR).", highlight=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
 
@@ -52,7 +56,7 @@ def results_table(summary: dict[str, dict[str, Any]], title: str) -> Table:
     """One row per mode, the evaluation metrics that exist as columns."""
     present = [c for c in COLUMNS if any(c[0] in m for m in summary.values())]
     table = Table(title=title)
-    table.add_column("mode")
+    table.add_column("mode", no_wrap=True, min_width=9)
     for _, header, _ in present:
         table.add_column(header, justify="right")
     for mode, metrics in summary.items():

@@ -165,3 +165,45 @@ def test_evaluate_reports_losses_and_retrieval_in_range(site_file, initial, requ
 def test_evaluate_declines_an_empty_split(bare_site_file, initial, request_values) -> None:
     with pytest.raises(DeclineError, match="val split holds no series"):
         _call(run_evaluate, bare_site_file, initial, request_values, "evaluate")
+
+
+class _Rows:
+    """A dataset stand-in: images whose mean encodes the sequence, and catalog-like rows."""
+
+    def __init__(self, sequences: list[str], regions: list[str]) -> None:
+        codes = {s: i for i, s in enumerate(sorted(set(sequences)))}
+        self.rows = [{"meta": {"sequence": s, "body_region": r}} for s, r in zip(sequences, regions)]
+        self.images = [torch.full((1, 4, 4, 4), float(codes[s])) + 0.01 * i for i, s in enumerate(sequences)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "meta": self.rows[i]["meta"]}
+
+
+class _MeanEncoder(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> dict:
+        m = x.mean(dim=(1, 2, 3, 4))
+        return {"cls": torch.stack([torch.cos(m), torch.sin(m)], dim=1)}  # one direction per sequence
+
+
+def test_knn_probe_reads_labels_off_features_that_separate_them() -> None:
+    from omegaconf import OmegaConf
+
+    from fedmri.client.trainers.evaluate import knn_probe
+
+    ds = _Rows(["t1", "t2", "t1", "t2", "flair", "flair"], ["brain", "brain", "knee", "knee", "spine", "brain"])
+    got = knn_probe(_MeanEncoder(), OmegaConf.create({"batch_size": 4}), ds, "train", torch.device("cpu"))
+    assert got["knn_sequence_acc"] == 1.0
+    assert got["knn_body_region_acc"] < 1.0  # region is not what these features encode
+
+
+def test_knn_probe_needs_a_reference() -> None:
+    from omegaconf import OmegaConf
+
+    from fedmri.client.trainers.evaluate import knn_probe
+
+    got = knn_probe(_MeanEncoder(), OmegaConf.create({"batch_size": 4}), _Rows(["t1"], ["brain"]), "train",
+                    torch.device("cpu"))
+    assert got == {}
