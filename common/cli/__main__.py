@@ -1,0 +1,5 @@
+"""`python -m fedmri.cli ...`: the same as the `fedmri` command."""
+
+from fedmri.cli import main
+
+main()
