@@ -5,8 +5,12 @@ Every daemon runs in a process group of its own, with its output in a file.
 Stopping one sends SIGTERM to its group (the fedmri command forwards it to its
 Flower child), waits, then SIGKILLs the group and any process of its tree
 still alive (Flower starts helpers such as ``flower-superexec`` in sessions of
-their own), matching each process id with its start time so that a reused id
-is never hit. Every wait is bounded.
+their own, and ``flower-supernode`` in a process group of its own), matching
+each process id with its start time so that a reused id is never hit. Every
+wait is bounded.
+
+Every process seen in a daemon's tree is also kept in :data:`RECORDED`, so that
+the e2e conftest can check at the end of the session that none is left.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 FEDMRI = [sys.executable, "-c", "from fedmri.cli import main; main()"]
+# Process id -> start time of every process seen in a daemon's tree (or a short command's group).
+RECORDED: dict[int, int] = {}
 
 
 def free_port() -> int:
@@ -41,27 +48,65 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
-def process_tree(root: int) -> dict[int, int]:
-    """Process id -> start time of ``root`` and all its live descendants."""
-    parents: dict[int, list[int]] = {}
+def _alive(pid: int, started: int) -> bool:
+    return (info := _stat(pid)) is not None and info[1] == started
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def leftovers() -> dict[int, str]:
+    """Recorded processes still alive (same id, same start time): pid -> command line."""
+    return {pid: cmdline(pid) for pid, started in RECORDED.items() if _alive(pid, started)}
+
+
+Snapshot = tuple[dict[int, list[int]], dict[int, int]]
+
+
+def snapshot() -> Snapshot:
+    """Children of each process and start time of each live process, read once from /proc."""
+    children: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (info := _stat(int(entry))) is not None:
-            parents.setdefault(info[0], []).append(int(entry))
+            children.setdefault(info[0], []).append(int(entry))
             starts[int(entry)] = info[1]
+    return children, starts
+
+
+def process_tree(root: int, snap: Snapshot | None = None) -> dict[int, int]:
+    """Process id -> start time of ``root`` and all its live descendants."""
+    children, starts = snap or snapshot()
     tree, todo = {}, [root]
     while todo:
         pid = todo.pop()
         if pid in starts:
             tree[pid] = starts[pid]
-        todo.extend(parents.get(pid, []))
+        todo.extend(children.get(pid, []))
     return tree
 
 
 def fedmri_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """One short-lived fedmri command; the timeout bounds it."""
-    return subprocess.run([*FEDMRI, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, stdin=subprocess.DEVNULL)
+    """One short-lived fedmri command; the timeout bounds it.
+
+    It runs in a process group of its own, so that on a timeout the ``flwr``
+    command it may be waiting on is killed with it, not left behind.
+    """
+    with subprocess.Popen([*FEDMRI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          stdin=subprocess.DEVNULL, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            RECORDED.update(process_tree(proc.pid))
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate(timeout=10)
+            raise AssertionError(f"fedmri {' '.join(args)} still running after {timeout} s:\n"
+                                 f"{stdout[-2000:]}\n{stderr[-2000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 class Daemon:
@@ -82,6 +127,7 @@ class Daemon:
         """Wait until the output matches ``pattern``; fail with the output if it does not in time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.remember_tree()
             if (match := re.search(pattern, self.output)) is not None:
                 return match
             if self.proc.poll() is not None:
@@ -91,14 +137,57 @@ class Daemon:
             return match
         raise AssertionError(f"no {pattern!r} within {timeout} s (exit {self.proc.poll()}):\n{self.output[-4000:]}")
 
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s:\n{self.output[-4000:]}") from None
+    def wait_exit(self, timeout: float, watch: Iterable[Daemon] = ()) -> int:
+        """Wait for the exit code; meanwhile record the trees of ``watch`` (the processes a run starts)."""
+        watch = list(watch)
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            snap = snapshot()
+            for daemon in (self, *watch):
+                daemon.remember_tree(snap)
+            time.sleep(1.0)
+        if self.proc.poll() is None:
+            raise AssertionError(f"still running after {timeout} s:\n{self.output[-4000:]}")
+        return self.proc.returncode
 
-    def remember_tree(self) -> None:
-        self.tree.update(process_tree(self.proc.pid))
+    def remember_tree(self, snap: Snapshot | None = None) -> None:
+        # Only while the daemon is our unreaped child: its id cannot have been reused then.
+        if self.proc.poll() is None:
+            self.tree.update(process_tree(self.proc.pid, snap))
+            RECORDED.update(self.tree)
+
+    def kill_tree(self, timeout: float = 10.0) -> dict[int, str]:
+        """SIGKILL the daemon and every process of its tree, as a crash or a power cut would.
+
+        The tree is frozen first (SIGSTOP), and read again until no new process
+        appears, so that a child being spawned meanwhile (a ClientApp starting)
+        is not missed; then every frozen process is killed.
+
+        Returns:
+            Process id -> command line of each process killed.
+        """
+        frozen: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            new = {pid: started for pid, started in process_tree(self.proc.pid).items() if pid not in frozen}
+            if not new:
+                break
+            for pid, started in new.items():
+                if _alive(pid, started):
+                    os.kill(pid, signal.SIGSTOP)
+            frozen.update(new)
+        names = {pid: cmdline(pid) for pid in frozen}
+        self.tree.update(frozen)
+        RECORDED.update(frozen)
+        for pid, started in frozen.items():
+            if _alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.survivors() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not self.survivors(), {pid: cmdline(pid) for pid in self.survivors()}
+        return names
 
     def signal(self, sig: int) -> None:
         self.remember_tree()
@@ -127,7 +216,7 @@ class Daemon:
             pass
         deadline = time.monotonic() + 5
         for pid, started in self.tree.items():
-            while (info := _stat(pid)) is not None and info[1] == started:
+            while _alive(pid, started):
                 if time.monotonic() > deadline:
                     os.kill(pid, signal.SIGKILL)
                     break
@@ -137,15 +226,23 @@ class Daemon:
 
     def survivors(self) -> list[int]:
         """Processes of the recorded tree that are still alive."""
-        return [pid for pid, started in self.tree.items() if (info := _stat(pid)) and info[1] == started]
+        return [pid for pid, started in self.tree.items() if _alive(pid, started)]
 
 
-def write_site(folder: Path, name: str, address: str, ca: Path, key: Path, port: int) -> Path:
-    """A site.yaml whose catalog is an empty folder: enough for the SuperNode and the ClientApp to start."""
+def write_site(folder: Path, name: str, address: str, ca: Path, key: Path, port: int,
+               catalog: Path | None = None) -> Path:
+    """A site.yaml for a SuperNode on this machine.
+
+    Without ``catalog`` it names an empty folder: enough for the SuperNode and
+    the ClientApp to start, not to train. With one (an indexed catalog) the
+    site trains on one thread with batch 2, as the ``federation_sites`` files do.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "catalog").mkdir(exist_ok=True)
+    if catalog is None:
+        (folder / "catalog").mkdir(exist_ok=True)
     site = folder / "site.yaml"
-    site.write_text(f"name: {name}\ncatalog: catalog\nserver:\n  address: {address}\n"
+    data = "catalog: catalog\n" if catalog is None else f"catalog: {catalog}\nthreads: 1\nbatch_size: 2\n"
+    site.write_text(f"name: {name}\n{data}server:\n  address: {address}\n"
                     f"  root_certificates: {ca}\n  node_key: {key}\n  clientappio_port: {port}\n")
     return site
 

@@ -1,10 +1,17 @@
 """A deployed federation on localhost: `fedmri server start`, `fedmri client start`, `fedmri run`, `fedmri status`.
 
-TLS and SuperNode authentication are on, as in production. One SuperLink
-serves the whole module. Four site daemons start together with it: two
-registered sites, one whose key was never registered and one that trusts the
-wrong CA; the tests then look at what became of each. The last test stops the
-server with SIGTERM. Every process is stopped by the fixtures, pass or fail.
+TLS and SuperNode authentication are on, as in production, and the sites train
+for real on the synthetic hospitals of ``federation_sites`` (a 2-block,
+32-wide encoder on the tiny preset keeps a round to seconds of compute).
+
+One SuperLink serves the whole module, with three site keys registered. Four
+site daemons start together with it: two registered sites, one whose key was
+never registered and one that trusts the wrong CA; the tests then look at what
+became of each. The third registered site's SuperNode starts in the test that
+kills it mid-round. Tests run in file order: the training run sees exactly two
+sites online, the kill test adds the third, the last test stops the server
+with SIGTERM. Every process is stopped by the fixtures, pass or fail, and the
+e2e conftest checks by process id that none is left.
 """
 
 from __future__ import annotations
@@ -18,11 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from deploy_helpers import Daemon, fedmri_cli, free_port, process_tree, stop_all, write_site
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
+from fedmri import wire
 from fedmri.certs import init_authority, issue_site_key
+from fedmri.server.config import load_federation, run_config
 
 GOOD = ("site-01", "site-02")
+# Registered with the others; its SuperNode starts (and is killed) in its own test.
+SPARE = "site-03"
+CONNECTED = r"connected to the SuperLink at .* as node \d+"
+# tests/server/test_pipeline.py's MICRO encoder. warmup_fraction=0: the schedule is read at
+# the start of each round, so a one-round stage would otherwise train at the warm-up's lr 0.
+OVERRIDES = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
+             "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32", "ssl.warmup_fraction=0"]
+# Bounds on a whole run: seconds of compute, but every message starts a ClientApp process
+# (torch and fedmri imports), and the 2-core CI machine is shared.
+RUN_TIMEOUT_S = 360
 
 
 @dataclass
@@ -31,17 +53,22 @@ class Federation:
     state: Path
     address: str
     port: int
-    sites: dict[str, Path]
+    sites: dict[str, Path]  # site.yaml of GOOD, SPARE and the two that cannot connect
     server: Daemon
     clients: dict[str, Daemon]
     other_ca: Path
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    root = tmp_path_factory.mktemp("federation")
+def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    # Sites get the indexed hospitals only when a selected test here trains (those ask for
+    # federation_sites too): indexing them is half a minute the other tests do not need.
+    training = any("federation_sites" in item.fixturenames for item in request.session.items
+                   if getattr(item, "module", None) is request.module)
+    catalogs = {name: catalog for name, _, catalog in request.getfixturevalue("federation_sites")} if training else {}
+    root = tmp_path_factory.mktemp("deployed")
     certs = root / "certs"
-    init_authority(certs, ["localhost", "127.0.0.1"], list(GOOD))
+    init_authority(certs, ["localhost", "127.0.0.1"], [*GOOD, SPARE])
     # Same CA, a key the coordinator never registered: kept out of the certs folder.
     rogue = root / "rogue-certs"
     rogue.mkdir()
@@ -56,19 +83,20 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         server = Daemon(["server", "start", "--certs", str(certs), "--state", str(root / "state"),
                          "--host", "127.0.0.1", "--port", str(port)], root / "server.log")
         started.append(server)
-        server.wait_for(r"SuperLink ready at https://127\.0\.0\.1:\d+: .*2 site key\(s\) registered", 90)
-        sites = {name: write_site(root / name, name, address, certs / "ca.crt", certs / f"{name}.key", free_port())
-                 for name in GOOD}
+        server.wait_for(r"SuperLink ready at https://127\.0\.0\.1:\d+: .*3 site key\(s\) registered", 90)
+        sites = {name: write_site(root / name, name, address, certs / "ca.crt", certs / f"{name}.key", free_port(),
+                                  catalogs.get(name)) for name in (*GOOD, SPARE)}
         sites["unregistered"] = write_site(root / "site-99", "site-99", address, rogue / "ca.crt", rogue_key,
                                            free_port())
         sites["wrong-ca"] = write_site(root / "wrong-ca", "site-01", address, other_ca, certs / "site-01.key",
                                        free_port())
         clients = {}
         for name, site in sites.items():
-            clients[name] = Daemon(["client", "start", "--site", str(site)], root / f"{name}.log")
-            started.append(clients[name])
+            if name != SPARE:
+                clients[name] = Daemon(["client", "start", "--site", str(site)], root / f"{name}.log")
+                started.append(clients[name])
         for name in GOOD:
-            clients[name].wait_for(r"connected to the SuperLink at .* as node \d+", 60)
+            clients[name].wait_for(CONNECTED, 60)
         yield Federation(certs, root / "state", address, port, sites, server, clients, other_ca)
     finally:
         stop_all(started)
@@ -78,6 +106,42 @@ def _status(fed: Federation) -> dict:
     out = fedmri_cli("status", "--state", str(fed.state), "--json", timeout=90)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def _start_run(fed: Federation, daemons: list[Daemon], folder: Path, name: str, stages: list[dict],
+               **settings: object) -> tuple[Daemon, Path, Path]:
+    """`fedmri run --stream` of a micro-encoder federation, as a daemon (stopped whatever happens).
+
+    Returns the run daemon, the federation file and the run folder.
+    """
+    body = {"name": name, "preset": "tiny", "overrides": OVERRIDES, "min_sites": 2, "wait_for_sites_s": 60,
+            "stages": stages} | settings
+    config = folder / "federation.yaml"
+    config.write_text(OmegaConf.to_yaml(OmegaConf.create(body)))
+    run = Daemon(["run", "--config", str(config), "--state", str(fed.state), "--stream"], folder / "run.log")
+    daemons.append(run)
+    return run, config, fed.state / "runs" / name  # relative run_root: under the server's state folder
+
+
+def _finish(fed: Federation, run: Daemon) -> str:
+    """Wait for a streamed run; it must end completed. Returns its run id."""
+    code = run.wait_exit(RUN_TIMEOUT_S, watch=[fed.server, *fed.clients.values()])
+    assert code == 0, run.output[-6000:]
+    run_id = run.output.split("run ", 1)[1].split()[0]
+    assert f"run {run_id}: finished:completed" in run.output
+    return run_id
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sites(rows: list[dict], server_round: int, status: str) -> set[str]:
+    return {r["site"] for r in rows if r["server_round"] == server_round and r["status"] == status}
+
+
+def _aggregate(rows: list[dict], server_round: int) -> dict:
+    return next(r for r in rows if r["server_round"] == server_round and r["site"] == "all")
 
 
 def test_unregistered_site_key_is_refused(federation: Federation) -> None:
@@ -104,26 +168,101 @@ def test_second_server_on_a_busy_port_says_so(federation: Federation, tmp_path: 
 
 
 @pytest.mark.slow
-def test_run_completes_over_tls_with_node_auth(federation: Federation, tmp_path: Path) -> None:
-    config = tmp_path / "federation.yaml"
-    config.write_text("name: e2e\nmin_sites: 2\nstages:\n  - {name: evaluate}\n")
-    out = fedmri_cli("run", "--config", str(config), "--state", str(federation.state), "--stream", timeout=240)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    run_id = out.stdout.split("run ", 1)[1].split()[0]
-    assert f"run {run_id}: finished:completed" in out.stdout
+def test_training_run_completes_over_tls_with_node_auth(federation: Federation, federation_sites: list,
+                                                        daemons: list[Daemon], tmp_path: Path) -> None:
+    assert {name for name, _, _ in federation_sites} >= set(GOOD)  # their catalogs are in the site files
+    run, config, run_dir = _start_run(federation, daemons, tmp_path, "e2e",
+                                      [{"name": "pretrain", "rounds": 1, "local_steps": 1}, {"name": "evaluate"}])
+    run_id = _finish(federation, run)
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "finished"
+
+    # Both sites trained on their own catalogs (site.yaml reached each ClientApp through its
+    # SuperNode's node config: an empty catalog would decline) and the round aggregated them.
+    rows = _metrics(run_dir)
+    assert _sites(rows, 1, "ok") == set(GOOD), rows
+    assert all(r["steps"] == 1 and r["num-examples"] > 0
+               for r in rows if r["server_round"] == 1 and r["status"] == "ok")
+    assert _aggregate(rows, 1)["status"] == "aggregated" and _aggregate(rows, 1)["sites"] == 2
+    assert _sites(rows, 2, "ok") == set(GOOD)  # both evaluated the trained encoder on their val split
+
+    # The global encoder moved away from the run's initial weights (which are reproducible,
+    # so a difference is training), and the exported encoder is the final global one.
+    fed = load_federation(config)
+    initial, again = wire.initial_state(run_config(fed)), wire.initial_state(run_config(fed))
+    trained = load_file(str(run_dir / "ckpt" / "round-0001" / "global.safetensors"))
+    encoder = [k for k in initial if wire.group_of(k) == wire.ENCODER]
+    assert encoder and all(torch.equal(initial[k], again[k]) for k in encoder)
+    assert any(not torch.equal(initial[k], trained[k]) for k in encoder)
+    assert all(torch.isfinite(trained[k]).all() for k in encoder)
+    final = load_file(str(run_dir / "ckpt" / "round-0002" / "global.safetensors"))
+    exported = load_file(str(run_dir / "encoder" / "model.safetensors"))
+    assert sorted(exported) == sorted(k.split("/", 1)[1] for k in encoder)
+    assert all(torch.equal(exported[k.split("/", 1)[1]], final[k]) for k in encoder)
 
     status = _status(federation)
-    # The two registered sites, named and online; no node for the refused ones.
-    assert sorted((s["site"], s["status"]) for s in status["sites"]) == [("site-01", "online"), ("site-02", "online")]
-    run = next(r for r in status["runs"] if r["run_id"] == run_id)
-    assert run["status"] == "finished:completed" and run["name"] == "e2e"
-    assert run["run_dir"] == str(federation.state.resolve() / "runs" / "e2e")
-    assert Path(run["run_dir"]).is_dir()  # the ServerApp works in the state folder
+    # The two started sites, named and online; the spare one registered but not online;
+    # no node for the refused ones.
+    assert sorted((s["site"], s["status"] == "online") for s in status["sites"]) == [
+        ("site-01", True), ("site-02", True), (SPARE, False)]
+    run_row = next(r for r in status["runs"] if r["run_id"] == run_id)
+    assert run_row["status"] == "finished:completed" and run_row["name"] == "e2e"
+    assert run_row["run_dir"] == str(run_dir.resolve())
     assert json.loads((federation.state / "submissions" / f"{run_id}.json").read_text())["name"] == "e2e"
-    # Each ClientApp found its site file through the SuperNode's node config: it
-    # opened the (empty) catalog that site.yaml names, and said so in the site's log.
-    for name in GOOD:
-        assert str(federation.sites[name].parent / "catalog") in federation.clients[name].output
+
+
+@pytest.mark.slow
+def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federation_sites: list,
+                                                  daemons: list[Daemon], tmp_path: Path) -> None:
+    """Three sites, min_sites 2: the third site's SuperNode, with the ClientApp it started
+    for round 1, is killed (SIGKILL, no goodbye) and the run goes on with the other two.
+
+    What Flower 1.42 does then (measured here, and read in flwr's linkstate): nothing
+    at once. The SuperLink keeps a node online until its heartbeat lapses: online
+    until its last heartbeat + HEARTBEAT_PATIENCE (2) x its 30 s interval, with
+    heartbeats every 17.5-22.5 s, so 37-60 s after the kill. Until then
+    ``Grid.send_and_receive`` (which pulls every 3 s) keeps waiting; then its pull
+    returns an error reply, ``NODE_UNAVAILABLE``, "Node Unavailable - The
+    destination node failed to report a heartbeat within 2 x its expected
+    interval", and the round ends. It took 44 s after the kill in one run here.
+
+    A round_timeout_s below that window does not make the dead site cheaper: round 1
+    ends at the timeout, but the SuperLink still lists the node as online, so the
+    next round samples it and waits out the timeout again; and it risks leaving out
+    live sites that are slow (a live site took up to 35 s for a round on this shared
+    2-core machine, most of it starting the ClientApp process). So the timeout here is
+    generous and the test checks that Flower's error reply, not the timeout, ended
+    round 1, and that round 2 no longer sampled the dead site.
+    """
+    assert {name for name, _, _ in federation_sites} >= {*GOOD, SPARE}
+    timeout = 120
+    spare = Daemon(["client", "start", "--site", str(federation.sites[SPARE])], tmp_path / f"{SPARE}.log")
+    daemons.append(spare)
+    spare.wait_for(CONNECTED, 90)
+    run, _, run_dir = _start_run(federation, daemons, tmp_path, "e2e-kill",
+                                 [{"name": "pretrain", "rounds": 2, "local_steps": 5}],
+                                 round_timeout_s=timeout, export=False)
+    # Round 1 is under way at the site: its SuperNode took the train message and the
+    # ClientApp process for it has started (its first log line).
+    spare.wait_for(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process", RUN_TIMEOUT_S)
+    killed = spare.kill_tree()
+    assert any("flower-supernode" in c for c in killed.values()), killed
+    assert any("flwr-clientapp" in c for c in killed.values()), killed
+
+    _finish(federation, run)
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "finished"
+    rows = _metrics(run_dir)
+    assert _sites(rows, 1, "ok") == set(GOOD), rows
+    assert SPARE in _sites(rows, 1, "failed"), rows
+    assert any("Node Unavailable" in r["reason"] for r in rows if r["server_round"] == 1 and r["status"] == "failed")
+    first, second = _aggregate(rows, 1), _aggregate(rows, 2)
+    assert first["status"] == "aggregated" and first["sites"] == 2
+    # Flower's error reply, not the timeout, ended round 1. (The round's wall time is
+    # overhead + slowest site: the "all" row's own wall-time-s holds the sites' mean.)
+    wall = first["overhead-s"] + max(r["wall-time-s"] for r in rows if r["server_round"] == 1 and r["status"] == "ok")
+    assert wall < timeout, rows
+    assert _sites(rows, 2, "ok") == set(GOOD)
+    assert SPARE not in {r["site"] for r in rows if r["server_round"] == 2}, rows
+    assert second["status"] == "aggregated" and second["sites"] == 2
 
 
 def test_server_stops_with_its_child_on_sigterm(federation: Federation) -> None:
