@@ -208,7 +208,9 @@ class Pipeline:
     # ------------------------------------------------------------------ rounds
     def _round_config(self, stage_i: int, rnd: int, server_round: int) -> dict[str, Any]:
         stage = self.fed.stages[stage_i]
-        fraction = (rnd - 1) / stage.rounds
+        # Each round runs at the schedule's value for its middle: round 1 of a
+        # warm-up would otherwise train at a learning rate of exactly 0.
+        fraction = (rnd - 0.5) / stage.rounds
         values: dict[str, Any] = {
             "stage": stage.name, "round": rnd, "server-round": server_round, "local-steps": int(stage.local_steps),
             "seed": int(self.fed.seed), "run-name": str(self.fed.name), "protocol-version": PROTOCOL_VERSION,
@@ -267,8 +269,11 @@ class Pipeline:
         useful: list[Message] = []
         base = {"stage": stage.name, "round": rnd, "server_round": server_round, "time": round(time.time(), 3)}
         answered = set()
+        # An error the SuperLink makes for a site (e.g. "Node Unavailable") comes
+        # from the SuperLink itself: find the site by the message it answers.
+        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
+            node = sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
             answered.add(node)
             if reply.has_error():
                 out.failed[node] = reply.error.reason
@@ -325,7 +330,7 @@ class Pipeline:
         agg_row = base | {"site": "all", "status": "aggregated" if out.updated or stage.name == "evaluate"
                           and out.aggregated else "skipped", "sites": len(accepted), "wall-time-s": wall,
                           "overhead-s": max(0.0, wall - client_wall), "bytes-down": down_bytes * len(sampled)}
-        rows.append(agg_row | out.aggregated)
+        rows.append(out.aggregated | agg_row)  # the round's own wall time, not the sites' mean
         self.run.append_metrics(rows)
         shown = {k: v for k, v in out.aggregated.items() if k.endswith("loss") or k in ("t2i_r5", "i2t_r5")}
         log(INFO, "fedmri: %s round %d/%d done in %.0f s: %s%s", stage.name, rnd, stage.rounds, wall,

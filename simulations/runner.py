@@ -216,46 +216,43 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
     if not any(st.name == "evaluate" for st in sim.federation.stages):
         say("[simulate] note: no evaluate stage, so the modes are not compared")
 
-    for mode in sim.modes:
-        say(f"[simulate] mode {mode}: {n} sites, stages "
-            + " -> ".join(f"{st.name} x{st.rounds}" for st in sim.federation.stages))
-        if mode == "federated":
-            fed = _mode_fed(sim, mode)
+    site_files = [s.site_file for s in sites]
+    if "central" in sim.modes:
+        pooled_file = data_dir / f"{POOLED}.yaml"
+        _write_site_file(sim, pooled_file, POOLED, sites[0].catalog, [s.catalog for s in sites[1:]])
+        site_files.append(pooled_file)
 
-            def run_fed(grid: Any, fed: DictConfig = fed) -> None:
-                results["federated"] = Pipeline(fed).run_all(grid)
-
-            _simulate(run_fed, [s.site_file for s in sites], sim, root / "sites-federated.json")
-        elif mode == "local":
-            per_site: dict[str, Any] = {}
-
-            def run_local(grid: Any) -> None:
+    def run_modes(grid: Any) -> None:
+        # Every mode in one engine session: Ray starts once. The pooled
+        # SuperNode of the central mode idles through the other modes.
+        for mode in sim.modes:
+            say(f"[simulate] mode {mode}: {n} sites, stages "
+                + " -> ".join(f"{st.name} x{st.rounds}" for st in sim.federation.stages))
+            if mode == "federated":
+                results["federated"] = Pipeline(_mode_fed(sim, mode), train_sites=names,
+                                                eval_sites=names).run_all(grid)
+            elif mode == "local":
+                per_site: dict[str, Any] = {}
                 for name in names:
                     fed = _mode_fed(sim, mode, name)
                     fed.min_sites = 1
                     for st in fed.stages:
                         st.min_sites = n if st.name == "evaluate" else 1
                     say(f"[simulate] local: {name} trains alone")
-                    per_site[name] = Pipeline(fed, train_sites=[name]).run_all(grid)
-
-            _simulate(run_local, [s.site_file for s in sites], sim, root / "sites-local.json")
-            results["local"] = _mean_of(per_site)
-        elif mode == "central":
-            pooled_file = data_dir / f"{POOLED}.yaml"
-            _write_site_file(sim, pooled_file, POOLED, sites[0].catalog, [s.catalog for s in sites[1:]])
-            fed = _mode_fed(sim, mode)
-            fed.min_sites = 1
-            for st in fed.stages:
-                if st.name == "evaluate":
-                    st.min_sites = n
-                else:
-                    st.min_sites = 1
-                    st.local_steps = int(st.local_steps) * n  # the compute of all sites together
-
-            def run_central(grid: Any, fed: DictConfig = fed) -> None:
+                    per_site[name] = Pipeline(fed, train_sites=[name], eval_sites=names).run_all(grid)
+                results["local"] = _mean_of(per_site)
+            elif mode == "central":
+                fed = _mode_fed(sim, mode)
+                fed.min_sites = 1
+                for st in fed.stages:
+                    if st.name == "evaluate":
+                        st.min_sites = n
+                    else:
+                        st.min_sites = 1
+                        st.local_steps = int(st.local_steps) * n  # the compute of all sites together
                 results["central"] = Pipeline(fed, train_sites=[POOLED], eval_sites=names).run_all(grid)
 
-            _simulate(run_central, [*(s.site_file for s in sites), pooled_file], sim, root / "sites-central.json")
+    _simulate(run_modes, site_files, sim, root / "sites.json")
     summary = {m: r.get("evaluation", {}) for m, r in results.items()}
     (root / "results.json").write_text(json.dumps({"modes": summary, "runs": results}, indent=1, sort_keys=True),
                                        encoding="utf-8")
