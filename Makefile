@@ -7,7 +7,6 @@ BIN    := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; installing it first keeps
 # pip from pulling a multi-GB CUDA build for the bare `torch` requirement.
 TORCH  ?= torch==2.13.0
-DEMO   ?= runs/demo
 
 .PHONY: setup demo test bench clean
 
@@ -22,16 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip check
 	touch $@
 
-# Until the federation lands, the main job is what a researcher and three site
-# admins do first: synthesise three hospitals, index each site, show each catalog.
+# The main job: three synthetic hospitals, indexed, then a simulated federation
+# (pretrain -> align -> evaluate) against local-only and centralized baselines,
+# ending with one results table. Everything lands in runs/demo/.
 demo: setup
-	$(BIN)/fedmri data synth --sites 3 --seed 0 --out $(DEMO)/hospitals
-	set -e; for site in $(DEMO)/hospitals/site-*; do \
-	  name=$$(basename $$site); \
-	  $(BIN)/fedmri data index $$site/dicom --reports $$site/reports.csv \
-	    --labels $$site/labels.csv --out $(DEMO)/catalogs/$$name --preset tiny; \
-	  $(BIN)/fedmri data show $(DEMO)/catalogs/$$name; \
-	done
+	$(BIN)/fedmri simulate
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -39,6 +33,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_encoder.py
+	$(BIN)/python benchmarks/bench_federation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
