@@ -104,6 +104,8 @@ def run_command(
     federation: str | None = _FEDERATION,
     state: Path | None = _STATE,
     stream: bool = typer.Option(False, "--stream/--no-stream", help="Follow the run's log until it ends."),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Continue the run of the same name from its last complete round."),
 ) -> None:
     """[coordinator] Launch a federated run on a running server; prints the run id."""
     import tomli_w
@@ -114,6 +116,8 @@ def run_command(
     home = _home(state)
     name, _ = read_connection(home, federation)
     text, run_name, run_dir = _read_federation(config, state)
+    if resume:
+        text = with_resume(text)
     with tempfile.TemporaryDirectory(prefix="fedmri-run-") as tmp:
         app_dir = Path(tmp) / "app"
         app_dir.mkdir()
@@ -141,6 +145,15 @@ def run_command(
     typer.echo(f"run {run_id}: {status}")
     if status != "finished:completed":
         raise typer.Exit(1)
+
+
+def with_resume(text: str) -> str:
+    """The federation YAML with ``resume: true``: the ServerApp reads it from the config it is sent."""
+    import yaml
+
+    body = yaml.safe_load(text) or {}
+    body["resume"] = True
+    return yaml.safe_dump(body, sort_keys=False)
 
 
 def _state_flag(state: Path | None) -> str:

@@ -57,3 +57,12 @@ def test_export_of_a_folder_that_is_not_a_run_is_one_clear_line(tmp_path) -> Non
     out = fedmri_cli("export", str(tmp_path))
     assert out.returncode == 2
     assert "not a run folder" in out.stderr and "Traceback" not in out.stderr
+
+def test_run_resume_sets_resume_in_the_federation_sent() -> None:
+    from fedmri.cli.run_cmd import with_resume
+    from fedmri.server.config import load_federation
+
+    text = "name: x\nmin_sites: 2\nstages:\n  - {name: pretrain, rounds: 2, local_steps: 3}\n"
+    assert load_federation(text=text).resume is False
+    resumed = load_federation(text=with_resume(text))
+    assert resumed.resume is True and resumed.name == "x" and resumed.stages[0].rounds == 2
