@@ -1,0 +1,191 @@
+"""Sample-level DP-SGD for objectives whose per-sample term spans several forward inputs.
+
+fedmri's SSL batches put 2 global + N local crops of each scan into one forward
+pass, so Opacus' per-sample gradients (one per row of the batch) would be per
+crop, and clipping per crop bounds nothing about one patient. Here the unit is
+the sample: ``loss_fn(params, sample)`` returns the whole loss term of one
+sample (all its crops), its gradient is clipped as one vector, and the
+Gaussian mechanism is applied to the sum, as in Abadi et al., "Deep Learning
+with Differential Privacy", CCS 2016, with Opacus' conventions
+(``opacus.optimizers.DPOptimizer``): flat L2 clipping over all parameters,
+noise std ``noise_multiplier * max_grad_norm``, and division by the *expected*
+batch size under Poisson sampling, so the sampled batch size leaks nothing.
+
+The guarantee holds only when the objective is a sum of per-sample terms, each
+depending on one private sample: centering must be a frozen buffer during the
+step, and batch-coupled terms (KoLeo, in-batch contrastive negatives) are out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedmri.client.privacy.accountant import ACCOUNTANT
+from fedmri.errors import ConfigError
+
+# loss_fn(params, sample) -> scalar: the whole loss term of one sample.
+LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+
+
+def require_decomposable(per_sample_decomposable: bool, objective: str = "this objective") -> None:
+    """Refuse DP-SGD for an objective whose terms couple the samples of a batch.
+
+    Raises:
+        ConfigError (a ValueError): when ``per_sample_decomposable`` is False.
+    """
+    if not per_sample_decomposable:
+        raise ConfigError(
+            f"DP-SGD refused for {objective}: it is not a sum of per-sample terms (its terms couple samples "
+            "of the batch, e.g. KoLeo or in-batch contrastive negatives), so one sample changes the other "
+            "samples' gradients too, and clipping per sample gives no valid (ε, δ) guarantee. Turn the coupled "
+            "term off (koleo weight 0, frozen centering) or use a per-sample formulation, e.g. negatives drawn "
+            "from a fixed non-patient set the site holds."
+        )
+
+
+def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any],
+                     vectorized: bool = False) -> dict[str, Tensor]:
+    """Gradient of each sample's whole loss term, stacked.
+
+    Args:
+        loss_fn: ``loss_fn(params, sample) -> scalar``; it must read the weights from ``params``
+            (e.g. ``torch.func.functional_call(model, params, ...)``) and use only ``sample``'s inputs.
+        params: Name -> tensor requiring grad (the trained parameters).
+        samples: One entry per sample: a tensor or a tuple of tensors (e.g. its crops).
+        vectorized: Use ``torch.func`` (``vmap(grad(loss_fn))``) over samples stacked along a new
+            leading dim; needs same-shaped samples and a vmappable loss. Default False: a loop
+            of ``torch.autograd.grad``, which works for any loss.
+
+    Returns:
+        Name -> ``(len(samples), *param.shape)``; zeros where a parameter is unused.
+    """
+    if not samples:
+        return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
+    if vectorized:
+        from torch.func import grad, vmap
+
+        first = samples[0]
+        if isinstance(first, Tensor):
+            stacked: Any = torch.stack(list(samples))
+        else:
+            stacked = tuple(torch.stack([s[i] for s in samples]) for i in range(len(first)))
+        detached = {name: p.detach() for name, p in params.items()}
+        return vmap(grad(loss_fn), in_dims=(None, 0))(detached, stacked)
+    names = list(params)
+    tensors = [params[n] for n in names]
+    rows: list[list[Tensor]] = [[] for _ in names]
+    for sample in samples:
+        grads = torch.autograd.grad(loss_fn(params, sample), tensors, allow_unused=True)
+        for row, g, p in zip(rows, grads, tensors):
+            row.append(torch.zeros_like(p) if g is None else g.detach())
+    return {name: torch.stack(row) for name, row in zip(names, rows)}
+
+
+def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_multiplier: float,
+                   generator: torch.Generator | None, expected_batch_size: int) -> dict[str, Tensor]:
+    """Clip each sample's gradient to ``max_grad_norm``, sum, add Gaussian noise, average.
+
+    Abadi et al. 2016 (Algorithm 1) with Opacus' ``DPOptimizer`` conventions: the clipping
+    norm is taken over all parameters jointly, the factor is ``min(1, C / (‖g‖ + 1e-6))``,
+    the noise is N(0, (σ·C)²) per coordinate, and the sum is divided by the expected
+    batch size ``q·n`` (not the sampled one), as Opacus does under Poisson sampling.
+
+    Args:
+        per_sample: Name -> ``(B, *shape)`` per-sample gradients (B may be 0).
+        max_grad_norm: Clipping norm C > 0.
+        noise_multiplier: σ ≥ 0; 0 gives clipping alone (no privacy).
+        generator: Source of the noise (on the gradients' device); None uses the global one.
+        expected_batch_size: ``sample_rate * dataset_size`` > 0.
+
+    Returns:
+        Name -> ``shape``: the privatised mean gradient.
+    """
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if expected_batch_size <= 0:
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+    sizes = {g.shape[0] for g in per_sample.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"per-sample gradients disagree on the number of samples: {sorted(sizes)}")
+    squares = [g.reshape(g.shape[0], -1).pow(2).sum(1) for g in per_sample.values()]
+    norms = torch.stack(squares).sum(0).sqrt()  # B
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # B
+    std = noise_multiplier * max_grad_norm
+    out: dict[str, Tensor] = {}
+    for name, g in per_sample.items():
+        summed = torch.einsum("b,b...->...", factor.to(g.dtype), g)
+        if std > 0:
+            summed = summed + torch.normal(0.0, std, summed.shape, generator=generator,
+                                           device=summed.device, dtype=summed.dtype)
+        out[name] = summed / expected_batch_size
+    return out
+
+
+def poisson_batch(n: int, sample_rate: float, generator: torch.Generator | None = None) -> list[int]:
+    """Indices of a Poisson-sampled batch: each of ``range(n)`` in independently with prob ``sample_rate``.
+
+    The batch may be empty; the RDP accounting of the Sampled Gaussian Mechanism assumes this sampling.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    mask = torch.rand(n, generator=generator) < sample_rate
+    return mask.nonzero().flatten().tolist()
+
+
+def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], *, max_grad_norm: float,
+            noise_multiplier: float, expected_batch_size: int, generator: torch.Generator | None,
+            per_sample_decomposable: bool, vectorized: bool = False) -> dict[str, Tensor]:
+    """One DP-SGD gradient: per-sample grads, clipping, noise; written to each param's ``.grad``.
+
+    Any torch optimizer can then ``step()``. An empty batch still gets noise, as the
+    accounting assumes.
+
+    Args:
+        loss_fn, params, samples, vectorized: As in :func:`per_sample_grads`.
+        max_grad_norm, noise_multiplier, expected_batch_size, generator: As in :func:`clip_and_noise`.
+        per_sample_decomposable: Whether the objective is a sum of terms each depending on one
+            sample only; False raises (see :func:`require_decomposable`).
+
+    Returns:
+        Name -> the gradient written to ``params[name].grad``.
+    """
+    require_decomposable(per_sample_decomposable)
+    grads = clip_and_noise(per_sample_grads(loss_fn, params, samples, vectorized), max_grad_norm,
+                           noise_multiplier, generator, expected_batch_size)
+    for name, p in params.items():
+        p.grad = grads[name].to(p.dtype)
+    return grads
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier σ whose RDP ε at ``delta`` after ``steps`` steps is ≤ the target (within 0.01).
+
+    Uses ``opacus.accountants.utils.get_noise_multiplier`` with the RDP accountant, the one
+    the site's ledger composes.
+    """
+    if target_epsilon <= 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        # The search tries large σ, whose ε is tiny and optimal at the largest RDP order; Opacus warns
+        # there, but those trial σ are discarded and the returned one is checked against the target.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT))
