@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,11 @@ def _simulate(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Co
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
-        leftovers = _session_processes(proc.pid)
+        # Ray's daemons (GCS, raylet, dashboard) take some seconds to exit after
+        # the driver: give them 30 s, then count what is left.
+        deadline = time.monotonic() + 30
+        while (leftovers := _session_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         for pid in leftovers:  # Ray's helpers, should the engine not stop them
             try:
                 os.kill(pid, signal.SIGKILL)
