@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedmri.config import load_config
+from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
 from fedmri.wire import STAGES
 
@@ -110,7 +111,7 @@ def load_federation(source: str | Path | None = None, overrides: list[str] | Non
                 raise ConfigError(f"{where}: expected a mapping at the top level")
             cfg = OmegaConf.merge(cfg, user)
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            apply_overrides(cfg, list(overrides), where)
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:

@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
 from fedmri.server.config import FederationConfig, _check, run_config
 
@@ -83,10 +84,7 @@ def load_simulation(path: str | Path | None = None, overrides: list[str] | None 
                 raise InputError(f"simulation config {p} does not exist")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
         if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not key=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            apply_overrides(cfg, list(overrides), where)
     except (InputError, ConfigError):
         raise
     except OmegaConfBaseException as exc:

@@ -76,6 +76,33 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
 
 
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], where: str = "overrides") -> DictConfig:
+    """Apply ``key=value`` strings one by one, in place; keys may index lists (``stages.0.rounds=5``).
+
+    Values are YAML (``[a, b]``, ``{name: fedavg}``, ``3``, ``true``). Merging a
+    dot-list as one config cannot reach into a list of structured items; this can.
+
+    Raises:
+        ConfigError: A malformed item, an unknown key or a value of the wrong type.
+    """
+    import yaml
+
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not YAML ({exc})") from None
+        try:
+            OmegaConf.update(cfg, key.strip(), value, merge=True)
+        except (OmegaConfBaseException, TypeError, ValueError, IndexError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{where}: override {item!r}: {msg}") from None
+    return cfg
+
+
 def load_config(
     preset: str | None = None,
     user_file: str | Path | None = None,

@@ -91,3 +91,17 @@ def test_simulate_with_a_bad_override_is_one_clear_line(tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "sideways" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_overrides_reach_into_the_list_of_stages() -> None:
+    from fedmri.errors import ConfigError
+    from fedmri.simulations.runner import load_simulation
+
+    sim = load_simulation(None, ["sites=5", "federation.stages.0.rounds=10", "modes=[federated]",
+                                 "federation.stages.1.strategy={name: fedprox, proximal_mu: 0.1}"])
+    assert sim.sites == 5 and list(sim.modes) == ["federated"]
+    assert sim.federation.stages[0].rounds == 10 and sim.federation.stages[1].strategy["proximal_mu"] == 0.1
+    for bad, named in ((["federation.nope=1"], "nope"), (["sites=abc"], "sites"),
+                       (["federation.stages.0.strategy={name: fedfoo}"], "fedfoo")):
+        with pytest.raises(ConfigError, match=named):
+            load_simulation(None, bad)
