@@ -130,6 +130,7 @@ def prepare_sites(sim: DictConfig, data_dir: Path, say: Callable[[str], None] = 
             generate_site(root, site_index=i, seed=int(sim.federation.seed), preset=sim.synth_preset,
                           series_per_site=int(sim.series_per_site))
             catalog = data_dir / "catalogs" / name
+            synthetic_salt(catalog, int(sim.federation.seed), name)
             result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)
             say(f"[data] {name}: {result.n_series} series indexed ({result.n_loaded} read, "
                 f"{len(result.skipped)} skipped) -> {catalog}")
@@ -137,6 +138,26 @@ def prepare_sites(sim: DictConfig, data_dir: Path, say: Callable[[str], None] = 
     for site in sites:
         _write_site_file(sim, site.site_file, site.name, site.catalog)
     return sites
+
+
+def synthetic_salt(catalog: Path, seed: int, name: str) -> None:
+    """Give a synthetic site's catalog a salt derived from the seed, unless it has one.
+
+    A real site's salt is random and secret (it keys the patient pseudonyms).
+    Synthetic hospitals hold no patients, and a seeded salt makes the same seed
+    put the same patients in the same splits, so a simulation is repeatable.
+    """
+    import hashlib
+
+    from fedmri.data.catalog_db import SALT_FILE
+
+    path = catalog / SALT_FILE
+    if path.exists():
+        return
+    catalog.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(hashlib.sha256(f"fedmri-synthetic-site:{seed}:{name}".encode()).hexdigest() + "\n")
 
 
 def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None) -> None:

@@ -105,3 +105,18 @@ def test_overrides_reach_into_the_list_of_stages() -> None:
                        (["federation.stages.0.strategy={name: fedfoo}"], "fedfoo")):
         with pytest.raises(ConfigError, match=named):
             load_simulation(None, bad)
+
+
+def test_synthetic_sites_get_a_seeded_salt_and_real_ones_keep_theirs(tmp_path: Path) -> None:
+    from fedmri.data.catalog_db import load_or_create_salt
+    from fedmri.simulations.runner import synthetic_salt
+
+    for run in ("a", "b"):
+        synthetic_salt(tmp_path / run / "site-01", 0, "site-01")
+        synthetic_salt(tmp_path / run / "site-02", 0, "site-02")
+    a1, b1 = (load_or_create_salt(tmp_path / r / "site-01") for r in ("a", "b"))
+    assert a1 == b1 and a1 != load_or_create_salt(tmp_path / "a" / "site-02")
+    assert (tmp_path / "a" / "site-01" / "site.salt").stat().st_mode & 0o777 == 0o600
+    existing = load_or_create_salt(tmp_path / "real")  # random, as `fedmri data index` makes it
+    synthetic_salt(tmp_path / "real", 0, "site-01")
+    assert load_or_create_salt(tmp_path / "real") == existing
