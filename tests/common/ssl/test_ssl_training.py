@@ -70,6 +70,28 @@ def _diagnostics(model: SSLMetaArch, crops: torch.Tensor, k: int, teacher_temp: 
     }
 
 
+def _train(model: SSLMetaArch, opt: torch.optim.Optimizer, cfg, bank: list, masker, rng: np.random.Generator,
+           steps: int, batch_size: int) -> list[float]:
+    """The SSL training loop of the behaviour tests: schedules per step, clipping, teacher EMA; total losses."""
+    totals = []
+    for step in range(steps):
+        idx = rng.choice(len(bank), batch_size, replace=False)
+        batch = collate_multicrop([bank[i] for i in idx], masker, cfg.ssl.mask_sample_probability,
+                                  cfg.ssl.mask_ratio_min_max, rng)
+        values = ssl_schedule(cfg, step / steps)
+        for g in opt.param_groups:
+            g["lr"] = values["lr"] * g["lr_multiplier"]
+            g["weight_decay"] = values["weight_decay"] * g["wd_multiplier"]
+        total = sum(model(batch, batch["masks"], values["teacher_temp"]).values())
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.ssl.clip_grad)
+        opt.step()
+        model.update_teacher(values["teacher_momentum"])
+        totals.append(float(total.detach()))
+    return totals
+
+
 @pytest.mark.slow
 def test_tiny_ssl_lowers_loss_without_collapse(one_thread: None) -> None:
     torch.manual_seed(0)
@@ -85,25 +107,10 @@ def test_tiny_ssl_lowers_loss_without_collapse(one_thread: None) -> None:
     model = SSLMetaArch(cfg).train()
     groups = model.param_groups(cfg.ssl.patch_embed_lr_mult)
     opt = torch.optim.AdamW(groups)
-    steps, batch_size, totals = 250, 8, []
+    steps, batch_size = 250, 8
     probe = collate_multicrop(bank[::8])["global_crops"]  # 2 crops of every other volume: all 6 kinds
     start = _diagnostics(model, probe, k, cfg.ssl.teacher_temp)
-    for step in range(steps):
-        idx = rng.choice(len(bank), batch_size, replace=False)
-        batch = collate_multicrop([bank[i] for i in idx], masker, cfg.ssl.mask_sample_probability,
-                                  cfg.ssl.mask_ratio_min_max, rng)
-        values = ssl_schedule(cfg, step / steps)
-        for g in opt.param_groups:
-            g["lr"] = values["lr"] * g["lr_multiplier"]
-            g["weight_decay"] = values["weight_decay"] * g["wd_multiplier"]
-        losses = model(batch, batch["masks"], values["teacher_temp"])
-        total = sum(losses.values())
-        opt.zero_grad()
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.ssl.clip_grad)
-        opt.step()
-        model.update_teacher(values["teacher_momentum"])
-        totals.append(float(total.detach()))
+    totals = _train(model, opt, cfg, bank, masker, rng, steps, batch_size)
     end = _diagnostics(model, probe, k, cfg.ssl.teacher_temp)
 
     assert all(math.isfinite(t) for t in totals)
@@ -160,22 +167,8 @@ def test_tiny_preset_on_hospital_volumes_lowers_loss_without_collapse(one_thread
     teacher_temp = ssl_schedule(cfg, 1.0)["teacher_temp"]
     start = _diagnostics(model, probe, k, teacher_temp)
 
-    steps, batch_size, totals = 200, 8, []
-    for step in range(steps):
-        idx = rng.choice(len(bank), batch_size, replace=False)
-        batch = collate_multicrop([bank[i] for i in idx], masker, cfg.ssl.mask_sample_probability,
-                                  cfg.ssl.mask_ratio_min_max, rng)
-        values = ssl_schedule(cfg, step / steps)
-        for g in opt.param_groups:
-            g["lr"] = values["lr"] * g["lr_multiplier"]
-            g["weight_decay"] = values["weight_decay"] * g["wd_multiplier"]
-        total = sum(model(batch, batch["masks"], values["teacher_temp"]).values())
-        opt.zero_grad()
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.student.parameters(), cfg.ssl.clip_grad)
-        opt.step()
-        model.update_teacher(values["teacher_momentum"])
-        totals.append(float(total.detach()))
+    steps, batch_size = 200, 8
+    totals = _train(model, opt, cfg, bank, masker, rng, steps, batch_size)
     end = _diagnostics(model, probe, k, teacher_temp)
 
     assert all(math.isfinite(t) for t in totals)
