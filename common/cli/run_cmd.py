@@ -173,7 +173,7 @@ def _record_submission(state: Path, run_id: str, run_name: str, run_dir: Path | 
 
 # --------------------------------------------------------------------------- status
 def _read_state(path: Path) -> dict[str, Any] | None:
-    """A run folder's ``state.json`` (written by the pipeline), None if absent; a bad file says so."""
+    """A run folder's ``state.json`` or ``privacy.json``, None if absent; a bad file says so."""
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError:
@@ -201,7 +201,8 @@ def collect_status(federation: str | None, state: Path | None, runs_dir: Path | 
 
     Runs come from the SuperLink (``flwr ls``), sites from ``flwr supernode ls``
     (named from ``STATE/sites.json``); stage, round, sites and metrics from each
-    run folder's ``state.json`` when the pipeline has written one.
+    run folder's ``state.json`` when the pipeline has written one; the privacy
+    spent from its ``privacy.json`` (``fedmri.server.privacy_report``).
     """
     from fedmri.flower_cli import flwr_json
     from fedmri.server.daemon import read_connection, runs_folder, site_nodes
@@ -235,6 +236,8 @@ def collect_status(federation: str | None, state: Path | None, runs_dir: Path | 
                                "name": record.get("name") or (run_dir.name if run_dir else None),
                                "run_dir": str(run_dir) if run_dir else None, "pipeline": pipeline})
     report["run_folders"] = {str(d): st for d, st in folders.items()}
+    run_dirs = [run["run_dir"] for run in report["runs"] if run["run_dir"]] + list(report["run_folders"])
+    report["privacy"] = {d: p for d in run_dirs if (p := _read_state(Path(d) / "privacy.json")) is not None}
     return report
 
 
@@ -283,3 +286,17 @@ def status_command(
     for folder, pipeline in report["run_folders"].items():
         table.add_row("", "(folder only)", "", Path(folder).name, *_pipeline_cells(pipeline))
     console.print(table)
+    for folder, summary in report["privacy"].items():
+        console.print("\n  ".join([f"privacy of {Path(folder).name}:", *_privacy_lines(summary)]),
+                      highlight=False, markup=False)
+
+
+def _privacy_lines(summary: dict[str, Any]) -> list[str]:
+    from fedmri.server.privacy_report import status_lines
+
+    if "error" in summary:
+        return [str(summary["error"])]
+    try:
+        return status_lines(summary)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return ["privacy.json has a layout this fedmri does not know; see it in the run folder"]
