@@ -20,13 +20,17 @@ import json
 import logging
 import os
 import time
+from typing import Any
+
+import torch
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmri import __version__
 from fedmri.client import trainers
-from fedmri.client.policy import check_request
+from fedmri.client.policy import allowed_metrics, check_request
+from fedmri.client.privacy.gate import PrivacyGate
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
 from fedmri.protocol import PROTOCOL_VERSION
@@ -95,7 +99,10 @@ def _handle(msg: Message, context: Context) -> Message:
         down = stage_groups(stage, run_cfg).down
         if sorted(groups_in(state)) != sorted(down):
             raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")
-        result = getattr(trainers, TRAINER[stage])(site, run_cfg, state, request)
+        if stage == "evaluate":
+            result = trainers.run_evaluate(site, run_cfg, state, request)
+        else:
+            result = _train(site, run_cfg, state, request)
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
         return _decline(msg, str(exc))
@@ -103,6 +110,7 @@ def _handle(msg: Message, context: Context) -> Message:
         log.exception("%s failed at this site", stage)
         return _decline(msg, f"{stage} failed at the site ({type(exc).__name__}); the site's log has the details")
     up, metrics = result if stage != "evaluate" else ({}, result)
+    metrics = allowed_metrics(site, metrics)
     content = RecordDict()
     sent = 0
     if stage != "evaluate":
@@ -111,6 +119,29 @@ def _handle(msg: Message, context: Context) -> Message:
     content["metrics"] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
                                        "bytes-received": arrays.count_bytes(), "bytes-sent": sent})
     return Message(content, reply_to=msg)
+
+
+def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest) -> tuple[dict, dict[str, float]]:
+    """One training round, with the site's privacy mechanisms planned, applied and recorded.
+
+    The ledger row is written after training and before the update leaves: a
+    round that fails in between spent nothing, since nothing was released.
+    """
+    gate = PrivacyGate(site, request) if request.dp or request.site_dp == "local" else None
+    site_level = gate.plan_site_level() if request.site_dp == "local" else None  # declines over budget
+    up, metrics = getattr(trainers, TRAINER[request.stage])(site, run_cfg, state, request, privacy=gate)
+    if gate is None:
+        return up, metrics
+    if request.dp and request.stage not in gate.plans:
+        raise RuntimeError(f"the {request.stage} trainer ran without planning its DP-SGD mechanism")
+    if site_level is not None:
+        from fedmri.client.privacy.site_dp import privatize_update
+        from fedmri.client.trainers.pretrain_dp import noise_generator
+
+        up, norm = privatize_update(state, up, site_level.max_grad_norm, site_level.noise_multiplier,
+                                    noise_generator(site_level.seed, torch.device("cpu")))
+        log.info("site-level DP: update norm %.3g clipped to %.3g", norm, site_level.max_grad_norm)
+    return up, metrics | gate.metrics(gate.record())
 
 
 def _decline(msg: Message, reason: str) -> Message:

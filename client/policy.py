@@ -3,12 +3,14 @@
 Each rule is a function ``(site_cfg, request) -> reason | None``; the first
 reason wins and goes back to the coordinator as the decline reason, so it is
 one line about the request and the policy, never about the site's data.
-Add a rule by writing a function and appending it to :data:`RULES` (the
-privacy budget check lands here).
+Add a rule by writing a function and appending it to :data:`RULES`. The
+privacy budget needs the site's data size, so the trainer checks it
+(:class:`fedmri.client.privacy.gate.PrivacyGate`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +35,24 @@ def local_steps_within_limit(site_cfg: Any, request: TrainRequest) -> str | None
     return None
 
 
-RULES: list[Rule] = [stage_allowed, local_steps_within_limit]
+def privacy_required(site_cfg: Any, request: TrainRequest) -> str | None:
+    """Training only under DP when ``policy.dp.required``."""
+    from fedmri.client.privacy.gate import policy_reason
+
+    return policy_reason(site_cfg, request)
+
+
+RULES: list[Rule] = [stage_allowed, local_steps_within_limit, privacy_required]
+
+# Numbers the coordinator needs to aggregate and account: they leave whatever ``policy.metrics`` says.
+PROTOCOL_METRICS = ("num-examples", "steps", "declined", "wall-time-s", "bytes-received", "bytes-sent", "dp-*",
+                    "site-dp-*")
+
+
+def allowed_metrics(site_cfg: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics that ``policy.metrics`` (shell patterns) lets leave, plus the protocol's own."""
+    patterns = [*PROTOCOL_METRICS, *site_cfg.policy.metrics]
+    return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
 def check_request(site_cfg: Any, request: TrainRequest) -> str | None:

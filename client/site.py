@@ -19,6 +19,12 @@ Example::
     policy:
       stages: [pretrain, align, evaluate]
       max_local_steps: 100
+      metrics: ["*"]                 # which metrics may leave the site
+      dp:
+        required: true               # train only under differential privacy
+        epsilon_total: 8.0           # ε over all runs, counted in the privacy ledger
+        epsilon_per_run: 4.0
+        delta: 1.0e-5
 
 Relative paths are resolved against the folder holding ``site.yaml``.
 """
@@ -55,6 +61,25 @@ class ServerConnection:
 
 
 @dataclass
+class PrivacyPolicy:
+    """The site's differential-privacy rules; ε is counted in the site's privacy ledger."""
+
+    # Training rounds must run with sample-level DP-SGD (or local site-level DP);
+    # a request without it is declined.
+    required: bool = False
+    # Most ε this site spends over all runs (null = no limit). A round that would
+    # pass it is declined, so the ledger never shows more.
+    epsilon_total: float | None = None
+    # Most ε this site spends in one run (null = no limit).
+    epsilon_per_run: float | None = None
+    # δ of the site's (ε, δ) guarantee; well below 1 / (series at the site).
+    delta: float = 1e-5
+    # The privacy ledger (SQLite); null = privacy-ledger.sqlite in the catalog folder.
+    # Back it up with the catalog: deleting it forgets the privacy already spent.
+    ledger: str | None = None
+
+
+@dataclass
 class SitePolicy:
     """Rules the ClientApp enforces whatever the server sends."""
 
@@ -62,6 +87,11 @@ class SitePolicy:
     stages: list[str] = field(default_factory=lambda: list(KNOWN_STAGES))
     # Most local optimisation steps the site runs in one round.
     max_local_steps: int = 1000
+    # Metrics that may leave the site, as shell patterns ("*_loss", "knn_*"); the
+    # protocol's own numbers (num-examples, steps, declined, wall-time-s, bytes-*,
+    # dp-*) always go, since the coordinator needs them to aggregate and account.
+    metrics: list[str] = field(default_factory=lambda: ["*"])
+    dp: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
 
 @dataclass
@@ -116,9 +146,17 @@ def load_site(path: str | Path, overrides: list[str] | None = None) -> DictConfi
         raise ConfigError(f"site file {path}: policy.stages has unknown {bad}; known: {', '.join(KNOWN_STAGES)}")
     if cfg.batch_size < 1 or cfg.policy.max_local_steps < 0 or cfg.threads < 0:
         raise ConfigError(f"site file {path}: batch_size must be >= 1, threads and policy.max_local_steps >= 0")
+    dp = cfg.policy.dp
+    for key in ("epsilon_total", "epsilon_per_run"):
+        if dp[key] is not None and not dp[key] > 0:
+            raise ConfigError(f"site file {path}: policy.dp.{key} must be > 0 or null (no limit), got {dp[key]}")
+    if not 0 < dp.delta < 1:
+        raise ConfigError(f"site file {path}: policy.dp.delta must be in (0, 1), got {dp.delta}")
     base = path.parent
     cfg.catalog = _absolute(base, cfg.catalog)
     cfg.extra_catalogs = [_absolute(base, c) for c in cfg.extra_catalogs]
+    if dp.ledger is not None:
+        dp.ledger = _absolute(base, dp.ledger)
     for key in ("root_certificates", "node_key"):
         if cfg.server[key] is not None:
             cfg.server[key] = _absolute(base, cfg.server[key])

@@ -11,6 +11,13 @@ Example (``federation.yaml``)::
       - {name: align, rounds: 2, local_steps: 20, strategy: {name: fedprox, proximal_mu: 0.01}}
       - {name: evaluate}
 
+Differential privacy is asked for per stage (the sites' own ``policy.dp`` may
+require it and caps what they spend)::
+
+      - {name: pretrain, rounds: 3, local_steps: 20,
+         dp: {enabled: true, target_epsilon: 8.0, max_grad_norm: 1.0},
+         site_dp: {mode: central, noise_multiplier: 1.0, clip_norm: 5.0}}
+
 Merged like every fedmri config: schema defaults, then the file, then
 ``key=value`` overrides; unknown keys and wrong types are errors that name them.
 """
@@ -28,6 +35,39 @@ from fedmri.config import load_config
 from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
 from fedmri.wire import STAGES
+
+
+SITE_DP_MODES = ("off", "central", "local")
+
+
+@dataclass
+class SampleDPConfig:
+    """Sample-level DP-SGD at the sites (each site also applies its own policy.dp)."""
+
+    # Train this stage with DP-SGD at every site (pretrain, align).
+    enabled: bool = False
+    # Noise multiplier σ; null = each site derives σ from target_epsilon.
+    noise_multiplier: float | None = None
+    # ε each site should spend on this stage over all its rounds, at the site's δ.
+    target_epsilon: float | None = None
+    # Per-sample clipping norm C.
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SiteDPConfig:
+    """Site-level DP: each site's whole update is clipped and Gaussian noise is added."""
+
+    # off | central (the coordinator clips and adds noise to the aggregate: protects
+    # sites from whoever receives the model) | local (each site clips and noises its
+    # own update before it leaves: also protects it from the coordinator).
+    mode: str = "off"
+    # Noise multiplier z: noise std z * clip_norm (central: on the sum of the updates).
+    noise_multiplier: float = 1.0
+    # Most L2 norm of one site's update (all trained tensors together).
+    clip_norm: float = 1.0
+    # δ at which the coordinator reports central site-level ε.
+    delta: float = 1e-5
 
 
 @dataclass
@@ -48,6 +88,8 @@ class StageConfig:
     fraction: float | None = None
     # Data split the evaluate stage measures on.
     split: str = "val"
+    dp: SampleDPConfig = field(default_factory=SampleDPConfig)
+    site_dp: SiteDPConfig = field(default_factory=SiteDPConfig)
 
 
 def _default_stages() -> list[StageConfig]:
@@ -136,11 +178,48 @@ def _check(cfg: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}) needs rounds >= 1 and local_steps >= 0")
         if stage.name != "evaluate" and stage.local_steps < 1:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}) needs local_steps >= 1")
+        _check_dp(stage, f"{where}: stages[{i}] ({stage.name})")
         try:
             build_aggregator(OmegaConf.to_container(stage.strategy))
         except ConfigError as exc:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}).strategy: {exc}") from None
     run_config(cfg)  # the encoder preset and overrides must load
+
+
+def _check_dp(stage: DictConfig, where: str) -> None:
+    dp, site = stage.dp, stage.site_dp
+    training = stage.name in ("pretrain", "align")
+    if dp.enabled:
+        if not training:
+            raise ConfigError(f"{where}: dp.enabled is for pretrain and align stages")
+        if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+            raise ConfigError(f"{where}: dp needs exactly one of noise_multiplier and target_epsilon")
+        for key in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
+            if dp[key] is not None and not dp[key] > 0:
+                raise ConfigError(f"{where}: dp.{key} must be > 0, got {dp[key]}")
+    if site.mode not in SITE_DP_MODES:
+        raise ConfigError(f"{where}: site_dp.mode {site.mode!r} is not one of {', '.join(SITE_DP_MODES)}")
+    if site.mode != "off":
+        if not training:
+            raise ConfigError(f"{where}: site_dp is for pretrain and align stages")
+        if not (site.noise_multiplier > 0 and site.clip_norm > 0 and 0 < site.delta < 1):
+            raise ConfigError(f"{where}: site_dp needs noise_multiplier > 0, clip_norm > 0 and delta in (0, 1)")
+
+
+def dp_request(stage: DictConfig) -> dict[str, Any]:
+    """The round-config keys that ask sites for DP in ``stage`` (none when DP is off)."""
+    out: dict[str, Any] = {"stage-rounds": int(stage.rounds)}
+    dp, site = stage.dp, stage.site_dp
+    if dp.enabled:
+        out |= {"dp": True, "dp-max-grad-norm": float(dp.max_grad_norm)}
+        if dp.noise_multiplier is not None:
+            out["dp-noise-multiplier"] = float(dp.noise_multiplier)
+        else:
+            out["dp-target-epsilon"] = float(dp.target_epsilon)
+    if site.mode != "off":
+        out |= {"site-dp": str(site.mode), "site-dp-noise-multiplier": float(site.noise_multiplier),
+                "site-dp-clip-norm": float(site.clip_norm)}
+    return out
 
 
 def run_config(fed: DictConfig) -> DictConfig:

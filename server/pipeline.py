@@ -33,7 +33,7 @@ from fedmri import wire
 from fedmri.errors import FedmriError
 from fedmri.protocol import PROTOCOL_VERSION
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
-from fedmri.server.config import run_config
+from fedmri.server.config import dp_request, run_config
 from fedmri.server.rundir import RunDir
 
 # Test hook: stop the coordinator right after this global round's checkpoint,
@@ -229,6 +229,8 @@ class Pipeline:
             values |= {"lr": s["lr"], "weight-decay": s["weight_decay"]}
         else:
             values["split"] = str(stage.split)
+        if stage.name in ("pretrain", "align"):
+            values |= dp_request(stage)
         values |= self.aggregators[stage_i].client_config()
         return values
 

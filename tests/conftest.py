@@ -50,3 +50,14 @@ def federation_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
             {"name": name, "catalog": str(catalog), "threads": 1, "batch_size": 2})))
         sites.append((name, site_file, catalog))
     return sites
+
+
+@pytest.fixture(scope="module")
+def module_server_identity() -> Iterator[None]:
+    """What Flower's ServerApp runtime sets before a ServerApp creates messages, for a module's fixtures."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+            mp.setattr(TaskIdentity, name, value)
+        yield

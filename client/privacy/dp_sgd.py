@@ -113,7 +113,7 @@ def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_mu
     sizes = {g.shape[0] for g in per_sample.values()}
     if len(sizes) > 1:
         raise ValueError(f"per-sample gradients disagree on the number of samples: {sorted(sizes)}")
-    squares = [g.reshape(g.shape[0], -1).pow(2).sum(1) for g in per_sample.values()]
+    squares = [g.flatten(1).pow(2).sum(1) for g in per_sample.values()]
     norms = torch.stack(squares).sum(0).sqrt()  # B
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # B
     std = noise_multiplier * max_grad_norm

@@ -113,12 +113,14 @@ class LedgerSummary:
 
 
 def default_ledger_path(site_cfg: Any) -> Path:
-    """Where a site keeps its ledger: ``<catalog>/privacy-ledger.sqlite``, next to its salt.
+    """Where a site keeps its ledger: ``policy.dp.ledger``, or ``<catalog>/privacy-ledger.sqlite``.
 
     Args:
-        site_cfg: The site config from :func:`fedmri.client.site.load_site` (absolute catalog).
+        site_cfg: The site config from :func:`fedmri.client.site.load_site` (absolute paths).
     """
-    return Path(site_cfg.catalog) / LEDGER_FILE
+    policy = getattr(site_cfg, "policy", None)
+    chosen = policy.dp.ledger if policy is not None and "dp" in policy else None
+    return Path(chosen) if chosen else Path(site_cfg.catalog) / LEDGER_FILE
 
 
 class PrivacyLedger:
@@ -201,7 +203,8 @@ class PrivacyLedger:
 
     def would_exceed(self, run: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                      budget_total: float | None, budget_run: float | None, *,
-                     stage: str | None = None, round: int | None = None) -> tuple[bool, float, float]:
+                     stage: str | None = None, round: int | None = None,
+                     extra: list[Step] | tuple[Step, ...] = ()) -> tuple[bool, float, float]:
         """Whether one more round would take the site past a budget; records nothing.
 
         Args:
@@ -209,6 +212,7 @@ class PrivacyLedger:
             budget_total: Most ε across all runs; None for no limit.
             budget_run: Most ε for ``run``; None for no limit.
             stage, round: Give both to let a retry of a recorded round cost nothing.
+            extra: Other mechanisms of the same run planned alongside, not recorded yet.
 
         Returns:
             ``(exceeds, epsilon_total, epsilon_run)`` after the round; ``exceeds`` when
@@ -223,6 +227,8 @@ class PrivacyLedger:
         everything, mine = self.history(), self.history(run)
         if stage is None or round is None or self._existing(*_check_key(run, stage, round), step, delta) is None:
             everything, mine = everything + [step], mine + [step]
+        pending = [_check_step(*e) for e in extra]
+        everything, mine = everything + pending, mine + pending
         eps_total, eps_run = rdp_epsilon(everything, delta), rdp_epsilon(mine, delta)
         exceeds = any(b is not None and eps > b for b, eps in zip(budgets, (eps_total, eps_run)))
         return exceeds, eps_total, eps_run

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from fedmri.protocol import PROTOCOL_VERSION
 from fedmri.wire import STAGES, State, groups_in
 
 TRAIN_STAGES = ("pretrain", "align")
+SITE_DP_MODES = ("off", "local", "central")
 _HYPERPARAMETERS = ("lr", "weight-decay", "teacher-momentum", "teacher-temp")
 # The per-round hyperparameters each stage must find in the message; others are optional.
 _STAGE_FLOATS = {
@@ -76,6 +78,22 @@ class TrainRequest:
     proximal_mu: float = 0.0
     # Catalog split that evaluate reads.
     split: str = "val"
+    # Sample-level DP-SGD asked for by the coordinator (the site may require it anyway).
+    dp: bool = False
+    # DP-SGD noise multiplier; None = derive it from ``dp_target_epsilon``.
+    dp_noise_multiplier: float | None = None
+    # ε the stage should spend at this site over all its rounds (at the site's δ).
+    dp_target_epsilon: float | None = None
+    # Per-sample clipping norm C.
+    dp_max_grad_norm: float = 1.0
+    # Rounds of this stage in the run: a target ε is spread over all of them.
+    stage_rounds: int = 1
+    # Site-level DP: "off", "local" (the site clips and noises its update) or "central"
+    # (the coordinator does; the site only learns that it is asked).
+    site_dp: str = "off"
+    # Site-level DP noise multiplier z (noise std z * clip) and update clipping norm.
+    site_dp_noise_multiplier: float = 0.0
+    site_dp_clip_norm: float = 0.0
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> TrainRequest:
@@ -104,6 +122,14 @@ class TrainRequest:
             fedmri_config=_get(values, "fedmri-config", str),
             proximal_mu=_get(values, "proximal-mu", float, default=0.0),
             split=_get(values, "split", str, default="val"),
+            dp=_get(values, "dp", bool, default=False),
+            dp_noise_multiplier=_get(values, "dp-noise-multiplier", float, default=None),
+            dp_target_epsilon=_get(values, "dp-target-epsilon", float, default=None),
+            dp_max_grad_norm=_get(values, "dp-max-grad-norm", float, default=1.0),
+            stage_rounds=_get(values, "stage-rounds", int, default=1),
+            site_dp=_get(values, "site-dp", str, default="off"),
+            site_dp_noise_multiplier=_get(values, "site-dp-noise-multiplier", float, default=0.0),
+            site_dp_clip_norm=_get(values, "site-dp-clip-norm", float, default=0.0),
             **hyper,
         )
         req._check()
@@ -124,6 +150,27 @@ class TrainRequest:
             raise RequestError(f"teacher-temp {self.teacher_temp} must be > 0")
         if self.split not in ("train", "val", "test"):
             raise RequestError(f"split {self.split!r} is not one of train, val, test")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        if self.stage_rounds < 1:
+            raise RequestError(f"stage-rounds {self.stage_rounds} must be >= 1")
+        if self.dp:
+            if self.stage not in TRAIN_STAGES:
+                raise RequestError(f"dp is for training stages ({', '.join(TRAIN_STAGES)}), not {self.stage}")
+            if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
+                raise RequestError("dp needs exactly one of dp-noise-multiplier and dp-target-epsilon")
+            for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_max_grad_norm"):
+                value = getattr(self, name)
+                if value is not None and not (math.isfinite(value) and value > 0):
+                    raise RequestError(f"{name.replace('_', '-')} {value} must be a finite number > 0")
+        if self.site_dp not in SITE_DP_MODES:
+            raise RequestError(f"site-dp {self.site_dp!r} is not one of {', '.join(SITE_DP_MODES)}")
+        if self.site_dp != "off":
+            if self.stage not in TRAIN_STAGES:
+                raise RequestError(f"site-dp is for training stages ({', '.join(TRAIN_STAGES)}), not {self.stage}")
+            if not (self.site_dp_clip_norm > 0 and self.site_dp_noise_multiplier > 0):
+                raise RequestError("site-dp needs site-dp-clip-norm > 0 and site-dp-noise-multiplier > 0")
 
 
 _MISSING = object()
@@ -136,7 +183,7 @@ def _get(values: Mapping[str, Any], key: str, kind: type, default: Any = _MISSIN
         return default
     value = values[key]
     # bool is an int in Python; a flag where a number belongs is a server bug.
-    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:

@@ -23,7 +23,9 @@ class Proximal:
         if mu < 0:
             raise ValueError(f"proximal mu must be >= 0, got {mu}")
         self.mu = float(mu)
-        self.params = [p for _, p in params if p.requires_grad]
+        named = [(n, p) for n, p in params if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.reference = [p.detach().clone() for p in self.params] if self.mu > 0 else []
 
     def __call__(self) -> Tensor | None:
@@ -32,6 +34,13 @@ class Proximal:
             return None
         sq = sum(((p - r) ** 2).sum() for p, r in zip(self.params, self.reference))
         return 0.5 * self.mu * sq
+
+    @torch.no_grad()
+    def named_gradients(self) -> dict[str, Tensor]:
+        """The term's gradient ``mu * (w - w_global)`` by parameter name; {} when ``mu`` is 0."""
+        if self.mu == 0:
+            return {}
+        return {n: self.mu * (p - r) for n, p, r in zip(self.names, self.params, self.reference)}
 
 
 def set_rates(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

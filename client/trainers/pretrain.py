@@ -87,7 +87,7 @@ def finite_state(state: State) -> bool:
 
 
 def run_pretrain(
-    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, privacy: Any = None
 ) -> tuple[State, dict[str, float]]:
     """One round of local DINO + iBOT + KoLeo training on the site's train split.
 
@@ -96,7 +96,12 @@ def run_pretrain(
         run_cfg: The run's resolved config (model and ssl sections).
         state_down: Wire tensors of the pretrain down groups (student, teacher, centres).
         request: The round's request; uses ``local_steps``, ``lr``,
-            ``weight_decay``, ``teacher_temp``, ``teacher_momentum``, ``proximal_mu``.
+            ``weight_decay``, ``teacher_temp``, ``teacher_momentum``, ``proximal_mu``,
+            and the ``dp`` fields: with ``dp`` the round runs DP-SGD
+            (:mod:`fedmri.client.trainers.pretrain_dp`).
+        privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate`, which
+            plans the DP-SGD mechanism and checks the site's budget; made here when
+            None (the caller then records nothing).
 
     Returns:
         The pretrain up groups (``encoder``, ``dino_head``, ``center``) as
@@ -113,6 +118,8 @@ def run_pretrain(
         raise ValueError(f"run_pretrain got a {request.stage!r} request")
     device = site_device(site_cfg)
     dataset = site_dataset(site_cfg, "train")
+    if request.dp:
+        return _run_private(site_cfg, run_cfg, state_down, request, privacy, dataset, device)
     need = min_ssl_batch(run_cfg)
     if len(dataset) < need:
         raise DeclineError(f"pretrain needs at least {need} series in the site's train split")
@@ -150,9 +157,34 @@ def run_pretrain(
             optimizer.step()
             meta.update_teacher(request.teacher_momentum)
             means.add(named)
+    return _finish(meta, run_cfg, means.means(), len(batches) * batch_size, len(batches))
+
+
+def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest,
+                 privacy: Any, dataset: Any, device: torch.device) -> tuple[State, dict[str, float]]:
+    """One round of DP-SGD pretraining (see :mod:`fedmri.client.trainers.pretrain_dp`)."""
+    from fedmri.client.privacy.gate import PrivacyGate
+    from fedmri.client.trainers.pretrain_dp import dp_pretrain_loop, make_private
+
+    if len(dataset) < 1:
+        raise DeclineError("pretrain needs at least 1 series in the site's train split")
+    plan = (privacy or PrivacyGate(site_cfg, request)).plan(len(dataset), min(int(site_cfg.batch_size), len(dataset)))
+    with seeded(plan.seed, device):
+        meta = build_ssl_model(run_cfg, state_down, "pretrain").to(device).train()
+        make_private(meta)
+        optimizer = torch.optim.AdamW(meta.param_groups())
+        set_rates(optimizer, request.lr, request.weight_decay)
+        proximal = Proximal(meta.student.named_parameters(), request.proximal_mu)
+        metrics = dp_pretrain_loop(meta, dataset, run_cfg, request, plan, device, optimizer, proximal,
+                                   site_cfg.num_workers)
+    # The expected number of series seen: the sampled one would tell the Poisson draws.
+    return _finish(meta, run_cfg, metrics, round(plan.steps * plan.expected_batch_size), plan.steps)
+
+
+def _finish(meta: SSLMetaArch, run_cfg: DictConfig, metrics: dict[str, float], examples: int,
+            steps: int) -> tuple[State, dict[str, float]]:
     up = {k: v.detach().to("cpu", torch.float32).clone()
           for k, v in select(ssl_state(meta), stage_groups("pretrain", run_cfg).up).items()}
-    metrics = means.means()
     if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
         raise DeclineError("pretrain diverged at the site (non-finite loss or weights); lower the learning rate")
-    return up, {"num-examples": len(batches) * batch_size, "steps": len(batches), **metrics}
+    return up, {"num-examples": examples, "steps": steps, **metrics}

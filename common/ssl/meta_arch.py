@@ -102,7 +102,8 @@ class SSLMetaArch(nn.Module):
         logits = net["dino_head"](torch.cat([cls, patch]))  # M1+M2, K
         return logits[: cls.shape[0]], logits[cls.shape[0]:]
 
-    def forward(self, batch_crops: dict[str, Any], masks: Tensor | None, teacher_temp: float) -> dict[str, Tensor]:
+    def forward(self, batch_crops: dict[str, Any], masks: Tensor | None, teacher_temp: float,
+                update_centers: bool = True) -> dict[str, Tensor]:
         """Named, weighted losses of one batch; ``total = sum of the *_loss entries``.
 
         Args:
@@ -111,6 +112,9 @@ class SSLMetaArch(nn.Module):
                 :func:`fedmri.ssl.collate_multicrop`.
             masks: (2B, n_patches) bool iBOT masks of the global crops, or None.
             teacher_temp: Teacher softmax temperature for this step.
+            update_centers: Fold this batch into the centres (in training mode). False keeps
+                them fixed, as DP-SGD needs: a centre built from this round's data would make
+                one sample's target depend on the others.
 
         Returns:
             A subset of ``dino_local_crops_loss``, ``dino_global_crops_loss``,
@@ -141,7 +145,7 @@ class SSLMetaArch(nn.Module):
                 dino_targets = self.dino_loss.teacher_targets(t_cls_logits, teacher_temp)  # 2B, K
             if do_ibot:
                 ibot_targets = self.ibot_loss.teacher_targets(t_patch_logits, teacher_temp)  # M, K
-            if self.training:  # centre with earlier batches only, then fold this one in
+            if self.training and update_centers:  # centre with earlier batches only, then fold this one in
                 if self.dino_loss is not None:
                     self.dino_loss.update_center(t_cls_logits)
                 if do_ibot:

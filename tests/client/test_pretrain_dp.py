@@ -1,0 +1,104 @@
+"""Self-supervised pretraining under sample-level DP-SGD at a site (no Flower)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmri.client.privacy.gate import PrivacyGate
+from fedmri.client.site import load_site
+from fedmri.client.trainers import DeclineError, TrainRequest, parse_run_config
+from fedmri.client.trainers.pretrain import build_ssl_model, run_pretrain
+from fedmri.client.trainers.pretrain_dp import make_private, poisson_batches, ssl_sample_loss
+from fedmri.ssl import collate_multicrop
+from fedmri.wire import select, stage_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DP = {"dp": True, "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0}
+
+
+def _round(site_file, initial, request_values, tmp_path: Path, site_overrides=(), **overrides):
+    request = TrainRequest.from_config(request_values("pretrain", **(DP | overrides)))
+    run_cfg = parse_run_config(request.fedmri_config)
+    down = select(initial, stage_groups("pretrain", run_cfg).down)
+    site = load_site(site_file, list(site_overrides))
+    gate = PrivacyGate(site, request, ledger_path=tmp_path / "ledger.sqlite")
+    up, metrics = run_pretrain(site, run_cfg, down, request, privacy=gate)
+    return up, metrics, down, gate
+
+
+def test_a_private_round_keeps_the_centres_and_reports_expected_counts(site_file, initial, request_values,
+                                                                        tmp_path) -> None:
+    up, metrics, down, gate = _round(site_file, initial, request_values, tmp_path, local_steps=3)
+    plan = gate.plans["pretrain"]
+    assert plan.sample_rate == pytest.approx(4 / 8) and plan.steps == 3 and plan.noise_multiplier == 1.0
+    centres = [k for k in up if k.startswith("center/")]
+    assert centres and all(torch.equal(up[k], down[k]) for k in centres)  # no data statistic leaves
+    encoder = [k for k in up if k.startswith("encoder/")]
+    assert any(not torch.equal(up[k], down[k]) for k in encoder)
+    assert all(torch.isfinite(v).all() for v in up.values())
+    assert metrics["num-examples"] == round(3 * 4) and metrics["steps"] == 3
+    assert "koleo_loss" not in metrics  # off under DP
+
+
+def test_the_noise_and_batches_come_from_the_sites_secret(site_file, initial, request_values, tmp_path) -> None:
+    """Same request, same salt: the same release (a retry). Another salt: other noise and batches."""
+    a, *_ = _round(site_file, initial, request_values, tmp_path / "a", local_steps=2)
+    b, *_ = _round(site_file, initial, request_values, tmp_path / "b", local_steps=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tmp_path / "other-site"
+    shutil.copytree(site_file.parent / "catalog", other / "catalog")
+    (other / "catalog" / "site.salt").write_text("01" * 32 + "\n")
+    (other / "site.yaml").write_text(site_file.read_text())
+    c, *_ = _round(other / "site.yaml", initial, request_values, tmp_path / "c", local_steps=2)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("encoder/"))
+
+
+def test_a_samples_term_does_not_depend_on_the_rest_of_the_batch(site_file, run_yaml, initial) -> None:
+    """What makes per-sample clipping valid: centres fixed, KoLeo off, so crops of one series alone."""
+    run_cfg = parse_run_config(run_yaml)
+    meta = build_ssl_model(run_cfg, select(initial, stage_groups("pretrain", run_cfg).down), "pretrain").train()
+    make_private(meta)
+    assert meta.koleo_loss is None and meta.per_sample_decomposable
+    centre = meta.dino_loss.center.clone()
+    g = torch.Generator().manual_seed(0)
+    crops = [{"global_crops": [torch.randn(1, 16, 16, 16, generator=g) for _ in range(2)],
+              "local_crops": [torch.randn(1, 8, 8, 8, generator=g) for _ in range(2)]} for _ in range(3)]
+    loss = ssl_sample_loss(meta, 0.04)
+    first = collate_multicrop([crops[0]])
+    torch.manual_seed(1)
+    alone = loss({}, first)
+    for other in crops[1:]:  # run other samples through the model in between
+        loss({}, collate_multicrop([other]))
+    torch.manual_seed(1)
+    again = loss({}, first)
+    assert torch.equal(alone, again)
+    assert torch.equal(meta.dino_loss.center, centre)
+
+
+def test_sinkhorn_centering_is_declined_with_the_reason(site_file, run_yaml, initial) -> None:
+    from fedmri.config import load_config, to_yaml
+
+    from conftest import OVERRIDES
+
+    run_cfg = parse_run_config(to_yaml(load_config("tiny", overrides=[*OVERRIDES, "ssl.centering=sinkhorn_knopp"])))
+    meta = build_ssl_model(run_cfg, select(initial, stage_groups("pretrain", run_cfg).down), "pretrain")
+    with pytest.raises(DeclineError, match="Sinkhorn-Knopp"):
+        make_private(meta)
+
+
+def test_poisson_batches_have_mean_size_q_n_and_may_be_empty() -> None:
+    batches = poisson_batches(20, 0.1, 2000, seed=3)
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float32)
+    assert sizes.mean().item() == pytest.approx(2.0, abs=0.15)
+    assert (sizes == 0).any()
+    assert batches == poisson_batches(20, 0.1, 2000, seed=3)
+
+
+def test_a_round_past_the_budget_is_declined_before_any_work(site_file, initial, request_values, tmp_path) -> None:
+    with pytest.raises(DeclineError, match="privacy budget"):
+        _round(site_file, initial, request_values, tmp_path, ["policy.dp.epsilon_total=0.5"], local_steps=3)

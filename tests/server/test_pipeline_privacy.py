@@ -1,0 +1,108 @@
+"""Site-enforced privacy in a whole pipeline over the real ClientApp (issue 5 acceptance).
+
+Three hospitals with different policies take part in one run:
+
+- site-01 has an ε budget between what one and two DP-SGD rounds cost it: it
+  declines the second round and the run goes on with the other two;
+- site-02 leaves align out of its policy.stages;
+- site-03 requires DP, so it trains pretrain (private) and declines align (not).
+
+Every decline reaches the coordinator with its reason, and no ledger ever
+shows more than its site's budget.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedmri.client.privacy import PrivacyLedger
+from fedmri.client.privacy.accountant import rdp_epsilon
+from fedmri.data.dataset import SeriesDataset
+from fedmri.server.config import load_federation
+from fedmri.server.pipeline import Pipeline
+
+from local_grid import LocalGrid
+
+MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
+         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
+SIGMA, STEPS, DELTA = 2.5, 2, 1e-5
+
+
+def _site(tmp_path: Path, site: tuple, policy: dict) -> Path:
+    name, site_file, catalog = site
+    cfg = OmegaConf.load(site_file)
+    cfg.policy = OmegaConf.merge(cfg.get("policy", {}), policy, {"dp": {"ledger": str(tmp_path / f"{name}.ledger")}})
+    path = tmp_path / f"{name}.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def privacy_run(tmp_path_factory: pytest.TempPathFactory, federation_sites: list, module_server_identity: None) -> dict:
+    tmp = tmp_path_factory.mktemp("privacy-run")
+    first = federation_sites[0]
+    rate = min(1.0, 2 / len(SeriesDataset(first[2], "train")))  # batch_size 2 in the site files
+    one, two = (rdp_epsilon([(SIGMA, rate, STEPS)] * r, DELTA) for r in (1, 2))
+    budget = (one + two) / 2
+    files = [_site(tmp, first, {"dp": {"epsilon_total": budget}}),
+             _site(tmp, federation_sites[1], {"stages": ["pretrain", "evaluate"]}),
+             _site(tmp, federation_sites[2], {"dp": {"required": True}})]
+    body = {"name": "private", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp / "runs"),
+            "export": False, "wait_for_sites_s": 5,
+            "stages": [{"name": "pretrain", "rounds": 2, "local_steps": STEPS,
+                        "dp": {"enabled": True, "noise_multiplier": SIGMA}},
+                       {"name": "align", "rounds": 1, "local_steps": 2, "min_sites": 1},
+                       {"name": "evaluate"}]}
+    fed = load_federation(text=OmegaConf.to_yaml(OmegaConf.create(body)))
+    pipeline = Pipeline(fed)
+    pipeline.run_all(LocalGrid({101 + i: f for i, f in enumerate(files)}))
+    return {"pipeline": pipeline, "files": files, "budget": budget, "one": one, "tmp": tmp,
+            "rows": [json.loads(line) for line in (tmp / "runs" / "private" / "metrics.jsonl").read_text().splitlines()]}
+
+
+def _row(rows: list, site: str, stage: str, rnd: int) -> dict:
+    return next(r for r in rows if (r["site"], r["stage"], r["round"]) == (site, stage, rnd))
+
+
+@pytest.mark.slow
+def test_a_site_declines_the_round_past_its_budget_and_the_run_goes_on(privacy_run: dict) -> None:
+    rows, budget = privacy_run["rows"], privacy_run["budget"]
+    first = _row(rows, "site-01", "pretrain", 1)
+    assert first["status"] == "ok" and first["dp-epsilon-total"] == pytest.approx(privacy_run["one"], abs=1e-9)
+    second = _row(rows, "site-01", "pretrain", 2)
+    assert second["status"] == "declined" and second["reason"].startswith("privacy budget")
+    assert f"{budget:g}"[:4] in second["reason"]
+    aggregated = _row(rows, "all", "pretrain", 2)
+    assert aggregated["status"] == "aggregated" and aggregated["sites"] == 2
+    for name in ("site-02", "site-03"):
+        assert _row(rows, name, "pretrain", 2)["status"] == "ok"
+    with PrivacyLedger(privacy_run["tmp"] / "site-01.ledger", create=False) as ledger:
+        entries = ledger.entries()
+    assert [e.round for e in entries] == [1] and max(e.epsilon_total for e in entries) <= budget
+
+
+@pytest.mark.slow
+def test_ledgers_hold_opacus_epsilon_for_every_round_that_left(privacy_run: dict) -> None:
+    rows = privacy_run["rows"]
+    for name in ("site-02", "site-03"):
+        with PrivacyLedger(privacy_run["tmp"] / f"{name}.ledger", create=False) as ledger:
+            entries = ledger.entries()
+        assert [(e.stage, e.round) for e in entries] == [("pretrain", 1), ("pretrain", 2)]
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        assert entries[-1].epsilon_total == pytest.approx(rdp_epsilon(history, DELTA), abs=1e-6)
+        assert _row(rows, name, "pretrain", 2)["dp-epsilon-run"] == pytest.approx(entries[-1].epsilon_run)
+
+
+@pytest.mark.slow
+def test_policy_declines_reach_the_coordinator_with_their_reasons(privacy_run: dict) -> None:
+    rows = privacy_run["rows"]
+    assert "not in this site's policy.stages" in _row(rows, "site-02", "align", 1)["reason"]
+    assert "requires differential privacy" in _row(rows, "site-03", "align", 1)["reason"]
+    assert _row(rows, "site-01", "align", 1)["status"] == "ok"
+    history = privacy_run["pipeline"].history
+    align = next(h for h in history if h["stage"] == "align")
+    assert set(align["declined"]) == {"site-02", "site-03"}
