@@ -204,6 +204,10 @@ def _check_dp(stage: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}: site_dp is for pretrain and align stages")
         if not (site.noise_multiplier > 0 and site.clip_norm > 0 and 0 < site.delta < 1):
             raise ConfigError(f"{where}: site_dp needs noise_multiplier > 0, clip_norm > 0 and delta in (0, 1)")
+        if site.mode == "central" and stage.strategy.get("name") not in ("fedavg", "fedprox"):
+            raise ConfigError(f"{where}: central site_dp adds its noise to the mean of the clipped updates, so it "
+                              f"needs strategy fedavg or fedprox, not {stage.strategy.get('name')!r}; or use "
+                              "site_dp mode local")
 
 
 def dp_request(stage: DictConfig) -> dict[str, Any]:

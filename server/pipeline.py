@@ -34,6 +34,7 @@ from fedmri.errors import FedmriError
 from fedmri.protocol import PROTOCOL_VERSION
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, run_config
+from fedmri.server.privacy_report import model_card_privacy, privacy_summary, write_privacy_report
 from fedmri.server.rundir import RunDir
 
 # Test hook: stop the coordinator right after this global round's checkpoint,
@@ -111,7 +112,10 @@ class Pipeline:
         self.fed = fed
         self.cfg = run_config(fed)
         self.run = RunDir(run_dir or Path(fed.run_root) / fed.name)
-        self.aggregators = [build_aggregator(OmegaConf.to_container(s.strategy, resolve=True)) for s in fed.stages]
+        self.aggregators = [_aggregator(s, build_aggregator(OmegaConf.to_container(s.strategy, resolve=True)))
+                            for s in fed.stages]
+        # (noise multiplier, site sampling rate) of every round released under central site-level DP.
+        self.central_dp: list[tuple[float, float]] = []
         self.state: dict[str, torch.Tensor] = {}
         self.rng = np.random.default_rng(int(fed.seed))
         self.history: list[dict[str, Any]] = []
@@ -148,6 +152,7 @@ class Pipeline:
         self.rng.bit_generator.state = meta["rng"]
         self.history = meta.get("history", [])
         self.sites_seen = set(meta.get("sites_seen", []))
+        self.central_dp = [tuple(x) for x in meta.get("central_dp", [])]
         for i, agg in enumerate(self.aggregators):
             arrays = {k.split("/", 1)[1]: v for k, v in strategy_arrays.items() if k.startswith(f"{i}/")}
             agg.load_state_dict(arrays, meta["strategies"][i])
@@ -295,7 +300,10 @@ class Pipeline:
             accepted = useful
         else:
             current = wire.to_record(wire.select(self.state, groups.up))
-            accepted, rejected = validate_replies(current, useful, float(self.fed.norm_bound_factor))
+            # Under central site DP, clipping bounds each site; rejecting relative to the other
+            # sites' norms would let one site's data decide whether another site counts.
+            factor = math.inf if stage.site_dp.mode == "central" else float(self.fed.norm_bound_factor)
+            accepted, rejected = validate_replies(current, useful, factor)
             for node, reason in rejected.items():
                 out.rejected[int(node)] = reason
                 rows.append(base | {"site": self.site(int(node)), "node": int(node), "status": "rejected", "reason": reason})
@@ -325,6 +333,8 @@ class Pipeline:
                     m = wire.server_teacher_momentum(float(config["teacher-momentum"]), int(stage.local_steps))
                     wire.update_teacher(self.state, m)
                 out.updated = True
+                if stage.site_dp.mode == "central":
+                    out.aggregated |= self._central_epsilon(stage, len(sampled) / len(nodes))
         else:
             log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
                 len(accepted), need, "nothing to report" if stage.name == "evaluate" else "weights unchanged")
@@ -341,6 +351,15 @@ class Pipeline:
             + (f", {len(out.failed)} failed" if out.failed else "")
             + (f", {len(out.rejected)} rejected" if out.rejected else "") + ")")
         return out
+
+    def _central_epsilon(self, stage: DictConfig, sample_rate: float) -> dict[str, float]:
+        """Account one more round of central site-level DP; the run's ε so far at the stage's δ."""
+        from fedmri.client.privacy.accountant import rdp_epsilon
+
+        self.central_dp.append((float(stage.site_dp.noise_multiplier), float(sample_rate)))
+        delta = float(stage.site_dp.delta)
+        return {"site-dp-epsilon": rdp_epsilon([(z, q, 1) for z, q in self.central_dp], delta),
+                "site-dp-delta": delta}
 
     # ------------------------------------------------------------------- main
     def run_all(self, grid: GridLike) -> dict[str, Any]:
@@ -380,6 +399,7 @@ class Pipeline:
             "stage_index": stage_i, "stage": self.fed.stages[stage_i].name, "round": rnd,
             "rng": self.rng.bit_generator.state, "strategies": scalars, "history": self.history,
             "sites_seen": sorted(self.sites_seen), "site_names": {str(k): v for k, v in self.site_names.items()},
+            "central_dp": [list(x) for x in self.central_dp],
         })
 
     def _finish(self) -> dict[str, Any]:
@@ -395,6 +415,7 @@ class Pipeline:
                    "per_site": per_site, "rounds": len(self.history), "sites_seen": sorted(self.sites_seen)}
         self.run.write_results(results)
         self.run.plot()
+        write_privacy_report(self.run.path, rows)
         if self.fed.export:
             self.export(self.run.path / "encoder")
         self.run.write_state(name=self.fed.name, status="finished", stage=None, round=None,
@@ -410,7 +431,8 @@ class Pipeline:
 
         aligned = any(s.name == "align" for s in self.fed.stages)
         extra = {"run": self.fed.name, "rounds": len(self.history), "sites": sorted(self.sites_seen),
-                 "stages": [f"{s.name} x{s.rounds}" for s in self.fed.stages]}
+                 "stages": [f"{s.name} x{s.rounds}" for s in self.fed.stages],
+                 "privacy": model_card_privacy(privacy_summary(self.run.read_metrics()))}
         if aligned:
             model = build_aligned_model(self.cfg, image_encoder=build_encoder(self.cfg))
             wire.load_align_state(model, wire.select(self.state, wire.ALIGN_GROUPS))
@@ -418,6 +440,18 @@ class Pipeline:
             model = build_encoder(self.cfg)
             model.load_state_dict({k.split("/", 1)[1]: v for k, v in wire.select(self.state, [wire.ENCODER]).items()})
         return save_encoder(out, model, config=self.cfg, extra=extra)
+
+
+def _aggregator(stage: DictConfig, aggregator: Any) -> Any:
+    """The stage's aggregator, wrapped for central site-level DP when the stage asks for it."""
+    if stage.site_dp.mode != "central":
+        return aggregator
+    from fedmri.strategies.site_dp import CentralSiteDP
+
+    # Noise from the OS, never from the run seed: every site knows that seed, and the
+    # checkpoint holds the seeded generator's state; either would let the noise be replayed.
+    return CentralSiteDP(aggregator, float(stage.site_dp.clip_norm), float(stage.site_dp.noise_multiplier),
+                         np.random.default_rng())
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

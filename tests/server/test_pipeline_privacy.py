@@ -30,6 +30,7 @@ from local_grid import LocalGrid
 MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
          "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
 SIGMA, STEPS, DELTA = 2.5, 2, 1e-5
+Z = 1.5  # central site-level noise multiplier
 
 
 def _site(tmp_path: Path, site: tuple, policy: dict) -> Path:
@@ -54,7 +55,8 @@ def privacy_run(tmp_path_factory: pytest.TempPathFactory, federation_sites: list
     body = {"name": "private", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp / "runs"),
             "export": False, "wait_for_sites_s": 5,
             "stages": [{"name": "pretrain", "rounds": 2, "local_steps": STEPS,
-                        "dp": {"enabled": True, "noise_multiplier": SIGMA}},
+                        "dp": {"enabled": True, "noise_multiplier": SIGMA},
+                        "site_dp": {"mode": "central", "noise_multiplier": Z, "clip_norm": 5.0, "delta": DELTA}},
                        {"name": "align", "rounds": 1, "local_steps": 2, "min_sites": 1},
                        {"name": "evaluate"}]}
     fed = load_federation(text=OmegaConf.to_yaml(OmegaConf.create(body)))
@@ -106,3 +108,36 @@ def test_policy_declines_reach_the_coordinator_with_their_reasons(privacy_run: d
     history = privacy_run["pipeline"].history
     align = next(h for h in history if h["stage"] == "align")
     assert set(align["declined"]) == {"site-02", "site-03"}
+
+
+@pytest.mark.slow
+def test_central_site_level_epsilon_is_accounted_and_reported(privacy_run: dict) -> None:
+    rows = privacy_run["rows"]
+    for rnd in (1, 2):
+        expected = rdp_epsilon([(Z, 1.0, 1)] * rnd, DELTA)
+        assert _row(rows, "all", "pretrain", rnd)["site-dp-epsilon"] == pytest.approx(expected, rel=1e-9)
+    run = privacy_run["tmp"] / "runs" / "private"
+    summary = json.loads((run / "privacy.json").read_text())
+    assert summary["central"]["pretrain"]["epsilon"] == pytest.approx(rdp_epsilon([(Z, 1.0, 1)] * 2, DELTA))
+    assert summary["sites"]["site-01"]["declined_for_budget"]
+    assert "site-01" in (run / "privacy.md").read_text() and (run / "plots" / "privacy.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_local_site_level_dp_is_recorded_in_the_sites_ledger(tmp_path: Path, federation_sites: list,
+                                                              module_server_identity: None) -> None:
+    files = [_site(tmp_path, site, {"dp": {"required": True}}) for site in federation_sites[:2]]
+    body = {"name": "local", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp_path / "runs"),
+            "export": True, "wait_for_sites_s": 5,
+            "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1,
+                        "site_dp": {"mode": "local", "noise_multiplier": 2.0, "clip_norm": 1.0}}]}
+    pipeline = Pipeline(load_federation(text=OmegaConf.to_yaml(OmegaConf.create(body))))
+    pipeline.run_all(LocalGrid({101 + i: f for i, f in enumerate(files)}))
+    for name, *_ in federation_sites[:2]:
+        with PrivacyLedger(tmp_path / f"{name}.ledger", create=False) as ledger:
+            (entry,) = ledger.entries()
+        # One Gaussian release of the clipped update: sensitivity 2C for one sample, so z/2 is accounted.
+        assert (entry.stage, entry.noise_multiplier, entry.sample_rate, entry.steps) == ("pretrain:site-level", 1.0, 1.0, 1)
+        assert entry.epsilon_total == pytest.approx(rdp_epsilon([(1.0, 1.0, 1)], DELTA), abs=1e-6)
+    card = json.loads((tmp_path / "runs" / "local" / "encoder" / "config.json").read_text())  # the model card
+    assert set(card["extra"]["privacy"]["sites"]) == {"site-01", "site-02"}
