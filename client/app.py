@@ -16,6 +16,7 @@ catalog paths or series pseudonyms; the SuperNode keeps serving either way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ def _handle(msg: Message, context: Context) -> Message:
         if stage == "evaluate":
             result = trainers.run_evaluate(site, run_cfg, state, request)
         else:
-            result = _train(site, run_cfg, state, request)
+            result = _train(site, run_cfg, state, request, _inputs_digest(msg))
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
         return _decline(msg, str(exc))
@@ -121,13 +122,24 @@ def _handle(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest) -> tuple[dict, dict[str, float]]:
+def _inputs_digest(msg: Message) -> str:
+    """SHA-256 of the request's config and arrays: what a retry of the same round repeats exactly."""
+    h = hashlib.sha256()
+    for key, value in sorted(msg.content["config"].items()):
+        h.update(f"{key}={value!r}\x1f".encode())
+    for key, array in msg.content["arrays"].items():
+        h.update(key.encode() + b"\x1f" + array.data)
+    return h.hexdigest()
+
+
+def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest,
+           inputs: str = "") -> tuple[dict, dict[str, float]]:
     """One training round, with the site's privacy mechanisms planned, applied and recorded.
 
     The ledger row is written after training and before the update leaves: a
     round that fails in between spent nothing, since nothing was released.
     """
-    gate = PrivacyGate(site, request) if request.dp or request.site_dp == "local" else None
+    gate = PrivacyGate(site, request, inputs=inputs) if request.dp or request.site_dp == "local" else None
     site_level = gate.plan_site_level() if request.site_dp == "local" else None  # declines over budget
     up, metrics = getattr(trainers, TRAINER[request.stage])(site, run_cfg, state, request, privacy=gate)
     if gate is None:

@@ -99,10 +99,12 @@ class PrivacyGate:
         site_cfg: The site file (its ``policy.dp`` and catalog).
         request: The round's request.
         ledger_path: The ledger; default ``<catalog>/privacy-ledger.sqlite``.
+        inputs: Digest of the weights and request the round starts from (see
+            :mod:`fedmri.client.privacy.ledger`); the ClientApp gives it.
     """
 
-    def __init__(self, site_cfg: Any, request: TrainRequest, ledger_path: Any = None) -> None:
-        self.site_cfg, self.request = site_cfg, request
+    def __init__(self, site_cfg: Any, request: TrainRequest, ledger_path: Any = None, inputs: str = "") -> None:
+        self.site_cfg, self.request, self.inputs = site_cfg, request, inputs
         self.ledger_path = ledger_path or default_ledger_path(site_cfg)
         self.dp = site_cfg.policy.dp
         self.plans: dict[str, DPPlan] = {}
@@ -160,10 +162,10 @@ class PrivacyGate:
                     r.run_name, plan.accounted_noise, plan.sample_rate, plan.steps, plan.delta,
                     None if total is None else float(total), None if per_run is None else float(per_run),
                     stage=stage, round=r.round, extra=[(p.accounted_noise, p.sample_rate, p.steps)
-                                                       for _, p in pending])
+                                                       for _, p in pending], inputs=self.inputs)
             except LedgerConflictError:
                 raise DeclineError(f"run {r.run_name!r} {stage} round {r.round} was already spent at this site "
-                                   "with other numbers; give each run a new name") from None
+                                   "from other weights or numbers; give each run a new name") from None
         if exceeds:
             raise DeclineError(
                 f"privacy budget: this {stage} round (noise {plan.noise_multiplier:.3g}, q {plan.sample_rate:.3g}, "
@@ -177,7 +179,7 @@ class PrivacyGate:
         with PrivacyLedger(self.ledger_path) as ledger:
             for stage, p in self.plans.items():
                 out.append(ledger.record_round(r.run_name, stage, r.round, p.accounted_noise, p.sample_rate,
-                                               p.steps, p.delta))
+                                               p.steps, p.delta, self.inputs))
         return out
 
     def metrics(self, entries: list[LedgerEntry]) -> dict[str, float]:

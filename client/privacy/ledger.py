@@ -19,11 +19,14 @@ catalog by default (:func:`default_ledger_path`). Writes are single
 that :meth:`PrivacyLedger.record_round` returned survives ``kill -9`` and
 power loss, and two processes never compute a total from the same history.
 
-Re-recording a (run, stage, round) with the same numbers returns the stored
-row and spends nothing: a retried round (the reply was lost, the client
-restarted) is the same release, since the site seeds every draw from run,
-stage, round and site. Different numbers under a recorded key raise
-:class:`LedgerConflictError`: the ledger cannot tell which one left the site.
+Re-recording a (run, stage, round) with the same numbers and the same
+``inputs`` (a digest of the weights and request the round started from)
+returns the stored row and spends nothing: a retried round (the reply was
+lost, the client restarted) is the same release, since the site seeds every
+draw from its secret, run, stage and round. Different numbers or inputs under
+a recorded key raise :class:`LedgerConflictError`: a reused run name would
+otherwise release a second update with the same noise, and the difference of
+the two would cancel it.
 """
 
 from __future__ import annotations
@@ -46,12 +49,13 @@ LEDGER_FILE = "privacy-ledger.sqlite"
 _APPLICATION_ID = 0x664D5249  # "fMRI"
 _VERSION = 1
 _COLUMNS = ("run", "stage", "round", "noise_multiplier", "sample_rate", "steps", "delta",
-            "epsilon_run", "epsilon_total", "accountant", "timestamp")
+            "epsilon_run", "epsilon_total", "accountant", "timestamp", "inputs")
 _SCHEMA = """CREATE TABLE rounds (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- record order
     run TEXT NOT NULL, stage TEXT NOT NULL, round INTEGER NOT NULL,
     noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL, delta REAL NOT NULL,
     epsilon_run REAL NOT NULL, epsilon_total REAL NOT NULL, accountant TEXT NOT NULL, timestamp TEXT NOT NULL,
+    inputs TEXT NOT NULL DEFAULT '',  -- digest of what the round started from ('' = not given)
     UNIQUE (run, stage, round))"""
 
 
@@ -81,6 +85,8 @@ class LedgerEntry:
     accountant: str
     # UTC, ISO 8601.
     timestamp: str
+    # Digest of the round's inputs (weights and request) that a retry must repeat; '' = not given.
+    inputs: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,7 +210,7 @@ class PrivacyLedger:
     def would_exceed(self, run: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                      budget_total: float | None, budget_run: float | None, *,
                      stage: str | None = None, round: int | None = None,
-                     extra: list[Step] | tuple[Step, ...] = ()) -> tuple[bool, float, float]:
+                     extra: list[Step] | tuple[Step, ...] = (), inputs: str = "") -> tuple[bool, float, float]:
         """Whether one more round would take the site past a budget; records nothing.
 
         Args:
@@ -213,6 +219,7 @@ class PrivacyLedger:
             budget_run: Most ε for ``run``; None for no limit.
             stage, round: Give both to let a retry of a recorded round cost nothing.
             extra: Other mechanisms of the same run planned alongside, not recorded yet.
+            inputs: As in :meth:`record_round`.
 
         Returns:
             ``(exceeds, epsilon_total, epsilon_run)`` after the round; ``exceeds`` when
@@ -225,7 +232,8 @@ class PrivacyLedger:
         _check_delta(delta)
         budgets = [_check_budget(budget_total, "budget_total"), _check_budget(budget_run, "budget_run")]
         everything, mine = self.history(), self.history(run)
-        if stage is None or round is None or self._existing(*_check_key(run, stage, round), step, delta) is None:
+        if stage is None or round is None or self._existing(*_check_key(run, stage, round), step, delta,
+                                                            inputs) is None:
             everything, mine = everything + [step], mine + [step]
         pending = [_check_step(*e) for e in extra]
         everything, mine = everything + pending, mine + pending
@@ -234,7 +242,7 @@ class PrivacyLedger:
         return exceeds, eps_total, eps_run
 
     def record_round(self, run: str, stage: str, round: int, noise_multiplier: float, sample_rate: float,
-                     steps: int, delta: float) -> LedgerEntry:
+                     steps: int, delta: float, inputs: str = "") -> LedgerEntry:
         """Record a private round that ran, in one durable transaction; call before its update leaves.
 
         Returns:
@@ -249,13 +257,13 @@ class PrivacyLedger:
         run, stage, round = _check_key(run, stage, round)
         step, delta = _check_step(noise_multiplier, sample_rate, steps), _check_delta(delta)
         with self._transaction():
-            existing = self._existing(run, stage, round, step, delta)
+            existing = self._existing(run, stage, round, step, delta, inputs)
             if existing is not None:
                 return existing
             everything, mine = self.history(), self.history(run)
             entry = LedgerEntry(run, stage, round, *step, delta, epsilon_run=rdp_epsilon(mine + [step], delta),
                                 epsilon_total=rdp_epsilon(everything + [step], delta), accountant=ACCOUNTANT,
-                                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), inputs=str(inputs))
             row = entry.to_dict()
             self._conn.execute(f"INSERT INTO rounds ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(row))})",
                                tuple(row[c] for c in _COLUMNS))
@@ -274,10 +282,15 @@ class PrivacyLedger:
                              epsilon_total=last.epsilon_total if last else 0.0,
                              delta=last.delta if last else None, last_update=last.timestamp if last else None)
 
-    def _existing(self, run: str, stage: str, round: int, step: Step, delta: float) -> LedgerEntry | None:
-        """The stored row of this key if its numbers match; raises if they differ."""
+    def _existing(self, run: str, stage: str, round: int, step: Step, delta: float,
+                  inputs: str = "") -> LedgerEntry | None:
+        """The stored row of this key if its numbers and inputs match; raises if they differ."""
         for e in self.entries(run):
             if (e.stage, e.round) == (stage, round):
+                if e.inputs != str(inputs):
+                    raise LedgerConflictError(
+                        f"run {run!r} stage {stage!r} round {round} is already recorded from other weights or "
+                        "another request: the run name was reused; a new run needs a new name")
                 if (e.noise_multiplier, e.sample_rate, e.steps, e.delta) == (*step, delta):
                     return e
                 raise LedgerConflictError(

@@ -147,7 +147,7 @@ def test_a_trainer_crash_is_declined_without_its_message(site_file, initial, req
                                                          caplog) -> None:
     from fedmri.client import trainers
 
-    def crash(*args: object) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cache entry /data/site/PAT0001/series.npz is missing")
 
     monkeypatch.setattr(trainers, "run_pretrain", crash, raising=False)

@@ -119,6 +119,19 @@ def test_a_retried_round_is_recorded_once(tmp_path: Path) -> None:
         assert ledger.entries() == [first]
 
 
+def test_a_reused_run_name_with_other_weights_is_a_conflict_not_a_retry(tmp_path: Path) -> None:
+    """Same numbers, other inputs: a second release with the same noise seed, which must not pass as a retry."""
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:
+        first = ledger.record_round("demo", "pretrain", 1, 1.1, 0.01, 100, DELTA, inputs="weights-a")
+        assert ledger.record_round("demo", "pretrain", 1, 1.1, 0.01, 100, DELTA, inputs="weights-a") == first
+        with pytest.raises(LedgerConflictError, match="run name was reused"):
+            ledger.record_round("demo", "pretrain", 1, 1.1, 0.01, 100, DELTA, inputs="weights-b")
+        with pytest.raises(LedgerConflictError, match="run name was reused"):
+            ledger.would_exceed("demo", 1.1, 0.01, 100, DELTA, None, None, stage="pretrain", round=1,
+                                inputs="weights-b")
+        assert ledger.entries() == [first]
+
+
 def test_a_recorded_round_survives_kill_9(tmp_path: Path) -> None:
     """A real SIGKILL while the child records rounds: every acknowledged row is in the file,
     and ε goes on from the stored (noise, rate, steps), not from stored ε."""
