@@ -89,12 +89,25 @@ def encode_reports(model: AlignedModel, reports: list[str], device: torch.device
     return torch.cat(parts)  # R, H
 
 
-def _image(sample: dict[str, Any], seed: int) -> Tensor:
+def series_image(sample: dict[str, Any], seed: int) -> Tensor:
+    """The series' volume (1, X, Y, Z): alignment steps do not augment."""
     return sample["image"]  # 1, X, Y, Z
 
 
+def site_aligned_model(run_cfg: DictConfig, state_down: State, device: torch.device) -> AlignedModel:
+    """The run's aligned model with the round's weights, on ``device``, in train mode.
+
+    Raises:
+        RequestError: Weights that do not fit the run's model.
+    """
+    model = build_site_aligned_model(run_cfg)
+    check_state_keys(state_down, select(align_state(model), stage_groups("align", run_cfg).down), "align")
+    load_align_state(model, state_down)
+    return model.to(device).train()
+
+
 def run_align(
-    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, privacy: Any = None
 ) -> tuple[State, dict[str, float]]:
     """One round of local contrastive alignment on the site's training image-report pairs.
 
@@ -103,24 +116,36 @@ def run_align(
         run_cfg: The run's resolved config (model and align sections).
         state_down: Wire tensors of the align down groups.
         request: The round's request; uses ``local_steps``, ``lr``,
-            ``weight_decay``, ``proximal_mu``.
+            ``weight_decay``, ``proximal_mu``, and the ``dp`` fields: with ``dp``
+            the round runs DP-SGD on fixed negatives
+            (:mod:`fedmri.client.trainers.align_dp`).
+        privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate`, which
+            plans the DP-SGD mechanism and checks the site's budget; made here when
+            None (the caller then records nothing).
 
     Returns:
         The align up groups as float32 CPU tensors, and metrics:
-        ``num-examples`` (pairs seen), ``steps``, the mean over steps of
+        ``num-examples`` (pairs seen; under DP the expected number), ``steps``, the mean over steps of
         ``align_loss`` and ``loss``, ``proximal_loss`` when FedProx is on, and
         the final ``logit_scale`` (exp of the clamped parameter).
 
     Raises:
-        DeclineError: Fewer than 2 distinct reports with images, or divergence.
+        DeclineError: Fewer than 2 distinct reports with images (1 under DP), divergence,
+            DP with in-batch negatives (``align.dp_negatives: none``), or a DP round past the budget.
         RequestError: Weights that do not fit the run's model.
     """
     if request.stage != "align":
         raise ValueError(f"run_align got a {request.stage!r} request")
+    if request.dp:
+        from fedmri.client.trainers.align_dp import require_dp_align
+
+        require_dp_align(run_cfg, f"align round {request.round}")
     device = site_device(site_cfg)
     dataset = site_dataset(site_cfg, "train")
     reports, owner = report_pairs(dataset)
     series_of = [[i for i, r in enumerate(owner) if r == u] for u in range(len(reports))]
+    if request.dp:
+        return _run_private(site_cfg, run_cfg, state_down, request, privacy, dataset, reports, series_of, device)
     if len(reports) < 2:
         raise DeclineError("align needs image-report pairs with at least 2 different reports in the "
                            "site's train split")
@@ -128,12 +153,8 @@ def run_align(
     if batch_size < 2:
         raise DeclineError(f"site batch_size {site_cfg.batch_size} is below the 2 pairs a contrastive step needs")
     seed = round_seed(request, site_cfg.name)
-    groups = stage_groups("align", run_cfg)
     with seeded(seed, device):
-        model = build_site_aligned_model(run_cfg)
-        check_state_keys(state_down, select(align_state(model), groups.down), "align")
-        load_align_state(model, state_down)
-        model.to(device).train()
+        model = site_aligned_model(run_cfg, state_down, device)
         objective = build_align_objective(run_cfg).to(device)
         rng = np.random.default_rng(derive_seed(seed, "batches"))
         unit_batches = balanced_batches(len(reports), batch_size, request.local_steps, rng)
@@ -144,7 +165,7 @@ def run_align(
         set_rates(optimizer, request.lr, request.weight_decay)
         proximal = Proximal(model.named_parameters(), request.proximal_mu)
         means = RunningMean()
-        loader = load_batches(dataset, series_batches, _image, seed, site_cfg.num_workers)
+        loader = load_batches(dataset, series_batches, series_image, seed, site_cfg.num_workers)
         for units, images in zip(unit_batches, loader):
             images = torch.stack(images).to(device)  # B, 1, X, Y, Z
             if pooled is not None:
@@ -163,8 +184,36 @@ def run_align(
             total.backward()
             optimizer.step()
             means.add(named)
-    up = {k: v.detach().to("cpu", torch.float32).clone() for k, v in select(align_state(model), groups.up).items()}
-    metrics = means.means() | {"logit_scale": float(model.scale().detach())}
+    return _finish(model, run_cfg, means.means(), len(unit_batches) * batch_size, len(unit_batches))
+
+
+def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest,
+                 privacy: Any, dataset: Any, reports: list[str], series_of: list[list[int]],
+                 device: torch.device) -> tuple[State, dict[str, float]]:
+    """One round of DP-SGD alignment on fixed negatives (see :mod:`fedmri.client.trainers.align_dp`)."""
+    from fedmri.client.privacy.gate import PrivacyGate
+    from fedmri.client.trainers.align_dp import PairTexts, dp_align_loop
+
+    if not reports:
+        raise DeclineError("align needs image-report pairs in the site's train split")
+    plan = (privacy or PrivacyGate(site_cfg, request)).plan(len(reports), min(int(site_cfg.batch_size), len(reports)))
+    with seeded(plan.seed, device):
+        model = site_aligned_model(run_cfg, state_down, device)
+        texts = PairTexts(model, run_cfg, reports, device)
+        optimizer = torch.optim.AdamW(decay_groups(model.named_parameters()))
+        set_rates(optimizer, request.lr, request.weight_decay)
+        proximal = Proximal(model.named_parameters(), request.proximal_mu)
+        metrics = dp_align_loop(model, dataset, series_of, texts, plan, device, optimizer, proximal,
+                                int(run_cfg.align.queue_size), site_cfg.num_workers)
+    # The expected number of pairs seen: the sampled one would tell the Poisson draws.
+    return _finish(model, run_cfg, metrics, round(plan.steps * plan.expected_batch_size), plan.steps)
+
+
+def _finish(model: AlignedModel, run_cfg: DictConfig, metrics: dict[str, float], examples: int,
+            steps: int) -> tuple[State, dict[str, float]]:
+    up = {k: v.detach().to("cpu", torch.float32).clone()
+          for k, v in select(align_state(model), stage_groups("align", run_cfg).up).items()}
+    metrics = metrics | {"logit_scale": float(model.scale().detach())}
     if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
         raise DeclineError("align diverged at the site (non-finite loss or weights); lower the learning rate")
-    return up, {"num-examples": len(unit_batches) * batch_size, "steps": len(unit_batches), **metrics}
+    return up, {"num-examples": examples, "steps": steps, **metrics}

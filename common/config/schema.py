@@ -124,6 +124,18 @@ class AlignConfig:
     # Text tower layers that train, counted from the top: 0 = frozen (no text
     # weights on the wire, and the export only references the tower), -1 = all.
     text_trainable_layers: int = 0
+    # Negatives of each pair under sample-level DP-SGD (rounds with dp; ignored
+    # otherwise). "none": the batch's other reports, as CLIP/SigLIP use them;
+    # they couple the pairs of a batch, so a DP round refuses it. "synthetic":
+    # a fixed set of non-patient report texts that fedmri writes from its
+    # synthetic report templates with a fixed seed (the same at every site, no
+    # patient data), so each pair's term depends on that pair alone
+    # (fedmri.align.dp_negatives).
+    dp_negatives: str = "none"
+    # How many fixed negative texts each private pair is contrasted with
+    # (image->text only; 1 to 4096). More sharpens the loss; with trainable text
+    # layers every pair's term runs all of them through the tower.
+    dp_num_negatives: int = 64
     # --- optimisation (fedmri.align.align_schedule; evaluated per round) ---
     # Peak AdamW learning rate of the alignment stage (projections, logit scale
     # and whatever towers train). The behaviour test aligns at 1e-3.
