@@ -183,7 +183,12 @@ def _check(cfg: DictConfig, where: str) -> None:
             build_aggregator(OmegaConf.to_container(stage.strategy))
         except ConfigError as exc:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}).strategy: {exc}") from None
-    run_config(cfg)  # the encoder preset and overrides must load
+    run_cfg = run_config(cfg)  # the encoder preset and overrides must load
+    for i, stage in enumerate(cfg.stages):
+        if stage.name == "align" and stage.dp.enabled:
+            from fedmri.align.dp_negatives import require_dp_valid
+
+            require_dp_valid(run_cfg, f"{where}: stages[{i}] (align) with dp.enabled")
 
 
 def _check_dp(stage: DictConfig, where: str) -> None:

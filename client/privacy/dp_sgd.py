@@ -18,6 +18,7 @@ step, and batch-coupled terms (KoLeo, in-batch contrastive negatives) are out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,7 +114,8 @@ def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_mu
     sizes = {g.shape[0] for g in per_sample.values()}
     if len(sizes) > 1:
         raise ValueError(f"per-sample gradients disagree on the number of samples: {sorted(sizes)}")
-    squares = [g.flatten(1).pow(2).sum(1) for g in per_sample.values()]
+    # reshape with explicit sizes: flatten(1) fails on scalar parameters' (B,) grads, reshape(B, -1) on B = 0.
+    squares = [g.reshape(g.shape[0], math.prod(g.shape[1:])).pow(2).sum(1) for g in per_sample.values()]
     norms = torch.stack(squares).sum(0).sqrt()  # B
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # B
     std = noise_multiplier * max_grad_norm
