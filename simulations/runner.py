@@ -165,6 +165,8 @@ def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extr
                             "threads": int(sim.threads_per_site), "batch_size": int(sim.batch_size)}
     if extra:
         body["extra_catalogs"] = [str(p) for p in extra]
+        # The pooled baseline is not site-01: it keeps its own privacy ledger.
+        body["policy"] = {"dp": {"ledger": str(path.with_suffix(".privacy-ledger.sqlite"))}}
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(body)), encoding="utf-8")
 
 
