@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -192,10 +191,7 @@ def dp_align_step(model: AlignedModel, pairs: Sequence[Pair], texts: PairTexts, 
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     per_sample = per_sample_grads(pair_loss(model, texts, seen), params, list(pairs))
-    # As rows (B, numel): clip_and_noise flattens from dim 1, which the logit scale's (B,) lacks.
-    rows = {n: g.reshape(g.shape[0], math.prod(g.shape[1:])) for n, g in per_sample.items()}
-    noisy = clip_and_noise(rows, max_grad_norm, noise_multiplier, generator, expected_batch_size)
-    grads = {n: noisy[n].reshape(p.shape) for n, p in params.items()}
+    grads = clip_and_noise(per_sample, max_grad_norm, noise_multiplier, generator, expected_batch_size)
     extra = extra_grad() if extra_grad is not None else {}
     for name, p in params.items():
         g = grads[name] + extra[name] if name in extra else grads[name]
