@@ -1,0 +1,26 @@
+"""Downstream metrics: each site computes them on its own test split, the server averages them.
+
+A metric undefined at a site (AUROC of a label with one class there, HD95 with
+an empty mask) is left out of that site's dict; :func:`weighted_mean` averages
+each metric over the sites that have it. MONAI loads only when segmentation
+metrics are computed.
+"""
+
+from __future__ import annotations
+
+from fedmri.metrics.aggregate import weighted_mean
+from fedmri.metrics.classification import binary_auroc, binary_metrics, multiclass_metrics, multilabel_metrics
+from fedmri.metrics.localisation import mean_iou
+from fedmri.metrics.regression import mae
+from fedmri.metrics.segmentation import segmentation_metrics
+
+__all__ = [
+    "binary_auroc",
+    "binary_metrics",
+    "mae",
+    "mean_iou",
+    "multiclass_metrics",
+    "multilabel_metrics",
+    "segmentation_metrics",
+    "weighted_mean",
+]
