@@ -46,7 +46,14 @@ TRAINER = {"pretrain": "run_pretrain", "align": "run_align", "evaluate": "run_ev
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Reply with this site's software versions and, when it has a site file, its name; nothing about its data."""
+    """Reply with this site's software versions and, when it has a site file, its name; nothing about its data.
+
+    A query whose ``config`` record has ``task: search`` is a federated search instead
+    (:func:`fedmri.client.search.handle_search`): pseudonymous series ids and scores only.
+    """
+    config = msg.content.config_records.get("config")
+    if config is not None and config.get("task") == "search":
+        return _search(msg, context)
     reply = ConfigRecord({"fedmri_version": __version__, "protocol_version": PROTOCOL_VERSION})
     try:
         reply["site_name"] = str(load_site(_site_file(context)).name)
@@ -65,6 +72,19 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global model on one of the site's splits; no weights."""
     return _handle(msg, context)
+
+
+def _search(msg: Message, context: Context) -> Message:
+    from fedmri.client.search import handle_search
+
+    try:
+        site = load_site(_site_file(context))
+    except DeclineError as exc:
+        return _decline(msg, str(exc))
+    except Exception as exc:  # noqa: BLE001 -- see the module docstring
+        log.exception("search: the site file cannot be read")
+        return _decline(msg, f"search failed at the site ({type(exc).__name__}); the site's log has the details")
+    return handle_search(msg, context, site)
 
 
 def _site_file(context: Context) -> str:

@@ -2,7 +2,8 @@
 
 The federation config arrives as YAML text in the run config key
 ``fedmri-config`` (``fedmri run`` puts it there); without it the app runs the
-default federation. ``fedmri simulate`` builds its own ServerApp around a
+default federation. ``fedmri search`` sends ``fedmri-task = "search"`` and a
+JSON ``fedmri-search`` instead: a federated search with a finished run's model. ``fedmri simulate`` builds its own ServerApp around a
 config object with :func:`make_server_app`.
 """
 
@@ -46,8 +47,25 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry point: the federation config comes in the run config."""
+    """Deployment entry point: a pipeline run, or a federated search (``fedmri-task``)."""
     from fedmri.server.config import load_federation
 
+    if context.run_config.get("fedmri-task") == "search":
+        run_search_task(grid, str(context.run_config.get("fedmri-search", "")))
+        return
     text = context.run_config.get("fedmri-config")
     run_pipeline(grid, load_federation(text=str(text) if text else None))
+
+
+def run_search_task(grid: Grid, spec: str) -> dict:
+    """``fedmri search``: the JSON spec holds run_dir, text, top_k and split."""
+    import json
+
+    from fedmri.server.search import run_search
+
+    try:
+        job = json.loads(spec)
+        return run_search(grid, job["run_dir"], str(job["text"]), int(job["top_k"]), split=str(job.get("split", "all")))
+    except FedmriError as exc:
+        log(ERROR, "fedmri: %s", exc)
+        raise

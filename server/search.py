@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from logging import INFO, WARNING
 from typing import Any
 
@@ -184,3 +185,49 @@ def _check_top_k(top_k: int) -> None:
 
 __all__ = ["MAX_TOP_K", "SEARCH_GROUPS", "embed_query", "federated_search", "merge_results", "parse_reply",
            "search_messages"]
+
+
+def run_search(grid: Any, run_dir: str | Path, text: str, top_k: int, *, split: str = "all",
+               timeout: float = 60.0) -> dict[str, Any]:
+    """Search the federation with the aligned model of a run's last complete round.
+
+    Writes ``<run_dir>/search/<UTC time>.json`` (the query, the merged results,
+    the sites left out and why) and returns the same dict.
+
+    Raises:
+        InputError: ``run_dir`` is not a run folder, has no complete round, or never aligned.
+    """
+    import json
+    import time
+
+    from fedmri.errors import InputError
+    from fedmri.server.checkpoint import _write_text_atomic, load_checkpoint
+    from fedmri.server.config import load_federation, run_config
+    from fedmri.server.pipeline import Pipeline
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "federation.yaml").is_file():
+        raise InputError(f"{run_dir} is not a run folder (no federation.yaml); give runs/<name>")
+    fed = load_federation(run_dir / "federation.yaml")
+    if not any(s.name == "align" for s in fed.stages):
+        raise InputError(f"run {fed.name} has no align stage: its encoder has no shared text-image space to search")
+    ckpt = load_checkpoint(run_dir / "ckpt")
+    if ckpt is None:
+        raise InputError(f"run {run_dir} has no complete round yet; nothing to search with")
+    state, _, _ = ckpt
+    pipeline = Pipeline(fed, run_dir)  # for the sites' names (the query every run starts with)
+    pipeline._identify(grid, sorted(int(n) for n in grid.get_node_ids()))
+    names = {n: s for n, s in pipeline.site_names.items() if not s.endswith("(incompatible)")}
+    skipped: dict[str, str] = {}
+    results = federated_search(grid, run_config(fed), state, text, top_k, names, split=split, timeout=timeout,
+                               skipped=skipped)
+    out = {"run": fed.name, "query": text, "top_k": top_k, "split": split, "results": results, "skipped": skipped,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    folder = run_dir / "search"
+    folder.mkdir(exist_ok=True)
+    _write_text_atomic(folder / f"{out['time'].replace(':', '')}.json", json.dumps(out, indent=1))
+    log(INFO, "fedmri: search %r over %d sites: %d results%s", text, len(names), len(results),
+        f", {len(skipped)} sites left out" if skipped else "")
+    for row in results:
+        log(INFO, "fedmri:   %2d  %.3f  %s  %s", row["rank"], row["score"], row["site"], row["id"])
+    return out

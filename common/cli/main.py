@@ -18,6 +18,7 @@ from fedmri.cli.config_cmd import config_app
 from fedmri.cli.data_cmd import data_app
 from fedmri.cli.export_cmd import export_command
 from fedmri.cli.run_cmd import run_command, status_command
+from fedmri.cli.search_cmd import search_command
 from fedmri.cli.server_cmd import server_app
 from fedmri.cli.simulate_cmd import simulate_command
 from fedmri.errors import FedmriError
@@ -39,6 +40,7 @@ app.add_typer(client_app, name="client")
 app.command("run")(run_command)
 app.command("status")(status_command)
 app.command("export")(export_command)
+app.command("search")(search_command)
 app.command("simulate")(simulate_command)
 
 

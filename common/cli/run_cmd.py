@@ -66,6 +66,8 @@ clientapp = "fedmri.client.app:app"
 
 [tool.flwr.app.config]
 {RUN_CONFIG_KEY} = ""
+fedmri-task = "pipeline"
+fedmri-search = ""
 '''
 
 

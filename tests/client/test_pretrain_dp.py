@@ -80,12 +80,13 @@ def test_a_samples_term_does_not_depend_on_the_rest_of_the_batch(site_file, run_
     assert torch.equal(meta.dino_loss.center, centre)
 
 
-def test_sinkhorn_centering_is_declined_with_the_reason(site_file, run_yaml, initial) -> None:
-    from fedmri.config import load_config, to_yaml
+def test_sinkhorn_centering_is_declined_with_the_reason(site_file, small_cfg, initial) -> None:
+    from omegaconf import OmegaConf
 
-    from conftest import OVERRIDES
+    from fedmri.config import to_yaml
 
-    run_cfg = parse_run_config(to_yaml(load_config("tiny", overrides=[*OVERRIDES, "ssl.centering=sinkhorn_knopp"])))
+    sinkhorn = OmegaConf.merge(small_cfg, {"ssl": {"centering": "sinkhorn_knopp"}})
+    run_cfg = parse_run_config(to_yaml(sinkhorn))
     meta = build_ssl_model(run_cfg, select(initial, stage_groups("pretrain", run_cfg).down), "pretrain")
     with pytest.raises(DeclineError, match="Sinkhorn-Knopp"):
         make_private(meta)

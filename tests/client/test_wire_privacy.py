@@ -332,14 +332,15 @@ def test_every_reply_carries_only_up_tensors_aggregate_metrics_and_protocol_stri
 def test_metrics_are_the_same_aggregates_at_every_site(pipeline_run: tuple[list[Exchange], dict]) -> None:
     """Per-sample values would show as keys that depend on a site's data; every site reports the same names.
 
-    Two documented groups are all-or-nothing: retrieval (``i2t_*``, ``t2i_*``)
-    only when the split has image-report pairs, and the 1-NN probe (``knn_*``)
-    only when the site has training series to compare with. Which patient lands
+    Three documented groups are all-or-nothing: retrieval (``i2t_*``, ``t2i_*``)
+    only when the split has image-report pairs, the 1-NN probe (``knn_*``)
+    only when the site has training series to compare with, and the KoLeo loss
+    (``val_koleo_loss``) only when the split has two series. Which patient lands
     in a site's validation split depends on its random pseudonym salt, so a
     site may lack a group; the rest must match exactly.
     """
     exchanges, _ = pipeline_run
-    groups = {"retrieval": ("i2t_", "t2i_"), "knn": ("knn_",)}
+    groups = {"retrieval": ("i2t_", "t2i_"), "knn": ("knn_",), "koleo": ("val_koleo_",)}
     for stage in ("pretrain", "align", "evaluate"):
         keys = {x.site: sorted(x.reply.content["metrics"].keys()) for x in exchanges
                 if x.stage == stage and not _declined(x.reply)}

@@ -210,6 +210,25 @@ def test_training_run_completes_over_tls_with_node_auth(federation: Federation, 
     assert json.loads((federation.state / "submissions" / f"{run_id}.json").read_text())["name"] == "e2e"
 
 
+def test_federated_search_returns_only_ids_and_scores_from_each_site(federation: Federation, federation_sites: list,
+                                                                    daemons: list[Daemon], tmp_path: Path) -> None:
+    """`fedmri search` over TLS with a run's aligned model: a ranked list of pseudonymous series per site."""
+    run, config, run_dir = _start_run(federation, daemons, tmp_path, "e2e-search",
+                                      [{"name": "align", "rounds": 1, "local_steps": 1}], export=False)
+    _finish(federation, run)
+    out = fedmri_cli("search", "axial FLAIR of the brain", "--config", str(config), "--top-k", "3",
+                     "--state", str(federation.state), timeout=RUN_TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (saved,) = (run_dir / "search").glob("*.json")
+    result = json.loads(saved.read_text())
+    rows = result["results"]
+    assert len(rows) == 3 and [r["rank"] for r in rows] == [1, 2, 3]
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    assert {r["site"] for r in rows} <= set(GOOD) and not result["skipped"]
+    assert all(set(r) == {"site", "id", "score", "rank"} and len(r["id"]) == 32 for r in rows)
+    assert rows[0]["id"] in out.stdout  # printed for the coordinator
+
+
 @pytest.mark.slow
 def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federation_sites: list,
                                                   daemons: list[Daemon], tmp_path: Path) -> None:
