@@ -1,0 +1,306 @@
+"""The ``heads`` stage at a site: light task heads tuned on features of the frozen global encoder.
+
+Each site puts its series through the round's encoder once; the pooled
+features are cached on disk under the encoder's weight digest
+(:class:`fedmri.heads.FeatureCache`), so every later round with the same
+encoder reads them and a new encoder recomputes. A local step then costs a
+few small matrix products, and only the head groups (``head.<task>``) go back.
+
+All tasks train together: the step's loss is the sum over tasks of each task's
+mean loss over the series whose label is known (:mod:`fedmri.heads.tasks`).
+Under DP-SGD the private unit is one series, whose term is the sum over
+tasks of its masked losses: a sum of per-sample terms, clipped per series.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from fedmri.client.trainers.batches import balanced_batches
+from fedmri.client.trainers.context import (
+    DeclineError,
+    TrainRequest,
+    check_state_keys,
+    derive_seed,
+    round_seed,
+    seeded,
+    site_device,
+)
+from fedmri.client.trainers.data import site_dataset
+from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, set_rates
+from fedmri.client.trainers.pretrain import finite_state
+from fedmri.heads.mlp import pool_features
+from fedmri.heads.tasks import TASKS, build_task_heads, load_task_heads_state, task_heads_state
+from fedmri.wire import ENCODER, HEAD_PREFIX, SEP, State, select
+
+# Per task: (target, known) of every series, in dataset order.
+Targets = dict[str, tuple[Tensor, Tensor]]
+
+
+def _frozen_encoder(run_cfg: DictConfig, state: State, device: torch.device) -> nn.Module:
+    """The run's encoder with the ``encoder/...`` weights of ``state``, in eval mode on ``device``.
+
+    Raises:
+        RequestError: Encoder weights that do not fit the run's model.
+    """
+    from fedmri.models import build_encoder
+
+    encoder = build_encoder(run_cfg.model)
+    expected = {f"{ENCODER}{SEP}{k}": v for k, v in encoder.state_dict().items()}
+    check_state_keys(select(state, [ENCODER]), expected, "heads encoder")
+    encoder.load_state_dict({k[len(ENCODER) + 1:]: v for k, v in select(state, [ENCODER]).items()})
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def cache_root(site_cfg: DictConfig, run_cfg: DictConfig) -> Path:
+    """``heads.cache_dir``, resolved against the site's catalog folder when relative."""
+    root = Path(str(run_cfg.heads.cache_dir)).expanduser()
+    return root if root.is_absolute() else Path(str(site_cfg.catalog)) / root
+
+
+def _item_ids(dataset: Any) -> list[str]:
+    # Stable per volume: the series id with its cache entry (which changes when the volume is
+    # re-preprocessed); pooled catalogs (centralized baseline) are told apart by their folder.
+    parts = getattr(dataset, "parts", None)
+    if parts is None:
+        return [f"{r['meta']['series_id']}|{r['cache_path']}" for r in dataset.rows]
+    return [f"{p.catalog_dir}|{r['meta']['series_id']}|{r['cache_path']}" for p in parts for r in p.rows]
+
+
+def _features(site_cfg: DictConfig, run_cfg: DictConfig, state: State, dataset: Any,
+              device: torch.device) -> Tensor:
+    from fedmri.heads.features import build_feature_cache
+
+    encoder = _frozen_encoder(run_cfg, state, device)
+    cache = build_feature_cache(run_cfg, encoder, root=cache_root(site_cfg, run_cfg))
+    ids = _item_ids(dataset)
+    position = {item_id: i for i, item_id in enumerate(ids)}
+    cached = cache.get(ids, lambda item_id: dataset[position[item_id]]["image"])
+    return pool_features(cached.as_encoder_output(), str(run_cfg.heads.pooling)).float()  # N, F
+
+
+def site_features(site_cfg: DictConfig, run_cfg: DictConfig, state: State,
+                  split: str) -> tuple[Tensor, list[dict[str, Any]]]:
+    """Pooled features of the frozen encoder for the site's ``split``, through the feature cache.
+
+    Args:
+        site_cfg: The site file (its catalog and device).
+        run_cfg: The run config (model, ``heads.pooling``, ``heads.cache_dir``, preprocessing).
+        state: Wire tensors holding at least the ``encoder`` group (other groups are ignored).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+
+    Returns:
+        Features (N, F) float32 on CPU, and the split's catalog rows in the same
+        order (``SeriesDataset.rows``: labels and ``meta``); (0, F) for an empty split.
+
+    Raises:
+        RequestError: Encoder weights that do not fit the run's model.
+    """
+    dataset = site_dataset(site_cfg, split)
+    if len(dataset) == 0:
+        from fedmri.heads.mlp import pooled_dim
+
+        return torch.zeros(0, pooled_dim(int(run_cfg.model.embed_dim), str(run_cfg.heads.pooling))), []
+    return _features(site_cfg, run_cfg, state, dataset, site_device(site_cfg)).cpu(), list(dataset.rows)
+
+
+def task_targets(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Targets:
+    """Each task's targets and known mask over ``rows`` (see :meth:`TaskSpec.targets`)."""
+    return {t: TASKS[t].targets(rows) for t in tasks}
+
+
+def heads_losses(heads: nn.ModuleDict, features: Tensor, targets: Targets) -> dict[str, Tensor]:
+    """Mean loss over the known rows of each task that has one, keyed ``loss_<task>``."""
+    return {f"loss_{t}": TASKS[t].loss(heads[t](features), target, known)
+            for t, (target, known) in targets.items() if bool(known.any())}
+
+
+def _site_heads(run_cfg: DictConfig, state: State, device: torch.device) -> nn.ModuleDict:
+    """The run's task heads with the ``head.<task>`` weights of ``state``, on ``device``."""
+    heads = build_task_heads(run_cfg)
+    head_state = select(state, [f"{HEAD_PREFIX}{t}" for t in heads])
+    check_state_keys(head_state, task_heads_state(heads), "heads")
+    load_task_heads_state(heads, head_state)
+    return heads.to(device)
+
+
+def run_heads(
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, privacy: Any = None
+) -> tuple[State, dict[str, float]]:
+    """One round of head tuning on the frozen encoder's features of the site's train split.
+
+    Args:
+        site_cfg: The site file (:func:`fedmri.client.site.load_site`).
+        run_cfg: The run's resolved config (model and heads sections).
+        state_down: Wire tensors of the heads down groups: ``encoder`` and ``head.<task>``.
+        request: The round's request; uses ``local_steps``, ``lr`` and ``weight_decay``
+            (default ``heads.lr`` / ``heads.weight_decay`` when not sent), ``proximal_mu``
+            and the ``dp`` fields.
+        privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate` under DP;
+            made here when None (the caller then records nothing).
+
+    Returns:
+        The head groups as float32 CPU tensors, and metrics: ``num-examples``
+        (series drawn; under DP the expected number), ``steps``, ``loss_<task>``
+        (mean over steps, for the tasks with labels at the site), ``loss`` (their
+        sum), ``proximal_loss`` when FedProx is on.
+
+    Raises:
+        DeclineError: An empty train split, no labels for any task, divergence, or a DP
+            round past the site's budget.
+        RequestError: Weights that do not fit the run's model.
+    """
+    if request.stage != "heads":
+        raise ValueError(f"run_heads got a {request.stage!r} request")
+    device = site_device(site_cfg)
+    dataset = site_dataset(site_cfg, "train")
+    n = len(dataset)
+    if n == 0:
+        raise DeclineError("the heads stage needs series in the site's train split")
+    targets = task_targets(list(run_cfg.heads.tasks), dataset.rows)
+    if not any(bool(known.any()) for _, known in targets.values()):
+        raise DeclineError(f"no series in the site's train split has a label for any heads task "
+                           f"({', '.join(targets)})")
+    lr = request.lr if request.lr is not None else float(run_cfg.heads.lr)
+    weight_decay = request.weight_decay if request.weight_decay is not None else float(run_cfg.heads.weight_decay)
+    batch_size = min(int(site_cfg.batch_size), n)
+    features = _features(site_cfg, run_cfg, state_down, dataset, device)  # N, F
+    targets = {t: (target.to(device), known.to(device)) for t, (target, known) in targets.items()}
+    if request.dp:
+        from fedmri.client.privacy.gate import PrivacyGate
+
+        plan = (privacy or PrivacyGate(site_cfg, request)).plan(n, batch_size)
+        seed = plan.seed
+    else:
+        seed = round_seed(request, site_cfg.name)
+    with seeded(seed, device):
+        heads = _site_heads(run_cfg, state_down, device).train()
+        optimizer = torch.optim.AdamW(decay_groups(heads.named_parameters()))
+        set_rates(optimizer, lr, weight_decay)
+        proximal = Proximal(heads.named_parameters(), request.proximal_mu)
+        if request.dp:
+            means = _dp_steps(heads, features, targets, plan, optimizer, proximal)
+            examples, steps = round(plan.steps * plan.expected_batch_size), plan.steps
+        else:
+            batches = balanced_batches(n, batch_size, request.local_steps,
+                                       np.random.default_rng(derive_seed(seed, "batches")))
+            means = _local_steps(heads, features, targets, batches, optimizer, proximal)
+            examples, steps = len(batches) * batch_size, len(batches)
+    up = {k: v.detach().to("cpu", torch.float32).clone() for k, v in task_heads_state(heads).items()}
+    if not finite_state(up) or not all(math.isfinite(v) for v in means.values()):
+        raise DeclineError("the heads diverged at the site (non-finite loss or weights); lower the learning rate")
+    return up, {"num-examples": examples, "steps": steps, **means}
+
+
+def _local_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, batches: list[list[int]],
+                 optimizer: torch.optim.Optimizer, proximal: Proximal) -> dict[str, float]:
+    means = RunningMean()
+    for batch in batches:
+        idx = torch.tensor(batch, device=features.device)
+        losses = heads_losses(heads, features[idx], {t: (y[idx], k[idx]) for t, (y, k) in targets.items()})
+        if not losses:  # no task has a label in this batch: nothing to step on
+            continue
+        total = torch.stack(list(losses.values())).sum()
+        named = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
+        prox = proximal()
+        if prox is not None:
+            total = total + prox
+            named["proximal_loss"] = float(prox.detach())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        means.add(named)
+    return means.means()
+
+
+def series_loss(heads: nn.ModuleDict, tasks: Sequence[str]) -> Any:
+    """``loss(params, sample)``: one series' summed masked task losses, for per-sample DP gradients.
+
+    ``sample`` is ``(features (F,), target of each task..., known (T,) float)``; ``params``
+    are ``heads.named_parameters()`` by name. The term reads that series only.
+    """
+    from torch.func import functional_call
+
+    def loss(params: dict[str, Tensor], sample: tuple[Tensor, ...]) -> Tensor:
+        x, *ys, known = sample
+        total = x.new_zeros(())
+        for j, task in enumerate(tasks):
+            own = {k[len(task) + 1:]: v for k, v in params.items() if k.startswith(f"{task}.")}
+            out = functional_call(heads[task], own, (x[None],))  # 1, out_dim
+            total = total + TASKS[task].sample_losses(out, ys[j][None])[0] * known[j]
+        return total
+
+    return loss
+
+
+def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: Any,
+              optimizer: torch.optim.Optimizer, proximal: Proximal) -> dict[str, float]:
+    """``plan.steps`` DP-SGD steps on Poisson batches of series; the mean of each named loss over steps."""
+    from fedmri.client.privacy.dp_sgd import clip_and_noise, per_sample_grads
+    from fedmri.client.trainers.pretrain_dp import noise_generator, poisson_batches
+
+    tasks = list(targets)
+    params = {n: p for n, p in heads.named_parameters() if p.requires_grad}
+    loss_fn = series_loss(heads, tasks)
+    # torch.func's vmap refuses random ops (dropout) by default; the loop handles them.
+    vectorized = not any(isinstance(m, nn.Dropout) and m.p > 0 for m in heads.modules())
+    known = torch.stack([targets[t][1] for t in tasks], dim=1).to(features.dtype)  # N, T
+    generator = noise_generator(plan.seed, features.device)
+    means = RunningMean()
+    for batch in poisson_batches(features.shape[0], plan.sample_rate, plan.steps, plan.seed):
+        samples = [(features[i], *(targets[t][0][i] for t in tasks), known[i]) for i in batch]
+        grads = clip_and_noise(per_sample_grads(loss_fn, params, samples, vectorized), plan.max_grad_norm,
+                               plan.noise_multiplier, generator, plan.expected_batch_size)
+        extra = proximal.named_gradients()
+        for name, p in params.items():
+            p.grad = (grads[name] + extra[name] if name in extra else grads[name]).to(p.dtype)
+        optimizer.step()
+        if batch:
+            idx = torch.tensor(batch, device=features.device)
+            with torch.no_grad():
+                losses = heads_losses(heads, features[idx], {t: (y[idx], k[idx]) for t, (y, k) in targets.items()})
+            if losses:
+                means.add({k: float(v) for k, v in losses.items()} | {"loss": float(sum(losses.values()))})
+    return means.means()
+
+
+@torch.no_grad()
+def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, split: str) -> dict[str, float]:
+    """Score every task head on the site's ``split``.
+
+    Args:
+        site_cfg: The site file.
+        run_cfg: The run config.
+        state: Wire tensors with the ``encoder`` and every ``head.<task>`` group of
+            ``heads.tasks`` (other groups, as in an evaluate message, are ignored).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+
+    Returns:
+        ``heads-examples`` (series scored) and ``<task>_<metric>`` for every metric
+        defined at this site (see :meth:`fedmri.heads.tasks.TaskSpec.metrics`), e.g.
+        ``findings_auroc_macro``, ``findings_f1_macro``, ``sequence_accuracy``,
+        ``sequence_f1_macro``, ``body_region_accuracy``, ``age_mae``, ``sex_auroc``,
+        ``sex_accuracy``. A task with no known label in the split has none.
+
+    Raises:
+        RequestError: Weights that do not fit the run's model.
+    """
+    device = site_device(site_cfg)
+    heads = _site_heads(run_cfg, state, device).eval()
+    features, rows = site_features(site_cfg, run_cfg, state, split)
+    out: dict[str, float] = {"heads-examples": len(rows)}
+    if not rows:
+        return out
+    features = features.to(device)
+    for task, (target, known) in task_targets(list(heads), rows).items():
+        scores = heads[task](features).cpu()  # N, out_dim
+        out |= {f"{task}_{k}": v for k, v in TASKS[task].metrics(scores, target, known).items() if math.isfinite(v)}
+    return out
