@@ -172,8 +172,6 @@ def run_heads(
     lr = request.lr if request.lr is not None else float(run_cfg.heads.lr)
     weight_decay = request.weight_decay if request.weight_decay is not None else float(run_cfg.heads.weight_decay)
     batch_size = min(int(site_cfg.batch_size), n)
-    features = _features(site_cfg, run_cfg, state_down, dataset, device)  # N, F
-    targets = {t: (target.to(device), known.to(device)) for t, (target, known) in targets.items()}
     if request.dp:
         from fedmri.client.privacy.gate import PrivacyGate
 
@@ -181,6 +179,9 @@ def run_heads(
         seed = plan.seed
     else:
         seed = round_seed(request, site_cfg.name)
+    # After the budget check, so a declined round costs no encoder pass.
+    features = _features(site_cfg, run_cfg, state_down, dataset, device)  # N, F
+    targets = {t: (target.to(device), known.to(device)) for t, (target, known) in targets.items()}
     with seeded(seed, device):
         heads = _site_heads(run_cfg, state_down, device).train()
         optimizer = torch.optim.AdamW(decay_groups(heads.named_parameters()))
