@@ -40,8 +40,9 @@ from fedmri.wire import from_record, groups_in, stage_groups, to_record
 app = ClientApp()
 log = logging.getLogger(__name__)
 SIM_SITES_ENV = "FEDMRI_SIM_SITES"
-MESSAGE_TYPE = {"pretrain": MessageType.TRAIN, "align": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
-TRAINER = {"pretrain": "run_pretrain", "align": "run_align", "evaluate": "run_evaluate"}
+MESSAGE_TYPE = {"pretrain": MessageType.TRAIN, "align": MessageType.TRAIN, "heads": MessageType.TRAIN,
+                "evaluate": MessageType.EVALUATE}
+TRAINER = {"pretrain": "run_pretrain", "align": "run_align", "heads": "run_heads", "evaluate": "run_evaluate"}
 
 
 @app.query()

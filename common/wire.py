@@ -13,7 +13,8 @@ Groups:
     ``text``          the text tower's trainable top layers (empty when frozen).
     ``projections``   image and text projections to the shared space.
     ``logit_scale``   the contrastive temperature (and SigLIP bias).
-    ``head.<task>``   downstream heads (downstream work).
+    ``head.<task>``   one downstream task head each (``heads.tasks``), tuned by the
+                      ``heads`` stage on the frozen encoder's features.
 
 Where the teacher lives: the coordinator keeps it, as an EMA of the aggregated
 student (:func:`server_teacher_momentum`). It goes down with the student so
@@ -41,7 +42,8 @@ ENCODER, DINO_HEAD, TEACHER, TEACHER_HEAD, CENTER = "encoder", "dino_head", "tea
 TEXT, PROJECTIONS, LOGIT_SCALE = "text", "projections", "logit_scale"
 SSL_GROUPS = (ENCODER, DINO_HEAD, TEACHER, TEACHER_HEAD, CENTER)
 ALIGN_GROUPS = (ENCODER, TEXT, PROJECTIONS, LOGIT_SCALE)
-STAGES = ("pretrain", "align", "evaluate")
+STAGES = ("pretrain", "align", "heads", "evaluate")
+HEAD_PREFIX = "head."
 
 State = dict[str, Tensor]
 
@@ -172,12 +174,22 @@ def stage_groups(stage: str, cfg: Any) -> StageGroups:
         down = (ENCODER, TEXT, PROJECTIONS, LOGIT_SCALE) if cfg.align.text_trainable_layers != 0 else (
             ENCODER, PROJECTIONS, LOGIT_SCALE)
         return StageGroups(down=down, up=tuple(up))
+    if stage == "heads":
+        heads = head_groups(cfg)
+        if not heads:
+            raise ConfigError("the heads stage needs at least one task in heads.tasks")
+        return StageGroups(down=(ENCODER, *heads), up=heads)
     if stage == "evaluate":
-        down = (*SSL_GROUPS, *(g for g in ALIGN_GROUPS if g != ENCODER))
+        down = (*SSL_GROUPS, *(g for g in ALIGN_GROUPS if g != ENCODER), *head_groups(cfg))
         if cfg.align.text_trainable_layers == 0:
             down = tuple(g for g in down if g != TEXT)
         return StageGroups(down=down, up=())
     raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+
+
+def head_groups(cfg: Any) -> tuple[str, ...]:
+    """One group per downstream task of ``cfg.heads.tasks``: ``head.<task>``."""
+    return tuple(f"{HEAD_PREFIX}{task}" for task in cfg.heads.tasks)
 
 
 def server_teacher_momentum(step_momentum: float, local_steps: int) -> float:
@@ -224,7 +236,10 @@ def initial_state(cfg: Any) -> State:
     from fedmri.align import build_aligned_model
     from fedmri.ssl import SSLMetaArch
 
+    from fedmri.heads.tasks import build_task_heads, task_heads_state
+
     torch.manual_seed(int(cfg.seed))
     meta = SSLMetaArch(cfg)
     aligned = build_aligned_model(cfg, image_encoder=meta.student["backbone"])
-    return {k: v.clone() for k, v in (ssl_state(meta) | align_state(aligned)).items()}
+    heads = task_heads_state(build_task_heads(cfg)) if cfg.heads.tasks else {}
+    return {k: v.clone() for k, v in (ssl_state(meta) | align_state(aligned) | heads).items()}

@@ -74,7 +74,7 @@ class SiteDPConfig:
 class StageConfig:
     """One stage of the pipeline."""
 
-    # pretrain | align | evaluate.
+    # pretrain | align | heads | evaluate.
     name: str = "pretrain"
     # Rounds of this stage (evaluate: how many times to evaluate, normally 1).
     rounds: int = 1
@@ -193,10 +193,10 @@ def _check(cfg: DictConfig, where: str) -> None:
 
 def _check_dp(stage: DictConfig, where: str) -> None:
     dp, site = stage.dp, stage.site_dp
-    training = stage.name in ("pretrain", "align")
+    training = stage.name in ("pretrain", "align", "heads")
     if dp.enabled:
         if not training:
-            raise ConfigError(f"{where}: dp.enabled is for pretrain and align stages")
+            raise ConfigError(f"{where}: dp.enabled is for the training stages (pretrain, align, heads)")
         if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
             raise ConfigError(f"{where}: dp needs exactly one of noise_multiplier and target_epsilon")
         for key in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
@@ -206,7 +206,7 @@ def _check_dp(stage: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: site_dp.mode {site.mode!r} is not one of {', '.join(SITE_DP_MODES)}")
     if site.mode != "off":
         if not training:
-            raise ConfigError(f"{where}: site_dp is for pretrain and align stages")
+            raise ConfigError(f"{where}: site_dp is for the training stages (pretrain, align, heads)")
         if not (site.noise_multiplier > 0 and site.clip_norm > 0 and 0 < site.delta < 1):
             raise ConfigError(f"{where}: site_dp needs noise_multiplier > 0, clip_norm > 0 and delta in (0, 1)")
         if site.mode == "central" and stage.strategy.get("name") not in ("fedavg", "fedprox"):

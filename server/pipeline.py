@@ -232,9 +232,12 @@ class Pipeline:
 
             s = align_schedule(self.cfg, fraction)
             values |= {"lr": s["lr"], "weight-decay": s["weight_decay"]}
+        elif stage.name == "heads":
+            values |= {"lr": float(self.cfg.heads.lr), "weight-decay": float(self.cfg.heads.weight_decay)}
         else:
             values["split"] = str(stage.split)
-        if stage.name in ("pretrain", "align"):
+            values["evaluate-heads"] = any(s.name == "heads" for s in self.fed.stages[:stage_i])
+        if stage.name != "evaluate":
             values |= dp_request(stage)
         values |= self.aggregators[stage_i].client_config()
         return values

@@ -22,6 +22,7 @@ __getattr__ = lazy_attributes(__name__, {
     "run_pretrain": "fedmri.client.trainers.pretrain",
     "run_align": "fedmri.client.trainers.align",
     "run_evaluate": "fedmri.client.trainers.evaluate",
+    "run_heads": "fedmri.client.trainers.heads",
 })
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "round_seed",
     "run_align",
     "run_evaluate",
+    "run_heads",
     "run_pretrain",
 ]

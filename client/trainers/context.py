@@ -27,13 +27,14 @@ from fedmri.errors import FedmriError
 from fedmri.protocol import PROTOCOL_VERSION
 from fedmri.wire import STAGES, State, groups_in
 
-TRAIN_STAGES = ("pretrain", "align")
+TRAIN_STAGES = ("pretrain", "align", "heads")
 SITE_DP_MODES = ("off", "local", "central")
 _HYPERPARAMETERS = ("lr", "weight-decay", "teacher-momentum", "teacher-temp")
 # The per-round hyperparameters each stage must find in the message; others are optional.
 _STAGE_FLOATS = {
     "pretrain": ("lr", "weight-decay", "teacher-momentum", "teacher-temp"),
     "align": ("lr", "weight-decay"),
+    "heads": ("lr", "weight-decay"),
     "evaluate": (),
 }
 
@@ -78,6 +79,8 @@ class TrainRequest:
     proximal_mu: float = 0.0
     # Catalog split that evaluate reads.
     split: str = "val"
+    # Evaluate also scores the task heads (a heads stage ran before this evaluation).
+    evaluate_heads: bool = False
     # Sample-level DP-SGD asked for by the coordinator (the site may require it anyway).
     dp: bool = False
     # DP-SGD noise multiplier; None = derive it from ``dp_target_epsilon``.
@@ -122,6 +125,7 @@ class TrainRequest:
             fedmri_config=_get(values, "fedmri-config", str),
             proximal_mu=_get(values, "proximal-mu", float, default=0.0),
             split=_get(values, "split", str, default="val"),
+            evaluate_heads=_get(values, "evaluate-heads", bool, default=False),
             dp=_get(values, "dp", bool, default=False),
             dp_noise_multiplier=_get(values, "dp-noise-multiplier", float, default=None),
             dp_target_epsilon=_get(values, "dp-target-epsilon", float, default=None),

@@ -38,6 +38,8 @@ from fedmri.client.trainers.pretrain import (
 from fedmri.client.trainers.data import site_dataset
 from fedmri.ssl import SSLMetaArch, build_mask_generator, collate_multicrop, ssl_schedule
 from fedmri.wire import (
+    ENCODER,
+    HEAD_PREFIX,
     SSL_GROUPS,
     State,
     align_state,
@@ -109,8 +111,9 @@ def run_evaluate(
     with seeded(seed, device), torch.no_grad():
         meta = SSLMetaArch(run_cfg)
         aligned = build_site_aligned_model(run_cfg, image_encoder=meta.student["backbone"])
-        down = stage_groups("evaluate", run_cfg).down
-        check_state_keys(state_down, select(ssl_state(meta) | align_state(aligned), down), "evaluate")
+        down = [g for g in stage_groups("evaluate", run_cfg).down if not g.startswith(HEAD_PREFIX)]
+        heads = {k: v for k, v in state_down.items() if k.startswith(HEAD_PREFIX)}  # checked by evaluate_heads
+        check_state_keys(select(state_down, down), select(ssl_state(meta) | align_state(aligned), down), "evaluate")
         load_ssl_state(meta, select(state_down, SSL_GROUPS))
         load_align_state(aligned, select(state_down, [g for g in down if g not in SSL_GROUPS]))  # encoder: shared
         meta.to(device).eval()
@@ -141,6 +144,10 @@ def run_evaluate(
             image = torch.cat(image_features)  # P, E
             scores = retrieval_metrics(image @ text.T, targets.to(device))
             metrics |= {RETRIEVAL_KEYS[k]: v for k, v in scores.items()}
+    if request.evaluate_heads:
+        from fedmri.client.trainers.heads import evaluate_heads
+
+        metrics |= evaluate_heads(site_cfg, run_cfg, select(state_down, [ENCODER]) | heads, split)
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise DeclineError(f"evaluation gave non-finite {', '.join(sorted(bad))}; the global model has diverged")

@@ -168,6 +168,12 @@ class HeadsConfig:
     seg_layers: list[int] = field(default_factory=list)
     # Hidden width of the per-patch anomaly scorer; 0 = one linear layer.
     anomaly_hidden_dim: int = 0
+    # Downstream tasks the `heads` stage tunes, one head each (fedmri.heads.tasks):
+    # findings (multi-label), sequence, body_region, sex (classes), age (regression).
+    tasks: list[str] = field(default_factory=lambda: ["findings", "sequence", "body_region", "age", "sex"])
+    # AdamW learning rate and weight decay of the heads stage (constant over rounds).
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
     # Where each site caches encoder features; entries are keyed by a hash of
     # the encoder weights, so a new encoder never reads stale features.
     cache_dir: str = ".fedmri/features"

@@ -22,7 +22,7 @@ def test_evaluate_needs_no_steps_or_rates(request_values) -> None:
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"stage": "heads"}, "unknown stage 'heads'"),
+    ({"stage": "segment"}, "unknown stage 'segment'"),
     ({"lr": None}, "lacks 'lr'"),
     ({"teacher-temp": None}, "lacks 'teacher-temp'"),
     ({"local-steps": 2.5}, "'local-steps' must be int"),
