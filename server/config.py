@@ -94,7 +94,7 @@ class StageConfig:
 
 def _default_stages() -> list[StageConfig]:
     return [StageConfig("pretrain", rounds=3, local_steps=20), StageConfig("align", rounds=2, local_steps=20),
-            StageConfig("evaluate", rounds=1, local_steps=0)]
+            StageConfig("heads", rounds=2, local_steps=20), StageConfig("evaluate", rounds=1, local_steps=0)]
 
 
 @dataclass

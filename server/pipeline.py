@@ -1,4 +1,4 @@
-"""The coordinator's staged pipeline: rounds of pretrain -> align -> evaluate.
+"""The coordinator's staged pipeline: rounds of pretrain -> align -> heads -> evaluate.
 
 Plain Python over a Flower ``Grid`` (anything with ``get_node_ids()`` and
 ``send_and_receive(messages, timeout=...)``), so tests drive it in-process and

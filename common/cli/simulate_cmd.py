@@ -11,7 +11,8 @@ from rich.table import Table
 
 console = Console()
 
-# Columns of the results table: (metric key, header, format).
+# Columns of the results tables: (metric key, header, format). The encoder's own
+# probes, then the task heads of the heads stage (two tables fit 80 columns).
 COLUMNS = (
     ("val_loss", "SSL", "{:.3f}"),
     ("knn_sequence_acc", "seq 1-NN", "{:.2f}"),
@@ -20,6 +21,13 @@ COLUMNS = (
     ("t2i_r1", "t2i R@1", "{:.2f}"),
     ("t2i_medr", "t2i MdR", "{:.1f}"),
     ("num-examples", "series", "{:.0f}"),
+)
+HEAD_COLUMNS = (
+    ("findings_auroc_macro", "findings AUROC", "{:.2f}"),
+    ("sequence_accuracy", "sequence acc", "{:.2f}"),
+    ("body_region_accuracy", "region acc", "{:.2f}"),
+    ("age_mae", "age MAE (y)", "{:.1f}"),
+    ("sex_auroc", "sex AUROC", "{:.2f}"),
 )
 
 
@@ -32,7 +40,7 @@ def simulate_command(
     resume: bool = typer.Option(False, "--resume", help="Continue each mode from its last complete round."),
 ) -> None:
     """[researcher] Simulate a whole federation on this machine: synthetic hospitals,
-    pretrain -> align -> evaluate, against local-only and centralized baselines."""
+    pretrain -> align -> heads -> evaluate, against local-only and centralized baselines."""
     from fedmri.simulations.runner import load_simulation, simulate
 
     extra = list(overrides or [])
@@ -44,17 +52,22 @@ def simulate_command(
     t0 = time.monotonic()
     summary = simulate(sim, say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     console.print(results_table(summary, f"fedmri simulate: {sim.federation.name}"))
+    heads = results_table(summary, "task heads on the frozen encoder", HEAD_COLUMNS)
+    if heads.columns[1:]:
+        console.print(heads)
     console.print("On every site's validation split, weighted by series: SSL = self-distillation loss; "
                   "seq / region 1-NN = accuracy of the nearest training series' sequence / body region in "
                   "the encoder's CLS space; i2t / t2i = image->report / report->image retrieval (R@1, median "
-                  "rank MdR).", highlight=False, soft_wrap=True)
+                  "rank MdR); task heads = the heads stage's heads on the same split.", highlight=False,
+                  soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
 
 
-def results_table(summary: dict[str, dict[str, Any]], title: str) -> Table:
-    """One row per mode, the evaluation metrics that exist as columns."""
-    present = [c for c in COLUMNS if any(c[0] in m for m in summary.values())]
+def results_table(summary: dict[str, dict[str, Any]], title: str,
+                  columns: tuple[tuple[str, str, str], ...] = COLUMNS) -> Table:
+    """One row per mode, the evaluation metrics of ``columns`` that exist as columns."""
+    present = [c for c in columns if any(c[0] in m for m in summary.values())]
     table = Table(title=title)
     table.add_column("mode", no_wrap=True, min_width=9)
     for _, header, _ in present:

@@ -21,7 +21,7 @@ def test_dp_is_sent_only_when_asked_and_as_one_of_noise_or_target() -> None:
     (["stages.0.dp.enabled=true"], "exactly one of noise_multiplier and target_epsilon"),
     (["stages.0.dp.enabled=true", "stages.0.dp.noise_multiplier=1", "stages.0.dp.target_epsilon=8"], "exactly one"),
     (["stages.0.dp.enabled=true", "stages.0.dp.noise_multiplier=-1"], "must be > 0"),
-    (["stages.2.dp.enabled=true", "stages.2.dp.noise_multiplier=1"], "for the training stages"),
+    (["stages.3.dp.enabled=true", "stages.3.dp.noise_multiplier=1"], "for the training stages"),
     (["stages.0.site_dp.mode=sometimes"], "not one of off, central, local"),
     (["stages.0.site_dp.mode=central", "stages.0.strategy.name=fedadam"], "needs strategy fedavg or fedprox"),
     (["stages.1.dp.enabled=true", "stages.1.dp.target_epsilon=4"], "in-batch negatives"),
