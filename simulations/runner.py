@@ -12,7 +12,8 @@
    - ``central``: one pooled site holding every site's training split (each
      patient keeps the split its own site gave it), with the local steps of
      all sites together per round.
-4. Writes ``<run_root>/<name>/results.json`` and prints one table.
+4. Writes ``<run_root>/<name>/results.json`` and ``report.md`` (with the
+   cross-site matrices) and prints one table.
 """
 
 from __future__ import annotations
@@ -277,6 +278,9 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
     summary = {m: r.get("evaluation", {}) for m, r in results.items()}
     (root / "results.json").write_text(json.dumps({"modes": summary, "runs": results}, indent=1, sort_keys=True),
                                        encoding="utf-8")
+    from fedmri.simulations.report import write_report
+
+    say(f"report: {write_report(root)}")
     return summary
 
 

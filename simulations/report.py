@@ -1,0 +1,230 @@
+"""The results report of `fedmri simulate`: ``report.md`` and cross-site heatmaps.
+
+Reads what :func:`fedmri.simulations.runner.simulate` leaves in ``<run_root>/<name>/``
+(one folder per training run, each with its ``results.json``, plus the top
+``results.json`` of the modes) and writes ``report.md`` next to them, with one
+heatmap PNG per headline metric under ``plots/``.
+
+The cross-site matrix has one row per place the encoder and heads were trained
+(each site alone, the federation, the pooled data) and one column per site whose
+validation split was scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from fedmri.errors import InputError
+
+# metric key -> (label, format). The encoder's own probes, then the task heads.
+PROBES: dict[str, tuple[str, str]] = {
+    "val_loss": ("SSL loss", "{:.3f}"),
+    "knn_sequence_acc": ("seq 1-NN", "{:.2f}"),
+    "knn_body_region_acc": ("region 1-NN", "{:.2f}"),
+    "i2t_r1": ("i2t R@1", "{:.2f}"),
+    "t2i_r1": ("t2i R@1", "{:.2f}"),
+    "t2i_r5": ("t2i R@5", "{:.2f}"),
+    "t2i_medr": ("t2i MdR", "{:.1f}"),
+    "num-examples": ("series", "{:.0f}"),
+}
+HEADS: dict[str, tuple[str, str]] = {
+    "findings_auroc_macro": ("findings AUROC", "{:.2f}"),
+    "sequence_accuracy": ("sequence acc", "{:.2f}"),
+    "body_region_accuracy": ("region acc", "{:.2f}"),
+    "age_mae": ("age MAE (y)", "{:.1f}"),
+    "sex_auroc": ("sex AUROC", "{:.2f}"),
+}
+# The cross-site matrices drawn, when the runs measured them.
+HEADLINE = ("findings_auroc_macro", "sequence_accuracy", "body_region_accuracy", "age_mae", "t2i_r1",
+            "knn_sequence_acc")
+_MODE_ORDER = {"federated": 0, "local": 1, "central": 2}  # as `fedmri simulate` runs them
+# Metrics in [0, 1] share one colour scale so that matrices compare at a glance.
+_UNIT_SUFFIXES = ("_acc", "_accuracy", "_auroc", "_auroc_macro", "_f1", "_f1_macro", "_r1", "_r5", "_r10")
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for losses, errors and ranks (``val_loss``, ``age_mae``, ``t2i_medr``)."""
+    return metric.endswith(("loss", "_mae", "_medr"))
+
+
+def colormap_for(metric: str) -> str:
+    """A red-to-green matplotlib colormap whose green end is the better value of ``metric``."""
+    return "RdYlGn_r" if lower_is_better(metric) else "RdYlGn"
+
+
+def _label(metric: str) -> str:
+    return {**PROBES, **HEADS}.get(metric, (metric, ""))[0]
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return {**PROBES, **HEADS}.get(metric, ("", "{:.3g}"))[1].format(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}; rerun `fedmri simulate` for this run") from exc
+
+
+def _runs(sim_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{row label: (folder name, results.json)} in row order: each site alone, federated, central."""
+    local = sorted(p for p in sim_dir.glob("local-*") if (p / "results.json").is_file())
+    ordered = [(p.name[len("local-"):] + " alone", p) for p in local]
+    ordered += [(m, sim_dir / m) for m in ("federated", "central") if (sim_dir / m / "results.json").is_file()]
+    return {label: (p.name, _read_json(p / "results.json")) for label, p in ordered}
+
+
+def cross_site_matrix(sim_dir: Path, metric: str) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """The cross-site evaluation matrix of ``metric``.
+
+    Args:
+        sim_dir: The run folder of `fedmri simulate` (``<run_root>/<name>``).
+        metric: A per-site evaluation key, e.g. ``findings_auroc_macro``.
+
+    Returns:
+        (rows, cols, values): rows are where the model was trained (``"site-01 alone"``, ...,
+        ``"federated"``, ``"central"``), cols the sites whose validation split was scored,
+        ``values[i][j]`` the metric or None where that site did not report it.
+    """
+    runs = _runs(Path(sim_dir))
+    if not runs:
+        raise InputError(f"no run with a results.json under {sim_dir}; is it a `fedmri simulate` run folder?")
+    cols = sorted({site for _, res in runs.values() for site in res.get("per_site", {})})
+    values = [[_value(res.get("per_site", {}).get(c, {}).get(metric)) for c in cols] for _, res in runs.values()]
+    return list(runs), cols, values
+
+
+def _value(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def plot_matrix(path: Path, rows: list[str], cols: list[str], values: list[list[float | None]],
+                metric: str) -> Path:
+    """An annotated heatmap of one cross-site matrix; missing cells are grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    unit = metric.endswith(_UNIT_SUFFIXES)
+    finite = data[np.isfinite(data)]
+    lo, hi = (0.0, 1.0) if unit or finite.size == 0 else (float(finite.min()), float(finite.max()))
+    if hi <= lo:  # one value everywhere: keep a visible scale
+        lo, hi = lo - 0.5, hi + 0.5
+    cmap = plt.get_cmap(colormap_for(metric)).with_extremes(bad="#d9d9d9")  # missing cells grey
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(cols), 0.9 + 0.5 * len(rows)))
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            shade = (data[i, j] - lo) / (hi - lo) if np.isfinite(data[i, j]) else 0.5
+            ax.text(j, i, _fmt(metric, values[i][j]), ha="center", va="center", fontsize=8,
+                    color="white" if shade < 0.15 or shade > 0.85 else "black")  # the colormap's dark ends
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("validation split scored")
+    better = "lower" if lower_is_better(metric) else "higher"
+    ax.set_title(f"{_label(metric)} ({better} is better)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _table(header: list[str], rows: list[list[str]], numbers: bool = True) -> list[str]:
+    """A markdown table; ``numbers`` right-aligns every column but the first."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + ("---:|" if numbers else "---|") * (len(header) - 1)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _mode_table(modes: dict[str, dict[str, Any]], columns: dict[str, tuple[str, str]]) -> list[str]:
+    present = [k for k in columns if any(k in m for m in modes.values())]
+    if not present:
+        return []
+    header = ["mode"] + [columns[k][0] + (" ↓" if lower_is_better(k) else "") for k in present]
+    return _table(header, [[mode] + [_fmt(k, m.get(k)) for k in present] for mode, m in modes.items()]) + [""]
+
+
+def write_report(sim_dir: Path, title: str | None = None) -> Path:
+    """Write ``<sim_dir>/report.md`` and ``<sim_dir>/plots/cross_site_<metric>.png``.
+
+    Args:
+        sim_dir: The run folder of `fedmri simulate` (``<run_root>/<name>``).
+        title: The report's heading (default: ``fedmri simulate: <name>``).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    sim_dir = Path(sim_dir)
+    top = sim_dir / "results.json"
+    if not top.is_file():
+        raise InputError(f"{top} is missing; rerun `fedmri simulate` for this run")
+    modes: dict[str, dict[str, Any]] = _read_json(top).get("modes", {})
+    modes = dict(sorted(modes.items(), key=lambda kv: (_MODE_ORDER.get(kv[0], len(_MODE_ORDER)), kv[0])))
+    runs = _runs(sim_dir)
+    date = time.strftime("%Y-%m-%d %H:%M", time.localtime(top.stat().st_mtime))
+    n_local = sum(1 for label in runs if label.endswith(" alone"))
+
+    md = [f"# {title or f'fedmri simulate: {sim_dir.name}'}", "",
+          f"Run `{sim_dir.name}`, finished {date}.", "",
+          "## Results per mode", "",
+          "On every site's validation split, weighted by series. `local` is the mean of the "
+          f"{n_local} models each trained on one site alone. ↓: lower is better.", ""]
+    if probes := _mode_table(modes, PROBES):
+        md += ["### Encoder probes", ""] + probes
+    if heads := _mode_table(modes, HEADS):
+        md += ["### Task heads on the frozen encoder", ""] + heads
+
+    md += ["## Cross-site evaluation", "",
+           "Rows: where the encoder and heads were trained; columns: the site whose validation split "
+           "was scored. The diagonal of the `alone` rows is in-site, the rest is transfer. – : the site did "
+           "not report the metric (e.g. AUROC on a split where a label has one class only).", ""]
+    for metric in HEADLINE if runs else ():
+        rows, cols, values = cross_site_matrix(sim_dir, metric)
+        if all(v is None for row in values for v in row):
+            continue
+        png = plot_matrix(sim_dir / "plots" / f"cross_site_{metric}.png", rows, cols, values, metric)
+        better = "lower" if lower_is_better(metric) else "higher"
+        md += [f"### {_label(metric)} ({better} is better)", ""]
+        md += _table(["trained on \\ scored on", *cols], [[r] + [_fmt(metric, v) for v in row]
+                                                         for r, row in zip(rows, values)])
+        md += ["", f"![{_label(metric)}]({png.relative_to(sim_dir).as_posix()})", ""]
+
+    md += ["## Runs", ""]
+    run_rows = []
+    for label, (folder, res) in runs.items():
+        plots = sorted((sim_dir / folder / "plots").glob("*.png"))
+        links = " · ".join(f"[{p.stem}]({folder}/plots/{p.name})" for p in plots) or "–"
+        privacy = f"[privacy.md]({folder}/privacy.md)" if (sim_dir / folder / "privacy.md").is_file() else "–"
+        run_rows.append([f"`{folder}`", label, str(res.get("rounds", "–")), links, privacy])
+    md += _table(["folder", "trained on", "rounds", "loss plots", "privacy"], run_rows, numbers=False) + [""]
+
+    md += ["## Splits", "", _splits_paragraph(runs), ""]
+    path = sim_dir / "report.md"
+    path.write_text("\n".join(md), encoding="utf-8")
+    return path
+
+
+def _splits_paragraph(runs: dict[str, tuple[str, dict[str, Any]]]) -> str:
+    counts: dict[str, float] = {}
+    for _, res in runs.values():
+        for site, metrics in res.get("per_site", {}).items():
+            if "num-examples" in metrics:
+                counts.setdefault(site, metrics["num-examples"])
+    sizes = ", ".join(f"{site} {counts[site]:.0f}" for site in sorted(counts)) or "not recorded"
+    smallest = min((c for c in counts.values() if c > 0), default=0)
+    step = f" (up to {100 / smallest:.0f} points of accuracy on the smallest split)" if smallest else ""
+    return ("Every model is scored on each site's own validation split, the same series for every row "
+            f"(series per split: {sizes}). Each site keeps its split on site; only the metrics travel. "
+            f"At these sizes one series more or less right is a large step{step}, so differences of one "
+            "series between rows are noise, not a finding.")
