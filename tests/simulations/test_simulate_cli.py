@@ -59,6 +59,7 @@ def test_simulate_runs_three_modes_and_prints_one_table(tmp_path: Path, federati
         "federation": {"name": "smoke", "overrides": MICRO, "run_root": str(tmp_path / "runs"),
                        "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1},
                                   {"name": "align", "rounds": 1, "local_steps": 1},
+                                  {"name": "heads", "rounds": 1, "local_steps": 2},
                                   {"name": "evaluate"}]},
     })))
     out = _simulate(["--config", str(config)], tmp_path)
@@ -68,6 +69,7 @@ def test_simulate_runs_three_modes_and_prints_one_table(tmp_path: Path, federati
         assert f"mode {mode}" in out.stdout
     table = out.stdout[out.stdout.index("fedmri simulate: smoke"):]
     assert all(mode in table for mode in ("federated", "local", "central")), table
+    assert "task heads on the frozen encoder" in table and "sequence acc" in table, table
 
     root = tmp_path / "runs" / "smoke"
     results = json.loads((root / "results.json").read_text())
@@ -84,6 +86,9 @@ def test_simulate_runs_three_modes_and_prints_one_table(tmp_path: Path, federati
     assert {r["site"] for r in central if r["status"] == "ok" and r["stage"] == "evaluate"} == {
         "site-01", "site-02", "site-03"}
     assert (root / "federated" / "encoder").is_dir()
+    report = (root / "report.md").read_text()
+    assert "trained on \\ scored on" in report and "site-02 alone" in report
+    assert (root / "plots" / "cross_site_sequence_accuracy.png").stat().st_size > 1000
 
 
 def test_simulate_with_a_bad_override_is_one_clear_line(tmp_path: Path) -> None:
