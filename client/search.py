@@ -219,6 +219,9 @@ def handle_search(msg: Message, context: Context, site_cfg: DictConfig) -> Messa
     try:
         if msg.metadata.message_type != MessageType.QUERY:
             raise RequestError(f"search came as a {msg.metadata.message_type!r} message, not a query")
+        if "search" not in site_cfg.policy.stages:
+            raise DeclineError("search is not in this site's policy.stages "
+                               f"({', '.join(site_cfg.policy.stages) or 'none'})")
         request = SearchRequest.from_message(msg)
         configure_torch(site_cfg)
         run_cfg = parse_run_config(request.fedmri_config)

@@ -17,7 +17,7 @@ Example::
       root_certificates: /etc/fedmri/ca.crt
       node_key: /etc/fedmri/site-01.key
     policy:
-      stages: [pretrain, align, evaluate]
+      stages: [pretrain, align, heads, evaluate, search]
       max_local_steps: 100
       metrics: ["*"]                 # which metrics may leave the site
       dp:
@@ -40,8 +40,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedmri.errors import ConfigError, InputError
 
-# Stages a site can take part in; `heads` lands with the downstream work.
-KNOWN_STAGES = ("pretrain", "align", "heads", "evaluate")
+# What a site can take part in: the pipeline's stages, and answering federated
+# searches (`fedmri search`: pseudonymous series ids and scores leave the site).
+KNOWN_STAGES = ("pretrain", "align", "heads", "evaluate", "search")
 
 
 @dataclass
@@ -83,7 +84,8 @@ class PrivacyPolicy:
 class SitePolicy:
     """Rules the ClientApp enforces whatever the server sends."""
 
-    # Stages this site takes part in; a request for another stage is declined.
+    # Stages this site takes part in, and "search" to answer federated searches;
+    # a request for anything else is declined.
     stages: list[str] = field(default_factory=lambda: list(KNOWN_STAGES))
     # Most local optimisation steps the site runs in one round.
     max_local_steps: int = 1000

@@ -261,6 +261,16 @@ def test_search_must_come_as_a_query(federation_sites: list, run_cfg, state, que
     assert reply.content["status"]["reason"] == "search came as a 'train' message, not a query"
 
 
+def test_a_site_whose_policy_leaves_out_search_declines_it(federation_sites: list, run_cfg, state, query, names,
+                                                           tmp_path) -> None:
+    (msg,) = search_messages(run_cfg, state, query, 3, [min(names)])
+    context = Context(run_id=1, node_id=min(names), node_config={}, state=RecordDict(), run_config={})
+    site = load_site(federation_sites[0][1], ["policy.stages=[pretrain,align,heads,evaluate]"])
+    reply = client_search.handle_search(msg, context, site)
+    assert "search is not in this site's policy.stages" in reply.content["status"]["reason"]
+    assert "search" not in reply.content
+
+
 @pytest.mark.skipif(not WIRED, reason="client/app.py does not route task=search queries yet")
 def test_the_client_app_answers_search_queries(federation_sites: list, run_cfg, state, query) -> None:
     grid = LocalGrid({101: federation_sites[0][1]})
