@@ -86,14 +86,14 @@ def _random_crops(cfg: Any, generator: Any) -> dict[str, list[Any]]:
 
 
 class _ClipTimer:
-    """Times ``clip_and_noise`` inside ``dp_ssl_step``, which looks the name up in pretrain_dp at each call."""
+    """Times ``clip_and_noise`` inside ``dp_ssl_step``: ``dp_step`` looks the name up in dp_sgd at each call."""
 
     def __init__(self) -> None:
-        from fedmri.client.trainers import pretrain_dp
+        from fedmri.client.privacy import dp_sgd
 
         self.seconds = 0.0
-        self.inner = pretrain_dp.clip_and_noise
-        pretrain_dp.clip_and_noise = self
+        self.inner = dp_sgd.clip_and_noise
+        dp_sgd.clip_and_noise = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()

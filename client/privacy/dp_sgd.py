@@ -143,8 +143,9 @@ def poisson_batch(n: int, sample_rate: float, generator: torch.Generator | None 
 
 
 def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], *, max_grad_norm: float,
-            noise_multiplier: float, expected_batch_size: int, generator: torch.Generator | None,
-            per_sample_decomposable: bool, vectorized: bool = False) -> dict[str, Tensor]:
+            noise_multiplier: float, expected_batch_size: float, generator: torch.Generator | None,
+            per_sample_decomposable: bool, vectorized: bool = False,
+            extra_grad: Callable[[], dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
     """One DP-SGD gradient: per-sample grads, clipping, noise; written to each param's ``.grad``.
 
     Any torch optimizer can then ``step()``. An empty batch still gets noise, as the
@@ -155,15 +156,18 @@ def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], 
         max_grad_norm, noise_multiplier, expected_batch_size, generator: As in :func:`clip_and_noise`.
         per_sample_decomposable: Whether the objective is a sum of terms each depending on one
             sample only; False raises (see :func:`require_decomposable`).
+        extra_grad: A gradient of a data-independent term (FedProx's), by parameter name,
+            added after the noise: post-processing, it costs no privacy.
 
     Returns:
-        Name -> the gradient written to ``params[name].grad``.
+        Name -> the privatised gradient (without ``extra_grad``).
     """
     require_decomposable(per_sample_decomposable)
     grads = clip_and_noise(per_sample_grads(loss_fn, params, samples, vectorized), max_grad_norm,
                            noise_multiplier, generator, expected_batch_size)
+    extra = extra_grad() if extra_grad is not None else {}
     for name, p in params.items():
-        p.grad = grads[name].to(p.dtype)
+        p.grad = (grads[name] + extra[name] if name in extra else grads[name]).to(p.dtype)
     return grads
 
 

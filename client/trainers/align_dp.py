@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fedmri.align import AlignedModel
 from fedmri.align.dp_negatives import fixed_negative_loss, require_dp_valid
-from fedmri.client.privacy.dp_sgd import clip_and_noise, per_sample_grads
+from fedmri.client.privacy.dp_sgd import dp_step
 from fedmri.client.trainers.align import encode_reports, series_image
 from fedmri.client.trainers.batches import load_batches
 from fedmri.client.trainers.context import DeclineError, derive_seed
@@ -190,13 +190,10 @@ def dp_align_step(model: AlignedModel, pairs: Sequence[Pair], texts: PairTexts, 
         seen: Receives each pair's loss.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    per_sample = per_sample_grads(pair_loss(model, texts, seen), params, list(pairs))
-    grads = clip_and_noise(per_sample, max_grad_norm, noise_multiplier, generator, expected_batch_size)
-    extra = extra_grad() if extra_grad is not None else {}
-    for name, p in params.items():
-        g = grads[name] + extra[name] if name in extra else grads[name]
-        p.grad = g.to(p.dtype)
-    return grads
+    # Each pair's term reads that pair and the fixed public negatives only.
+    return dp_step(pair_loss(model, texts, seen), params, list(pairs), max_grad_norm=max_grad_norm,
+                   noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator,
+                   per_sample_decomposable=True, extra_grad=extra_grad)
 
 
 def dp_align_loop(model: AlignedModel, dataset: Any, series_of: list[list[int]], texts: PairTexts, plan: Any,

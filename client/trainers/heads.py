@@ -245,7 +245,7 @@ def series_loss(heads: nn.ModuleDict, tasks: Sequence[str]) -> Any:
 def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: Any,
               optimizer: torch.optim.Optimizer, proximal: Proximal) -> dict[str, float]:
     """``plan.steps`` DP-SGD steps on Poisson batches of series; the mean of each named loss over steps."""
-    from fedmri.client.privacy.dp_sgd import clip_and_noise, per_sample_grads
+    from fedmri.client.privacy.dp_sgd import dp_step
     from fedmri.client.trainers.pretrain_dp import noise_generator, poisson_batches
 
     tasks = list(targets)
@@ -258,11 +258,10 @@ def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: An
     means = RunningMean()
     for batch in poisson_batches(features.shape[0], plan.sample_rate, plan.steps, plan.seed):
         samples = [(features[i], *(targets[t][0][i] for t in tasks), known[i]) for i in batch]
-        grads = clip_and_noise(per_sample_grads(loss_fn, params, samples, vectorized), plan.max_grad_norm,
-                               plan.noise_multiplier, generator, plan.expected_batch_size)
-        extra = proximal.named_gradients()
-        for name, p in params.items():
-            p.grad = (grads[name] + extra[name] if name in extra else grads[name]).to(p.dtype)
+        # Each series' term is its own masked task losses: a sum of per-sample terms.
+        dp_step(loss_fn, params, samples, max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
+                expected_batch_size=plan.expected_batch_size, generator=generator, per_sample_decomposable=True,
+                vectorized=vectorized, extra_grad=proximal.named_gradients)
         optimizer.step()
         if batch:
             idx = torch.tensor(batch, device=features.device)

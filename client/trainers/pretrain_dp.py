@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmri.client.privacy.dp_sgd import clip_and_noise, per_sample_grads, poisson_batch
+from fedmri.client.privacy.dp_sgd import dp_step, poisson_batch
 from fedmri.client.trainers.context import DeclineError
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,9 @@ def dp_ssl_step(meta: Any, samples: Sequence[SampleCrops], teacher_temp: float, 
         seen: Receives each sample's named loss values.
     """
     params = {n: p for n, p in meta.student.named_parameters() if p.requires_grad}
-    grads = clip_and_noise(per_sample_grads(ssl_sample_loss(meta, teacher_temp, seen), params, list(samples)),
-                           max_grad_norm, noise_multiplier, generator, expected_batch_size)
-    extra = extra_grad() if extra_grad is not None else {}
-    for name, p in params.items():
-        g = grads[name] + extra[name] if name in extra else grads[name]
-        p.grad = g.to(p.dtype)
-    return grads
+    return dp_step(ssl_sample_loss(meta, teacher_temp, seen), params, list(samples), max_grad_norm=max_grad_norm,
+                   noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator,
+                   per_sample_decomposable=meta.per_sample_decomposable, extra_grad=extra_grad)
 
 
 def mean_losses(seen: list[dict[str, float]]) -> dict[str, float]:
