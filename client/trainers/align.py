@@ -33,7 +33,7 @@ from fedmri.client.trainers.context import (
     seeded,
     site_device,
 )
-from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, set_rates
+from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, local_step, set_rates
 from fedmri.client.trainers.pretrain import finite_state
 from fedmri.client.trainers.data import site_dataset
 from fedmri.data.dataset import SeriesDataset
@@ -176,14 +176,7 @@ def run_align(
             losses = objective(out)
             total = sum(losses.values())
             named = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
-            prox = proximal()
-            if prox is not None:
-                total = total + prox
-                named["proximal_loss"] = float(prox.detach())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            means.add(named)
+            means.add(local_step(optimizer, total, named, proximal))
     return _finish(model, run_cfg, means.means(), len(unit_batches) * batch_size, len(unit_batches))
 
 

@@ -35,7 +35,7 @@ from fedmri.client.trainers.context import (
     site_device,
 )
 from fedmri.client.trainers.data import site_dataset
-from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, set_rates
+from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, local_step, set_rates
 from fedmri.client.trainers.pretrain import finite_state
 from fedmri.heads.mlp import pool_features
 from fedmri.heads.tasks import TASKS, build_task_heads, load_task_heads_state, task_heads_state
@@ -211,14 +211,7 @@ def _local_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, batch
             continue
         total = torch.stack(list(losses.values())).sum()
         named = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
-        prox = proximal()
-        if prox is not None:
-            total = total + prox
-            named["proximal_loss"] = float(prox.detach())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        means.add(named)
+        means.add(local_step(optimizer, total, named, proximal))
     return means.means()
 
 

@@ -43,6 +43,32 @@ class Proximal:
         return {n: self.mu * (p - r) for n, p, r in zip(self.names, self.params, self.reference)}
 
 
+def local_step(optimizer: torch.optim.Optimizer, total: Tensor, named: dict[str, float], proximal: Proximal,
+               clip: tuple[list[nn.Parameter], float] | None = None) -> dict[str, float]:
+    """One optimisation step of a non-private trainer on ``total``, with FedProx's term added.
+
+    Args:
+        optimizer: Over the trained parameters.
+        total: The step's loss.
+        named: The step's named loss values; ``proximal_loss`` is added when FedProx is on.
+        proximal: The round's FedProx term.
+        clip: ``(parameters, max_norm)`` to clip the gradient's norm before the step; None = no clipping.
+
+    Returns:
+        ``named``, for the round's running means.
+    """
+    prox = proximal()
+    if prox is not None:
+        total = total + prox
+        named["proximal_loss"] = float(prox.detach())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(*clip)
+    optimizer.step()
+    return named
+
+
 def set_rates(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Round values times each group's ``lr_multiplier`` / ``wd_multiplier`` (default 1)."""
     for group in optimizer.param_groups:

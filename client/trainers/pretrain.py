@@ -28,7 +28,7 @@ from fedmri.client.trainers.context import (
     seeded,
     site_device,
 )
-from fedmri.client.trainers.optim import Proximal, RunningMean, set_rates
+from fedmri.client.trainers.optim import Proximal, RunningMean, local_step, set_rates
 from fedmri.client.trainers.data import site_dataset
 from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop
 from fedmri.wire import State, load_ssl_state, select, ssl_state, stage_groups
@@ -144,17 +144,8 @@ def run_pretrain(
                                       s.mask_ratio_min_max, mask_rng)
             crops = to_device(crops, device)
             losses = meta(crops, crops["masks"], request.teacher_temp)
-            total = sum(losses.values())
-            named = named_ssl_losses(losses)
-            prox = proximal()
-            if prox is not None:
-                total = total + prox
-                named["proximal_loss"] = float(prox.detach())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if s.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
-            optimizer.step()
+            named = local_step(optimizer, sum(losses.values()), named_ssl_losses(losses), proximal,
+                               (params, s.clip_grad) if s.clip_grad > 0 else None)
             meta.update_teacher(request.teacher_momentum)
             means.add(named)
     return _finish(meta, run_cfg, means.means(), len(batches) * batch_size, len(batches))
