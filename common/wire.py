@@ -67,7 +67,8 @@ def groups_in(state: Mapping[str, Tensor]) -> list[str]:
     return list(dict.fromkeys(group_of(k) for k in state))
 
 
-def _prefixed(prefix: str, module: nn.Module, *, only_trainable: bool = False) -> State:
+def module_state(prefix: str, module: nn.Module, *, only_trainable: bool = False) -> State:
+    """``module``'s state dict (or its trainable parameters) as wire entries ``"<prefix><name>"``."""
     if only_trainable:
         return {f"{prefix}{n}": p.detach() for n, p in module.named_parameters() if p.requires_grad}
     return {f"{prefix}{n}": t.detach() for n, t in module.state_dict().items()}
@@ -79,10 +80,10 @@ def _heads(net: nn.ModuleDict) -> nn.ModuleDict:
 
 def ssl_state(meta: Any) -> State:
     """Wire state of an :class:`fedmri.ssl.SSLMetaArch`."""
-    out = _prefixed(f"{ENCODER}{SEP}", meta.student["backbone"])
-    out |= _prefixed(f"{DINO_HEAD}{SEP}", _heads(meta.student))
-    out |= _prefixed(f"{TEACHER}{SEP}", meta.teacher["backbone"])
-    out |= _prefixed(f"{TEACHER_HEAD}{SEP}", _heads(meta.teacher))
+    out = module_state(f"{ENCODER}{SEP}", meta.student["backbone"])
+    out |= module_state(f"{DINO_HEAD}{SEP}", _heads(meta.student))
+    out |= module_state(f"{TEACHER}{SEP}", meta.teacher["backbone"])
+    out |= module_state(f"{TEACHER_HEAD}{SEP}", _heads(meta.teacher))
     for name in ("dino_loss", "ibot_loss"):
         loss = getattr(meta, name)
         if loss is not None:
@@ -92,8 +93,8 @@ def ssl_state(meta: Any) -> State:
 
 def align_state(model: Any) -> State:
     """Wire state of an :class:`fedmri.align.AlignedModel`; ``text`` holds only its trainable layers."""
-    out = _prefixed(f"{ENCODER}{SEP}", model.image_encoder)
-    out |= _prefixed(f"{TEXT}{SEP}", model.text_tower, only_trainable=True)
+    out = module_state(f"{ENCODER}{SEP}", model.image_encoder)
+    out |= module_state(f"{TEXT}{SEP}", model.text_tower, only_trainable=True)
     out[f"{PROJECTIONS}{SEP}image_proj.weight"] = model.image_proj.weight.detach()
     out[f"{PROJECTIONS}{SEP}text_proj.weight"] = model.text_proj.weight.detach()
     out[f"{LOGIT_SCALE}{SEP}logit_scale"] = model.logit_scale.detach()
@@ -126,7 +127,21 @@ def _targets_align(model: Any) -> dict[str, Tensor]:
     return out
 
 
-def _load(targets: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str) -> None:
+def load_into(targets: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str, *, exact: bool = False) -> None:
+    """Copy wire entries into the live tensors ``targets`` (same keys), in place.
+
+    Args:
+        targets: Wire key -> the module's tensor (``state_dict(keep_vars=True)``).
+        state: Wire entries; a subset of ``targets`` unless ``exact``.
+        what: The model, for error messages.
+        exact: Every key of ``targets`` must be in ``state``.
+
+    Raises:
+        ValueError: Naming one missing (``exact``) or unknown key, or one of the wrong shape.
+    """
+    missing = [k for k in targets if k not in state] if exact else []
+    if missing:
+        raise ValueError(f"{len(missing)} weights of the {what} missing from the state, e.g. {missing[0]!r}")
     unknown = [k for k in state if k not in targets]
     if unknown:
         raise ValueError(f"{len(unknown)} wire keys do not belong to the {what}, e.g. {unknown[0]!r}: "
@@ -141,12 +156,12 @@ def _load(targets: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str)
 
 def load_ssl_state(meta: Any, state: Mapping[str, Tensor]) -> None:
     """Copy wire tensors into an SSLMetaArch in place; keys absent from ``state`` are left as they are."""
-    _load(_targets_ssl(meta), state, "SSL model")
+    load_into(_targets_ssl(meta), state, "SSL model")
 
 
 def load_align_state(model: Any, state: Mapping[str, Tensor]) -> None:
     """Copy wire tensors into an AlignedModel in place; keys absent from ``state`` are left as they are."""
-    _load(_targets_align(model), state, "aligned model")
+    load_into(_targets_align(model), state, "aligned model")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.errors import ConfigError
 from fedmri.heads.mlp import build_mlp_head
 from fedmri.metrics import binary_metrics, mae, multiclass_metrics, multilabel_metrics
-from fedmri.wire import HEAD_PREFIX, SEP
+from fedmri.wire import HEAD_PREFIX, SEP, load_into, module_state
 
 # What infer_body_region names (fedmri.data.metadata), and "other" for any other
 # BodyPartExamined value; "unknown" is a missing label, not a class.
@@ -217,8 +217,10 @@ def build_task_heads(cfg: Any) -> nn.ModuleDict:
 
 def task_heads_state(heads: nn.ModuleDict) -> dict[str, Tensor]:
     """Wire state of the heads: ``"head.<task>/<name>"`` for every entry of each head's state dict."""
-    return {f"{HEAD_PREFIX}{task}{SEP}{n}": t.detach() for task, head in heads.items()
-            for n, t in head.state_dict().items()}
+    out: dict[str, Tensor] = {}
+    for task, head in heads.items():
+        out |= module_state(f"{HEAD_PREFIX}{task}{SEP}", head)
+    return out
 
 
 def load_task_heads_state(heads: nn.ModuleDict, state: Mapping[str, Tensor]) -> None:
@@ -229,15 +231,4 @@ def load_task_heads_state(heads: nn.ModuleDict, state: Mapping[str, Tensor]) -> 
     """
     targets = {f"{HEAD_PREFIX}{task}{SEP}{n}": t for task, head in heads.items()
                for n, t in head.state_dict(keep_vars=True).items()}
-    missing = [k for k in targets if k not in state]
-    extra = [k for k in state if k not in targets]
-    if missing:
-        raise ValueError(f"{len(missing)} head weights missing from the state, e.g. {missing[0]!r}")
-    if extra:
-        raise ValueError(f"{len(extra)} state keys are not head weights of tasks {list(heads)}, e.g. {extra[0]!r}")
-    with torch.no_grad():
-        for k, t in targets.items():
-            v = state[k]
-            if tuple(v.shape) != tuple(t.shape):
-                raise ValueError(f"head weight {k!r} has shape {tuple(v.shape)}, the head expects {tuple(t.shape)}")
-            t.copy_(v.to(dtype=t.dtype, device=t.device))
+    load_into(targets, state, f"heads of tasks {list(heads)}", exact=True)
