@@ -32,6 +32,7 @@ from fedmri import __version__
 from fedmri.client import trainers
 from fedmri.client.policy import allowed_metrics, check_request
 from fedmri.client.privacy.gate import PrivacyGate
+from fedmri.client.replies import decline
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
 from fedmri.protocol import PROTOCOL_VERSION
@@ -81,10 +82,10 @@ def _search(msg: Message, context: Context) -> Message:
     try:
         site = load_site(_site_file(context))
     except DeclineError as exc:
-        return _decline(msg, str(exc))
+        return decline(msg, str(exc))
     except Exception as exc:  # noqa: BLE001 -- see the module docstring
         log.exception("search: the site file cannot be read")
-        return _decline(msg, f"search failed at the site ({type(exc).__name__}); the site's log has the details")
+        return decline(msg, f"search failed at the site ({type(exc).__name__}); the site's log has the details")
     return handle_search(msg, context, site)
 
 
@@ -127,10 +128,10 @@ def _handle(msg: Message, context: Context) -> Message:
             result = _train(site, run_cfg, state, request, _inputs_digest(msg))
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
-        return _decline(msg, str(exc))
+        return decline(msg, str(exc))
     except Exception as exc:  # noqa: BLE001 -- a site bug must not leak its message; see the module docstring
         log.exception("%s failed at this site", stage)
-        return _decline(msg, f"{stage} failed at the site ({type(exc).__name__}); the site's log has the details")
+        return decline(msg, f"{stage} failed at the site ({type(exc).__name__}); the site's log has the details")
     up, metrics = result if stage != "evaluate" else ({}, result)
     metrics = allowed_metrics(site, metrics)
     content = RecordDict()
@@ -176,8 +177,3 @@ def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest,
         log.info("site-level DP: update norm %.3g clipped to %.3g", norm, site_level.max_grad_norm)
     return up, metrics | gate.metrics(gate.record())
 
-
-def _decline(msg: Message, reason: str) -> Message:
-    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1}),
-                          "status": ConfigRecord({"declined": True, "reason": reason.splitlines()[0]})})
-    return Message(content, reply_to=msg)

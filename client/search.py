@@ -22,19 +22,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from fedmri.client.trainers.context import (
     DeclineError,
     RequestError,
-    _get,
+    config_value,
     check_state_keys,
     configure_torch,
     parse_run_config,
     site_device,
 )
+from fedmri.client.replies import decline
 from fedmri.protocol import PROTOCOL_VERSION
 from fedmri.wire import (
     ALIGN_GROUPS,
@@ -87,11 +88,11 @@ class SearchRequest:
             if name not in msg.content:
                 raise RequestError(f"the search message lacks its {name!r} record")
         values = msg.content["config"]
-        protocol = _get(values, "protocol-version", int, default=PROTOCOL_VERSION)
+        protocol = config_value(values, "protocol-version", int, default=PROTOCOL_VERSION)
         if protocol != PROTOCOL_VERSION:
             raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
                                "coordinator and site must run compatible fedmri releases")
-        if _get(values, "task", str) != TASK:
+        if config_value(values, "task", str) != TASK:
             raise RequestError(f"task {values['task']!r} is not {TASK!r}")
         query = from_record(msg.content["query"])
         if sorted(query) != ["embedding"]:
@@ -100,8 +101,8 @@ class SearchRequest:
         unknown = sorted(set(groups_in(state)) - set(ALIGN_GROUPS))
         if unknown:
             raise RequestError(f"search takes align groups ({', '.join(ALIGN_GROUPS)}), got also {unknown}")
-        return cls(top_k=_get(values, "top-k", int), fedmri_config=_get(values, "fedmri-config", str),
-                   split=_get(values, "split", str, default="all"), state=state, query=query["embedding"])
+        return cls(top_k=config_value(values, "top-k", int), fedmri_config=config_value(values, "fedmri-config", str),
+                   split=config_value(values, "split", str, default="all"), state=state, query=query["embedding"])
 
 
 def check_query(query: Tensor, embed_dim: int, top_k: int, split: str = "all") -> Tensor:
@@ -228,19 +229,13 @@ def handle_search(msg: Message, context: Context, site_cfg: DictConfig) -> Messa
         results = site_search(site_cfg, run_cfg, request.state, request.query, request.top_k, request.split)
     except DeclineError as exc:
         log.warning("declined search: %s", exc)
-        return _decline(msg, str(exc))
+        return decline(msg, str(exc))
     except Exception as exc:  # noqa: BLE001 -- its text may quote paths or pseudonyms (client/app.py)
         log.exception("search failed at this site")
-        return _decline(msg, f"search failed at the site ({type(exc).__name__}); the site's log has the details")
+        return decline(msg, f"search failed at the site ({type(exc).__name__}); the site's log has the details")
     reply = ConfigRecord({"ids": [sid for sid, _ in results], "scores": [score for _, score in results]})
     return Message(RecordDict({"search": reply}), reply_to=msg)
 
-
-def _decline(msg: Message, reason: str) -> Message:
-    # The layout of fedmri.client.app's declines, which the coordinator already reads.
-    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1}),
-                          "status": ConfigRecord({"declined": True, "reason": reason.splitlines()[0]})})
-    return Message(content, reply_to=msg)
 
 
 __all__ = ["MAX_TOP_K", "SEARCH_GROUPS", "SearchRequest", "catalog_embeddings", "check_query", "handle_search",

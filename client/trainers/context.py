@@ -105,35 +105,35 @@ class TrainRequest:
         Raises:
             RequestError: For a missing key, a wrong type or an out-of-range value.
         """
-        protocol = _get(values, "protocol-version", int, default=PROTOCOL_VERSION)
+        protocol = config_value(values, "protocol-version", int, default=PROTOCOL_VERSION)
         if protocol != PROTOCOL_VERSION:
             raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
                                "coordinator and site must run compatible fedmri releases")
-        stage = _get(values, "stage", str)
+        stage = config_value(values, "stage", str)
         if stage not in STAGES:
             raise RequestError(f"unknown stage {stage!r}; this site knows {', '.join(STAGES)}")
         required = _STAGE_FLOATS[stage]
-        hyper = {key.replace("-", "_"): _get(values, key, float, default=_MISSING if key in required else None)
+        hyper = {key.replace("-", "_"): config_value(values, key, float, default=_MISSING if key in required else None)
                  for key in _HYPERPARAMETERS}
         req = cls(
             stage=stage,
-            round=_get(values, "round", int),
-            server_round=_get(values, "server-round", int),
-            local_steps=_get(values, "local-steps", int, default=_MISSING if stage in TRAIN_STAGES else 0),
-            seed=_get(values, "seed", int),
-            run_name=_get(values, "run-name", str),
-            fedmri_config=_get(values, "fedmri-config", str),
-            proximal_mu=_get(values, "proximal-mu", float, default=0.0),
-            split=_get(values, "split", str, default="val"),
-            evaluate_heads=_get(values, "evaluate-heads", bool, default=False),
-            dp=_get(values, "dp", bool, default=False),
-            dp_noise_multiplier=_get(values, "dp-noise-multiplier", float, default=None),
-            dp_target_epsilon=_get(values, "dp-target-epsilon", float, default=None),
-            dp_max_grad_norm=_get(values, "dp-max-grad-norm", float, default=1.0),
-            stage_rounds=_get(values, "stage-rounds", int, default=1),
-            site_dp=_get(values, "site-dp", str, default="off"),
-            site_dp_noise_multiplier=_get(values, "site-dp-noise-multiplier", float, default=0.0),
-            site_dp_clip_norm=_get(values, "site-dp-clip-norm", float, default=0.0),
+            round=config_value(values, "round", int),
+            server_round=config_value(values, "server-round", int),
+            local_steps=config_value(values, "local-steps", int, default=_MISSING if stage in TRAIN_STAGES else 0),
+            seed=config_value(values, "seed", int),
+            run_name=config_value(values, "run-name", str),
+            fedmri_config=config_value(values, "fedmri-config", str),
+            proximal_mu=config_value(values, "proximal-mu", float, default=0.0),
+            split=config_value(values, "split", str, default="val"),
+            evaluate_heads=config_value(values, "evaluate-heads", bool, default=False),
+            dp=config_value(values, "dp", bool, default=False),
+            dp_noise_multiplier=config_value(values, "dp-noise-multiplier", float, default=None),
+            dp_target_epsilon=config_value(values, "dp-target-epsilon", float, default=None),
+            dp_max_grad_norm=config_value(values, "dp-max-grad-norm", float, default=1.0),
+            stage_rounds=config_value(values, "stage-rounds", int, default=1),
+            site_dp=config_value(values, "site-dp", str, default="off"),
+            site_dp_noise_multiplier=config_value(values, "site-dp-noise-multiplier", float, default=0.0),
+            site_dp_clip_norm=config_value(values, "site-dp-clip-norm", float, default=0.0),
             **hyper,
         )
         req._check()
@@ -180,7 +180,12 @@ class TrainRequest:
 _MISSING = object()
 
 
-def _get(values: Mapping[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+def config_value(values: Mapping[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    """``values[key]`` checked to be a ``kind`` (an int is a float; a bool is no number), else ``default``.
+
+    Raises:
+        RequestError: The key is missing without a default, or has another type.
+    """
     if key not in values:
         if default is _MISSING:
             raise RequestError(f"the message's config lacks {key!r}")

@@ -1,0 +1,12 @@
+"""Replies a site sends that are not results: the decline, in the one layout the coordinator reads."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+
+def decline(msg: Message, reason: str) -> Message:
+    """``num-examples`` 0, ``declined`` 1 and the first line of ``reason`` as ``status.reason``."""
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1}),
+                          "status": ConfigRecord({"declined": True, "reason": reason.splitlines()[0]})})
+    return Message(content, reply_to=msg)
