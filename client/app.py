@@ -125,7 +125,7 @@ def _handle(msg: Message, context: Context) -> Message:
         if stage == "evaluate":
             result = trainers.run_evaluate(site, run_cfg, state, request)
         else:
-            result = _train(site, run_cfg, state, request, _inputs_digest(msg))
+            result = _train(site, run_cfg, state, request, msg)
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
         return decline(msg, str(exc))
@@ -154,14 +154,15 @@ def _inputs_digest(msg: Message) -> str:
     return h.hexdigest()
 
 
-def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest,
-           inputs: str = "") -> tuple[dict, dict[str, float]]:
+def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest, msg: Message) -> tuple[dict, dict[str, float]]:
     """One training round, with the site's privacy mechanisms planned, applied and recorded.
 
     The ledger row is written after training and before the update leaves: a
     round that fails in between spent nothing, since nothing was released.
     """
-    gate = PrivacyGate(site, request, inputs=inputs) if request.dp or request.site_dp == "local" else None
+    private = request.dp or request.site_dp == "local"
+    # Only the ledger needs the digest: hashing every tensor is skipped for rounds without DP.
+    gate = PrivacyGate(site, request, inputs=_inputs_digest(msg)) if private else None
     site_level = gate.plan_site_level() if request.site_dp == "local" else None  # declines over budget
     up, metrics = getattr(trainers, TRAINER[request.stage])(site, run_cfg, state, request, privacy=gate)
     if gate is None:
