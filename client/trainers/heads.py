@@ -142,8 +142,7 @@ def run_heads(
         run_cfg: The run's resolved config (model and heads sections).
         state_down: Wire tensors of the heads down groups: ``encoder`` and ``head.<task>``.
         request: The round's request; uses ``local_steps``, ``lr`` and ``weight_decay``
-            (default ``heads.lr`` / ``heads.weight_decay`` when not sent), ``proximal_mu``
-            and the ``dp`` fields.
+            (which a heads request always carries), ``proximal_mu`` and the ``dp`` fields.
         privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate` under DP;
             made here when None (the caller then records nothing).
 
@@ -169,8 +168,6 @@ def run_heads(
     if not any(bool(known.any()) for _, known in targets.values()):
         raise DeclineError(f"no series in the site's train split has a label for any heads task "
                            f"({', '.join(targets)})")
-    lr = request.lr if request.lr is not None else float(run_cfg.heads.lr)
-    weight_decay = request.weight_decay if request.weight_decay is not None else float(run_cfg.heads.weight_decay)
     batch_size = min(int(site_cfg.batch_size), n)
     if request.dp:
         from fedmri.client.privacy.gate import PrivacyGate
@@ -185,7 +182,7 @@ def run_heads(
     with seeded(seed, device):
         heads = _site_heads(run_cfg, state_down, device).train()
         optimizer = torch.optim.AdamW(decay_groups(heads.named_parameters()))
-        set_rates(optimizer, lr, weight_decay)
+        set_rates(optimizer, request.lr, request.weight_decay)
         proximal = Proximal(heads.named_parameters(), request.proximal_mu)
         if request.dp:
             means = _dp_steps(heads, features, targets, plan, optimizer, proximal)
