@@ -10,6 +10,8 @@ All tasks train together: the step's loss is the sum over tasks of each task's
 mean loss over the series whose label is known (:mod:`fedmri.heads.tasks`).
 Under DP-SGD the private unit is one series, whose term is the sum over
 tasks of its masked losses: a sum of per-sample terms, clipped per series.
+The dense tasks (segmentation, anomaly: lesion masks on cached patch tokens)
+join the same steps through :mod:`fedmri.client.trainers.heads_dense`.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from fedmri.client.trainers.context import (
     site_device,
 )
 from fedmri.client.trainers.data import site_dataset
+from fedmri.client.trainers.heads_dense import DenseData, cache_options, dense_data, lesion_rows
 from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, local_step, set_rates
 from fedmri.client.trainers.pretrain import finite_state
+from fedmri.heads.dense import dense_tasks
 from fedmri.heads.mlp import pool_features
 from fedmri.heads.tasks import TASKS, build_task_heads, load_task_heads_state, task_heads_state
 from fedmri.wire import ENCODER, HEAD_PREFIX, SEP, State, select
@@ -75,15 +79,18 @@ def _item_ids(dataset: Any) -> list[str]:
     return [f"{p.catalog_dir}|{r['meta']['series_id']}|{r['cache_path']}" for p in parts for r in p.rows]
 
 
-def _features(site_cfg: DictConfig, run_cfg: DictConfig, state: State, dataset: Any,
-              device: torch.device) -> Tensor:
+def _cached(site_cfg: DictConfig, run_cfg: DictConfig, state: State, dataset: Any, device: torch.device) -> Any:
+    # The cache stores patch tokens and layers only when a dense task is asked (cache_options).
     from fedmri.heads.features import build_feature_cache
 
     encoder = _frozen_encoder(run_cfg, state, device)
-    cache = build_feature_cache(run_cfg, encoder, root=cache_root(site_cfg, run_cfg))
+    cache = build_feature_cache(run_cfg, encoder, root=cache_root(site_cfg, run_cfg), **cache_options(run_cfg))
     ids = _item_ids(dataset)
     position = {item_id: i for i, item_id in enumerate(ids)}
-    cached = cache.get(ids, lambda item_id: dataset[position[item_id]]["image"])
+    return cache.get(ids, lambda item_id: dataset[position[item_id]]["image"])
+
+
+def _pooled(run_cfg: DictConfig, cached: Any) -> Tensor:
     return pool_features(cached.as_encoder_output(), str(run_cfg.heads.pooling)).float()  # N, F
 
 
@@ -109,12 +116,12 @@ def site_features(site_cfg: DictConfig, run_cfg: DictConfig, state: State,
         from fedmri.heads.mlp import pooled_dim
 
         return torch.zeros(0, pooled_dim(int(run_cfg.model.embed_dim), str(run_cfg.heads.pooling))), []
-    return _features(site_cfg, run_cfg, state, dataset, site_device(site_cfg)).cpu(), list(dataset.rows)
+    return _pooled(run_cfg, _cached(site_cfg, run_cfg, state, dataset, site_device(site_cfg))), list(dataset.rows)
 
 
 def task_targets(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Targets:
-    """Each task's targets and known mask over ``rows`` (see :meth:`TaskSpec.targets`)."""
-    return {t: TASKS[t].targets(rows) for t in tasks}
+    """Each MLP task's targets and known mask over ``rows`` (see :meth:`TaskSpec.targets`); dense tasks are skipped."""
+    return {t: TASKS[t].targets(rows) for t in tasks if t in TASKS}
 
 
 def heads_losses(heads: nn.ModuleDict, features: Tensor, targets: Targets) -> dict[str, Tensor]:
@@ -149,8 +156,9 @@ def run_heads(
     Returns:
         The head groups as float32 CPU tensors, and metrics: ``num-examples``
         (series drawn; under DP the expected number), ``steps``, ``loss_<task>``
-        (mean over steps, for the tasks with labels at the site), ``loss`` (their
-        sum), ``proximal_loss`` when FedProx is on.
+        (mean over steps, for the tasks with labels at the site; for the dense
+        tasks, over the steps whose batch held a lesion target), ``loss`` (the
+        sum of the step's task losses), ``proximal_loss`` when FedProx is on.
 
     Raises:
         DeclineError: An empty train split, no labels for any task, divergence, or a DP
@@ -164,10 +172,13 @@ def run_heads(
     n = len(dataset)
     if n == 0:
         raise DeclineError("the heads stage needs series in the site's train split")
-    targets = task_targets(list(run_cfg.heads.tasks), dataset.rows)
-    if not any(bool(known.any()) for _, known in targets.values()):
+    tasks = list(run_cfg.heads.tasks)
+    targets = task_targets(tasks, dataset.rows)
+    lesions, masked = lesion_rows(dataset, "train") if dense_tasks(tasks) else ([], set())
+    if not lesions and not any(bool(known.any()) for _, known in targets.values()):
+        hint = "; segmentation and anomaly need lesion masks or series with no finding" if dense_tasks(tasks) else ""
         raise DeclineError(f"no series in the site's train split has a label for any heads task "
-                           f"({', '.join(targets)})")
+                           f"({', '.join(tasks)}{hint})")
     batch_size = min(int(site_cfg.batch_size), n)
     if request.dp:
         from fedmri.client.privacy.gate import PrivacyGate
@@ -177,20 +188,22 @@ def run_heads(
     else:
         seed = round_seed(request, site_cfg.name)
     # After the budget check, so a declined round costs no encoder pass.
-    features = _features(site_cfg, run_cfg, state_down, dataset, device)  # N, F
+    cached = _cached(site_cfg, run_cfg, state_down, dataset, device)
+    features = _pooled(run_cfg, cached).to(device)  # N, F
     targets = {t: (target.to(device), known.to(device)) for t, (target, known) in targets.items()}
+    dense = dense_data(run_cfg, dataset, lesions, masked, cached, device) if lesions else None
     with seeded(seed, device):
         heads = _site_heads(run_cfg, state_down, device).train()
         optimizer = torch.optim.AdamW(decay_groups(heads.named_parameters()))
         set_rates(optimizer, request.lr, request.weight_decay)
         proximal = Proximal(heads.named_parameters(), request.proximal_mu)
         if request.dp:
-            means = _dp_steps(heads, features, targets, plan, optimizer, proximal)
+            means = _dp_steps(heads, features, targets, plan, optimizer, proximal, dense)
             examples, steps = round(plan.steps * plan.expected_batch_size), plan.steps
         else:
             batches = balanced_batches(n, batch_size, request.local_steps,
                                        np.random.default_rng(derive_seed(seed, "batches")))
-            means = _local_steps(heads, features, targets, batches, optimizer, proximal)
+            means = _local_steps(heads, features, targets, batches, optimizer, proximal, dense)
             examples, steps = len(batches) * batch_size, len(batches)
     up = {k: v.detach().to("cpu", torch.float32).clone() for k, v in task_heads_state(heads).items()}
     if not finite_state(up) or not all(math.isfinite(v) for v in means.values()):
@@ -199,11 +212,13 @@ def run_heads(
 
 
 def _local_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, batches: list[list[int]],
-                 optimizer: torch.optim.Optimizer, proximal: Proximal) -> dict[str, float]:
+                 optimizer: torch.optim.Optimizer, proximal: Proximal, dense: DenseData | None) -> dict[str, float]:
     means = RunningMean()
     for batch in batches:
         idx = torch.tensor(batch, device=features.device)
         losses = heads_losses(heads, features[idx], {t: (y[idx], k[idx]) for t, (y, k) in targets.items()})
+        if dense is not None:
+            losses |= dense.losses(heads, idx)
         if not losses:  # no task has a label in this batch: nothing to step on
             continue
         total = torch.stack(list(losses.values())).sum()
@@ -232,8 +247,8 @@ def series_loss(heads: nn.ModuleDict, tasks: Sequence[str]) -> Any:
     return loss
 
 
-def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: Any,
-              optimizer: torch.optim.Optimizer, proximal: Proximal) -> dict[str, float]:
+def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: Any, optimizer: torch.optim.Optimizer,
+              proximal: Proximal, dense: DenseData | None) -> dict[str, float]:
     """``plan.steps`` DP-SGD steps on Poisson batches of series; the mean of each named loss over steps."""
     from fedmri.client.privacy.dp_sgd import dp_step
     from fedmri.client.trainers.pretrain_dp import noise_generator, poisson_batches
@@ -241,13 +256,26 @@ def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: An
     tasks = list(targets)
     params = {n: p for n, p in heads.named_parameters() if p.requires_grad}
     loss_fn = series_loss(heads, tasks)
-    # torch.func's vmap refuses random ops (dropout) by default; the loop handles them.
-    vectorized = not any(isinstance(m, nn.Dropout) and m.p > 0 for m in heads.modules())
-    known = torch.stack([targets[t][1] for t in tasks], dim=1).to(features.dtype)  # N, T
+    # torch.func's vmap refuses random ops (dropout) by default; the loop handles them, and the
+    # dense terms, which only the series with a lesion target have.
+    vectorized = dense is None and not any(isinstance(m, nn.Dropout) and m.p > 0 for m in heads.modules())
+    known = torch.stack([targets[t][1] for t in tasks], dim=1).to(features.dtype) if tasks else (
+        features.new_zeros(features.shape[0], 0))  # N, T
+    labelled = known.bool().any(1)  # N
+    if dense is not None:
+        labelled |= dense.slot.to(labelled.device) >= 0
+    labelled = labelled.tolist()
+    seen: list[dict[str, float]] = []
+    if dense is not None:
+        loss_fn = dense.series_loss(heads, loss_fn, seen)
     generator = noise_generator(plan.seed, features.device)
     means = RunningMean()
     for batch in poisson_batches(features.shape[0], plan.sample_rate, plan.steps, plan.seed):
-        samples = [(features[i], *(targets[t][0][i] for t in tasks), known[i]) for i in batch]
+        # A series with no label has a zero term: leaving it out changes no sum (and a term needs a graph).
+        members = [i for i in batch if labelled[i]]
+        samples = [(features[i], *(targets[t][0][i] for t in tasks), known[i]) for i in members]
+        if dense is not None:
+            samples = [(s, int(dense.slot[i])) for s, i in zip(samples, members)]
         # Each series' term is its own masked task losses: a sum of per-sample terms.
         dp_step(loss_fn, params, samples, max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
                 expected_batch_size=plan.expected_batch_size, generator=generator, per_sample_decomposable=True,
@@ -257,6 +285,9 @@ def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: An
             idx = torch.tensor(batch, device=features.device)
             with torch.no_grad():
                 losses = heads_losses(heads, features[idx], {t: (y[idx], k[idx]) for t, (y, k) in targets.items()})
+            if seen:  # this step's dense losses, from the gradient's own pass (not a second decoder pass)
+                losses |= {k: sum(v[k] for v in seen) / len(seen) for k in seen[0]}
+                seen.clear()
             if losses:
                 means.add({k: float(v) for k, v in losses.items()} | {"loss": float(sum(losses.values()))})
     return means.means()
@@ -278,19 +309,27 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
         defined at this site (see :meth:`fedmri.heads.tasks.TaskSpec.metrics`), e.g.
         ``findings_auroc_macro``, ``findings_f1_macro``, ``sequence_accuracy``,
         ``sequence_f1_macro``, ``body_region_accuracy``, ``age_mae``, ``sex_auroc``,
-        ``sex_accuracy``. A task with no known label in the split has none.
+        ``sex_accuracy``; over the series with a lesion target, ``segmentation_dice``,
+        ``segmentation_hd95`` (mm) and ``anomaly_miou`` (see
+        :meth:`fedmri.heads.dense.DenseTaskSpec.metrics`). A task with no known
+        label in the split has none.
 
     Raises:
         RequestError: Weights that do not fit the run's model.
     """
     device = site_device(site_cfg)
     heads = _site_heads(run_cfg, state, device).eval()
-    features, rows = site_features(site_cfg, run_cfg, state, split)
-    out: dict[str, float] = {"heads-examples": len(rows)}
-    if not rows:
+    dataset = site_dataset(site_cfg, split)
+    out: dict[str, float] = {"heads-examples": len(dataset)}
+    if not len(dataset):
         return out
-    features = features.to(device)
-    for task, (target, known) in task_targets(list(heads), rows).items():
+    cached = _cached(site_cfg, run_cfg, state, dataset, device)
+    features = _pooled(run_cfg, cached).to(device)  # N, F
+    for task, (target, known) in task_targets(list(heads), dataset.rows).items():
         scores = heads[task](features).cpu()  # N, out_dim
         out |= {f"{task}_{k}": v for k, v in TASKS[task].metrics(scores, target, known).items() if math.isfinite(v)}
+    lesions, masked = lesion_rows(dataset, split) if dense_tasks(list(heads)) else ([], set())
+    if lesions:
+        dense = dense_data(run_cfg, dataset, lesions, masked, cached, device)
+        out |= dense.metrics(heads, list(run_cfg.data.preprocess.target_spacing), int(site_cfg.batch_size))
     return out

@@ -166,10 +166,17 @@ class HeadsConfig:
     # Encoder blocks whose tokens feed the decoder's skips (0-based, three of
     # them); empty = UNETR's choice scaled to the depth (3, 6, 9 of 12).
     seg_layers: list[int] = field(default_factory=list)
+    # Feed the image to the decoder's full-resolution skip (UNETR's encoder1).
+    # Off by default: it reloads the volumes each round and its convolutions at
+    # full resolution make a CPU heads round 2.6x slower (tiny preset: 187 s
+    # against 71 s; client/trainers/heads_dense.py), for sharper boundaries.
+    seg_image_skip: bool = False
     # Hidden width of the per-patch anomaly scorer; 0 = one linear layer.
     anomaly_hidden_dim: int = 0
     # Downstream tasks the `heads` stage tunes, one head each (fedmri.heads.tasks):
-    # findings (multi-label), sequence, body_region, sex (classes), age (regression).
+    # findings (multi-label), sequence, body_region, sex (classes), age (regression);
+    # segmentation and anomaly (lesion masks, fedmri.heads.dense) are opt-in: they
+    # cache patch tokens and layers, and a round costs minutes on a CPU, not seconds.
     tasks: list[str] = field(default_factory=lambda: ["findings", "sequence", "body_region", "age", "sex"])
     # AdamW learning rate and weight decay of the heads stage (constant over rounds).
     lr: float = 1e-3

@@ -1,7 +1,8 @@
 """Light task heads on the frozen encoder, and the feature cache they train from.
 
-The segmentation decoder (MONAI, slow to import) and the feature cache load on
-first use, so that importing the MLP heads stays cheap.
+The segmentation decoder (MONAI, slow to import), the feature cache and the
+dense task specs (which import the metrics) load on first use, so that
+importing the MLP heads stays cheap.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from fedmri.heads.mlp import MLPHead, build_mlp_head, pool_features, pooled_dim
 from fedmri.lazy import lazy_attributes
 
 _LAZY = {
+    "DENSE_TASKS": "fedmri.heads.dense",
+    "DenseInputs": "fedmri.heads.dense",
+    "DenseTaskSpec": "fedmri.heads.dense",
+    "dense_tasks": "fedmri.heads.dense",
+    "lesion_target": "fedmri.heads.dense",
+    "no_finding": "fedmri.heads.dense",
     "UNETRDecoder": "fedmri.heads.segmentation",
     "build_segmentation_head": "fedmri.heads.segmentation",
     "default_skip_layers": "fedmri.heads.segmentation",
@@ -28,6 +35,9 @@ __getattr__ = lazy_attributes(__name__, _LAZY)
 __all__ = [
     "AnomalyHead",
     "CachedFeatures",
+    "DENSE_TASKS",
+    "DenseInputs",
+    "DenseTaskSpec",
     "FeatureCache",
     "MLPHead",
     "UNETRDecoder",
@@ -36,6 +46,9 @@ __all__ = [
     "build_mlp_head",
     "build_segmentation_head",
     "default_skip_layers",
+    "dense_tasks",
+    "lesion_target",
+    "no_finding",
     "pool_features",
     "pooled_dim",
     "preprocess_key",

@@ -14,6 +14,10 @@ Tasks (Decipher-MR's classification and regression suite):
 - ``age``: years, regressed on a fixed standardisation (mean 50, std 20), so
   every site's head sees the same scale without sharing statistics;
 - ``sex``: F (0) against M (1), one logit; ``O`` and unknown are left out.
+
+The dense tasks ``segmentation`` and ``anomaly`` (lesion masks, on patch
+tokens rather than pooled features) live in :mod:`fedmri.heads.dense`;
+:func:`task_spec` and :func:`build_task_heads` know both kinds.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from fedmri.data.dataset import SEX_CODES
 from fedmri.data.metadata import SEQUENCE_FAMILIES
 from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.errors import ConfigError
+from fedmri.heads.dense import DENSE_TASKS, DenseTaskSpec
 from fedmri.heads.mlp import build_mlp_head
 from fedmri.metrics import binary_metrics, mae, multiclass_metrics, multilabel_metrics
 from fedmri.wire import HEAD_PREFIX, SEP, load_into, module_state
@@ -184,25 +189,32 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def task_spec(name: str) -> TaskSpec:
-    """The registered task ``name``.
+def task_spec(name: str) -> TaskSpec | DenseTaskSpec:
+    """The registered task ``name``: an MLP task of :data:`TASKS` or a dense one of :data:`DENSE_TASKS`.
 
     Raises:
         ConfigError: For an unknown task, listing the known ones.
     """
+    if name in DENSE_TASKS:
+        return DENSE_TASKS[name]
     if name not in TASKS:
-        raise ConfigError(f"unknown heads task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown heads task {name!r}; known tasks: {', '.join([*TASKS, *DENSE_TASKS])}")
     return TASKS[name]
 
 
 def build_task_heads(cfg: Any) -> nn.ModuleDict:
-    """One :class:`~fedmri.heads.MLPHead` per ``cfg.heads.tasks`` entry, keyed by task name.
+    """One head per ``cfg.heads.tasks`` entry, keyed by task name.
+
+    An :class:`~fedmri.heads.MLPHead` for each task of :data:`TASKS`, the UNETR
+    decoder for ``segmentation`` and an :class:`~fedmri.heads.AnomalyHead` for
+    ``anomaly`` (see :mod:`fedmri.heads.dense`).
 
     Args:
-        cfg: The whole config (``model.embed_dim`` and the ``heads`` section).
+        cfg: The whole config (``model`` and the ``heads`` section).
 
     Raises:
-        ConfigError: An unknown or repeated task name.
+        ConfigError: An unknown or repeated task name, or a dense task the
+            encoder cannot feed (the decoder needs ``model.patch_size`` 16).
     """
     names = [str(t) for t in cfg.heads.tasks]
     if len(set(names)) != len(names):
@@ -210,6 +222,9 @@ def build_task_heads(cfg: Any) -> nn.ModuleDict:
     heads = nn.ModuleDict()
     for name in names:
         spec = task_spec(name)
+        if isinstance(spec, DenseTaskSpec):
+            heads[name] = spec.build(cfg)
+            continue
         kwargs = {"target_mean": spec.target_mean, "target_std": spec.target_std} if spec.kind == "regression" else {}
         heads[name] = build_mlp_head(cfg, spec.head_task, spec.out_dim, **kwargs)
     return heads
