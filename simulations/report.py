@@ -6,8 +6,9 @@ Reads what :func:`fedmri.simulations.runner.simulate` leaves in ``<run_root>/<na
 heatmap PNG per headline metric under ``plots/``.
 
 The cross-site matrix has one row per place the encoder and heads were trained
-(each site alone, the federation, the pooled data) and one column per site whose
-validation split was scored.
+(each site alone, the federation, the pooled data, and the randomly initialised
+encoder tuned federatedly) and one column per site whose validation split was
+scored, held-out hospitals included.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ HEADS: dict[str, tuple[str, str]] = {
 }
 # The cross-site matrices drawn, when the runs measured them.
 HEADLINE = ("findings_auroc_macro", "sequence_accuracy", "body_region_accuracy", "age_mae", "t2i_r1",
-            "knn_sequence_acc")
-_MODE_ORDER = {"federated": 0, "local": 1, "central": 2}  # as `fedmri simulate` runs them
+            "t2i_r5", "knn_sequence_acc")
+_MODE_ORDER = {"federated": 0, "random": 1, "local": 2, "central": 3}  # as `fedmri simulate` runs them
+# Row labels of the runs that are not one site alone.
+_RUN_LABELS = {"federated": "federated", "random": "random init (federated heads)", "central": "central"}
 # Metrics in [0, 1] share one colour scale so that matrices compare at a glance.
 _UNIT_SUFFIXES = ("_acc", "_accuracy", "_auroc", "_auroc_macro", "_f1", "_f1_macro", "_r1", "_r5", "_r10")
 
@@ -74,10 +77,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _runs(sim_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-    """{row label: (folder name, results.json)} in row order: each site alone, federated, central."""
+    """{row label: (folder name, results.json)} in row order: each site alone, federated, random, central."""
     local = sorted(p for p in sim_dir.glob("local-*") if (p / "results.json").is_file())
     ordered = [(p.name[len("local-"):] + " alone", p) for p in local]
-    ordered += [(m, sim_dir / m) for m in ("federated", "central") if (sim_dir / m / "results.json").is_file()]
+    ordered += [(label, sim_dir / m) for m, label in _RUN_LABELS.items() if (sim_dir / m / "results.json").is_file()]
     return {label: (p.name, _read_json(p / "results.json")) for label, p in ordered}
 
 
@@ -96,7 +99,10 @@ def cross_site_matrix(sim_dir: Path, metric: str) -> tuple[list[str], list[str],
     runs = _runs(Path(sim_dir))
     if not runs:
         raise InputError(f"no run with a results.json under {sim_dir}; is it a `fedmri simulate` run folder?")
-    cols = sorted({site for _, res in runs.values() for site in res.get("per_site", {})})
+    top = Path(sim_dir) / "results.json"
+    held = set(_read_json(top).get("holdout_sites", [])) if top.is_file() else set()
+    # The federation's sites, then the held-out hospitals.
+    cols = sorted({site for _, res in runs.values() for site in res.get("per_site", {})}, key=lambda c: (c in held, c))
     values = [[_value(res.get("per_site", {}).get(c, {}).get(metric)) for c in cols] for _, res in runs.values()]
     return list(runs), cols, values
 
@@ -155,6 +161,10 @@ def _mode_table(modes: dict[str, dict[str, Any]], columns: dict[str, tuple[str, 
     return _table(header, [[mode] + [_fmt(k, m.get(k)) for k in present] for mode, m in modes.items()]) + [""]
 
 
+def _in_mode_order(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return dict(sorted(modes.items(), key=lambda kv: (_MODE_ORDER.get(kv[0], len(_MODE_ORDER)), kv[0])))
+
+
 def write_report(sim_dir: Path, title: str | None = None) -> Path:
     """Write ``<sim_dir>/report.md`` and ``<sim_dir>/plots/cross_site_<metric>.png``.
 
@@ -169,8 +179,9 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
     top = sim_dir / "results.json"
     if not top.is_file():
         raise InputError(f"{top} is missing; rerun `fedmri simulate` for this run")
-    modes: dict[str, dict[str, Any]] = _read_json(top).get("modes", {})
-    modes = dict(sorted(modes.items(), key=lambda kv: (_MODE_ORDER.get(kv[0], len(_MODE_ORDER)), kv[0])))
+    summary = _read_json(top)
+    modes, holdout = (_in_mode_order(summary.get(key, {})) for key in ("modes", "holdout"))
+    held = ", ".join(summary.get("holdout_sites", [])) or "the held-out hospitals"
     runs = _runs(sim_dir)
     date = time.strftime("%Y-%m-%d %H:%M", time.localtime(top.stat().st_mtime))
     n_local = sum(1 for label in runs if label.endswith(" alone"))
@@ -178,17 +189,26 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
     md = [f"# {title or f'fedmri simulate: {sim_dir.name}'}", "",
           f"Run `{sim_dir.name}`, finished {date}.", "",
           "## Results per mode", "",
-          "On every site's validation split, weighted by series. `local` is the mean of the "
-          f"{n_local} models each trained on one site alone. ↓: lower is better.", ""]
+          "On the validation splits of the federation's sites, weighted by series. `local` is the mean of the "
+          f"{n_local} models each trained on one site alone; `random` tunes the same heads the same way on a "
+          "randomly initialised encoder. ↓: lower is better.", ""]
     if probes := _mode_table(modes, PROBES):
         md += ["### Encoder probes", ""] + probes
     if heads := _mode_table(modes, HEADS):
         md += ["### Task heads on the frozen encoder", ""] + heads
+    if holdout:
+        md += ["## On a hospital outside the federation", "",
+               f"Every series of {held}: synthesised from a seed of its own, with the next scanner "
+               "archetypes; it never trains, so this is transfer to a new hospital. `random` is the same "
+               "heads tuning on a randomly initialised encoder: the gap is what federated pretraining and "
+               "alignment are worth.", ""]
+        md += _mode_table(holdout, PROBES) + _mode_table(holdout, HEADS)
 
     md += ["## Cross-site evaluation", "",
            "Rows: where the encoder and heads were trained; columns: the site whose validation split "
-           "was scored. The diagonal of the `alone` rows is in-site, the rest is transfer. – : the site did "
-           "not report the metric (e.g. AUROC on a split where a label has one class only).", ""]
+           "was scored (a held-out hospital: all its series). The diagonal of the `alone` rows is in-site, "
+           "the rest is transfer. – : the site did not report the metric (e.g. AUROC on a split where a "
+           "label has one class only).", ""]
     for metric in HEADLINE if runs else ():
         rows, cols, values = cross_site_matrix(sim_dir, metric)
         if all(v is None for row in values for v in row):

@@ -5,8 +5,11 @@
    its own ``site.yaml`` (found by the ClientApp through ``FEDMRI_SIM_SITES``,
    a file on this machine, never through the server).
 3. Modes, each evaluated the same way (the evaluate stage on every real site's
-   validation split):
+   validation split, and on every series of the held-out hospitals):
    - ``federated``: the pipeline over all sites;
+   - ``random``: the same heads tuning and evaluation on a randomly
+     initialised encoder (the pretrain and align stages left out), so the
+     worth of federated pretraining is measured, not assumed;
    - ``local``: every site alone with the same rounds and local steps, its
      model evaluated on every site; the row is the mean over those models;
    - ``central``: one pooled site holding every site's training split (each
@@ -14,10 +17,17 @@
      all sites together per round.
 4. Writes ``<run_root>/<name>/results.json`` and ``report.md`` (with the
    cross-site matrices) and prints one table.
+
+Held-out hospitals (``holdout_sites``, ``holdout_catalogs``) are outside the
+federation: synthesised from their own seed, their site file allows the
+evaluate stage only, and every one of their series is evaluation data. They
+are reported apart from the federation's sites (``<mode> @ held-out``) and as
+columns of the cross-site matrices.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,8 +43,12 @@ from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
 from fedmri.server.config import FederationConfig, _check, run_config
 
-MODES = ("federated", "local", "central")
+MODES = ("federated", "random", "local", "central")
 POOLED = "pooled"
+HOLDOUT = "holdout"
+# Stages that give the encoder what it knows; the random mode leaves them out.
+ENCODER_STAGES = ("pretrain", "align")
+AT_HOLDOUT = " @ held-out"
 SITES_ENV = "FEDMRI_SIM_SITES"
 
 
@@ -58,8 +72,13 @@ class SimulationConfig:
     data_dir: str | None = None
     # Existing catalog folders (from `fedmri data index`) to use instead of synthesising.
     catalogs: list[str] = field(default_factory=list)
-    # Which of federated, local, central to run (in that order).
-    modes: list[str] = field(default_factory=lambda: ["federated", "local", "central"])
+    # Hospitals outside the federation, synthesised from a seed of their own:
+    # they never train and all their series are evaluation data.
+    holdout_sites: int = 1
+    # Existing catalogs to hold out instead (scored on the evaluate stage's split).
+    holdout_catalogs: list[str] = field(default_factory=list)
+    # Which of federated, random, local, central to run (in that order).
+    modes: list[str] = field(default_factory=lambda: list(MODES))
     # Per-site local batch size.
     batch_size: int = 4
     # torch threads per virtual site.
@@ -96,6 +115,8 @@ def load_simulation(path: str | Path | None = None, overrides: list[str] | None 
     n = len(cfg.catalogs) or cfg.sites
     if n < 1:
         raise ConfigError(f"{where}: sites must be >= 1")
+    if cfg.holdout_sites < 0:
+        raise ConfigError(f"{where}: holdout_sites must be >= 0, got {cfg.holdout_sites}")
     if cfg.federation.min_sites > n:
         raise ConfigError(f"{where}: federation.min_sites={cfg.federation.min_sites} but only {n} sites")
     _check(cfg.federation, where)
@@ -109,36 +130,66 @@ class SimSite:
     site_file: Path
 
 
-def prepare_sites(sim: DictConfig, data_dir: Path, say: Callable[[str], None] = print) -> list[SimSite]:
-    """Synthesise and index the hospitals (or take the given catalogs); write a site.yaml each."""
+def prepare_sites(sim: DictConfig, data_dir: Path,
+                  say: Callable[[str], None] = print) -> tuple[list[SimSite], list[SimSite]]:
+    """Synthesise and index the hospitals (or take the given catalogs); write a site.yaml each.
+
+    Returns:
+        The federation's sites and the held-out hospitals.
+    """
+    cfg = run_config(sim.federation)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(sim.federation.seed)
+    if sim.catalogs:
+        sites = [_given(catalog, f"site-{i:02d}", data_dir) for i, catalog in enumerate(sim.catalogs, start=1)]
+    else:
+        sites = [_synthesise(sim, cfg, data_dir, f"site-{i:02d}", i, seed, say) for i in range(1, sim.sites + 1)]
+    if sim.holdout_catalogs:
+        holdouts = [_given(c, f"{HOLDOUT}-{k:02d}", data_dir) for k, c in enumerate(sim.holdout_catalogs, start=1)]
+    elif sim.catalogs:
+        holdouts = []  # synthetic hospitals are not held out from real ones: name holdout_catalogs
+    else:
+        # Every series of a held-out hospital is evaluation data: the evaluate stage's split takes all patients.
+        split = next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
+        held = copy.deepcopy(cfg)
+        OmegaConf.set_readonly(held, False)
+        held.data.catalog.split_fractions = [float(split == s) for s in ("train", "val", "test")]
+        # The next archetypes (another vendor and protocol) from a seed of their own.
+        holdouts = [_synthesise(sim, held, data_dir, f"{HOLDOUT}-{k:02d}", sim.sites + k, _holdout_seed(seed, k), say)
+                    for k in range(1, sim.holdout_sites + 1)]
+    for site in sites:
+        _write_site_file(sim, site.site_file, site.name, site.catalog)
+    for site in holdouts:
+        _write_site_file(sim, site.site_file, site.name, site.catalog, stages=["evaluate"])
+    return sites, holdouts
+
+
+def _holdout_seed(seed: int, k: int) -> int:
+    """The seed of held-out hospital ``k``: none of the federation's sites derives from it."""
+    return (seed + 7919 * k + 104729) % 2**31
+
+
+def _given(catalog: str, name: str, data_dir: Path) -> SimSite:
+    path = Path(catalog).expanduser().resolve()
+    if not (path / "catalog.sqlite").is_file():
+        raise InputError(f"catalog {path} has no catalog.sqlite; make it with `fedmri data index`")
+    return SimSite(name, path, data_dir / f"{name}.yaml")
+
+
+def _synthesise(sim: DictConfig, cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int,
+                say: Callable[[str], None]) -> SimSite:
     from fedmri.data.indexer import index_site
     from fedmri.simulations.synth import generate_site
 
-    cfg = run_config(sim.federation)
-    sites: list[SimSite] = []
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if sim.catalogs:
-        for i, catalog in enumerate(sim.catalogs, start=1):
-            path = Path(catalog).expanduser().resolve()
-            if not (path / "catalog.sqlite").is_file():
-                raise InputError(f"catalog {path} has no catalog.sqlite; make it with `fedmri data index`")
-            sites.append(SimSite(f"site-{i:02d}", path, data_dir / f"site-{i:02d}.yaml"))
-    else:
-        for i in range(1, sim.sites + 1):
-            name = f"site-{i:02d}"
-            root = data_dir / "hospitals" / name
-            say(f"[data] {name}: synthesising {sim.series_per_site} series ({sim.synth_preset}) ...")
-            generate_site(root, site_index=i, seed=int(sim.federation.seed), preset=sim.synth_preset,
-                          series_per_site=int(sim.series_per_site))
-            catalog = data_dir / "catalogs" / name
-            synthetic_salt(catalog, int(sim.federation.seed), name)
-            result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)
-            say(f"[data] {name}: {result.n_series} series indexed ({result.n_loaded} read, "
-                f"{len(result.skipped)} skipped) -> {catalog}")
-            sites.append(SimSite(name, catalog.resolve(), data_dir / f"{name}.yaml"))
-    for site in sites:
-        _write_site_file(sim, site.site_file, site.name, site.catalog)
-    return sites
+    root = data_dir / "hospitals" / name
+    say(f"[data] {name}: synthesising {sim.series_per_site} series ({sim.synth_preset}, seed {seed}) ...")
+    generate_site(root, site_index=index, seed=seed, preset=sim.synth_preset, series_per_site=int(sim.series_per_site))
+    catalog = data_dir / "catalogs" / name
+    synthetic_salt(catalog, seed, name)
+    result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)
+    say(f"[data] {name}: {result.n_series} series indexed ({result.n_loaded} read, "
+        f"{len(result.skipped)} skipped) -> {catalog}")
+    return SimSite(name, catalog.resolve(), data_dir / f"{name}.yaml")
 
 
 def synthetic_salt(catalog: Path, seed: int, name: str) -> None:
@@ -161,9 +212,12 @@ def synthetic_salt(catalog: Path, seed: int, name: str) -> None:
         fh.write(hashlib.sha256(f"fedmri-synthetic-site:{seed}:{name}".encode()).hexdigest() + "\n")
 
 
-def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None) -> None:
+def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None,
+                     stages: list[str] | None = None) -> None:
     body: dict[str, Any] = {"name": name, "catalog": str(catalog), "device": "cpu",
                             "threads": int(sim.threads_per_site), "batch_size": int(sim.batch_size)}
+    if stages is not None:  # a held-out hospital declines to train, whatever it is sent
+        body["policy"] = {"stages": stages}
     if extra:
         body["extra_catalogs"] = [str(p) for p in extra]
         # The pooled baseline is not site-01: it keeps its own privacy ledger.
@@ -225,67 +279,87 @@ def _mode_fed(sim: DictConfig, mode: str, site: str | None = None) -> DictConfig
 
 
 def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every mode of ``sim``; returns {mode: evaluation metrics} (also in results.json)."""
+    """Run every mode of ``sim``.
+
+    Returns:
+        {row: evaluation metrics}: each mode on the federation's sites, then each
+        mode on the held-out hospitals as ``"<mode> @ held-out"``. ``results.json``
+        keeps them as ``modes`` and ``holdout``.
+    """
     from fedmri.server.pipeline import Pipeline
 
     root = Path(sim.federation.run_root) / sim.federation.name
     root.mkdir(parents=True, exist_ok=True)
     data_dir = Path(sim.data_dir) if sim.data_dir else root / "data"
-    sites = prepare_sites(sim, data_dir, say)
-    names = [s.name for s in sites]
+    sites, holdouts = prepare_sites(sim, data_dir, say)
+    names, held = [s.name for s in sites], [s.name for s in holdouts]
     n = len(sites)
     results: dict[str, Any] = {}
     if not any(st.name == "evaluate" for st in sim.federation.stages):
         say("[simulate] note: no evaluate stage, so the modes are not compared")
 
-    site_files = [s.site_file for s in sites]
+    site_files = [s.site_file for s in sites + holdouts]
     if "central" in sim.modes:
         pooled_file = data_dir / f"{POOLED}.yaml"
         _write_site_file(sim, pooled_file, POOLED, sites[0].catalog, [s.catalog for s in sites[1:]])
         site_files.append(pooled_file)
 
+    def alone(fed: DictConfig, local_factor: int = 1) -> DictConfig:
+        """One site trains (a site alone, the pooled site); every site and held-out hospital evaluates."""
+        fed.min_sites = 1
+        for st in fed.stages:
+            if st.name == "evaluate":
+                st.min_sites = n + len(held)
+            else:
+                st.min_sites = 1
+                st.local_steps = int(st.local_steps) * local_factor
+        return fed
+
     def run_modes(grid: Any) -> None:
         # Every mode in one engine session: Ray starts once. The pooled
         # SuperNode of the central mode idles through the other modes.
         for mode in sim.modes:
-            say(f"[simulate] mode {mode}: {n} sites, stages "
-                + " -> ".join(f"{st.name} x{st.rounds}" for st in sim.federation.stages))
-            if mode == "federated":
-                results["federated"] = Pipeline(_mode_fed(sim, mode), train_sites=names,
-                                                eval_sites=names).run_all(grid)
+            fed = _mode_fed(sim, mode)
+            if mode == "random":
+                fed.stages = [st for st in fed.stages if st.name not in ENCODER_STAGES]
+            say(f"[simulate] mode {mode}: {n} sites" + (f" + {len(held)} held out" if held else "") + ", stages "
+                + (" -> ".join(f"{st.name} x{st.rounds}" for st in fed.stages) or "none"))
+            if mode in ("federated", "random"):
+                results[mode] = Pipeline(fed, train_sites=names, eval_sites=names + held).run_all(grid)
             elif mode == "local":
                 per_site: dict[str, Any] = {}
                 for name in names:
-                    fed = _mode_fed(sim, mode, name)
-                    fed.min_sites = 1
-                    for st in fed.stages:
-                        st.min_sites = n if st.name == "evaluate" else 1
                     say(f"[simulate] local: {name} trains alone")
-                    per_site[name] = Pipeline(fed, train_sites=[name], eval_sites=names).run_all(grid)
-                results["local"] = _mean_of(per_site)
-            elif mode == "central":
-                fed = _mode_fed(sim, mode)
-                fed.min_sites = 1
-                for st in fed.stages:
-                    if st.name == "evaluate":
-                        st.min_sites = n
-                    else:
-                        st.min_sites = 1
-                        st.local_steps = int(st.local_steps) * n  # the compute of all sites together
-                results["central"] = Pipeline(fed, train_sites=[POOLED], eval_sites=names).run_all(grid)
+                    per_site[name] = Pipeline(alone(_mode_fed(sim, mode, name)), train_sites=[name],
+                                              eval_sites=names + held).run_all(grid)
+                results["local"] = {"per_model": per_site}
+            elif mode == "central":  # with the local steps of all sites together per round
+                results["central"] = Pipeline(alone(fed, local_factor=n), train_sites=[POOLED],
+                                              eval_sites=names + held).run_all(grid)
 
     _simulate(run_modes, site_files, sim, root / "sites.json")
-    summary = {m: r.get("evaluation", {}) for m, r in results.items()}
-    (root / "results.json").write_text(json.dumps({"modes": summary, "runs": results}, indent=1, sort_keys=True),
-                                       encoding="utf-8")
+    modes = {m: _evaluation(r, names) for m, r in results.items()}
+    holdout = {m: _evaluation(r, held) for m, r in results.items()} if held else {}
+    (root / "results.json").write_text(json.dumps({"modes": modes, "holdout": holdout, "sites": names,
+                                                   "holdout_sites": held, "runs": results},
+                                                  indent=1, sort_keys=True), encoding="utf-8")
     from fedmri.simulations.report import write_report
 
     say(f"report: {write_report(root)}")
-    return summary
+    return modes | {m + AT_HOLDOUT: v for m, v in holdout.items()}
 
 
-def _mean_of(per_site: dict[str, Any]) -> dict[str, Any]:
-    evals = [r.get("evaluation", {}) for r in per_site.values()]
-    keys = sorted({k for e in evals for k in e})
-    mean = {k: sum(e[k] for e in evals if k in e) / max(1, sum(1 for e in evals if k in e)) for k in keys}
-    return {"evaluation": mean, "per_model": per_site}
+def _evaluation(result: dict[str, Any], sites: list[str]) -> dict[str, float]:
+    """The final evaluation of ``sites``, weighted by their series as the coordinator weighs them.
+
+    A run's own aggregate mixes the federation's sites with the held-out ones;
+    this keeps them apart. A ``local`` result is the mean over its per-site models.
+    """
+    from fedmri.server.pipeline import aggregate_metrics
+
+    if "per_model" in result:
+        evals = [_evaluation(r, sites) for r in result["per_model"].values()]
+        keys = sorted({k for e in evals for k in e})
+        return {k: sum(e[k] for e in evals if k in e) / sum(1 for e in evals if k in e) for k in keys}
+    rows = [m for site, m in result.get("per_site", {}).items() if site in sites]
+    return aggregate_metrics(rows) if rows else {}

@@ -201,9 +201,9 @@ def test_coordinator_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_pat
 
 
 def test_weighted_mean_of_site_metrics() -> None:
-    from fedmri.server.pipeline import _weighted_mean
+    from fedmri.server.pipeline import aggregate_metrics
 
-    got = _weighted_mean([{"num-examples": 1, "loss": 1.0}, {"num-examples": 3, "loss": 3.0, "x": 2.0}])
+    got = aggregate_metrics([{"num-examples": 1, "loss": 1.0}, {"num-examples": 3, "loss": 3.0, "x": 2.0}])
     assert got["num-examples"] == 4 and math.isclose(got["loss"], 2.5) and got["x"] == 2.0
 
 

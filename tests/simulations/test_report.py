@@ -111,3 +111,28 @@ def test_report_has_tables_matrices_images_and_links(sim_dir: Path) -> None:
 def test_report_without_top_results_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="results.json"):
         write_report(tmp_path)
+
+
+def test_held_out_hospital_is_the_last_column_and_random_init_a_row(sim_dir: Path) -> None:
+    for folder, offset in (*ROWS.items(), ("random", 0.05)):
+        run = sim_dir / folder
+        (run / "plots").mkdir(parents=True, exist_ok=True)
+        results = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {
+            "name": f"demo/{folder}", "evaluation": {}, "per_site": _per_site(offset, folder), "rounds": 1}
+        results["per_site"]["holdout-01"] = {"sequence_accuracy": offset + 0.01, "num-examples": 12.0}
+        (run / "results.json").write_text(json.dumps(results))
+    top = json.loads((sim_dir / "results.json").read_text())
+    top["holdout"] = {"random": {"sequence_accuracy": 0.06, "t2i_r5": 0.2},
+                      "federated": {"sequence_accuracy": 0.41, "t2i_r5": 0.9}}
+    top["holdout_sites"] = ["holdout-01"]
+    (sim_dir / "results.json").write_text(json.dumps(top))
+
+    rows, cols, values = cross_site_matrix(sim_dir, "sequence_accuracy")
+    assert cols == [*SITES, "holdout-01"]  # sorted names would put it first
+    assert rows[3:] == ["federated", "random init (federated heads)", "central"]
+    assert values[rows.index("random init (federated heads)")][3] == pytest.approx(0.06)
+    md = write_report(sim_dir).read_text(encoding="utf-8")
+    held = md[md.index("## On a hospital outside the federation"):md.index("## Cross-site evaluation")]
+    assert "holdout-01" in held
+    assert held.index("| federated | 0.90 |") < held.index("| random | 0.20 |")  # t2i R@5, in mode order
+    assert "| trained on \\ scored on | site-01 | site-02 | site-03 | holdout-01 |" in md

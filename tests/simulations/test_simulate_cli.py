@@ -1,4 +1,4 @@
-"""`fedmri simulate` end to end: Flower's Simulation Engine, three modes, one table."""
+"""`fedmri simulate` end to end: Flower's Simulation Engine, every mode, a held-out hospital."""
 
 from __future__ import annotations
 
@@ -50,12 +50,13 @@ def _simulate(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.Co
 
 
 @pytest.mark.slow
-def test_simulate_runs_three_modes_and_prints_one_table(tmp_path: Path, federation_sites: list) -> None:
+def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path, federation_sites: list) -> None:
+    (_, _, first), (_, _, second), (_, _, third) = federation_sites
     config = tmp_path / "sim.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.create({
-        "catalogs": [str(c) for _, _, c in federation_sites],
+        "catalogs": [str(first), str(second)],
+        "holdout_catalogs": [str(third)],
         "batch_size": 2,
-        "modes": ["federated", "local", "central"],
         "federation": {"name": "smoke", "overrides": MICRO, "run_root": str(tmp_path / "runs"),
                        "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1},
                                   {"name": "align", "rounds": 1, "local_steps": 1},
@@ -65,29 +66,44 @@ def test_simulate_runs_three_modes_and_prints_one_table(tmp_path: Path, federati
     out = _simulate(["--config", str(config)], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:]
     assert "Traceback" not in out.stdout
-    for mode in ("federated", "local", "central"):
-        assert f"mode {mode}" in out.stdout
+    modes = ("federated", "random", "local", "central")
+    for mode in modes:
+        assert f"mode {mode}: 2 sites + 1 held out" in out.stdout
     table = out.stdout[out.stdout.index("fedmri simulate: smoke"):]
-    assert all(mode in table for mode in ("federated", "local", "central")), table
+    assert all(mode in table for mode in modes), table
     assert "task heads on the frozen encoder" in table and "sequence acc" in table, table
+    assert "held out of the federation" in table and "t2i R@5" in table, table
 
     root = tmp_path / "runs" / "smoke"
     results = json.loads((root / "results.json").read_text())
-    for mode in ("federated", "local", "central"):
+    assert results["holdout_sites"] == ["holdout-01"] and set(results["holdout"]) == set(modes)
+    for mode in modes:
         evaluation = results["modes"][mode]
         assert evaluation["num-examples"] > 0 and "val_loss" in evaluation, (mode, evaluation)
         assert 0.0 <= evaluation["knn_sequence_acc"] <= 1.0, (mode, evaluation)
-    for run in ("federated", "local-site-01", "local-site-02", "local-site-03", "central"):
+        assert results["holdout"][mode]["num-examples"] > 0, mode
+    # The held-out hospital is scored apart from the sites: its series are in no site row.
+    per_site = results["runs"]["federated"]["per_site"]
+    assert results["holdout"]["federated"]["num-examples"] == per_site["holdout-01"]["num-examples"]
+    assert results["modes"]["federated"]["num-examples"] == sum(per_site[s]["num-examples"]
+                                                                for s in ("site-01", "site-02"))
+    for run in ("federated", "local-site-01", "local-site-02", "central"):
         assert (root / run / "metrics.jsonl").is_file(), run
         assert (root / run / "plots" / "pretrain.png").is_file(), run
-    # The pooled site trained alone in central mode; the three real sites evaluated.
-    central = [json.loads(line) for line in (root / "central" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["site"] for r in central if r["status"] == "ok" and r["stage"] == "pretrain"} == {"pooled"}
-    assert {r["site"] for r in central if r["status"] == "ok" and r["stage"] == "evaluate"} == {
-        "site-01", "site-02", "site-03"}
+    # Random init: the same heads tuning, no pretraining or alignment.
+    random_rows = [json.loads(line) for line in (root / "random" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in random_rows} == {"heads", "evaluate"}
+    # The pooled site trained alone in central mode; the real sites and the held-out hospital evaluated.
+    for run in ("central", "federated", "random"):
+        rows = [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]
+        trained = {r["site"] for r in rows if r["status"] == "ok" and r["stage"] != "evaluate" and r["site"] != "all"}
+        assert trained == ({"pooled"} if run == "central" else {"site-01", "site-02"}), run
+        assert {r["site"] for r in rows if r["status"] == "ok" and r["stage"] == "evaluate"} == {
+            "site-01", "site-02", "holdout-01"}, run
     assert (root / "federated" / "encoder").is_dir()
     report = (root / "report.md").read_text()
-    assert "trained on \\ scored on" in report and "site-02 alone" in report
+    assert "trained on \\ scored on" in report and "site-02 alone" in report and "random init" in report
+    assert "| site-01 | site-02 | holdout-01 |" in report and "## On a hospital outside the federation" in report
     assert (root / "plots" / "cross_site_sequence_accuracy.png").stat().st_size > 1000
 
 
@@ -107,7 +123,8 @@ def test_overrides_reach_into_the_list_of_stages() -> None:
     assert sim.sites == 5 and list(sim.modes) == ["federated"]
     assert sim.federation.stages[0].rounds == 10 and sim.federation.stages[1].strategy["proximal_mu"] == 0.1
     for bad, named in ((["federation.nope=1"], "nope"), (["sites=abc"], "sites"),
-                       (["federation.stages.0.strategy={name: fedfoo}"], "fedfoo")):
+                       (["federation.stages.0.strategy={name: fedfoo}"], "fedfoo"),
+                       (["holdout_sites=-1"], "holdout_sites")):
         with pytest.raises(ConfigError, match=named):
             load_simulation(None, bad)
 
