@@ -79,7 +79,9 @@ def _digest(record: ArrayRecord) -> str:
     return h.hexdigest()
 
 
-def _weighted_mean(rows: list[dict[str, float]]) -> dict[str, float]:
+def aggregate_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The coordinator's aggregate of site metrics: ``num-examples`` summed, every
+    other finite value weighted by the site's ``num-examples`` over the sites that have it."""
     weights = [float(r.get("num-examples", 0)) for r in rows]
     total = sum(weights)
     out: dict[str, float] = {"num-examples": total}
@@ -325,7 +327,7 @@ class Pipeline:
         # an update needs min_sites contributors.
         need = 1 if stage.name == "evaluate" else self._min_sites(stage_i)
         if len(accepted) >= need:
-            out.aggregated = _weighted_mean(list(metrics_by_node.values()))
+            out.aggregated = aggregate_metrics(list(metrics_by_node.values()))
             if stage.name != "evaluate":
                 # Aggregation order must not depend on node ids (they change
                 # when a site restarts): order by content.
@@ -427,7 +429,8 @@ class Pipeline:
         return results
 
     def export(self, out: Path) -> Path:
-        """Save the global encoder (aligned model when an align stage ran) with a model card."""
+        """Save the global encoder (aligned model when an align stage ran) with a model card, and the
+        task heads (``heads.safetensors``, card section ``heads``) when a heads round ran."""
         from fedmri.align import build_aligned_model
         from fedmri.export import save_encoder
         from fedmri.models import build_encoder
@@ -436,13 +439,23 @@ class Pipeline:
         extra = {"run": self.fed.name, "rounds": len(self.history), "sites": sorted(self.sites_seen),
                  "stages": [f"{s.name} x{s.rounds}" for s in self.fed.stages],
                  "privacy": model_card_privacy(privacy_summary(self.run.read_metrics()))}
+        # Heads go with the encoder once a heads round has updated them.
+        tuned = any(h["stage"] == "heads" and h["sites"] for h in self.history)
+        if tuned:
+            from fedmri.heads.export import heads_card, save_heads
+
+            evaluated = [h["metrics"] for h in self.history if h["stage"] == "evaluate" and h["sites"]]
+            extra["heads"] = heads_card(self.cfg, evaluated[-1] if evaluated else {})
         if aligned:
             model = build_aligned_model(self.cfg, image_encoder=build_encoder(self.cfg))
             wire.load_align_state(model, wire.select(self.state, wire.ALIGN_GROUPS))
         else:
             model = build_encoder(self.cfg)
             model.load_state_dict({k.split("/", 1)[1]: v for k, v in wire.select(self.state, [wire.ENCODER]).items()})
-        return save_encoder(out, model, config=self.cfg, extra=extra)
+        folder = save_encoder(out, model, config=self.cfg, extra=extra)
+        if tuned:
+            save_heads(folder, self.state)
+        return folder
 
 
 def _aggregator(stage: DictConfig, aggregator: Any) -> Any:

@@ -222,3 +222,29 @@ def test_a_bad_align_section_is_rejected(tmp_path: Path, cfg, vit, minilm) -> No
     (folder / "config.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="align/text section"):
         load_encoder(folder)
+
+
+def test_heads_round_trip_and_a_folder_without_heads_is_refused(tmp_path: Path, cfg, vit) -> None:
+    from fedmri.heads.export import heads_card, load_heads, save_heads
+    from fedmri.heads.tasks import build_task_heads, task_heads_state
+
+    bare = save_encoder(tmp_path / "bare", vit, config=cfg)
+    with pytest.raises(InputError, match="no task heads"):
+        load_heads(bare)
+
+    heads = build_task_heads(cfg)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p)  # not the init a rebuild would give
+    card = heads_card(cfg, {"sequence_accuracy": 0.5, "findings_auroc/T2_HYPER": 0.7, "loss": 1.0})
+    assert card["tasks"]["sequence"]["metrics"] == {"accuracy": 0.5}
+    folder = save_encoder(tmp_path / "with", vit, config=cfg, extra={"heads": card})
+    save_heads(folder, task_heads_state(heads) | {"encoder/x": torch.zeros(1)})
+    loaded = load_heads(folder)
+    assert not loaded.training
+    assert list(loaded) == list(heads)
+    for task in heads:
+        _assert_same_weights(heads[task], loaded[task])
+
+    (folder / "heads.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="heads"):
+        load_heads(folder)

@@ -44,3 +44,16 @@ def test_heads_stage_tunes_only_the_heads_and_evaluate_scores_them(tmp_path: Pat
     evaluation = results["evaluation"]
     assert 0.0 <= evaluation["sequence_accuracy"] <= 1.0 and evaluation["age_mae"] >= 0.0
     assert evaluation["heads-examples"] > 0
+
+    # The export carries the tuned heads and their scores; they load from the folder alone.
+    from fedmri.heads.export import load_heads
+
+    folder = pipeline.export(tmp_path / "export")
+    card = json.loads((folder / "config.json").read_text())["extra"]["heads"]
+    assert set(card["tasks"]) == set(pipeline.cfg.heads.tasks)
+    assert card["tasks"]["sequence"]["metrics"]["accuracy"] == pytest.approx(evaluation["sequence_accuracy"])
+    assert card["tasks"]["sequence"]["classes"] and card["tasks"]["age"]["kind"] == "regression"
+    heads = load_heads(folder)
+    for key, value in wire.select(pipeline.state, wire.head_groups(pipeline.cfg)).items():
+        task, name = key[len(wire.HEAD_PREFIX):].split(wire.SEP, 1)
+        assert torch.equal(heads[task].state_dict()[name], value), key
