@@ -27,8 +27,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/fedmri simulate
 
+# Two workers, one test file each at a time (the e2e module's tests share one
+# deployment and run in file order): the suite's wall time on the 2-core CI machine.
+PYTEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/bench_index.py

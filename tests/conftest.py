@@ -11,6 +11,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Under pytest-xdist (`make test`: two workers on the 2-core CI machine) each worker
+# gets one BLAS thread; two workers with two threads each would fight over the cores,
+# which slows the tiny models of the tests many times over.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker() -> None:
+    if XDIST_WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
