@@ -75,6 +75,9 @@ class SimulationConfig:
     # Hospitals outside the federation, synthesised from a seed of their own:
     # they never train and all their series are evaluation data.
     holdout_sites: int = 1
+    # Series of each held-out hospital (default series_per_site): more series, tighter
+    # transfer figures (its report->image queries are its studies).
+    holdout_series: int | None = None
     # Existing catalogs to hold out instead (scored on the evaluate stage's split).
     holdout_catalogs: list[str] = field(default_factory=list)
     # Which of federated, random, local, central to run (in that order).
@@ -117,6 +120,8 @@ def load_simulation(path: str | Path | None = None, overrides: list[str] | None 
         raise ConfigError(f"{where}: sites must be >= 1")
     if cfg.holdout_sites < 0:
         raise ConfigError(f"{where}: holdout_sites must be >= 0, got {cfg.holdout_sites}")
+    if cfg.holdout_series is not None and cfg.holdout_series < 1:
+        raise ConfigError(f"{where}: holdout_series must be >= 1 (or null: series_per_site), got {cfg.holdout_series}")
     if cfg.federation.min_sites > n:
         raise ConfigError(f"{where}: federation.min_sites={cfg.federation.min_sites} but only {n} sites")
     _check(cfg.federation, where)
@@ -143,7 +148,8 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
     if sim.catalogs:
         sites = [_given(catalog, f"site-{i:02d}", data_dir) for i, catalog in enumerate(sim.catalogs, start=1)]
     else:
-        sites = [_synthesise(sim, cfg, data_dir, f"site-{i:02d}", i, seed, say) for i in range(1, sim.sites + 1)]
+        sites = [_synthesise(cfg, data_dir, f"site-{i:02d}", i, seed, say, sim.synth_preset, int(sim.series_per_site))
+                 for i in range(1, sim.sites + 1)]
     if sim.holdout_catalogs:
         holdouts = [_given(c, f"{HOLDOUT}-{k:02d}", data_dir) for k, c in enumerate(sim.holdout_catalogs, start=1)]
     elif sim.catalogs:
@@ -155,8 +161,9 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
         OmegaConf.set_readonly(held, False)
         held.data.catalog.split_fractions = [float(split == s) for s in ("train", "val", "test")]
         # The next archetypes (another vendor and protocol) from a seed of their own.
-        holdouts = [_synthesise(sim, held, data_dir, f"{HOLDOUT}-{k:02d}", sim.sites + k, _holdout_seed(seed, k), say)
-                    for k in range(1, sim.holdout_sites + 1)]
+        series = int(sim.holdout_series or sim.series_per_site)
+        holdouts = [_synthesise(held, data_dir, f"{HOLDOUT}-{k:02d}", sim.sites + k, _holdout_seed(seed, k), say,
+                                sim.synth_preset, series) for k in range(1, sim.holdout_sites + 1)]
     for site in sites:
         _write_site_file(sim, site.site_file, site.name, site.catalog)
     for site in holdouts:
@@ -176,14 +183,14 @@ def _given(catalog: str, name: str, data_dir: Path) -> SimSite:
     return SimSite(name, path, data_dir / f"{name}.yaml")
 
 
-def _synthesise(sim: DictConfig, cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int,
-                say: Callable[[str], None]) -> SimSite:
+def _synthesise(cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int, say: Callable[[str], None],
+                preset: str, series: int) -> SimSite:
     from fedmri.data.indexer import index_site
     from fedmri.simulations.synth import generate_site
 
     root = data_dir / "hospitals" / name
-    say(f"[data] {name}: synthesising {sim.series_per_site} series ({sim.synth_preset}, seed {seed}) ...")
-    generate_site(root, site_index=index, seed=seed, preset=sim.synth_preset, series_per_site=int(sim.series_per_site))
+    say(f"[data] {name}: synthesising {series} series ({preset}, seed {seed}) ...")
+    generate_site(root, site_index=index, seed=seed, preset=preset, series_per_site=series)
     catalog = data_dir / "catalogs" / name
     synthetic_salt(catalog, seed, name)
     result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)

@@ -142,3 +142,32 @@ def test_synthetic_sites_get_a_seeded_salt_and_real_ones_keep_theirs(tmp_path: P
     existing = load_or_create_salt(tmp_path / "real")  # random, as `fedmri data index` makes it
     synthetic_salt(tmp_path / "real", 0, "site-01")
     assert load_or_create_salt(tmp_path / "real") == existing
+
+
+def test_held_out_hospital_is_all_evaluation_data_from_its_own_seed_and_never_trains(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fedmri.client.site import load_site
+    from fedmri.errors import ConfigError
+    from fedmri.simulations.runner import load_simulation, prepare_sites
+
+    sim = load_simulation(None, ["sites=1", "federation.min_sites=1", "series_per_site=4", "holdout_series=6",
+                                 "synth_preset=tiny",
+                                 f"federation.run_root={tmp_path}"])
+    (site,), (held,) = prepare_sites(sim, tmp_path / "data", say=lambda line: None)
+    assert held.name == "holdout-01"
+
+    def splits(catalog: Path) -> dict[str, int]:
+        with sqlite3.connect(catalog / "catalog.sqlite") as db:
+            return dict(db.execute("SELECT split, count(*) FROM series GROUP BY split").fetchall())
+
+    assert splits(held.catalog) == {"val": 6}  # the evaluate stage's split holds every series
+    assert sum(splits(site.catalog).values()) == 4
+    assert list(load_site(held.site_file).policy.stages) == ["evaluate"]
+    assert "evaluate" in load_site(site.site_file).policy.stages and "pretrain" in load_site(site.site_file).policy.stages
+    # Its own seed: other patients than the federation's site, not a copy under another name.
+    seeds = {json.loads((tmp_path / "data" / "hospitals" / name / "site.json").read_text())["params"]["seed"]
+             for name in (site.name, held.name)}
+    assert len(seeds) == 2
+    with pytest.raises(ConfigError, match="holdout_series"):
+        load_simulation(None, ["holdout_series=0"])
