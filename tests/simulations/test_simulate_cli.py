@@ -164,7 +164,7 @@ def test_held_out_hospital_is_all_evaluation_data_from_its_own_seed_and_never_tr
     assert splits(held.catalog) == {"val": 6}  # the evaluate stage's split holds every series
     assert sum(splits(site.catalog).values()) == 4
     assert list(load_site(held.site_file).policy.stages) == ["evaluate"]
-    assert "evaluate" in load_site(site.site_file).policy.stages and "pretrain" in load_site(site.site_file).policy.stages
+    assert {"pretrain", "evaluate"} <= set(load_site(site.site_file).policy.stages)
     # Its own seed: other patients than the federation's site, not a copy under another name.
     seeds = {json.loads((tmp_path / "data" / "hospitals" / name / "site.json").read_text())["params"]["seed"]
              for name in (site.name, held.name)}
