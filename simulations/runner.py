@@ -75,9 +75,9 @@ class SimulationConfig:
     # Hospitals outside the federation, synthesised from a seed of their own:
     # they never train and all their series are evaluation data.
     holdout_sites: int = 1
-    # Series of each held-out hospital (default series_per_site): more series, tighter
-    # transfer figures (its report->image queries are its studies).
-    holdout_series: int | None = None
+    # Series of each held-out hospital (null: series_per_site). Its report->image
+    # queries are its studies (~4 series each): 48 series give ~12 of them.
+    holdout_series: int | None = 48
     # Existing catalogs to hold out instead (scored on the evaluate stage's split).
     holdout_catalogs: list[str] = field(default_factory=list)
     # Which of federated, random, local, central to run (in that order).
