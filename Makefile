@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_encoder.py
 	$(BIN)/python benchmarks/bench_federation.py
+	$(BIN)/python benchmarks/bench_segmentation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
