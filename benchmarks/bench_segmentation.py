@@ -150,6 +150,9 @@ def report(runs: dict[str, Any], baseline: str, extract_s: dict[str, float], gfl
     print(f"\ntarget = {TARGET_FRACTION:.0%} of the baseline's best Dice {base.best.dice:.3f} = {target:.3f}; "
           f"T_base = {t_base.train_s:.1f} s ({t_base.train_cpu_s:.1f} CPU s); the baseline stopped on its "
           f"{base.stopped}" + (" (the target is that of a capped baseline)" if base.stopped == "budget" else ""))
+    if base.best.dice < base.curve[0].dice + MIN_GAIN:
+        print(f"the baseline never rose {MIN_GAIN} above its untrained Dice: there is no target to reach and the "
+              "ratios mean nothing; give it a larger --budget-s")
     print(f"| method | steps | stopped | s/step | GFLOP/step | best Dice | HD95 mm (undefined) | T s | T_base / T "
           f"| extraction s | T_base / (T + extraction) | T CPU s | T_base / T, CPU |\n|{' --- |' * 13}")
     notes = []
