@@ -174,7 +174,7 @@ def run_heads(
         raise DeclineError("the heads stage needs series in the site's train split")
     tasks = list(run_cfg.heads.tasks)
     targets = task_targets(tasks, dataset.rows)
-    lesions, masked = lesion_rows(dataset, "train") if dense_tasks(tasks) else ([], set())
+    lesions, masked = lesion_rows(dataset) if dense_tasks(tasks) else ([], set())
     if not lesions and not any(bool(known.any()) for _, known in targets.values()):
         hint = "; segmentation and anomaly need lesion masks or series with no finding" if dense_tasks(tasks) else ""
         raise DeclineError(f"no series in the site's train split has a label for any heads task "
@@ -328,7 +328,7 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     for task, (target, known) in task_targets(list(heads), dataset.rows).items():
         scores = heads[task](features).cpu()  # N, out_dim
         out |= {f"{task}_{k}": v for k, v in TASKS[task].metrics(scores, target, known).items() if math.isfinite(v)}
-    lesions, masked = lesion_rows(dataset, split) if dense_tasks(list(heads)) else ([], set())
+    lesions, masked = lesion_rows(dataset) if dense_tasks(list(heads)) else ([], set())
     if lesions:
         dense = dense_data(run_cfg, dataset, lesions, masked, cached, device)
         out |= dense.metrics(heads, list(run_cfg.data.preprocess.target_spacing), int(site_cfg.batch_size))

@@ -47,21 +47,14 @@ def cache_options(run_cfg: Any) -> dict[str, Any]:
     return {"layers": skip_layers(run_cfg), "patch_tokens": True}
 
 
-def lesion_rows(dataset: Any, split: str) -> tuple[list[int], set[int]]:
-    """The series of ``dataset`` (a site's ``split``, maybe pooled) with a lesion target.
+def lesion_rows(dataset: Any) -> tuple[list[int], set[int]]:
+    """The series of ``dataset`` (a site's split, maybe pooled) with a lesion target, from its catalog rows.
 
     Returns:
         Their positions, ascending, and the subset that has a mask (the others
         list no finding: all background).
     """
-    from fedmri.data.dataset import SeriesDataset
-
-    masked: set[int] = set()
-    offset = 0
-    for part in dataset.parts if hasattr(dataset, "parts") else [dataset]:
-        with_mask = {r["cache_path"] for r in SeriesDataset(part.catalog_dir, split, masks_only=True).rows}
-        masked |= {offset + i for i, r in enumerate(part.rows) if r["cache_path"] in with_mask}
-        offset += len(part.rows)
+    masked = {i for i, row in enumerate(dataset.rows) if row["has_mask"]}
     return [i for i, row in enumerate(dataset.rows) if i in masked or no_finding(row)], masked
 
 

@@ -96,6 +96,7 @@ def _sample_fields(row: dict[str, Any]) -> dict[str, Any]:
                                                      ("IMPRESSION", row["report_impression"])) if text]
     return {
         "cache_path": row["cache_path"],
+        "has_mask": bool(row["has_mask"]),
         "report": "\n".join(sections),
         "report_sections": {"findings": row["report_findings"] or "", "impression": row["report_impression"] or ""},
         "findings": findings,

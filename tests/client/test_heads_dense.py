@@ -141,7 +141,7 @@ def test_lesion_targets_and_unknowns(site_cfg: DictConfig) -> None:
 
     for split in ("train", "val", "test"):
         dataset = site_dataset(site_cfg, split)
-        rows, masked = lesion_rows(dataset, split)
+        rows, masked = lesion_rows(dataset)
         samples = [dataset[i] for i in range(len(dataset))]
         assert masked == {i for i, s in enumerate(samples) if "mask" in s}
         assert rows == [i for i, s in enumerate(samples) if lesion_target(s, (16, 16, 16))[1]]
@@ -262,6 +262,6 @@ def test_declines_without_any_label_or_lesion(site_cfg: DictConfig, run_cfg: Dic
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(heads_trainer, "task_targets", lambda tasks, rows: {
         "sex": (torch.zeros(8), torch.zeros(8, dtype=torch.bool))})
-    monkeypatch.setattr(heads_trainer, "lesion_rows", lambda dataset, split: ([], set()))
+    monkeypatch.setattr(heads_trainer, "lesion_rows", lambda dataset: ([], set()))
     with pytest.raises(DeclineError, match="no series .* has a label .*segmentation and anomaly need lesion masks"):
         run_heads(site_cfg, run_cfg, select(initial, stage_groups("heads", run_cfg).down), _request(run_cfg))
