@@ -53,22 +53,12 @@ MIN_GAIN = 0.005  # Dice that counts as a gain (plateau detection, "did it learn
 def prepare_catalogs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
     """Synthesise and index the hospitals as `fedmri simulate` does; complete folders are reused."""
     from fedmri.config import load_config
-    from fedmri.data.indexer import index_site
-    from fedmri.simulations.runner import synthetic_salt
-    from fedmri.simulations.synth import generate_site
+    from fedmri.simulations.runner import synthesise_site
 
     cfg = load_config(args.preset, overrides=[f"seed={args.seed}", *args.override])  # as simulate's run_config
-    catalogs = []
-    for i in range(1, args.sites + 1):
-        name = f"site-{i:02d}"
-        root, catalog = args.data_dir / "hospitals" / name, args.data_dir / "catalogs" / name
-        start = time.perf_counter()
-        generate_site(root, site_index=i, seed=args.seed, preset="demo", series_per_site=args.series_per_site)
-        synthetic_salt(catalog, args.seed, name)
-        index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)
-        print(f"[data] {name}: {args.series_per_site} series ready in {time.perf_counter() - start:.0f} s", flush=True)
-        catalogs.append(catalog)
-    return cfg, catalogs
+    sites = [synthesise_site(cfg, args.data_dir, f"site-{i:02d}", i, args.seed, print, "demo", args.series_per_site)
+             for i in range(1, args.sites + 1)]
+    return cfg, [site.catalog for site in sites]
 
 
 def pretrain_encoder(cfg: Any, catalogs: list[Path], steps: int, seed: int, workdir: Path) -> tuple[nn.Module, dict]:

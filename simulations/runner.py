@@ -148,7 +148,7 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
     if sim.catalogs:
         sites = [_given(catalog, f"site-{i:02d}", data_dir) for i, catalog in enumerate(sim.catalogs, start=1)]
     else:
-        sites = [_synthesise(cfg, data_dir, f"site-{i:02d}", i, seed, say, sim.synth_preset, int(sim.series_per_site))
+        sites = [synthesise_site(cfg, data_dir, f"site-{i:02d}", i, seed, say, sim.synth_preset, int(sim.series_per_site))
                  for i in range(1, sim.sites + 1)]
     if sim.holdout_catalogs:
         holdouts = [_given(c, f"{HOLDOUT}-{k:02d}", data_dir) for k, c in enumerate(sim.holdout_catalogs, start=1)]
@@ -162,7 +162,7 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
         held.data.catalog.split_fractions = [float(split == s) for s in ("train", "val", "test")]
         # The next archetypes (another vendor and protocol) from a seed of their own.
         series = int(sim.holdout_series or sim.series_per_site)
-        holdouts = [_synthesise(held, data_dir, f"{HOLDOUT}-{k:02d}", sim.sites + k, _holdout_seed(seed, k), say,
+        holdouts = [synthesise_site(held, data_dir, f"{HOLDOUT}-{k:02d}", sim.sites + k, _holdout_seed(seed, k), say,
                                 sim.synth_preset, series) for k in range(1, sim.holdout_sites + 1)]
     for site in sites:
         _write_site_file(sim, site.site_file, site.name, site.catalog)
@@ -183,8 +183,10 @@ def _given(catalog: str, name: str, data_dir: Path) -> SimSite:
     return SimSite(name, path, data_dir / f"{name}.yaml")
 
 
-def _synthesise(cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int, say: Callable[[str], None],
-                preset: str, series: int) -> SimSite:
+def synthesise_site(cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int, say: Callable[[str], None],
+                    preset: str, series: int) -> SimSite:
+    """Synthesise hospital ``name`` into ``<data_dir>/hospitals/<name>`` and index it into
+    ``<data_dir>/catalogs/<name>`` with a seeded salt (complete folders are reused)."""
     from fedmri.data.indexer import index_site
     from fedmri.simulations.synth import generate_site
 
