@@ -30,14 +30,9 @@ HEAD_COLUMNS = (
     ("sex_auroc", "sex AUROC", "{:.2f}"),
 )
 # A hospital outside the federation: transfer, and what pretraining is worth against random init.
-HOLDOUT_COLUMNS = (
-    ("t2i_r5", "t2i R@5", "{:.2f}"),
-    ("t2i_medr", "t2i MdR", "{:.1f}"),
-    ("findings_auroc_macro", "findings AUROC", "{:.2f}"),
-    ("sequence_accuracy", "sequence acc", "{:.2f}"),
-    ("body_region_accuracy", "region acc", "{:.2f}"),
-    ("age_mae", "age MAE (y)", "{:.1f}"),
-)
+_BY_KEY = {c[0]: c for c in COLUMNS + HEAD_COLUMNS}
+HOLDOUT_COLUMNS = (("t2i_r5", "t2i R@5", "{:.2f}"), *(_BY_KEY[k] for k in (
+    "t2i_medr", "findings_auroc_macro", "sequence_accuracy", "body_region_accuracy", "age_mae")))
 
 
 def simulate_command(
