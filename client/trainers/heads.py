@@ -307,7 +307,9 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     Returns:
         ``heads-examples`` (series scored) and ``<task>_<metric>`` for every metric
         defined at this site (see :meth:`fedmri.heads.tasks.TaskSpec.metrics`), e.g.
-        ``findings_auroc_macro``, ``findings_f1_macro``, ``sequence_accuracy``,
+        ``findings_auroc_macro``, ``findings_auroc_in_region_macro`` (within the
+        body regions where each finding occurs: see
+        :meth:`fedmri.heads.tasks.TaskSpec.region_metrics`), ``findings_f1_macro``, ``sequence_accuracy``,
         ``sequence_f1_macro``, ``body_region_accuracy``, ``age_mae``, ``sex_auroc``,
         ``sex_accuracy``; over the series with a lesion target, ``segmentation_dice``,
         ``segmentation_hd95`` (mm) and ``anomaly_miou`` (see
@@ -325,9 +327,11 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
         return out
     cached = _cached(site_cfg, run_cfg, state, dataset, device)
     features = _pooled(run_cfg, cached).to(device)  # N, F
+    regions = [str(row["meta"]["body_region"]) for row in dataset.rows]
     for task, (target, known) in task_targets(list(heads), dataset.rows).items():
         scores = heads[task](features).cpu()  # N, out_dim
-        out |= {f"{task}_{k}": v for k, v in TASKS[task].metrics(scores, target, known).items() if math.isfinite(v)}
+        scored = TASKS[task].metrics(scores, target, known) | TASKS[task].region_metrics(scores, target, known, regions)
+        out |= {f"{task}_{k}": v for k, v in scored.items() if math.isfinite(v)}
     lesions, masked = lesion_rows(dataset) if dense_tasks(list(heads)) else ([], set())
     if lesions:
         dense = dense_data(run_cfg, dataset, lesions, masked, cached, device)

@@ -37,7 +37,7 @@ from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.errors import ConfigError
 from fedmri.heads.dense import DENSE_TASKS, DenseTaskSpec
 from fedmri.heads.mlp import build_mlp_head
-from fedmri.metrics import binary_metrics, mae, multiclass_metrics, multilabel_metrics
+from fedmri.metrics import auroc_within_groups, binary_metrics, mae, multiclass_metrics, multilabel_metrics
 from fedmri.wire import HEAD_PREFIX, SEP, load_into, module_state
 
 # What infer_body_region names (fedmri.data.metadata), and "other" for any other
@@ -177,6 +177,24 @@ class TaskSpec:
             return binary_metrics(torch.sigmoid(out[:, 0]), t)
         return {"mae": mae(out[:, 0], t)}
 
+
+    def region_metrics(self, output: Tensor, target: Tensor, known: Tensor, regions: Sequence[str]) -> dict[str, float]:
+        """Multilabel only: each label's AUROC within the body regions where it occurs at this site.
+
+        ``auroc_macro`` over every series rewards telling a knee from a brain
+        (effusion is never seen in a brain); this keeps the disease part
+        (:func:`fedmri.metrics.auroc_within_groups`).
+
+        Returns:
+            ``auroc_in_region/<code>`` and ``auroc_in_region_macro``, unprefixed;
+            {} for other kinds or when no label has both classes within its regions.
+        """
+        if self.kind != "multilabel" or not bool(known.any()):
+            return {}
+        rows = known.nonzero()[:, 0].tolist()
+        scores = auroc_within_groups(output.detach().float()[known], target[known], [regions[i] for i in rows],
+                                     self.classes)
+        return {k.replace("in_group", "in_region"): v for k, v in scores.items()}
 
 TASKS: dict[str, TaskSpec] = {
     "findings": TaskSpec("findings", "multilabel", tuple(FINDING_CODES), _findings),

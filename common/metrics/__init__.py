@@ -9,12 +9,19 @@ metrics are computed.
 from __future__ import annotations
 
 from fedmri.metrics.aggregate import weighted_mean
-from fedmri.metrics.classification import binary_auroc, binary_metrics, multiclass_metrics, multilabel_metrics
+from fedmri.metrics.classification import (
+    auroc_within_groups,
+    binary_auroc,
+    binary_metrics,
+    multiclass_metrics,
+    multilabel_metrics,
+)
 from fedmri.metrics.localisation import mean_iou
 from fedmri.metrics.regression import mae
 from fedmri.metrics.segmentation import segmentation_metrics
 
 __all__ = [
+    "auroc_within_groups",
     "binary_auroc",
     "binary_metrics",
     "mae",

@@ -143,6 +143,47 @@ def multilabel_metrics(scores: Any, labels: Any, names: Sequence[str], threshold
     return out
 
 
+def auroc_within_groups(scores: Any, labels: Any, groups: Sequence[str], names: Sequence[str]) -> dict[str, float]:
+    """AUROC of each label among the samples of the groups where it occurs.
+
+    A finding's AUROC over every series mixes two skills: telling the body
+    region where it can occur from the others, and telling diseased from
+    healthy within that region. Random features already do the first well, so
+    this keeps the second only. Label ``j`` is scored on the samples whose
+    group holds at least one positive of ``j`` (effusion among knees, a mass
+    among brains).
+
+    Args:
+        scores: (N, L) real scores.
+        labels: (N, L) targets in {0, 1}.
+        groups: N group names (body regions).
+        names: L label names.
+
+    Returns:
+        ``auroc_in_group/<name>`` for each label with both classes among those
+        samples, and ``auroc_in_group_macro``, their mean; {} when no label has.
+
+    Raises:
+        ValueError: For mismatched shapes or counts.
+    """
+    s = as_scores(scores, "scores", ndim=2)
+    y = as_binary(labels, "labels", ndim=2)
+    same_shape(s, y, "scores and labels")
+    g = np.asarray([str(x) for x in groups])
+    if g.shape != (s.shape[0],):
+        raise ValueError(f"got {g.size} groups for {s.shape[0]} samples")
+    if len(names) != s.shape[1]:
+        raise ValueError(f"got {len(names)} names for {s.shape[1]} label columns")
+    out: dict[str, float] = {}
+    for j, name in enumerate(names):
+        keep = np.isin(g, np.unique(g[y[:, j]]))  # N: the groups with a positive of label j
+        if (auroc := binary_auroc(s[keep, j], y[keep, j])) is not None:
+            out[f"auroc_in_group/{name}"] = auroc
+    if out:
+        out["auroc_in_group_macro"] = float(np.mean(list(out.values())))
+    return out
+
+
 def _probabilities(scores: np.ndarray) -> np.ndarray:
     """Rows that already are distributions stay; anything else is taken as logits."""
     if scores.min() >= 0.0 and scores.max() <= 1.0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):

@@ -165,6 +165,15 @@ def test_evaluate_heads_metrics(site_cfg: DictConfig, run_cfg: DictConfig, initi
     expected = multiclass_metrics(scores, target[known], len(TASKS["sequence"].classes))
     assert {k: metrics[f"sequence_{k}"] for k in expected} == pytest.approx(expected)
 
+    # Findings within the regions where each occurs, from the same scores.
+    target, known = TASKS["findings"].targets(rows)
+    with torch.no_grad():
+        scores = heads["findings"](features)
+    regions = [row["meta"]["body_region"] for row in rows]
+    expected = TASKS["findings"].region_metrics(scores, target, known, regions)
+    assert "auroc_in_region_macro" in expected, "the fixture site needs a region with and without a finding"
+    assert {k: metrics.get(f"findings_{k}") for k in expected} == pytest.approx(expected)
+
 
 def test_dp_round_runs_and_records_nothing(site_cfg: DictConfig, run_cfg: DictConfig, initial: dict,
                                           heads_request: TrainRequest, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, mean_absolute_error, roc_auc_score
 
 from fedmri.metrics import (
+    auroc_within_groups,
     binary_auroc,
     binary_metrics,
     mae,
@@ -117,6 +118,39 @@ def test_multilabel_metrics_with_one_class_everywhere_has_no_auroc() -> None:
 def test_multilabel_metrics_rejects_bad_inputs(scores: np.ndarray, names: list[str], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         multilabel_metrics(scores, np.zeros((4, 2)), names)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_auroc_within_groups_scores_each_label_among_the_groups_where_it_occurs(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    groups = np.array(["brain"] * 30 + ["knee"] * 20 + ["spine"] * 10)
+    labels = np.zeros((60, 2), dtype=int)
+    labels[:30, 0] = rng.integers(0, 2, 30)  # a brain finding
+    labels[30:50, 1] = rng.integers(0, 2, 20)  # a knee finding
+    labels[[0, 1], 0] = (1, 0)  # both classes among brains
+    labels[[30, 31], 1] = (1, 0)
+    scores = _tied_probs(rng, (60, 2))
+    got = auroc_within_groups(scores, labels, list(groups), ["mass", "effusion"])
+
+    brain, knee = groups == "brain", groups == "knee"
+    want = {"mass": roc_auc_score(labels[brain, 0], scores[brain, 0]),
+            "effusion": roc_auc_score(labels[knee, 1], scores[knee, 1])}
+    assert got["auroc_in_group/mass"] == pytest.approx(want["mass"])
+    assert got["auroc_in_group/effusion"] == pytest.approx(want["effusion"])
+    assert got["auroc_in_group_macro"] == pytest.approx(np.mean(list(want.values())))
+
+
+def test_auroc_within_groups_ignores_what_region_alone_separates() -> None:
+    # Scores that only know the group: 10 of 12 pairs won over all series (the knees), chance within brains.
+    groups = ["brain"] * 4 + ["knee"] * 4
+    labels = np.array([[1], [0], [1], [0], [0], [0], [0], [0]])
+    scores = np.array([[0.9]] * 4 + [[0.1]] * 4)
+    assert multilabel_metrics(scores, labels, ["mass"])["auroc/mass"] == pytest.approx(10 / 12)
+    assert auroc_within_groups(scores, labels, groups, ["mass"]) == {"auroc_in_group/mass": 0.5,
+                                                                      "auroc_in_group_macro": 0.5}
+    assert auroc_within_groups(scores, np.zeros((8, 1)), groups, ["mass"]) == {}
+    with pytest.raises(ValueError, match="7 groups for 8 samples"):
+        auroc_within_groups(scores, labels, groups[:7], ["mass"])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
