@@ -34,19 +34,22 @@ PROBES: dict[str, tuple[str, str]] = {
 }
 HEADS: dict[str, tuple[str, str]] = {
     "findings_auroc_macro": ("findings AUROC", "{:.2f}"),
+    # Within the regions where each finding occurs: disease, not anatomy.
+    "findings_auroc_in_region_macro": ("in-region AUROC", "{:.2f}"),
     "sequence_accuracy": ("sequence acc", "{:.2f}"),
     "body_region_accuracy": ("region acc", "{:.2f}"),
     "age_mae": ("age MAE (y)", "{:.1f}"),
     "sex_auroc": ("sex AUROC", "{:.2f}"),
 }
 # The cross-site matrices drawn, when the runs measured them.
-HEADLINE = ("findings_auroc_macro", "sequence_accuracy", "body_region_accuracy", "age_mae", "t2i_r1",
-            "t2i_r5", "knn_sequence_acc")
+HEADLINE = ("findings_auroc_macro", "findings_auroc_in_region_macro", "sequence_accuracy", "body_region_accuracy",
+            "age_mae", "t2i_r1", "t2i_r5", "knn_sequence_acc")
 _MODE_ORDER = {"federated": 0, "random": 1, "local": 2, "central": 3}  # as `fedmri simulate` runs them
 # Row labels of the runs that are not one site alone.
 _RUN_LABELS = {"federated": "federated", "random": "random init (federated heads)", "central": "central"}
 # Metrics in [0, 1] share one colour scale so that matrices compare at a glance.
-_UNIT_SUFFIXES = ("_acc", "_accuracy", "_auroc", "_auroc_macro", "_f1", "_f1_macro", "_r1", "_r5", "_r10")
+_UNIT_SUFFIXES = ("_acc", "_accuracy", "_auroc", "_auroc_macro", "_in_region_macro", "_f1", "_f1_macro", "_r1", "_r5",
+                  "_r10")
 
 
 def lower_is_better(metric: str) -> bool:

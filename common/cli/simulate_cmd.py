@@ -24,6 +24,7 @@ COLUMNS = (
 )
 HEAD_COLUMNS = (
     ("findings_auroc_macro", "findings AUROC", "{:.2f}"),
+    ("findings_auroc_in_region_macro", "in-region AUROC", "{:.2f}"),
     ("sequence_accuracy", "sequence acc", "{:.2f}"),
     ("body_region_accuracy", "region acc", "{:.2f}"),
     ("age_mae", "age MAE (y)", "{:.1f}"),
@@ -32,7 +33,8 @@ HEAD_COLUMNS = (
 # A hospital outside the federation: transfer, and what pretraining is worth against random init.
 _BY_KEY = {c[0]: c for c in COLUMNS + HEAD_COLUMNS}
 HOLDOUT_COLUMNS = (("t2i_r5", "t2i R@5", "{:.2f}"), *(_BY_KEY[k] for k in (
-    "t2i_medr", "findings_auroc_macro", "sequence_accuracy", "body_region_accuracy", "age_mae")))
+    "t2i_medr", "findings_auroc_macro", "findings_auroc_in_region_macro", "sequence_accuracy",
+    "body_region_accuracy", "age_mae")))
 
 
 def simulate_command(
@@ -68,7 +70,8 @@ def simulate_command(
                   "trained. Weighted by series. random = the same heads tuned on a randomly initialised "
                   "encoder. SSL = self-distillation loss; seq / region 1-NN = accuracy of the nearest training "
                   "series' sequence / body region in the encoder's CLS space; i2t / t2i = image->report / "
-                  "report->image retrieval (R@k, median rank MdR).", highlight=False, soft_wrap=True)
+                  "report->image retrieval (R@k, median rank MdR); in-region AUROC = findings AUROC within the body "
+                  "regions where each finding occurs.", highlight=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
 
