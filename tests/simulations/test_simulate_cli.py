@@ -3,50 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from simulate_process import run_simulate
 
 MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
          "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
-
-
-def _session_processes(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def _simulate(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "fedmri.cli", "simulate", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        # Ray's daemons (GCS, raylet, dashboard) take some seconds to exit after
-        # the driver: give them 30 s, then count what is left.
-        deadline = time.monotonic() + 30
-        while (leftovers := _session_processes(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in leftovers:  # Ray's helpers, should the engine not stop them
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert not leftovers, f"processes left running after simulate: {leftovers}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 @pytest.mark.slow
@@ -63,7 +29,7 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
                                   {"name": "heads", "rounds": 1, "local_steps": 2},
                                   {"name": "evaluate"}]},
     })))
-    out = _simulate(["--config", str(config)], tmp_path)
+    out = run_simulate(["--config", str(config)], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:]
     assert "Traceback" not in out.stdout
     modes = ("federated", "random", "local", "central")
