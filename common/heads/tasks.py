@@ -177,7 +177,6 @@ class TaskSpec:
             return binary_metrics(torch.sigmoid(out[:, 0]), t)
         return {"mae": mae(out[:, 0], t)}
 
-
     def region_metrics(self, output: Tensor, target: Tensor, known: Tensor, regions: Sequence[str]) -> dict[str, float]:
         """Multilabel only: each label's AUROC within the body regions where it occurs at this site.
 
@@ -195,6 +194,7 @@ class TaskSpec:
         scores = auroc_within_groups(output.detach().float()[known], target[known], [regions[i] for i in rows],
                                      self.classes)
         return {k.replace("in_group", "in_region"): v for k, v in scores.items()}
+
 
 TASKS: dict[str, TaskSpec] = {
     "findings": TaskSpec("findings", "multilabel", tuple(FINDING_CODES), _findings),
