@@ -10,6 +10,7 @@ per-seed differences (federated - random).
 
     python benchmarks/bench_transfer.py --seeds 0 1 2 3 --out /tmp/transfer   # ~4 min a seed on 2 cores
     python benchmarks/bench_transfer.py --seeds 0 1 2 3 --out /tmp/transfer --reuse   # only read
+    python benchmarks/bench_transfer.py --out /tmp/bigger series_per_site=72 federation.stages.0.rounds=6
 
 Reading it: report->image retrieval has ~12 queries there, so R@5 moves in
 steps of ~0.08. ``findings AUROC`` is over every series and so also rewards
@@ -34,13 +35,13 @@ METRICS = {"t2i_r5": "t2i R@5", "t2i_medr": "t2i MdR", "i2t_r5": "i2t R@5", "fin
 MODES = ("federated", "random")
 
 
-def run(seed: int, out: Path, reuse: bool) -> dict[str, dict[str, float]]:
+def run(seed: int, out: Path, reuse: bool, overrides: list[str]) -> dict[str, dict[str, float]]:
     """The held-out hospital's evaluation of each mode for one seed."""
     name = f"transfer-s{seed}"
     results = out / name / "results.json"
     if not (reuse and results.is_file()):
         cmd = [sys.executable, "-m", "fedmri.cli", "simulate", *(a for m in MODES for a in ("--mode", m)),
-               f"federation.name={name}", f"federation.seed={seed}", f"federation.run_root={out}"]
+               f"federation.name={name}", f"federation.seed={seed}", f"federation.run_root={out}", *overrides]
         start = time.perf_counter()
         log = out / f"{name}.log"
         out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +63,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
     parser.add_argument("--reuse", action="store_true", help="read finished runs instead of rerunning them")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="simulate overrides, e.g. series_per_site=72")
     args = parser.parse_args()
-    runs = {seed: run(seed, args.out, args.reuse) for seed in args.seeds}
+    runs = {seed: run(seed, args.out, args.reuse, args.overrides) for seed in args.seeds}
 
     print("\nheld-out hospital" + " " * 5 + "".join(f"{label:>16}" for label in METRICS.values()))
     for seed, modes in runs.items():
