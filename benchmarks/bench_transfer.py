@@ -15,7 +15,7 @@ per-seed differences (federated - random).
 Reading it: report->image retrieval has ~12 queries there, so R@5 moves in
 steps of ~0.08. ``findings AUROC`` is over every series and so also rewards
 telling the body regions apart (effusion is never seen in a brain), which
-random features do well; ``in-region`` keeps only diseased against healthy
+random features do well; ``AUROC in region`` keeps only diseased against healthy
 series of the same region.
 """
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 METRICS = {"t2i_r5": "t2i R@5", "t2i_medr": "t2i MdR", "i2t_r5": "i2t R@5", "findings_auroc_macro": "findings AUROC",
-           "findings_auroc_in_region_macro": "in-region AUROC", "body_region_accuracy": "region acc",
+           "findings_auroc_in_region_macro": "AUROC in region", "body_region_accuracy": "region acc",
            "sequence_accuracy": "sequence acc"}
 MODES = ("federated", "random")
 

@@ -35,7 +35,7 @@ PROBES: dict[str, tuple[str, str]] = {
 HEADS: dict[str, tuple[str, str]] = {
     "findings_auroc_macro": ("findings AUROC", "{:.2f}"),
     # Within the regions where each finding occurs: disease, not anatomy.
-    "findings_auroc_in_region_macro": ("in-region AUROC", "{:.2f}"),
+    "findings_auroc_in_region_macro": ("findings AUROC in region", "{:.2f}"),
     "sequence_accuracy": ("sequence acc", "{:.2f}"),
     "body_region_accuracy": ("region acc", "{:.2f}"),
     "age_mae": ("age MAE (y)", "{:.1f}"),

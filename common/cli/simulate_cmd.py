@@ -24,7 +24,7 @@ COLUMNS = (
 )
 HEAD_COLUMNS = (
     ("findings_auroc_macro", "findings AUROC", "{:.2f}"),
-    ("findings_auroc_in_region_macro", "in-region AUROC", "{:.2f}"),
+    ("findings_auroc_in_region_macro", "AUROC in region", "{:.2f}"),
     ("sequence_accuracy", "sequence acc", "{:.2f}"),
     ("body_region_accuracy", "region acc", "{:.2f}"),
     ("age_mae", "age MAE (y)", "{:.1f}"),
@@ -33,8 +33,7 @@ HEAD_COLUMNS = (
 # A hospital outside the federation: transfer, and what pretraining is worth against random init.
 _BY_KEY = {c[0]: c for c in COLUMNS + HEAD_COLUMNS}
 HOLDOUT_COLUMNS = (("t2i_r5", "t2i R@5", "{:.2f}"), *(_BY_KEY[k] for k in (
-    "t2i_medr", "findings_auroc_macro", "findings_auroc_in_region_macro", "sequence_accuracy",
-    "body_region_accuracy", "age_mae")))
+    "t2i_medr", "findings_auroc_macro", "findings_auroc_in_region_macro", "body_region_accuracy", "age_mae")))
 
 
 def simulate_command(
@@ -70,7 +69,7 @@ def simulate_command(
                   "trained. Weighted by series. random = the same heads tuned on a randomly initialised "
                   "encoder. SSL = self-distillation loss; seq / region 1-NN = accuracy of the nearest training "
                   "series' sequence / body region in the encoder's CLS space; i2t / t2i = image->report / "
-                  "report->image retrieval (R@k, median rank MdR); in-region AUROC = findings AUROC within the body "
+                  "report->image retrieval (R@k, median rank MdR); AUROC in region = findings AUROC within the body "
                   "regions where each finding occurs.", highlight=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
