@@ -154,9 +154,9 @@ def report(runs: dict[str, Any], baseline: str, extract_s: dict[str, float], gfl
               f"| {best.dice:.3f} | {hd} ({best.hd95_undefined}) | {'never' if t is None else f'{t:.1f}'} "
               f"| {_ratio(t_base.train_s, t)} | {x:.1f} | {_ratio(t_base.train_s, None if t is None else t + x)} "
               f"| {'never' if cpu is None else f'{cpu:.1f}'} | {_ratio(t_base.train_cpu_s, cpu)} |")
-        same = base.first_reaching(best.dice)
         if hit is not None:
             continue
+        same = base.first_reaching(best.dice)
         if best.dice < run.curve[0].dice + MIN_GAIN:
             notes.append(f"{name}: never rose {MIN_GAIN} above its untrained Dice {run.curve[0].dice:.3f} "
                          f"in {len(run.step_s)} steps")
