@@ -161,7 +161,14 @@ def _mode_table(modes: dict[str, dict[str, Any]], columns: dict[str, tuple[str, 
     if not present:
         return []
     header = ["mode"] + [columns[k][0] + (" ↓" if lower_is_better(k) else "") for k in present]
-    return _table(header, [[mode] + [_fmt(k, m.get(k)) for k in present] for mode, m in modes.items()]) + [""]
+    return _table(header, [[mode] + [_cell(k, m) for k in present] for mode, m in modes.items()]) + [""]
+
+
+def _cell(metric: str, metrics: dict[str, Any]) -> str:
+    """The figure, with its 95% patient-bootstrap interval where the scoring site computed one."""
+    low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
+    text = _fmt(metric, metrics.get(metric))
+    return text if low is None or high is None else f"{text} [{_fmt(metric, low)}, {_fmt(metric, high)}]"
 
 
 def _in_mode_order(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

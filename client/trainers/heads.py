@@ -41,6 +41,7 @@ from fedmri.client.trainers.heads_dense import DenseData, cache_options, dense_d
 from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, local_step, set_rates
 from fedmri.client.trainers.pretrain import finite_state
 from fedmri.heads.dense import dense_tasks
+from fedmri.heads.intervals import task_intervals
 from fedmri.heads.mlp import pool_features
 from fedmri.heads.tasks import TASKS, build_task_heads, load_task_heads_state, task_heads_state
 from fedmri.wire import ENCODER, HEAD_PREFIX, SEP, State, select
@@ -311,7 +312,10 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
         body regions where each finding occurs: see
         :meth:`fedmri.heads.tasks.TaskSpec.region_metrics`), ``findings_f1_macro``, ``sequence_accuracy``,
         ``sequence_f1_macro``, ``body_region_accuracy``, ``age_mae``, ``sex_auroc``,
-        ``sex_accuracy``; over the series with a lesion target, ``segmentation_dice``,
+        ``sex_accuracy``; for those in :data:`fedmri.heads.intervals.HEADLINE`, the
+        95% interval over resamples of the site's patients as ``<metric>_ci_low``
+        and ``<metric>_ci_high``; ``heads-patients``, the patients scored; over the
+        series with a lesion target, ``segmentation_dice``,
         ``segmentation_hd95`` (mm) and ``anomaly_miou`` (see
         :meth:`fedmri.heads.dense.DenseTaskSpec.metrics`). A task with no known
         label in the split has none.
@@ -328,9 +332,13 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     cached = _cached(site_cfg, run_cfg, state, dataset, device)
     features = _pooled(run_cfg, cached).to(device)  # N, F
     regions = [str(row["meta"]["body_region"]) for row in dataset.rows]
+    patients = [str(row["meta"]["patient_id"]) for row in dataset.rows]
+    out["heads-patients"] = len(set(patients))
     for task, (target, known) in task_targets(list(heads), dataset.rows).items():
         scores = heads[task](features).cpu()  # N, out_dim
-        scored = TASKS[task].metrics(scores, target, known) | TASKS[task].region_metrics(scores, target, known, regions)
+        spec = TASKS[task]
+        scored = spec.metrics(scores, target, known) | spec.region_metrics(scores, target, known, regions)
+        scored |= task_intervals(spec, scores, target, known, regions, patients, seed=int(run_cfg.seed))
         out |= {f"{task}_{k}": v for k, v in scored.items() if math.isfinite(v)}
     lesions, masked = lesion_rows(dataset) if dense_tasks(list(heads)) else ([], set())
     if lesions:

@@ -35,7 +35,8 @@ class SeriesDataset(Dataset):
       unknown), ``sex`` int64 from :data:`SEX_CODES` (-1 when unknown);
     - ``mask``: uint8 label tensor (1, X, Y, Z), 0 = background, only for series that have one (so
       batch with ``masks_only=True`` or a collate that allows a missing key);
-    - ``meta``: ``series_id`` (pseudonymous), ``sequence``, ``body_region``, ``vendor``, ``split``.
+    - ``meta``: ``series_id``, ``patient_id`` and ``study_id`` (pseudonymous: they stay at the site, where
+      evaluation resamples by patient), ``sequence``, ``body_region``, ``vendor``, ``split``.
 
     Args:
         catalog_dir: folder written by ``fedmri data index``.
@@ -104,6 +105,8 @@ def _sample_fields(row: dict[str, Any]) -> dict[str, Any]:
         "sex": SEX_CODES.get(row["sex"] or "", -1),
         "meta": {
             "series_id": row["id"],
+            "patient_id": row["patient_id"],
+            "study_id": row["study_id"],
             "sequence": row["sequence"] or "unknown",
             "body_region": row["body_region"] or "unknown",
             "vendor": row["vendor"] or "unknown",

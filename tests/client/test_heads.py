@@ -155,6 +155,10 @@ def test_evaluate_heads_metrics(site_cfg: DictConfig, run_cfg: DictConfig, initi
         if "_auroc" in name or "_accuracy" in name or "_f1" in name:
             assert 0.0 <= value <= 1.0, (name, value)
     assert metrics["age_mae"] >= 0.0
+    # Each headline figure carries its 95% interval over resamples of the site's patients, around it.
+    assert 1 <= metrics["heads-patients"] <= 8
+    for name in ("sequence_accuracy", "body_region_accuracy", "age_mae"):
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"], name
 
     features, rows = site_features(site_cfg, run_cfg, state, "train")
     heads = build_task_heads(run_cfg).eval()

@@ -123,7 +123,8 @@ def test_held_out_hospital_is_the_last_column_and_random_init_a_row(sim_dir: Pat
         (run / "results.json").write_text(json.dumps(results))
     top = json.loads((sim_dir / "results.json").read_text())
     top["holdout"] = {"random": {"sequence_accuracy": 0.06, "t2i_r5": 0.2},
-                      "federated": {"sequence_accuracy": 0.41, "t2i_r5": 0.9}}
+                      "federated": {"sequence_accuracy": 0.41, "t2i_r5": 0.9, "sequence_accuracy_ci_low": 0.3,
+                                    "sequence_accuracy_ci_high": 0.52}}
     top["holdout_sites"] = ["holdout-01"]
     (sim_dir / "results.json").write_text(json.dumps(top))
 
@@ -135,4 +136,6 @@ def test_held_out_hospital_is_the_last_column_and_random_init_a_row(sim_dir: Pat
     held = md[md.index("## On a hospital outside the federation"):md.index("## Cross-site evaluation")]
     assert "holdout-01" in held
     assert held.index("| federated | 0.90 |") < held.index("| random | 0.20 |")  # t2i R@5, in mode order
+    assert "| federated | 0.41 [0.30, 0.52] |" in held  # the interval the held-out site computed
+    assert "| random | 0.06 |" in held  # none computed: none shown
     assert "| trained on \\ scored on | site-01 | site-02 | site-03 | holdout-01 |" in md
