@@ -58,10 +58,14 @@ def brain_findings(site: SiteProfile, age: float, wm_points: np.ndarray, rng: np
                            {"centre": tuple(c.tolist()), "radii": radii, "territory": territory, "side": side,
                             "lacunar": where == "basal ganglia"}))
     a = atrophy_factor(age)
-    if rng.random() < min(0.95, site.prevalence["wmh"] * (0.03 + 1.1 * a**1.5)):
-        n = int(2 + rng.poisson(1.0 + 14.0 * a**2))
-        centres = wm_points[rng.choice(len(wm_points), size=n, replace=False)]
-        radii = rng.uniform(2.5, 6.0, size=(n, 3))
+    # Age makes WMH likelier and more numerous, but they occur at any age (small-vessel disease, migraine,
+    # demyelination), so the label is not a proxy for atrophy.
+    if rng.random() < min(0.95, site.prevalence["wmh"] * (0.2 + 0.9 * a**1.5)):
+        n = int(3 + rng.poisson(2.0 + 10.0 * a**2))
+        centres = wm_points[rng.choice(len(wm_points), size=min(n, len(wm_points)), replace=False)]
+        # 8-16 mm across: Fazekas-grade foci and early confluence, visible at a 3 mm grid (punctate
+        # 2-3 mm foci vanish in a 3 mm voxel and no label could be learnt from them).
+        radii = rng.uniform(4.0, 8.0, size=(len(centres), 3))
         grade = "mild" if n <= 5 else "moderate" if n <= 11 else "severe"
         out.append(Finding("wmh", "periventricular and deep white matter", None,
                            {"centres": centres.tolist(), "radii": radii.tolist(), "count": n, "grade": grade}))

@@ -32,7 +32,7 @@ from fedmri.simulations.synth.naming import BODY_PART, series_description, study
 from fedmri.simulations.synth.protocols import acquisition, acquisition_tags
 from fedmri.simulations.synth.render import Chain, render_series
 from fedmri.simulations.synth.reports import write_report
-from fedmri.simulations.synth.sites import SiteProfile, site_profile
+from fedmri.simulations.synth.sites import CASE_MIXES, SiteProfile, site_profile
 from fedmri.simulations.synth.spine import SpineAnatomy
 
 Progress = Callable[[str, int, int], None]
@@ -119,7 +119,7 @@ def _study_tags(site: SiteProfile, patient: Patient, study: Study, time: str) ->
 
 
 def generate_site(out_dir: str | Path, *, site_index: int, seed: int, preset: str = "demo",
-                  series_per_site: int = 40, progress: Progress | None = None) -> SiteInfo:
+                  series_per_site: int = 40, case_mix: str = "site", progress: Progress | None = None) -> SiteInfo:
     """Generate one synthetic hospital in ``out_dir`` (the site folder itself).
 
     Args:
@@ -129,6 +129,8 @@ def generate_site(out_dir: str | Path, *, site_index: int, seed: int, preset: st
         seed: federation seed; the site's randomness derives from (seed, site_index).
         preset: "demo" (small series) or "full" (clinical sizes).
         series_per_site: exact number of series to write.
+        case_mix: "site" (the archetype's patients) or "balanced" (for a hospital
+            held out for evaluation; see :func:`~fedmri.simulations.synth.sites.site_profile`).
         progress: called as ``progress(site_name, done, total)`` after each series.
 
     Returns:
@@ -143,7 +145,9 @@ def generate_site(out_dir: str | Path, *, site_index: int, seed: int, preset: st
     check_args(1, seed, preset, series_per_site, 1)
     path = Path(out_dir)
     name = site_name(site_index)
-    params = sd.generator_params(seed, site_index, preset, series_per_site)
+    if case_mix not in CASE_MIXES:
+        raise ConfigError(f"unknown case mix {case_mix!r}; choose one of {', '.join(CASE_MIXES)}")
+    params = sd.generator_params(seed, site_index, preset, series_per_site, case_mix)
     state = sd.site_state(path, params)
     if state == "done":
         info = sd.read_site_json(path)
@@ -153,7 +157,7 @@ def generate_site(out_dir: str | Path, *, site_index: int, seed: int, preset: st
         sd.clear_owned(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, site_index])
-    site = site_profile(site_index, rng)
+    site = site_profile(site_index, rng, case_mix)
     atlas = load_atlas(PRESETS[preset].atlas_mm) if site.region_mix.get("brain", 0) > 0 else None
     wm_points = atlas.wm_points if atlas is not None else np.zeros((1, 3), np.float32)
     patients = plan_site(site, site_index, seed, series_per_site, wm_points, rng)

@@ -21,7 +21,7 @@ from fedmri.errors import InputError
 
 GENERATOR = "fedmri.simulations.synth"
 # Bump when the same parameters would produce different files.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # What the generator writes into a site folder; nothing else is ever deleted.
 OWNED = ("dicom", "masks", "reports.csv", "labels.csv", "series.csv", "site.json", "site.json.tmp")
 
@@ -31,10 +31,11 @@ SERIES_COLUMNS = ("series_instance_uid", "study_instance_uid", "accession_number
                   "sequence_family", "plane", "tilt_deg", "fat_sat", "contrast", "shape", "voxel_size", "dicom_dir")
 
 
-def generator_params(seed: int, site_index: int, preset: str, series_per_site: int) -> dict[str, Any]:
+def generator_params(seed: int, site_index: int, preset: str, series_per_site: int,
+                     case_mix: str = "site") -> dict[str, Any]:
     """The parameters that fully determine a site folder's content."""
     return {"generator": GENERATOR, "format": FORMAT_VERSION, "seed": seed, "site_index": site_index,
-            "preset": preset, "series_per_site": series_per_site}
+            "preset": preset, "series_per_site": series_per_site, "case_mix": case_mix}
 
 
 def read_site_json(path: Path) -> dict[str, Any] | None:

@@ -55,7 +55,7 @@ class SiteProfile:
     body_part_tag: bool = True
     region_mix: dict[str, float] = field(default_factory=lambda: {"brain": 0.5, "knee": 0.25, "spine": 0.25})
     prevalence: dict[str, float] = field(default_factory=lambda: {
-        "mass": 0.2, "infarct": 0.15, "wmh": 1.0, "effusion": 0.35, "disc_herniation": 0.4})
+        "mass": 0.35, "infarct": 0.3, "wmh": 1.0, "effusion": 0.35, "disc_herniation": 0.4})
     contrast_rate: float = 0.3
     age_mean: float = 55.0
     age_sd: float = 16.0
@@ -86,27 +86,27 @@ ARCHETYPES: tuple[SiteProfile, ...] = (
     # Academic neuro centre: 3 T, brain-heavy, many tumours, fine resolution, 3D T1.
     SiteProfile(vendor="siemens", manufacturer="SIEMENS", model="MAGNETOM Prisma", field_strength=3.0,
                 institution="Synthetic University Hospital", region_mix={"brain": 0.65, "knee": 0.15, "spine": 0.2},
-                prevalence={"mass": 0.4, "infarct": 0.15, "wmh": 1.0, "effusion": 0.3, "disc_herniation": 0.4},
+                prevalence={"mass": 0.45, "infarct": 0.3, "wmh": 1.0, "effusion": 0.3, "disc_herniation": 0.4},
                 contrast_rate=0.35, age_mean=54.0, snr=26.0, bias=0.10, level=900.0, inplane_pos=0.25,
                 slice_pos=0.35, brain_t1="gre", planes={"brain.T1": "sagittal"}, oblique_deg=6.0, id_prefix="UH"),
     # Community hospital: 1.5 T, older patients, spine-heavy, coarse, and no BodyPartExamined.
     SiteProfile(vendor="ge", manufacturer="GE MEDICAL SYSTEMS", model="SIGNA Explorer", field_strength=1.5,
                 institution="Synthetic Community Hospital", body_part_tag=False,
                 region_mix={"brain": 0.35, "knee": 0.25, "spine": 0.4},
-                prevalence={"mass": 0.1, "infarct": 0.2, "wmh": 1.3, "effusion": 0.4, "disc_herniation": 0.55},
+                prevalence={"mass": 0.3, "infarct": 0.35, "wmh": 1.2, "effusion": 0.4, "disc_herniation": 0.55},
                 contrast_rate=0.2, age_mean=64.0, age_sd=13.0, male_fraction=0.45, snr=17.0, bias=0.2,
                 level=2200.0, inplane_pos=0.85, slice_pos=0.9, oblique_deg=4.0, id_prefix="CH"),
     # Orthopaedic and sports clinic: 3 T, knee-heavy, young, steep oblique axials.
     SiteProfile(vendor="philips", manufacturer="Philips Medical Systems", model="Ingenia", field_strength=3.0,
                 institution="Synthetic Orthopaedic Clinic", region_mix={"brain": 0.25, "knee": 0.5, "spine": 0.25},
-                prevalence={"mass": 0.1, "infarct": 0.05, "wmh": 0.7, "effusion": 0.5, "disc_herniation": 0.45},
+                prevalence={"mass": 0.3, "infarct": 0.25, "wmh": 0.8, "effusion": 0.5, "disc_herniation": 0.45},
                 contrast_rate=0.2, age_mean=41.0, age_sd=15.0, male_fraction=0.6, snr=24.0, bias=0.15,
                 level=380.0, inplane_pos=0.4, slice_pos=0.4, planes={"knee.T2": "coronal", "brain.T1": "axial"},
                 oblique_deg=22.0, adc_series=False, id_prefix="OC", enhanced=True),
     # Stroke centre: 1.5 T, many infarcts, coronal FLAIR.
     SiteProfile(vendor="canon", manufacturer="CANON_MEC", model="Vantage Orian", field_strength=1.5,
                 institution="Synthetic Stroke Centre", region_mix={"brain": 0.7, "knee": 0.1, "spine": 0.2},
-                prevalence={"mass": 0.1, "infarct": 0.45, "wmh": 1.2, "effusion": 0.3, "disc_herniation": 0.4},
+                prevalence={"mass": 0.3, "infarct": 0.55, "wmh": 1.1, "effusion": 0.3, "disc_herniation": 0.4},
                 contrast_rate=0.15, age_mean=67.0, age_sd=12.0, male_fraction=0.55, snr=18.0, bias=0.18,
                 level=600.0, inplane_pos=0.7, slice_pos=0.6, planes={"brain.FLAIR": "coronal"}, id_prefix="SC",
                 transfer_syntax=JPEGLSLossless),
@@ -117,14 +117,29 @@ ARCHETYPES: tuple[SiteProfile, ...] = (
 )
 
 
-def site_profile(site_index: int, rng: np.random.Generator) -> SiteProfile:
+# Case mix of a hospital used only for evaluation: every region and finding well represented, so that
+# each finding's AUROC rests on enough positives and negatives (its scanners stay the archetype's).
+BALANCED_REGIONS = {"brain": 0.5, "knee": 0.25, "spine": 0.25}
+BALANCED_PREVALENCE = {"mass": 0.4, "infarct": 0.45, "wmh": 0.8, "effusion": 0.5, "disc_herniation": 0.55}
+CASE_MIXES = ("site", "balanced")
+
+
+def site_profile(site_index: int, rng: np.random.Generator, case_mix: str = "site") -> SiteProfile:
     """The profile of site ``site_index`` (1-based), jittered so repeated archetypes differ.
 
     Args:
         site_index: 1 for site-01, ...
         rng: the site's random source.
+        case_mix: ``"site"`` (the archetype's patients) or ``"balanced"`` (an
+            evaluation hospital: :data:`BALANCED_REGIONS`, :data:`BALANCED_PREVALENCE`
+            and ages spread over adulthood).
     """
+    if case_mix not in CASE_MIXES:
+        raise ValueError(f"unknown case mix {case_mix!r}; choose one of {', '.join(CASE_MIXES)}")
     base = ARCHETYPES[(site_index - 1) % len(ARCHETYPES)]
+    if case_mix == "balanced":
+        base = replace(base, region_mix=dict(BALANCED_REGIONS), prevalence=dict(BALANCED_PREVALENCE),
+                       age_mean=52.0, age_sd=18.0, male_fraction=0.5)
     j = lambda v, rel: float(v * rng.uniform(1.0 - rel, 1.0 + rel))  # noqa: E731
     mix = {k: j(v, 0.2) for k, v in base.region_mix.items()}
     total = sum(mix.values())

@@ -26,6 +26,23 @@ def test_first_sites_differ_like_hospitals() -> None:
     assert max(s.level for s in sites) > 3 * min(s.level for s in sites)  # arbitrary vendor scaling
 
 
+def test_balanced_case_mix_keeps_the_scanner_and_evens_out_the_patients() -> None:
+    own = site_profile(4, np.random.default_rng([0, 4]))
+    balanced = site_profile(4, np.random.default_rng([0, 4]), case_mix="balanced")
+    assert balanced.manufacturer == own.manufacturer and balanced.field_strength == own.field_strength
+    assert own.region_mix["brain"] > 0.6 and 0.4 < balanced.region_mix["brain"] < 0.6
+    assert all(0.3 <= balanced.prevalence[k] for k in ("mass", "infarct", "effusion", "disc_herniation"))
+    with pytest.raises(ValueError, match="unknown case mix 'rare'"):
+        site_profile(1, np.random.default_rng(0), case_mix="rare")
+
+
+def test_every_site_sees_enough_of_each_brain_finding() -> None:
+    # A finding that one site almost never sees is learnt as that site's scanner, not as disease.
+    for k in range(1, len(ARCHETYPES) + 1):
+        site = site_profile(k, np.random.default_rng([0, k]))
+        assert site.prevalence["mass"] >= 0.2 and site.prevalence["infarct"] >= 0.15, site.institution
+
+
 def test_repeated_archetypes_are_jittered_not_copied() -> None:
     a = site_profile(1, np.random.default_rng([0, 1]))
     b = site_profile(1 + len(ARCHETYPES), np.random.default_rng([0, 1 + len(ARCHETYPES)]))
