@@ -1,10 +1,10 @@
 """Transfer to a hospital outside the federation: the federated encoder against random init (issue 6).
 
 Runs ``fedmri simulate --mode federated --mode random`` on the embedded demo
-federation (3 synthetic hospitals of 24 series, tiny preset, pretrain 3x20 ->
+federation (3 synthetic hospitals, tiny preset, pretrain 3x20 ->
 align 2x20 -> heads 2x20 -> evaluate) once per seed. The random mode tunes the
 same heads the same way on a randomly initialised encoder. Both are scored on
-the held-out hospital (48 series from a seed of its own, a vendor no site
+the held-out hospital (from a seed of its own, a vendor no site
 has). Prints each seed's figures, the medians over seeds and the median of the
 per-seed differences (federated - random).
 
@@ -12,8 +12,9 @@ per-seed differences (federated - random).
     python benchmarks/bench_transfer.py --seeds 0 1 2 3 --out /tmp/transfer --reuse   # only read
     python benchmarks/bench_transfer.py --out /tmp/bigger series_per_site=72 federation.stages.0.rounds=6
 
-Reading it: report->image retrieval has ~12 queries there, so R@5 moves in
-steps of ~0.08. ``findings AUROC`` is over every series and so also rewards
+Reading it: report->image retrieval has one query per held-out study (~40 at
+the default 150 series, ~12 at the 48 of the runs in RESULTS.md), so R@5 moves
+in steps of 1/queries. ``findings AUROC`` is over every series and so also rewards
 telling the body regions apart (effusion is never seen in a brain), which
 random features do well; ``AUROC in region`` keeps only diseased against healthy
 series of the same region.

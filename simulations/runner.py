@@ -14,7 +14,10 @@
      model evaluated on every site; the row is the mean over those models;
    - ``central``: one pooled site holding every site's training split (each
      patient keeps the split its own site gave it), with the local steps of
-     all sites together per round.
+     all sites together per round;
+   - ``ceiling``: a MONAI 3D CNN trained from scratch *with* the findings
+     labels on the pooled training splits (:mod:`fedmri.simulations.ceiling`),
+     outside Flower: how well disease can be seen in these volumes at all.
 4. Writes ``<run_root>/<name>/results.json`` and ``report.md`` (with the
    cross-site matrices) and prints one table.
 
@@ -43,7 +46,9 @@ from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
 from fedmri.server.config import FederationConfig, _check, run_config
 
-MODES = ("federated", "random", "local", "central")
+MODES = ("federated", "random", "local", "central", "ceiling")
+# Modes that train through Flower; "ceiling" is a supervised network on the pooled training splits.
+FLOWER_MODES = ("federated", "random", "local", "central")
 POOLED = "pooled"
 HOLDOUT = "holdout"
 # Stages that give the encoder what it knows; the random mode leaves them out.
@@ -67,7 +72,7 @@ class SimulationConfig:
     # Synthesis preset: "demo" (small series) or "full" (clinical sizes).
     synth_preset: str = "demo"
     # DICOM series per synthetic hospital.
-    series_per_site: int = 24
+    series_per_site: int = 48
     # Where synthetic sites, catalogs and site files go; default <run_root>/<name>/data.
     data_dir: str | None = None
     # Existing catalog folders (from `fedmri data index`) to use instead of synthesising.
@@ -75,12 +80,18 @@ class SimulationConfig:
     # Hospitals outside the federation, synthesised from a seed of their own:
     # they never train and all their series are evaluation data.
     holdout_sites: int = 1
-    # Series of each held-out hospital (null: series_per_site). Its report->image
-    # queries are its studies (~4 series each): 48 series give ~12 of them.
-    holdout_series: int | None = 48
+    # Processes that synthesise and index hospitals at once (0: one per CPU core).
+    synth_workers: int = 0
+    # Series of each held-out hospital (null: series_per_site). 150 give ~40
+    # patients, so a finding's AUROC there has an interval narrower than +-0.2.
+    holdout_series: int | None = 150
+    # Case mix of synthesised held-out hospitals: "balanced" (every region and
+    # finding well represented, so each AUROC rests on enough cases) or "site"
+    # (the archetype's own patients).
+    holdout_case_mix: str = "balanced"
     # Existing catalogs to hold out instead (scored on the evaluate stage's split).
     holdout_catalogs: list[str] = field(default_factory=list)
-    # Which of federated, random, local, central to run (in that order).
+    # Which of federated, random, local, central, ceiling to run (in that order).
     modes: list[str] = field(default_factory=lambda: list(MODES))
     # Per-site local batch size.
     batch_size: int = 4
@@ -88,6 +99,8 @@ class SimulationConfig:
     threads_per_site: int = 1
     # CPUs Ray reserves per virtual site (2 cores and 1.0: two sites train at once).
     cpus_per_site: float = 1.0
+    # Epochs of the supervised ceiling (mode "ceiling") over the pooled training series.
+    ceiling_epochs: int = 70
     federation: FederationConfig = field(default_factory=_default_federation)
 
 
@@ -120,6 +133,10 @@ def load_simulation(path: str | Path | None = None, overrides: list[str] | None 
         raise ConfigError(f"{where}: sites must be >= 1")
     if cfg.holdout_sites < 0:
         raise ConfigError(f"{where}: holdout_sites must be >= 0, got {cfg.holdout_sites}")
+    if cfg.synth_workers < 0:
+        raise ConfigError(f"{where}: synth_workers must be >= 0 (0: one per CPU core), got {cfg.synth_workers}")
+    if cfg.holdout_case_mix not in ("site", "balanced"):
+        raise ConfigError(f"{where}: holdout_case_mix must be 'site' or 'balanced', got {cfg.holdout_case_mix!r}")
     if cfg.holdout_series is not None and cfg.holdout_series < 1:
         raise ConfigError(f"{where}: holdout_series must be >= 1 (or null: series_per_site), got {cfg.holdout_series}")
     if cfg.federation.min_sites > n:
@@ -139,22 +156,20 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
                   say: Callable[[str], None] = print) -> tuple[list[SimSite], list[SimSite]]:
     """Synthesise and index the hospitals (or take the given catalogs); write a site.yaml each.
 
+    Hospitals are synthesised and indexed in parallel, one process per CPU core
+    (``synth_workers``): each is independent and single-threaded.
+
     Returns:
         The federation's sites and the held-out hospitals.
     """
     cfg = run_config(sim.federation)
     data_dir.mkdir(parents=True, exist_ok=True)
     seed = int(sim.federation.seed)
-    if sim.catalogs:
-        sites = [_given(catalog, f"site-{i:02d}", data_dir) for i, catalog in enumerate(sim.catalogs, start=1)]
-    else:
-        sites = [synthesise_site(cfg, data_dir, f"site-{i:02d}", i, seed, say, sim.synth_preset, int(sim.series_per_site))
-                 for i in range(1, sim.sites + 1)]
-    if sim.holdout_catalogs:
-        holdouts = [_given(c, f"{HOLDOUT}-{k:02d}", data_dir) for k, c in enumerate(sim.holdout_catalogs, start=1)]
-    elif sim.catalogs:
-        holdouts = []  # synthetic hospitals are not held out from real ones: name holdout_catalogs
-    else:
+    jobs: list[dict[str, Any]] = []
+    if not sim.catalogs:
+        jobs += [dict(cfg=cfg, data_dir=data_dir, name=f"site-{i:02d}", index=i, seed=seed, preset=sim.synth_preset,
+                      series=int(sim.series_per_site)) for i in range(1, sim.sites + 1)]
+    if not sim.holdout_catalogs and not sim.catalogs:
         # Every series of a held-out hospital is evaluation data: the evaluate stage's split takes all patients.
         split = next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
         held = copy.deepcopy(cfg)
@@ -162,13 +177,56 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
         held.data.catalog.split_fractions = [float(split == s) for s in ("train", "val", "test")]
         # The next archetypes (another vendor and protocol) from a seed of their own.
         series = int(sim.holdout_series or sim.series_per_site)
-        holdouts = [synthesise_site(held, data_dir, f"{HOLDOUT}-{k:02d}", sim.sites + k, _holdout_seed(seed, k), say,
-                                sim.synth_preset, series) for k in range(1, sim.holdout_sites + 1)]
+        jobs += [dict(cfg=held, data_dir=data_dir, name=f"{HOLDOUT}-{k:02d}", index=sim.sites + k,
+                      seed=_holdout_seed(seed, k), preset=sim.synth_preset, series=series,
+                      case_mix=str(sim.holdout_case_mix)) for k in range(1, sim.holdout_sites + 1)]
+    made = {site.name: site for site in _synthesise_all(jobs, int(sim.synth_workers), say)}
+    if sim.catalogs:
+        sites = [_given(catalog, f"site-{i:02d}", data_dir) for i, catalog in enumerate(sim.catalogs, start=1)]
+    else:
+        sites = [made[f"site-{i:02d}"] for i in range(1, sim.sites + 1)]
+    if sim.holdout_catalogs:
+        holdouts = [_given(c, f"{HOLDOUT}-{k:02d}", data_dir) for k, c in enumerate(sim.holdout_catalogs, start=1)]
+    elif sim.catalogs:
+        holdouts = []  # synthetic hospitals are not held out from real ones: name holdout_catalogs
+    else:
+        holdouts = [made[f"{HOLDOUT}-{k:02d}"] for k in range(1, sim.holdout_sites + 1)]
     for site in sites:
         _write_site_file(sim, site.site_file, site.name, site.catalog)
     for site in holdouts:
         _write_site_file(sim, site.site_file, site.name, site.catalog, stages=["evaluate"])
     return sites, holdouts
+
+
+def _synthesise_all(jobs: list[dict[str, Any]], workers: int, say: Callable[[str], None]) -> list[SimSite]:
+    """Run :func:`synthesise_site` for each job, in ``workers`` processes (0: one per core), in job order."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) <= 1:
+        return [synthesise_site(**job, say=say) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    for job in jobs:
+        say(f"[data] {job['name']}: synthesising {job['series']} series ({job['preset']}, seed {job['seed']}) ...")
+    ctx = mp.get_context("spawn")  # no fork: the caller may hold threads or torch state
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        futures = [pool.submit(_synthesise_job, job) for job in jobs]
+        out = []
+        for future in futures:
+            site, line = future.result()
+            say(line)
+            out.append(site)
+    return out
+
+
+def _synthesise_job(job: dict[str, Any]) -> tuple[SimSite, str]:
+    """One hospital in a worker process, on one thread; returns it and its summary line."""
+    import torch
+
+    torch.set_num_threads(1)
+    lines: list[str] = []
+    site = synthesise_site(**job, say=lines.append)
+    return site, lines[-1]
 
 
 def _holdout_seed(seed: int, k: int) -> int:
@@ -184,7 +242,7 @@ def _given(catalog: str, name: str, data_dir: Path) -> SimSite:
 
 
 def synthesise_site(cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int, say: Callable[[str], None],
-                    preset: str, series: int) -> SimSite:
+                    preset: str, series: int, case_mix: str = "site") -> SimSite:
     """Synthesise hospital ``name`` into ``<data_dir>/hospitals/<name>`` and index it into
     ``<data_dir>/catalogs/<name>`` with a seeded salt (complete folders are reused)."""
     from fedmri.data.indexer import index_site
@@ -192,7 +250,7 @@ def synthesise_site(cfg: DictConfig, data_dir: Path, name: str, index: int, seed
 
     root = data_dir / "hospitals" / name
     say(f"[data] {name}: synthesising {series} series ({preset}, seed {seed}) ...")
-    generate_site(root, site_index=index, seed=seed, preset=preset, series_per_site=series)
+    generate_site(root, site_index=index, seed=seed, preset=preset, series_per_site=series, case_mix=case_mix)
     catalog = data_dir / "catalogs" / name
     synthetic_salt(catalog, seed, name)
     result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)
@@ -327,7 +385,7 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
     def run_modes(grid: Any) -> None:
         # Every mode in one engine session: Ray starts once. The pooled
         # SuperNode of the central mode idles through the other modes.
-        for mode in sim.modes:
+        for mode in [m for m in sim.modes if m in FLOWER_MODES]:
             fed = _mode_fed(sim, mode)
             if mode == "random":
                 fed.stages = [st for st in fed.stages if st.name not in ENCODER_STAGES]
@@ -346,9 +404,14 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
                 results["central"] = Pipeline(alone(fed, local_factor=n), train_sites=[POOLED],
                                               eval_sites=names + held).run_all(grid)
 
-    _simulate(run_modes, site_files, sim, root / "sites.json")
+    if any(m in FLOWER_MODES for m in sim.modes):
+        _simulate(run_modes, site_files, sim, root / "sites.json")
     modes = {m: _evaluation(r, names) for m, r in results.items()}
     holdout = {m: _evaluation(r, held) for m, r in results.items()} if held else {}
+    if "ceiling" in sim.modes:
+        modes["ceiling"], holdout_ceiling = _ceiling(sim, sites, holdouts, root / "ceiling", say)
+        if held:
+            holdout["ceiling"] = holdout_ceiling
     (root / "results.json").write_text(json.dumps({"modes": modes, "holdout": holdout, "sites": names,
                                                    "holdout_sites": held, "runs": results},
                                                   indent=1, sort_keys=True), encoding="utf-8")
@@ -356,6 +419,47 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
 
     say(f"report: {write_report(root)}")
     return modes | {m + AT_HOLDOUT: v for m, v in holdout.items()}
+
+
+def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], folder: Path,
+             say: Callable[[str], None]) -> tuple[dict[str, float], dict[str, float]]:
+    """The supervised ceiling's findings metrics on the sites' validation splits and on the held-out hospitals.
+
+    Keys are those of the heads' evaluation (``findings_auroc_in_region_macro``
+    with ``_ci_low``/``_ci_high``, ``findings_auroc_in_region/<code>``), so the
+    ceiling is a row of the same tables. Writes ``<folder>/results.json``.
+    """
+    from fedmri.simulations.ceiling import CeilingConfig, findings_intervals, load_split, predict, train_ceiling
+
+    cfg = CeilingConfig(epochs=int(sim.ceiling_epochs), seed=int(sim.federation.seed))
+    train = load_split([s.catalog for s in sites], "train")
+    say(f"[simulate] mode ceiling: {cfg.network} trained with the findings labels on the {len(train)} pooled "
+        f"training series, {cfg.epochs} epochs")
+    model, losses = train_ceiling(train, cfg, say=lambda line: None)
+    split = next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
+    out: list[dict[str, float]] = []
+    # The series the evaluate stage scores: the sites' split, and all of a synthesised held-out hospital
+    # (its catalog puts every series in that split; a given held-out catalog is scored on the split too).
+    for catalogs, where in (([s.catalog for s in sites], split), ([h.catalog for h in holdouts], split)):
+        row: dict[str, float] = {}
+        if catalogs:
+            try:
+                scored = load_split(catalogs, where)
+            except InputError:  # no labelled series there
+                scored = None
+            if scored is not None:
+                overall, _ = findings_intervals(predict(model, scored), scored, cfg.n_boot, cfg.seed)
+                row["num-examples"] = float(len(scored))
+                for code, iv in overall.items():
+                    key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
+                    # The ceiling holds every series' score, so pooled sites get an interval too.
+                    row[key], row[key + "_ci_low"], row[key + "_ci_high"] = iv.value, iv.low, iv.high
+        out.append(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"network": cfg.network, "epochs": cfg.epochs,
+                                                     "n_train": len(train), "losses": losses, "sites": out[0],
+                                                     "holdout": out[1]}, indent=1), encoding="utf-8")
+    return out[0], out[1]
 
 
 def _evaluation(result: dict[str, Any], sites: list[str]) -> dict[str, float]:
@@ -367,8 +471,17 @@ def _evaluation(result: dict[str, Any], sites: list[str]) -> dict[str, float]:
     from fedmri.server.pipeline import aggregate_metrics
 
     if "per_model" in result:
-        evals = [_evaluation(r, sites) for r in result["per_model"].values()]
+        evals = [_without_intervals(_evaluation(r, sites)) for r in result["per_model"].values()]
         keys = sorted({k for e in evals for k in e})
         return {k: sum(e[k] for e in evals if k in e) / sum(1 for e in evals if k in e) for k in keys}
     rows = [m for site, m in result.get("per_site", {}).items() if site in sites]
+    if len(rows) > 1:
+        rows = [_without_intervals(r) for r in rows]
     return aggregate_metrics(rows) if rows else {}
+
+
+def _without_intervals(metrics: dict[str, float]) -> dict[str, float]:
+    """A site's metrics less its interval bounds: they bound that site's figure, not a mean over sites or models."""
+    from fedmri.heads.intervals import CI_HIGH, CI_LOW
+
+    return {k: v for k, v in metrics.items() if not k.endswith((CI_LOW, CI_HIGH))}

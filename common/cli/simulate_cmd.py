@@ -41,7 +41,8 @@ def simulate_command(
                                           help="Overrides, e.g. sites=4 federation.stages.0.rounds=2."),
     config: str = typer.Option(None, "--config", "-c", help="Simulation YAML (default: the embedded demo)."),
     mode: list[str] = typer.Option(None, "--mode", "-m",
-                                   help="federated, random, local or central; repeat for several (default: all four)."),
+                                   help="federated, random, local, central or ceiling; repeat for several "
+                                        "(default: all five)."),
     resume: bool = typer.Option(False, "--resume", help="Continue each mode from its last complete round."),
 ) -> None:
     """[researcher] Simulate a whole federation on this machine: synthetic hospitals,
@@ -70,7 +71,9 @@ def simulate_command(
                   "encoder. SSL = self-distillation loss; seq / region 1-NN = accuracy of the nearest training "
                   "series' sequence / body region in the encoder's CLS space; i2t / t2i = image->report / "
                   "report->image retrieval (R@k, median rank MdR); AUROC in region = findings AUROC within the body "
-                  "regions where each finding occurs.", highlight=False, soft_wrap=True)
+                  "regions where each finding occurs. [low, high] = 95% interval over resamples of the hospital's "
+                  "patients (computed at the site; shown where one hospital is scored alone).",
+                  highlight=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
 
@@ -84,5 +87,14 @@ def results_table(summary: dict[str, dict[str, Any]], title: str,
     for _, header, _ in present:
         table.add_column(header, justify="right")
     for mode, metrics in summary.items():
-        table.add_row(mode, *(fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in present))
+        table.add_row(mode, *(cell(metrics, key, fmt) for key, _, fmt in present))
     return table
+
+
+def cell(metrics: dict[str, Any], key: str, fmt: str) -> str:
+    """``metrics[key]`` formatted, with its 95% interval below it where the site computed one; "-" if absent."""
+    if key not in metrics:
+        return "-"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    text = fmt.format(metrics[key])
+    return text if low is None or high is None else f"{text}\n[{fmt.format(low)}, {fmt.format(high)}]"

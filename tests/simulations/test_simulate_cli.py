@@ -23,6 +23,7 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
         "catalogs": [str(first), str(second)],
         "holdout_catalogs": [str(third)],
         "batch_size": 2,
+        "ceiling_epochs": 3,
         "federation": {"name": "smoke", "overrides": MICRO, "run_root": str(tmp_path / "runs"),
                        "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1},
                                   {"name": "align", "rounds": 1, "local_steps": 1},
@@ -42,7 +43,11 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
 
     root = tmp_path / "runs" / "smoke"
     results = json.loads((root / "results.json").read_text())
-    assert results["holdout_sites"] == ["holdout-01"] and set(results["holdout"]) == set(modes)
+    assert results["holdout_sites"] == ["holdout-01"] and set(results["holdout"]) == {*modes, "ceiling"}
+    # The supervised ceiling scores the same held-out series, outside Flower.
+    assert "mode ceiling" in out.stdout and "ceiling" in table
+    assert results["holdout"]["ceiling"]["num-examples"] == results["holdout"]["federated"]["num-examples"]
+    assert json.loads((root / "ceiling" / "results.json").read_text())["epochs"] == 3
     for mode in modes:
         evaluation = results["modes"][mode]
         assert evaluation["num-examples"] > 0 and "val_loss" in evaluation, (mode, evaluation)
@@ -135,5 +140,33 @@ def test_held_out_hospital_is_all_evaluation_data_from_its_own_seed_and_never_tr
     seeds = {json.loads((tmp_path / "data" / "hospitals" / name / "site.json").read_text())["params"]["seed"]
              for name in (site.name, held.name)}
     assert len(seeds) == 2
+    params = {name: json.loads((tmp_path / "data" / "hospitals" / name / "site.json").read_text())["params"]
+              for name in (site.name, held.name)}
+    assert params[held.name]["case_mix"] == "balanced" and params[site.name]["case_mix"] == "site"
+    with pytest.raises(ConfigError, match="synth_workers"):
+        load_simulation(None, ["synth_workers=-1"])
     with pytest.raises(ConfigError, match="holdout_series"):
         load_simulation(None, ["holdout_series=0"])
+
+
+def test_ceiling_mode_alone_trains_on_the_pooled_training_splits_without_flower(tmp_path: Path) -> None:
+    from fedmri.simulations.ceiling import load_split
+    from fedmri.simulations.runner import load_simulation, simulate
+
+    sim = load_simulation(None, ["sites=2", "series_per_site=10", "holdout_series=12", "synth_preset=tiny",
+                                 "modes=[ceiling]", "ceiling_epochs=2", f"federation.run_root={tmp_path}"])
+    lines: list[str] = []
+    summary = simulate(sim, say=lines.append)
+    root = tmp_path / "demo"
+    top = json.loads((root / "results.json").read_text())
+    assert set(top["modes"]) == {"ceiling"} and set(top["holdout"]) == {"ceiling"}
+    ceiling = json.loads((root / "ceiling" / "results.json").read_text())
+    train = load_split([root / "data" / "catalogs" / f"site-0{i}" for i in (1, 2)], "train")
+    assert ceiling["n_train"] == len(train) and len(ceiling["losses"]) == 2
+    assert summary["ceiling @ held-out"]["num-examples"] == 12.0  # every held-out series is scored
+    for key, value in summary["ceiling @ held-out"].items():
+        if key.startswith("findings_auroc_in_region") and not key.endswith(("_ci_low", "_ci_high")):
+            held = summary["ceiling @ held-out"]
+            assert held[key + "_ci_low"] <= value <= held[key + "_ci_high"]
+    assert any("mode ceiling" in line for line in lines)
+    assert not (root / "federated").exists()  # no Flower mode ran
