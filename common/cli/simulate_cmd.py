@@ -71,9 +71,9 @@ def simulate_command(
                   "encoder. SSL = self-distillation loss; seq / region 1-NN = accuracy of the nearest training "
                   "series' sequence / body region in the encoder's CLS space; i2t / t2i = image->report / "
                   "report->image retrieval (R@k, median rank MdR); AUROC in region = findings AUROC within the body "
-                  "regions where each finding occurs. [low, high] = 95% interval over resamples of the hospital's "
-                  "patients (computed at the site; shown where one hospital is scored alone).",
-                  highlight=False, soft_wrap=True)
+                  "regions where each finding occurs. low-high under a figure = its 95% interval over resamples "
+                  "of the hospital's patients (computed at the site; shown where one hospital is scored alone).",
+                  highlight=False, markup=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
 
@@ -97,4 +97,11 @@ def cell(metrics: dict[str, Any], key: str, fmt: str) -> str:
         return "-"
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     text = fmt.format(metrics[key])
-    return text if low is None or high is None else f"{text}\n[{fmt.format(low)}, {fmt.format(high)}]"
+    if low is None or high is None:
+        return text
+    # ".80-.91": no space and no leading zero, so the interval fits under its figure in 80 columns.
+    return f"{text}\n{_bare(fmt.format(low))}-{_bare(fmt.format(high))}"
+
+
+def _bare(number: str) -> str:
+    return number[1:] if number.startswith("0.") else number

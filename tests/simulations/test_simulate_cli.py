@@ -170,3 +170,12 @@ def test_ceiling_mode_alone_trains_on_the_pooled_training_splits_without_flower(
             assert held[key + "_ci_low"] <= value <= held[key + "_ci_high"]
     assert any("mode ceiling" in line for line in lines)
     assert not (root / "federated").exists()  # no Flower mode ran
+
+
+def test_table_cell_puts_the_interval_under_the_figure() -> None:
+    from fedmri.cli.simulate_cmd import cell
+
+    assert cell({"a": 0.834, "a_ci_low": 0.7, "a_ci_high": 0.91}, "a", "{:.2f}") == "0.83\n.70-.91"
+    assert cell({"m": 16.3, "m_ci_low": 12.4, "m_ci_high": 20.8}, "m", "{:.1f}") == "16.3\n12.4-20.8"
+    assert cell({"a": 0.834}, "a", "{:.2f}") == "0.83"  # no interval computed: none shown
+    assert cell({}, "a", "{:.2f}") == "-"
