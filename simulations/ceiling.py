@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from fedmri.data.catalog_db import open_catalog, series_rows
 from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.errors import ConfigError, InputError
-from fedmri.metrics import binary_auroc
-from fedmri.metrics.bootstrap import Interval, bootstrap_interval
+from fedmri.metrics import auroc_within_groups
+from fedmri.metrics.bootstrap import Interval, bootstrap_intervals
 
 NETWORKS = ("resnet10", "resnet18", "densenet121")
 
@@ -196,52 +196,44 @@ def findings_intervals(scores: np.ndarray, split: Split, n_boot: int = 1000,
                        seed: int = 0) -> tuple[dict[str, Interval], dict[str, dict[str, Interval]]]:
     """Each finding's in-region AUROC (and their mean) with patient-bootstrap intervals, overall and per sequence.
 
-    A finding is scored among the series of the body regions where it occurs
-    (as :func:`fedmri.metrics.auroc_within_groups`); per sequence, among that
-    region's series of one sequence.
+    A finding is scored among the series of the body regions where it occurs,
+    by :func:`fedmri.metrics.auroc_within_groups` (as the heads' evaluation
+    scores it); per sequence, the same among the series of one sequence.
 
     Returns:
         ``({code: interval, "macro": interval}, {code: {sequence: interval}})``;
         findings without both classes are left out.
     """
-    y = split.findings.numpy() > 0.5
+    y = split.findings.numpy()
     regions, sequences = np.asarray(split.regions), np.asarray(split.sequences)
-    keep = {j: np.isin(regions, np.unique(regions[y[:, j]])) for j in range(y.shape[1])}
-
-    def auroc(j: int, rows: np.ndarray, where: np.ndarray) -> float | None:
-        r = rows[where[rows]]
-        return binary_auroc(scores[r, j], y[r, j]) if r.size else None
-
     patients = np.asarray(split.patients)
 
-    def sized(iv: Interval | None, where: np.ndarray) -> Interval | None:
-        # The interval's n and patients are those of the rows the finding is scored on.
-        return None if iv is None else replace(iv, n=int(where.sum()), clusters=len(set(patients[where])))
+    def scored(rows: np.ndarray) -> dict[str, Interval]:
+        """Intervals over patient resamples of ``rows``, keyed by code and "macro", sized by the rows behind each."""
+        found = bootstrap_intervals(lambda idx: auroc_within_groups(scores[rows[idx]], y[rows[idx]],
+                                                                    regions[rows[idx]], FINDING_CODES),
+                                    patients[rows], n_boot=n_boot, seed=seed)
+        reg, pos = regions[rows], y[rows] > 0.5
+        where = {code: np.isin(reg, np.unique(reg[pos[:, j]])) for j, code in enumerate(FINDING_CODES)}
+        out = {}
+        for name, iv in found.items():
+            code = name.removeprefix("auroc_in_group/")
+            if name == "auroc_in_group_macro":
+                code = "macro"
+                used = np.any([where[c] for c in FINDING_CODES if f"auroc_in_group/{c}" in found], axis=0)
+            else:
+                used = where[code]
+            # The interval's n and patients are those of the series the finding is scored on.
+            out[code] = replace(iv, n=int(used.sum()), clusters=len(set(patients[rows][used])))
+        return out
 
-    overall: dict[str, Interval] = {}
+    overall = scored(np.arange(len(split)))
     by_seq: dict[str, dict[str, Interval]] = {}
-    usable = [j for j in range(y.shape[1]) if keep[j].any() and binary_auroc(scores[keep[j], j], y[keep[j], j])]
-    for j in usable:
-        code = FINDING_CODES[j]
-        iv = sized(bootstrap_interval(lambda rows, j=j: auroc(j, rows, keep[j]), split.patients, n_boot=n_boot,
-                                      seed=seed), keep[j])
-        if iv is not None:
-            overall[code] = iv
-        for seq in sorted(set(sequences[keep[j]])):
-            where = keep[j] & (sequences == seq)
-            iv = sized(bootstrap_interval(lambda rows, j=j, w=where: auroc(j, rows, w), split.patients,
-                                          n_boot=n_boot, seed=seed), where)
-            if iv is not None:
+    for seq in sorted(set(sequences)):
+        for code, iv in scored(np.flatnonzero(sequences == seq)).items():
+            if code != "macro":
                 by_seq.setdefault(code, {})[seq] = iv
-
-    def macro(rows: np.ndarray) -> float | None:
-        vals = [auroc(j, rows, keep[j]) for j in usable]
-        return None if any(v is None for v in vals) or not vals else float(np.mean(vals))  # type: ignore[arg-type]
-
-    anywhere = np.any([keep[j] for j in usable], axis=0) if usable else np.zeros(len(patients), bool)
-    if usable and (iv := sized(bootstrap_interval(macro, split.patients, n_boot=n_boot, seed=seed), anywhere)):
-        overall["macro"] = iv
-    return overall, by_seq
+    return overall, {code: by_seq[code] for code in FINDING_CODES if code in by_seq}
 
 
 def run_ceiling(train_catalogs: Sequence[str | Path], holdout_catalogs: Sequence[str | Path],
