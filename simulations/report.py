@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.errors import InputError
+from fedmri.metrics.bootstrap import interval_bounds
 
 # metric key -> (label, format). The encoder's own probes, then the task heads.
 PROBES: dict[str, tuple[str, str]] = {
@@ -166,9 +167,10 @@ def _mode_table(modes: dict[str, dict[str, Any]], columns: dict[str, tuple[str, 
 
 def _cell(metric: str, metrics: dict[str, Any]) -> str:
     """The figure, with its 95% patient-bootstrap interval where the scoring site computed one."""
-    low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
     text = _fmt(metric, metrics.get(metric))
-    return text if low is None or high is None else f"{text} [{_fmt(metric, low)}, {_fmt(metric, high)}]"
+    if (bounds := interval_bounds(metrics, metric)) is None:
+        return text
+    return f"{text} [{_fmt(metric, bounds[0])}, {_fmt(metric, bounds[1])}]"
 
 
 def _in_mode_order(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -171,7 +171,7 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
                       series=int(sim.series_per_site)) for i in range(1, sim.sites + 1)]
     if not sim.holdout_catalogs and not sim.catalogs:
         # Every series of a held-out hospital is evaluation data: the evaluate stage's split takes all patients.
-        split = next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
+        split = _evaluate_split(sim)
         held = copy.deepcopy(cfg)
         OmegaConf.set_readonly(held, False)
         held.data.catalog.split_fractions = [float(split == s) for s in ("train", "val", "test")]
@@ -227,6 +227,11 @@ def _synthesise_job(job: dict[str, Any]) -> tuple[SimSite, str]:
     lines: list[str] = []
     site = synthesise_site(**job, say=lines.append)
     return site, lines[-1]
+
+
+def _evaluate_split(sim: DictConfig) -> str:
+    """The split the evaluate stage scores ("val" without one)."""
+    return next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
 
 
 def _holdout_seed(seed: int, k: int) -> int:
@@ -429,6 +434,7 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
     with ``_ci_low``/``_ci_high``, ``findings_auroc_in_region/<code>``), so the
     ceiling is a row of the same tables. Writes ``<folder>/results.json``.
     """
+    from fedmri.metrics.bootstrap import CI_HIGH, CI_LOW
     from fedmri.simulations.ceiling import CeilingConfig, findings_intervals, load_split, predict, train_ceiling
 
     cfg = CeilingConfig(epochs=int(sim.ceiling_epochs), seed=int(sim.federation.seed))
@@ -436,15 +442,14 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
     say(f"[simulate] mode ceiling: {cfg.network} trained with the findings labels on the {len(train)} pooled "
         f"training series, {cfg.epochs} epochs")
     model, losses = train_ceiling(train, cfg, say=lambda line: None)
-    split = next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
     out: list[dict[str, float]] = []
     # The series the evaluate stage scores: the sites' split, and all of a synthesised held-out hospital
     # (its catalog puts every series in that split; a given held-out catalog is scored on the split too).
-    for catalogs, where in (([s.catalog for s in sites], split), ([h.catalog for h in holdouts], split)):
+    for catalogs in ([s.catalog for s in sites], [h.catalog for h in holdouts]):
         row: dict[str, float] = {}
         if catalogs:
             try:
-                scored = load_split(catalogs, where)
+                scored = load_split(catalogs, _evaluate_split(sim))
             except InputError:  # no labelled series there
                 scored = None
             if scored is not None:
@@ -453,7 +458,7 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
                 for code, iv in overall.items():
                     key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
                     # The ceiling holds every series' score, so pooled sites get an interval too.
-                    row[key], row[key + "_ci_low"], row[key + "_ci_high"] = iv.value, iv.low, iv.high
+                    row[key], row[key + CI_LOW], row[key + CI_HIGH] = iv.value, iv.low, iv.high
         out.append(row)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps({"network": cfg.network, "epochs": cfg.epochs,
@@ -482,6 +487,6 @@ def _evaluation(result: dict[str, Any], sites: list[str]) -> dict[str, float]:
 
 def _without_intervals(metrics: dict[str, float]) -> dict[str, float]:
     """A site's metrics less its interval bounds: they bound that site's figure, not a mean over sites or models."""
-    from fedmri.heads.intervals import CI_HIGH, CI_LOW
+    from fedmri.metrics.bootstrap import CI_HIGH, CI_LOW
 
     return {k: v for k, v in metrics.items() if not k.endswith((CI_LOW, CI_HIGH))}

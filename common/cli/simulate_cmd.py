@@ -93,14 +93,15 @@ def results_table(summary: dict[str, dict[str, Any]], title: str,
 
 def cell(metrics: dict[str, Any], key: str, fmt: str) -> str:
     """``metrics[key]`` formatted, with its 95% interval below it where the site computed one; "-" if absent."""
+    from fedmri.metrics.bootstrap import interval_bounds
+
     if key not in metrics:
         return "-"
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     text = fmt.format(metrics[key])
-    if low is None or high is None:
+    if (bounds := interval_bounds(metrics, key)) is None:
         return text
     # ".80-.91": no space and no leading zero, so the interval fits under its figure in 80 columns.
-    return f"{text}\n{_bare(fmt.format(low))}-{_bare(fmt.format(high))}"
+    return f"{text}\n{_bare(fmt.format(bounds[0]))}-{_bare(fmt.format(bounds[1]))}"
 
 
 def _bare(number: str) -> str:

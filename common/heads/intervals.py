@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fedmri.heads.tasks import TaskSpec
-from fedmri.metrics.bootstrap import bootstrap_intervals
+from fedmri.metrics.bootstrap import CI_HIGH, CI_LOW, bootstrap_intervals
 
 # The metrics of each task that the tables report, and so get an interval.
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -26,7 +26,6 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "age": ("mae",),
     "sex": ("auroc",),
 }
-CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 
 
 def task_intervals(spec: TaskSpec, scores: Tensor, target: Tensor, known: Tensor, regions: Sequence[str],

@@ -18,12 +18,14 @@ interval needs at least half of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 Metric = Callable[[np.ndarray], "float | None"]
+# Suffixes of a figure's interval bounds in a metrics dict: "<metric>_ci_low", "<metric>_ci_high".
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class Interval:
     def to_json(self) -> dict[str, float | int]:
         return {"value": self.value, "low": self.low, "high": self.high, "n": self.n, "patients": self.clusters,
                 "level": self.level}
+
+
+def interval_bounds(metrics: Mapping[str, float], key: str) -> tuple[float, float] | None:
+    """The ``(low, high)`` stored beside ``metrics[key]``, or None when no interval was computed."""
+    low, high = metrics.get(key + CI_LOW), metrics.get(key + CI_HIGH)
+    return None if low is None or high is None else (low, high)
 
 
 def cluster_resamples(clusters: Sequence[str], n_boot: int = 1000, seed: int = 0) -> list[np.ndarray]:
