@@ -332,12 +332,14 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     cached = _cached(site_cfg, run_cfg, state, dataset, device)
     features = _pooled(run_cfg, cached).to(device)  # N, F
     regions = [str(row["meta"]["body_region"]) for row in dataset.rows]
+    sequences = [str(row["meta"].get("sequence") or "unknown") for row in dataset.rows]
     patients = [str(row["meta"]["patient_id"]) for row in dataset.rows]
     out["heads-patients"] = len(set(patients))
     for task, (target, known) in task_targets(list(heads), dataset.rows).items():
         scores = heads[task](features).cpu()  # N, out_dim
         spec = TASKS[task]
         scored = spec.metrics(scores, target, known) | spec.region_metrics(scores, target, known, regions)
+        scored |= spec.sequence_metrics(scores, target, known, regions, sequences)
         scored |= task_intervals(spec, scores, target, known, regions, patients, seed=int(run_cfg.seed))
         out |= {f"{task}_{k}": v for k, v in scored.items() if math.isfinite(v)}
     lesions, masked = lesion_rows(dataset) if dense_tasks(list(heads)) else ([], set())

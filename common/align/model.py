@@ -34,7 +34,7 @@ class AlignedModel(nn.Module):
             forward contract and an ``embed_dim``).
         text_tower: The :class:`fedmri.text.TextTower`.
         embed_dim: Shared space width. Default 512.
-        image_pooling: ``"cls"``, ``"mean"`` or ``"cls+mean"`` of the image tokens.
+        image_pooling: How image tokens become one vector (:func:`fedmri.heads.pool_features`).
         logit_scale_init: Initial log of the logit scale. Default ln(1/0.07).
         logit_scale_max: The log scale is clamped at this in :meth:`forward`. Default ln 100.
         logit_bias_init: Initial logit bias (SigLIP); ``None`` = no bias parameter.

@@ -97,8 +97,8 @@ class AlignConfig:
     # Longest tokenised report; 0 = the tower's own limit. Reports are laid out
     # impression first, so truncation cuts the end of the findings.
     max_tokens: int = 256
-    # How the image encoder's tokens become one vector: "cls", "mean" (of patch
-    # tokens) or "cls+mean" (both concatenated).
+    # How the image encoder's tokens become one vector: "cls", "mean" or "max"
+    # (of patch tokens), or several joined by "+" ("cls+mean").
     image_pooling: str = "cls"
     # Width of the shared space both towers project into (Decipher-MR: 512).
     embed_dim: int = 512
@@ -150,8 +150,10 @@ class AlignConfig:
 class HeadsConfig:
     """Light task heads on the frozen encoder (DESIGN.md, "Heads on the frozen encoder")."""
 
-    # Pooled feature the MLP heads read: "cls", "mean" (of patch tokens) or
-    # "cls+mean" (concatenated; usually best for linear-probe style heads).
+    # Pooled feature the MLP heads read: "cls", "mean" or "max" (of patch
+    # tokens), or several joined by "+" and concatenated ("cls+mean",
+    # "cls+mean+max"). Max pooling keeps a lesion a few tokens wide that the
+    # mean dilutes.
     pooling: str = "cls+mean"
     # Hidden width of the classification / regression MLP; 0 = a linear probe.
     hidden_dim: int = 256

@@ -7,7 +7,7 @@ preprocessing key, the item id and what is stored. A new encoder (any changed
 weight) therefore never reads old features, and adding volumes to a dataset
 only computes the new ones.
 
-Stored per volume: ``cls`` and ``mean`` (of patch tokens) in float32, and when
+Stored per volume: ``cls``, ``mean`` and ``max`` (of patch tokens) in float32, and when
 asked the patch tokens and intermediate layers (for segmentation) in float16,
 which halves the disk use at a precision far below the heads' noise.
 """
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fedmri.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the max over patch tokens is stored too
 
 
 def preprocess_key(section: Any) -> str:
@@ -50,6 +50,7 @@ class CachedFeatures:
         ids: Item ids, one per row.
         cls: CLS embeddings (n, D) float32.
         mean: Mean of patch tokens (n, D) float32.
+        max: Per-channel max of patch tokens (n, D) float32.
         patch: Patch tokens (n, N, D) float16, when asked.
         layers: Intermediate layers, each (n, N, D) float16, in the order asked.
         grid: Patch grid (gx, gy, gz) shared by all volumes.
@@ -59,6 +60,7 @@ class CachedFeatures:
     ids: list[str]
     cls: Tensor
     mean: Tensor
+    max: Tensor
     patch: Tensor | None = None
     layers: list[Tensor] = field(default_factory=list)
     grid: tuple[int, int, int] = (0, 0, 0)
@@ -67,7 +69,7 @@ class CachedFeatures:
 
     def as_encoder_output(self) -> dict[str, Any]:
         """The encoder's output dict shape, so heads take cached and live features alike."""
-        out: dict[str, Any] = {"cls": self.cls, "mean": self.mean, "layers": self.layers, "grid": self.grid}
+        out: dict[str, Any] = {"cls": self.cls, "mean": self.mean, "max": self.max, "layers": self.layers, "grid": self.grid}
         if self.patch is not None:
             out["patch"] = self.patch
         return out
@@ -136,7 +138,8 @@ class FeatureCache:
         out = self.encoder(images.to(device), return_layers=self.layers)
         rows = []
         for i in range(images.shape[0]):
-            row = {"cls": out["cls"][i].float().cpu(), "mean": out["patch"][i].float().mean(0).cpu()}
+            patch = out["patch"][i].float()  # N, D
+            row = {"cls": out["cls"][i].float().cpu(), "mean": patch.mean(0).cpu(), "max": patch.amax(0).cpu()}
             if self.patch_tokens:
                 row["patch"] = out["patch"][i].half().cpu()  # N, D
             for j, layer in enumerate(out["layers"]):
@@ -199,6 +202,7 @@ class FeatureCache:
             ids=ids,
             cls=torch.stack([r["cls"] for r in get]),  # n, D
             mean=torch.stack([r["mean"] for r in get]),  # n, D
+            max=torch.stack([r["max"] for r in get]),  # n, D
             patch=torch.stack([r["patch"] for r in get]) if self.patch_tokens else None,  # n, N, D
             layers=[torch.stack([r[f"layer{j}"] for r in get]) for j in range(len(self.layers))],
             grid=next(iter(grids)) if grids else (0, 0, 0),  # type: ignore[arg-type]

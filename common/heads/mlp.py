@@ -11,35 +11,56 @@ from torch import Tensor, nn
 
 from fedmri.errors import ConfigError
 
-POOLINGS = ("cls", "mean", "cls+mean")
+# What a pooling is made of: the CLS token, the mean and the max over patch
+# tokens. A pooling joins them with "+" ("cls+mean", "cls+mean+max"): max
+# pooling keeps a small lesion that the mean dilutes over the whole volume.
+POOL_PARTS = ("cls", "mean", "max")
+POOLINGS = ("cls", "mean", "max", "cls+mean", "cls+max", "mean+max", "cls+mean+max")
 TASKS = ("multiclass", "multilabel", "regression")
+
+
+def pool_parts(pooling: str) -> list[str]:
+    """The parts of ``pooling`` in order, e.g. ``"cls+max"`` -> ``["cls", "max"]``.
+
+    Raises:
+        ConfigError: An unknown part or a part named twice.
+    """
+    parts = str(pooling).split("+")
+    if any(p not in POOL_PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigError(f"pooling {pooling!r} must join distinct parts of {', '.join(POOL_PARTS)} with '+' "
+                          "(e.g. 'cls+mean+max')")
+    return parts
 
 
 def pooled_dim(embed_dim: int, pooling: str) -> int:
     """Width of :func:`pool_features` output for an encoder of width ``embed_dim``."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return 2 * embed_dim if pooling == "cls+mean" else embed_dim
+    return len(pool_parts(pooling)) * embed_dim
+
+
+def _part(out: Mapping[str, Any], part: str) -> Tensor:
+    if part in out:  # "cls", or "mean" / "max" as the feature cache stores them
+        return out[part]
+    patch = out["patch"]  # B, N, D
+    return patch.mean(dim=1) if part == "mean" else patch.amax(dim=1)
 
 
 def pool_features(out: Mapping[str, Any], pooling: str) -> Tensor:
     """One vector per volume from encoder output (or cached features).
 
     Args:
-        out: Holds ``"cls"`` (B, D) and ``"patch"`` (B, N, D), or a precomputed
-            ``"mean"`` (B, D) as the feature cache stores it.
-        pooling: ``"cls"``, ``"mean"`` (of patch tokens) or ``"cls+mean"``.
+        out: Holds ``"cls"`` (B, D) and ``"patch"`` (B, N, D), or precomputed
+            ``"mean"`` and ``"max"`` (B, D) as the feature cache stores them.
+        pooling: Parts of :data:`POOL_PARTS` joined by ``+``: ``"cls"``,
+            ``"mean"`` (of patch tokens), ``"max"`` (of patch tokens, per
+            channel), or a concatenation such as ``"cls+mean+max"``.
 
     Returns:
-        (B, D) or (B, 2D) for ``"cls+mean"``.
+        (B, k * D) for a pooling of k parts, in the dtype of ``out["cls"]``.
     """
-    pooled_dim(1, pooling)
-    if pooling == "cls":
-        return out["cls"]  # B, D
-    mean = out["mean"] if "mean" in out else out["patch"].mean(dim=1)  # B, D
-    if pooling == "mean":
-        return mean
-    return torch.cat([out["cls"], mean.to(out["cls"].dtype)], dim=-1)  # B, 2D
+    parts = pool_parts(pooling)
+    dtype = out["cls"].dtype
+    pooled = [_part(out, p).to(dtype) for p in parts]
+    return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)  # B, kD
 
 
 class MLPHead(nn.Module):

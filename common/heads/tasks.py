@@ -195,6 +195,27 @@ class TaskSpec:
                                      self.classes)
         return {k.replace("in_group", "in_region"): v for k, v in scores.items()}
 
+    def sequence_metrics(self, output: Tensor, target: Tensor, known: Tensor, regions: Sequence[str],
+                         sequences: Sequence[str]) -> dict[str, float]:
+        """Multilabel only: :meth:`region_metrics` among the series of each sequence family.
+
+        Labels are per study, so every series of a diseased study is positive;
+        whether the lesion shows depends on the sequence (a mass enhances on T1
+        post-contrast, an acute infarct is bright on DWI). This says which
+        sequences carry each finding for the model.
+
+        Returns:
+            ``auroc_in_region/<code>@<family>`` and ``auroc_in_region_macro@<family>``,
+            unprefixed, for the families where a label has both classes.
+        """
+        out: dict[str, float] = {}
+        for family in sorted(set(sequences)):
+            idx = [i for i, s in enumerate(sequences) if s == family]
+            ix = torch.as_tensor(idx)
+            scored = self.region_metrics(output[ix], target[ix], known[ix], [regions[i] for i in idx])
+            out |= {f"{k}@{family}": v for k, v in scored.items()}
+        return out
+
 
 TASKS: dict[str, TaskSpec] = {
     "findings": TaskSpec("findings", "multilabel", tuple(FINDING_CODES), _findings),

@@ -40,6 +40,7 @@ def test_miss_then_hit_returns_the_same_features(tmp_path: Path, encoder, loader
     second = FeatureCache(tmp_path, encoder, preprocess_key=KEY).get(ids, loader)
     assert (second.hits, second.misses) == (5, 0) and loader.calls == []  # no volume was read
     assert torch.equal(first.cls, second.cls) and torch.equal(first.mean, second.mean)
+    assert torch.equal(first.max, second.max)
     assert second.ids == ids and second.cls.shape == (5, 48) and second.cls.dtype == torch.float32
 
 
@@ -50,6 +51,7 @@ def test_cached_features_equal_the_live_encoder(tmp_path: Path, encoder, loader:
         live = encoder(torch.stack([loader.volumes[i] for i in ids]))
     torch.testing.assert_close(feats.cls, live["cls"])
     torch.testing.assert_close(feats.mean, live["patch"].mean(1))
+    torch.testing.assert_close(feats.max, live["patch"].amax(1))
 
 
 def test_changing_the_encoder_weights_invalidates_the_cache(tmp_path: Path, encoder, loader: Loader) -> None:

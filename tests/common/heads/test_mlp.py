@@ -22,18 +22,31 @@ def _train(head: MLPHead, x: torch.Tensor, y: torch.Tensor, steps: int = 60) -> 
     return first, head.loss(head(x), y).item()
 
 
-@pytest.mark.parametrize("pooling, width", [("cls", 8), ("mean", 8), ("cls+mean", 16)])
+@pytest.mark.parametrize("pooling, width", [("cls", 8), ("mean", 8), ("max", 8), ("cls+mean", 16),
+                                            ("cls+mean+max", 24)])
 def test_pool_features_shapes_and_cached_mean(pooling: str, width: int) -> None:
     out = {"cls": torch.randn(3, 8), "patch": torch.randn(3, 5, 8)}
     pooled = pool_features(out, pooling)
     assert pooled.shape == (3, width) == (3, pooled_dim(8, pooling))
-    cached = {"cls": out["cls"], "mean": out["patch"].mean(1)}  # what the feature cache stores
+    # what the feature cache stores
+    cached = {"cls": out["cls"], "mean": out["patch"].mean(1), "max": out["patch"].amax(1)}
     torch.testing.assert_close(pool_features(cached, pooling), pooled)
 
 
-def test_unknown_pooling_is_a_config_error() -> None:
+def test_max_pooling_keeps_one_token_that_the_mean_dilutes() -> None:
+    patch = torch.zeros(2, 64, 4)
+    patch[1, 17, 2] = 8.0  # one "lesion" token in the second volume
+    out = {"cls": torch.zeros(2, 4), "patch": patch}
+    assert pool_features(out, "max")[1, 2] - pool_features(out, "max")[0, 2] == 8.0
+    assert pool_features(out, "mean")[1, 2] - pool_features(out, "mean")[0, 2] == 8.0 / 64
+    parts = pool_features(out, "cls+max").reshape(2, 2, 4)
+    assert torch.equal(parts[:, 0], out["cls"]) and torch.equal(parts[:, 1], patch.amax(1))
+
+
+@pytest.mark.parametrize("pooling", ["gem", "cls+cls", "cls+", "CLS"])
+def test_unknown_pooling_is_a_config_error(pooling: str) -> None:
     with pytest.raises(ConfigError, match="pooling"):
-        pool_features({"cls": torch.zeros(1, 2)}, "max")
+        pool_features({"cls": torch.zeros(1, 2)}, pooling)
 
 
 @pytest.mark.parametrize("task, out_dim, hidden", [("multiclass", 4, 16), ("multilabel", 3, 0), ("regression", 1, 16)])
