@@ -239,6 +239,7 @@ class Pipeline:
         else:
             values["split"] = str(stage.split)
             values["evaluate-heads"] = any(s.name == "heads" for s in self.fed.stages[:stage_i])
+            values["evaluate-aligned"] = any(s.name == "align" for s in self.fed.stages[:stage_i])
         if stage.name != "evaluate":
             values |= dp_request(stage)
         values |= self.aggregators[stage_i].client_config()

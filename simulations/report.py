@@ -42,9 +42,16 @@ HEADS: dict[str, tuple[str, str]] = {
     "age_mae": ("age MAE (y)", "{:.1f}"),
     "sex_auroc": ("sex AUROC", "{:.2f}"),
 }
+# The findings with no head: text prompts through the aligned space (fedmri.align.zeroshot). A mode's
+# ``zeroshot_<key>`` shows in a row of its own under the mode, in the column of ``<key>``.
+ZEROSHOT_PREFIX = "zeroshot_"
+ZEROSHOT: dict[str, tuple[str, str]] = {
+    "zeroshot_findings_auroc_macro": ("zero-shot findings AUROC", "{:.2f}"),
+    "zeroshot_findings_auroc_in_region_macro": ("zero-shot findings AUROC in region", "{:.2f}"),
+}
 # The cross-site matrices drawn, when the runs measured them.
-HEADLINE = ("findings_auroc_macro", "findings_auroc_in_region_macro", "sequence_accuracy", "body_region_accuracy",
-            "age_mae", "t2i_r1", "t2i_r5", "knn_sequence_acc")
+HEADLINE = ("findings_auroc_macro", "findings_auroc_in_region_macro", "zeroshot_findings_auroc_in_region_macro",
+            "sequence_accuracy", "body_region_accuracy", "age_mae", "t2i_r1", "t2i_r5", "knn_sequence_acc")
 _MODE_ORDER = {"federated": 0, "random": 1, "local": 2, "central": 3}  # as `fedmri simulate` runs them
 # Row labels of the runs that are not one site alone.
 _RUN_LABELS = {"federated": "federated", "random": "random init (federated heads)", "central": "central"}
@@ -64,13 +71,13 @@ def colormap_for(metric: str) -> str:
 
 
 def _label(metric: str) -> str:
-    return {**PROBES, **HEADS}.get(metric, (metric, ""))[0]
+    return {**PROBES, **HEADS, **ZEROSHOT}.get(metric, (metric, ""))[0]
 
 
 def _fmt(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return {**PROBES, **HEADS}.get(metric, ("", "{:.3g}"))[1].format(value)
+    return {**PROBES, **HEADS, **ZEROSHOT}.get(metric, ("", "{:.3g}"))[1].format(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -158,11 +165,17 @@ def _table(header: list[str], rows: list[list[str]], numbers: bool = True) -> li
 
 
 def _mode_table(modes: dict[str, dict[str, Any]], columns: dict[str, tuple[str, str]]) -> list[str]:
-    present = [k for k in columns if any(k in m for m in modes.values())]
+    present = [k for k in columns if any(k in m or ZEROSHOT_PREFIX + k in m for m in modes.values())]
     if not present:
         return []
     header = ["mode"] + [columns[k][0] + (" ↓" if lower_is_better(k) else "") for k in present]
-    return _table(header, [[mode] + [_cell(k, m) for k in present] for mode, m in modes.items()]) + [""]
+    rows = []
+    for mode, m in modes.items():
+        rows.append([mode] + [_cell(k, m) for k in present])
+        zeroshot = [ZEROSHOT_PREFIX + k for k in present]
+        if any(k in m for k in zeroshot):
+            rows.append([f"{mode} zero-shot"] + [_cell(k, m) if k in m else "" for k in zeroshot])
+    return _table(header, rows) + [""]
 
 
 def _cell(metric: str, metrics: dict[str, Any]) -> str:
@@ -171,6 +184,14 @@ def _cell(metric: str, metrics: dict[str, Any]) -> str:
     if (bounds := interval_bounds(metrics, metric)) is None:
         return text
     return f"{text} [{_fmt(metric, bounds[0])}, {_fmt(metric, bounds[1])}]"
+
+
+def _zeroshot_note(modes: dict[str, dict[str, Any]]) -> list[str]:
+    if not any(k in m for k in ZEROSHOT for m in modes.values()):
+        return []
+    return ["`zero-shot` rows: the mode's findings AUROCs with no head, from text prompts (\"No acute infarct.\" "
+            "against \"Acute infarct in the left basal ganglia.\") in the space the align stage shares between "
+            "images and reports, scored on the same series as the heads.", ""]
 
 
 def _in_mode_order(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -206,15 +227,16 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
           "randomly initialised encoder. ↓: lower is better.", ""]
     if probes := _mode_table(modes, PROBES):
         md += ["### Encoder probes", ""] + probes
+    note = _zeroshot_note(modes)  # said once, before the first table with zero-shot rows
     if heads := _mode_table(modes, HEADS):
-        md += ["### Task heads on the frozen encoder", ""] + heads
+        md += ["### Task heads on the frozen encoder", ""] + note + heads
     if holdout:
         md += ["## On a hospital outside the federation", "",
                f"Every series of {held}: synthesised from a seed of its own, with the next scanner "
                "archetypes; it never trains, so this is transfer to a new hospital. `random` is the same "
                "heads tuning on a randomly initialised encoder: the gap is what federated pretraining and "
                "alignment are worth.", ""]
-        md += _mode_table(holdout, PROBES) + _mode_table(holdout, HEADS)
+        md += _mode_table(holdout, PROBES) + ([] if note else _zeroshot_note(holdout)) + _mode_table(holdout, HEADS)
 
     md += ["## Cross-site evaluation", "",
            "Rows: where the encoder and heads were trained; columns: the site whose validation split "

@@ -81,6 +81,9 @@ class TrainRequest:
     split: str = "val"
     # Evaluate also scores the task heads (a heads stage ran before this evaluation).
     evaluate_heads: bool = False
+    # Evaluate also scores zero-shot findings (an align stage ran before this
+    # evaluation); a server that does not say is taken to have aligned.
+    evaluate_aligned: bool = True
     # Sample-level DP-SGD asked for by the coordinator (the site may require it anyway).
     dp: bool = False
     # DP-SGD noise multiplier; None = derive it from ``dp_target_epsilon``.
@@ -126,6 +129,7 @@ class TrainRequest:
             proximal_mu=config_value(values, "proximal-mu", float, default=0.0),
             split=config_value(values, "split", str, default="val"),
             evaluate_heads=config_value(values, "evaluate-heads", bool, default=False),
+            evaluate_aligned=config_value(values, "evaluate-aligned", bool, default=True),
             dp=config_value(values, "dp", bool, default=False),
             dp_noise_multiplier=config_value(values, "dp-noise-multiplier", float, default=None),
             dp_target_epsilon=config_value(values, "dp-target-epsilon", float, default=None),

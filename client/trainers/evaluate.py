@@ -1,9 +1,10 @@
-"""Site evaluation of the global model on one split: SSL losses and image-report retrieval.
+"""Site evaluation of the global model on one split: SSL losses, image-report retrieval and
+zero-shot findings through the aligned space (:mod:`fedmri.align.zeroshot`).
 
 Deterministic: the crops and masks are seeded from the run seed, the split
 and the site name, not the round, so every round scores the same views and
 the loss curve measures the model, not the draw. Only aggregate numbers come
-back: mean losses, recall fractions and median ranks.
+back: mean losses, recall fractions, median ranks and AUROCs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from fedmri.align import AlignedModel, retrieval_metrics
+from fedmri.align.zeroshot import prompt_embeddings, zeroshot_metrics, zeroshot_scores
 from fedmri.client.trainers.align import build_site_aligned_model, report_pairs
 from fedmri.client.trainers.batches import load_batches
 from fedmri.client.trainers.context import (
@@ -36,6 +39,7 @@ from fedmri.client.trainers.pretrain import (
     to_device,
 )
 from fedmri.client.trainers.data import site_dataset
+from fedmri.heads.tasks import TASKS
 from fedmri.ssl import SSLMetaArch, build_mask_generator, collate_multicrop, ssl_schedule
 from fedmri.wire import (
     ENCODER,
@@ -90,7 +94,13 @@ def run_evaluate(
         ``<split>_ibot_loss``, ``<split>_koleo_loss`` (those switched on) and
         ``<split>_loss``, means over the split; ``num-pairs`` (series with a
         report) and, when it is > 0, ``i2t_r1``, ``i2t_r5``, ``i2t_r10``,
-        ``i2t_medr`` and the same for ``t2i``.
+        ``i2t_medr`` and the same for ``t2i``; where the split has known
+        findings labels, the heads' findings AUROCs of text-prompt scores
+        (no head), prefixed ``zeroshot_``: ``zeroshot_findings_auroc_macro``,
+        ``zeroshot_findings_auroc_in_region_macro`` (each with ``_ci_low`` and
+        ``_ci_high``, over resamples of the site's patients) and per finding
+        ``zeroshot_findings_auroc/<code>``,
+        ``zeroshot_findings_auroc_in_region/<code>``.
 
     Raises:
         DeclineError: The split is empty.
@@ -121,7 +131,9 @@ def run_evaluate(
         masker = build_mask_generator(run_cfg) if meta.ibot_loss is not None else None
         mask_rng = np.random.default_rng(derive_seed(seed, "masks"))
         means = RunningMean()
-        image_features: list[Tensor] = []
+        findings = _findings_targets(dataset, request)
+        embedded: list[Tensor] = []  # aligned image embeddings: every series for zero-shot, else the paired ones
+        embedded_rows: list[int] = []
         chunks = _chunks(n, int(site_cfg.batch_size))
         loader = load_batches(dataset, chunks, MultiCropTransform(run_cfg, keep_image=True), seed,
                               site_cfg.num_workers)
@@ -131,19 +143,24 @@ def run_evaluate(
             with _koleo_off(meta, len(samples) < min_ssl_batch(run_cfg)):
                 losses = named_ssl_losses(meta(crops, crops["masks"], teacher_temp))
             means.add(losses, weight=len(samples))
-            paired = [x["image"] for i, x in zip(idx, samples) if owner[i] >= 0]
-            if paired:
-                image_features.append(aligned.encode_image(torch.stack(paired).to(device)))  # b, E
+            keep = [j for j, i in enumerate(idx) if findings is not None or owner[i] >= 0]
+            if keep:
+                images = torch.stack([samples[j]["image"] for j in keep]).to(device)
+                embedded.append(aligned.encode_image(images))  # b, E
+                embedded_rows += [idx[j] for j in keep]
         metrics: dict[str, float] = {"num-examples": n, **means.means(prefix=f"{split}_")}
         metrics |= knn_probe(meta.student["backbone"], site_cfg, dataset, split, device)
-        targets = torch.tensor([r for r in owner if r >= 0])
-        metrics["num-pairs"] = len(targets)
-        if len(targets):
+        image = torch.cat(embedded) if embedded else torch.zeros(0, 1)  # M, E in dataset order
+        report_of = torch.tensor([owner[i] for i in embedded_rows], dtype=torch.long)  # M
+        paired = report_of >= 0
+        metrics["num-pairs"] = int(paired.sum())
+        if paired.any():
             text = torch.cat([aligned.encode_text(**_tokens(aligned, reports[i:i + 64], device))
                               for i in range(0, len(reports), 64)])  # R, E
-            image = torch.cat(image_features)  # P, E
-            scores = retrieval_metrics(image @ text.T, targets.to(device))
+            scores = retrieval_metrics(image[paired.to(image.device)] @ text.T, report_of[paired].to(device))
             metrics |= {RETRIEVAL_KEYS[k]: v for k, v in scores.items()}
+        if findings is not None:
+            metrics |= zeroshot_findings(aligned, image, dataset.rows, findings, device, seed=int(run_cfg.seed))
     if request.evaluate_heads:
         from fedmri.client.trainers.heads import evaluate_heads
 
@@ -193,6 +210,42 @@ def knn_probe(encoder: torch.nn.Module, site_cfg: DictConfig, dataset: object, s
         ref_labels = [row["meta"][label] for row in reference.rows]  # type: ignore[attr-defined]
         out[f"knn_{label}_acc"] = float(np.mean([ref_labels[j] == t for j, t in zip(nearest, truth)]))
     return out
+
+
+def _findings_targets(dataset: Any, request: TrainRequest) -> tuple[Tensor, Tensor] | None:
+    """The split's findings targets and known mask (N, L), (N,); None when zero-shot is not scored.
+
+    It is not scored on a split with no known findings label, nor when the
+    coordinator says that no align stage came before this evaluation (the
+    ``evaluate_aligned`` flag, like ``evaluate_heads``): unaligned projections
+    score at chance. A request without the flag is scored, as retrieval is.
+    """
+    if not request.evaluate_aligned:
+        return None
+    target, known = TASKS["findings"].targets(dataset.rows)
+    return (target, known) if bool(known.any()) else None
+
+
+def zeroshot_findings(aligned: AlignedModel, images: Tensor, rows: list[dict[str, Any]],
+                      findings: tuple[Tensor, Tensor], device: torch.device, seed: int) -> dict[str, float]:
+    """Findings AUROCs of text prompts scored against the aligned image embeddings, no head.
+
+    Args:
+        aligned: The global aligned model (its text side embeds the prompts).
+        images: (N, E) aligned embeddings of every series of the split, in row order.
+        rows: The split's catalog rows (body region, patient).
+        findings: Targets and known mask from the rows.
+        device: Where ``aligned`` is.
+        seed: Bootstrap seed (the run's, as the heads' intervals use).
+
+    Returns:
+        The ``zeroshot_findings_*`` metrics of :func:`fedmri.align.zeroshot.zeroshot_metrics`.
+    """
+    positive, negative = prompt_embeddings(lambda texts: aligned.encode_text(**_tokens(aligned, texts, device)))
+    scores = zeroshot_scores(images, positive, negative).cpu()  # N, L
+    regions = [str(row["meta"]["body_region"]) for row in rows]
+    patients = [str(row["meta"]["patient_id"]) for row in rows]
+    return zeroshot_metrics(scores, *findings, regions, patients, seed=seed)
 
 
 def _tokens(model: AlignedModel, reports: list[str], device: torch.device) -> dict[str, Tensor]:

@@ -34,6 +34,9 @@ HEAD_COLUMNS = (
 _BY_KEY = {c[0]: c for c in COLUMNS + HEAD_COLUMNS}
 HOLDOUT_COLUMNS = (("t2i_r5", "t2i R@5", "{:.2f}"), *(_BY_KEY[k] for k in (
     "t2i_medr", "findings_auroc_macro", "findings_auroc_in_region_macro", "body_region_accuracy", "age_mae")))
+# Under a mode's row, the findings with no head (text prompts through the aligned space, fedmri.align.zeroshot)
+# in the heads' own findings columns: each figure sits under the head's, and the tables stay within 80 columns.
+ZEROSHOT_PREFIX, ZEROSHOT_ROW = "zeroshot_", "  zero-shot"
 
 
 def simulate_command(
@@ -71,8 +74,10 @@ def simulate_command(
                   "encoder. SSL = self-distillation loss; seq / region 1-NN = accuracy of the nearest training "
                   "series' sequence / body region in the encoder's CLS space; i2t / t2i = image->report / "
                   "report->image retrieval (R@k, median rank MdR); AUROC in region = findings AUROC within the body "
-                  "regions where each finding occurs. low-high under a figure = its 95% interval over resamples "
-                  "of the hospital's patients (computed at the site; shown where one hospital is scored alone).",
+                  "regions where each finding occurs; zero-shot (under a mode) = its findings AUROCs with no "
+                  "head, from text prompts in the aligned image-report space. low-high under a figure = its 95% "
+                  "interval over resamples of the hospital's patients (computed at the site; shown where one "
+                  "hospital is scored alone).",
                   highlight=False, markup=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
@@ -80,14 +85,22 @@ def simulate_command(
 
 def results_table(summary: dict[str, dict[str, Any]], title: str,
                   columns: tuple[tuple[str, str, str], ...] = COLUMNS) -> Table:
-    """One row per mode, the evaluation metrics of ``columns`` that exist as columns."""
-    present = [c for c in columns if any(c[0] in m for m in summary.values())]
+    """One row per mode, the evaluation metrics of ``columns`` that exist as columns.
+
+    Under a mode whose sites scored findings zero-shot, a ``zero-shot`` row holds
+    ``zeroshot_<key>`` in the column of each ``<key>`` that has one.
+    """
+    present = [c for c in columns if any(k in m for m in summary.values() for k in (c[0], ZEROSHOT_PREFIX + c[0]))]
     table = Table(title=title)
     table.add_column("mode", no_wrap=True, min_width=9)
     for _, header, _ in present:
         table.add_column(header, justify="right")
     for mode, metrics in summary.items():
         table.add_row(mode, *(cell(metrics, key, fmt) for key, _, fmt in present))
+        zeroshot = [ZEROSHOT_PREFIX + key for key, _, _ in present]
+        if any(key in metrics for key in zeroshot):
+            table.add_row(ZEROSHOT_ROW, *(cell(metrics, key, fmt) if key in metrics else ""
+                                          for key, (_, _, fmt) in zip(zeroshot, present)))
     return table
 
 

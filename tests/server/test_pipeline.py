@@ -219,3 +219,13 @@ def test_round_config_carries_schedules_and_strategy_settings(tmp_path: Path) ->
     align = pipeline._round_config(1, 2, 6)
     assert align["proximal-mu"] == 0.5 and align["lr"] < pipeline.cfg.align.lr
     assert np.isfinite(last["lr"])
+
+
+def test_evaluation_is_told_which_stages_came_before_it(tmp_path: Path) -> None:
+    # Zero-shot findings are scored only after an align stage, the heads only after a heads stage.
+    stages = [{"name": "pretrain", "rounds": 1, "local_steps": 1}, {"name": "evaluate", "rounds": 1},
+              {"name": "align", "rounds": 1, "local_steps": 1}, {"name": "evaluate", "rounds": 1}]
+    pipeline = Pipeline(_fed(tmp_path, stages))
+    before, after = pipeline._round_config(1, 1, 2), pipeline._round_config(3, 1, 4)
+    assert (before["evaluate-aligned"], after["evaluate-aligned"]) == (False, True)
+    assert before["evaluate-heads"] is after["evaluate-heads"] is False

@@ -127,7 +127,7 @@ def test_siglip_objective_uses_the_bias(tiny_cfg, tower_copy: TextTower) -> None
 
 @pytest.mark.parametrize("align, match", [
     ({"loss": "triplet"}, "align.loss"),
-    ({"image_pooling": "max"}, "pooling"),
+    ({"image_pooling": "gem"}, "pooling"),
     ({"logit_scale_init": 5.0}, "logit_scale_init"),
     ({"text_trainable_layers": 9}, "text_trainable_layers"),
 ])
