@@ -55,6 +55,8 @@ class CeilingConfig:
     seed: int = 0
     # torch threads.
     threads: int = 2
+    # torch device to train and predict on ("cpu", "cuda", "cuda:1"); the series stay in CPU memory.
+    device: str = "cpu"
 
 
 @dataclass
@@ -139,32 +141,40 @@ def build_network(name: str, out_channels: int, width: float = 0.25) -> nn.Modul
 
 
 def augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Left-right flips, shifts of up to 4 voxels and intensity gamma/scale: what differs between hospitals."""
+    """Left-right flips, shifts of up to 4 voxels and intensity gamma/scale: what differs between hospitals.
+
+    ``gen`` is a CPU generator: the draws are the same whichever device ``x`` is on.
+    """
     b = x.shape[0]
-    flip = torch.rand(b, generator=gen) < 0.5
+    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
     shifts = torch.randint(-4, 5, (3,), generator=gen).tolist()
     x = torch.roll(x, shifts=shifts, dims=(2, 3, 4))
-    gamma = torch.exp((torch.rand(b, generator=gen) - 0.5) * 0.6)[:, None, None, None, None]
-    scale = (0.85 + 0.3 * torch.rand(b, generator=gen))[:, None, None, None, None]
+    gamma = torch.exp((torch.rand(b, generator=gen) - 0.5) * 0.6)[:, None, None, None, None].to(x.device)
+    scale = (0.85 + 0.3 * torch.rand(b, generator=gen))[:, None, None, None, None].to(x.device)
     return x.clamp(min=0.0) ** gamma * scale
 
 
 def train_ceiling(train: Split, cfg: CeilingConfig,
                   say: Callable[[str], None] = print) -> tuple[nn.Module, list[float]]:
-    """Train the network on ``train`` with masked multi-label BCE; returns it in eval mode and the epoch losses."""
+    """Train the network on ``train`` with masked multi-label BCE; returns it in eval mode and the epoch losses.
+
+    Raises:
+        ConfigError: epochs or batch_size below 1, or a CUDA device this machine does not have.
+    """
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
+    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_network(cfg.network, len(FINDING_CODES), cfg.width)
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device
+    model = build_network(cfg.network, len(FINDING_CODES), cfg.width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * -(-len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
     # Rare findings weigh more, so a head cannot settle on "never".
     pos = train.findings.mean(0).clamp(0.02, 0.98)  # L
-    weight = ((1.0 - pos) / pos).sqrt()
+    weight = ((1.0 - pos) / pos).sqrt().to(device)
     losses = []
     for epoch in range(cfg.epochs):
         model.train()
@@ -172,8 +182,8 @@ def train_ceiling(train: Split, cfg: CeilingConfig,
         total = 0.0
         for start in range(0, len(train), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            x = augment(train.images[idx], gen)
-            y = train.findings[idx]
+            x = augment(train.images[idx].to(device, non_blocking=True), gen)  # B, 1, X, Y, Z
+            y = train.findings[idx].to(device)
             loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,9 +197,22 @@ def train_ceiling(train: Split, cfg: CeilingConfig,
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = 16) -> np.ndarray:
-    """(N, L) sigmoid scores."""
-    out = [torch.sigmoid(model(split.images[i:i + batch_size])) for i in range(0, len(split), batch_size)]
+    """(N, L) sigmoid scores, computed on the device the model is on."""
+    device = next(model.parameters()).device
+    out = [torch.sigmoid(model(split.images[i:i + batch_size].to(device))).cpu()
+           for i in range(0, len(split), batch_size)]
     return torch.cat(out).numpy()
+
+
+def _device(name: str) -> torch.device:
+    """``name`` as a torch device, checked against this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"ceiling device {name!r} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"ceiling device {name!r}: torch sees no CUDA GPU on this machine; use device cpu")
+    return device
 
 
 def findings_intervals(scores: np.ndarray, split: Split, n_boot: int = 1000,

@@ -3,7 +3,9 @@
 1. Synthesises hospitals (or takes given catalogs) and indexes them.
 2. Runs Flower's Simulation Engine, one virtual SuperNode per site, each with
    its own ``site.yaml`` (found by the ClientApp through ``FEDMRI_SIM_SITES``,
-   a file on this machine, never through the server).
+   a file on this machine, never through the server). With ``device=cuda``
+   every site trains on the machine's GPU, Ray reserving ``gpus_per_site`` of
+   it per site, so several sites share one GPU.
 3. Modes, each evaluated the same way (the evaluate stage on every real site's
    validation split, and on every series of the held-out hospitals):
    - ``federated``: the pipeline over all sites;
@@ -55,6 +57,8 @@ HOLDOUT = "holdout"
 ENCODER_STAGES = ("pretrain", "align")
 AT_HOLDOUT = " @ held-out"
 SITES_ENV = "FEDMRI_SIM_SITES"
+# Where the virtual sites and the ceiling train; a CUDA run shares the machine's GPUs between the sites.
+DEVICES = ("cpu", "cuda")
 
 
 def _default_federation() -> FederationConfig:
@@ -99,6 +103,15 @@ class SimulationConfig:
     threads_per_site: int = 1
     # CPUs Ray reserves per virtual site (2 cores and 1.0: two sites train at once).
     cpus_per_site: float = 1.0
+    # Data-loading worker processes per virtual site (0: load in the site's own
+    # process). On a GPU the crops are made on the CPU: workers keep it fed.
+    workers_per_site: int = 0
+    # Where every virtual site and the ceiling train: "cpu" or "cuda" (the
+    # machine's GPUs, shared between the sites as gpus_per_site says).
+    device: str = "cpu"
+    # Fraction of a GPU Ray reserves per virtual site when device is cuda: 0.25
+    # lets four sites train at once on one GPU (fewer if cpus_per_site runs out first).
+    gpus_per_site: float = 0.25
     # Epochs of the supervised ceiling (mode "ceiling") over the pooled training series.
     ceiling_epochs: int = 70
     federation: FederationConfig = field(default_factory=_default_federation)
@@ -139,10 +152,29 @@ def load_simulation(path: str | Path | None = None, overrides: list[str] | None 
         raise ConfigError(f"{where}: holdout_case_mix must be 'site' or 'balanced', got {cfg.holdout_case_mix!r}")
     if cfg.holdout_series is not None and cfg.holdout_series < 1:
         raise ConfigError(f"{where}: holdout_series must be >= 1 (or null: series_per_site), got {cfg.holdout_series}")
+    _check_device(cfg, where)
+    if cfg.workers_per_site < 0:
+        raise ConfigError(f"{where}: workers_per_site must be >= 0 (0: load in the site's process), "
+                          f"got {cfg.workers_per_site}")
     if cfg.federation.min_sites > n:
         raise ConfigError(f"{where}: federation.min_sites={cfg.federation.min_sites} but only {n} sites")
     _check(cfg.federation, where)
     return cfg
+
+
+def _check_device(cfg: DictConfig, where: str) -> None:
+    """``device`` names a device this machine has and, on cuda, ``gpus_per_site`` a share of one GPU."""
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not 0.0 < cfg.gpus_per_site <= 1.0:
+            raise ConfigError(f"{where}: gpus_per_site must be in (0, 1] (the share of one GPU each site "
+                              f"reserves), got {cfg.gpus_per_site}")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: device=cuda but torch sees no CUDA GPU on this machine; "
+                              "set device=cpu, or run on a GPU machine with a CUDA build of torch")
 
 
 @dataclass
@@ -286,8 +318,9 @@ def synthetic_salt(catalog: Path, seed: int, name: str) -> None:
 
 def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None,
                      stages: list[str] | None = None) -> None:
-    body: dict[str, Any] = {"name": name, "catalog": str(catalog), "device": "cpu",
-                            "threads": int(sim.threads_per_site), "batch_size": int(sim.batch_size)}
+    body: dict[str, Any] = {"name": name, "catalog": str(catalog), "device": str(sim.device),
+                            "threads": int(sim.threads_per_site), "batch_size": int(sim.batch_size),
+                            "num_workers": int(sim.workers_per_site)}
     if stages is not None:  # a held-out hospital declines to train, whatever it is sent
         body["policy"] = {"stages": stages}
     if extra:
@@ -321,10 +354,16 @@ def _simulate(server_main: Callable[[Any], None], site_files: list[Path], sim: D
             raise
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_files),
-                   backend_config={"client_resources": {"num_cpus": float(sim.cpus_per_site), "num_gpus": 0.0},
+                   backend_config={"client_resources": client_resources(sim),
                                    "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
     if failure:
         raise failure[0]
+
+
+def client_resources(sim: DictConfig) -> dict[str, float]:
+    """What Ray reserves for each virtual site: as many train at once as the machine holds."""
+    gpus = float(sim.gpus_per_site) if sim.device == "cuda" else 0.0
+    return {"num_cpus": float(sim.cpus_per_site), "num_gpus": gpus}
 
 
 class _DropDeprecation(logging.Filter):
@@ -437,10 +476,10 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
     from fedmri.metrics.bootstrap import CI_HIGH, CI_LOW
     from fedmri.simulations.ceiling import CeilingConfig, findings_intervals, load_split, predict, train_ceiling
 
-    cfg = CeilingConfig(epochs=int(sim.ceiling_epochs), seed=int(sim.federation.seed))
+    cfg = CeilingConfig(epochs=int(sim.ceiling_epochs), seed=int(sim.federation.seed), device=str(sim.device))
     train = load_split([s.catalog for s in sites], "train")
     say(f"[simulate] mode ceiling: {cfg.network} trained with the findings labels on the {len(train)} pooled "
-        f"training series, {cfg.epochs} epochs")
+        f"training series, {cfg.epochs} epochs, on {cfg.device}")
     model, losses = train_ceiling(train, cfg, say=lambda line: None)
     out: list[dict[str, float]] = []
     # The series the evaluate stage scores: the sites' split, and all of a synthesised held-out hospital
