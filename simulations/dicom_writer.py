@@ -5,18 +5,27 @@ derived from ``volume.affine`` with the same functions the reader uses
 (:mod:`fedmri.data.geometry`), pixels are stored as 16-bit integers with a
 RescaleSlope/Intercept that covers the value range, and file names are opaque
 random strings so that no reader can lean on them.
+
+The slices of a classic series share all but a handful of elements, so those
+are encoded once per series and each file is assembled from the shared bytes
+and its own elements: byte for byte what ``pydicom.dcmwrite`` writes for the
+slice's full dataset, at a fraction of the cost (deep-copying and re-encoding
+~60 elements per slice took most of the writer's time).
 """
 
 from __future__ import annotations
 
-import copy
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom.datadict import dictionary_VR, keyword_dict
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -32,6 +41,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pydicom import config
+from pydicom.tag import Tag
 from pydicom.valuerep import DSfloat, validate_value
 
 from fedmri.data.geometry import affine_to_dicom, is_dicom_representable
@@ -55,6 +65,12 @@ _DERIVED = {
 }
 # Classic MR tags that Enhanced MR keeps inside functional groups instead.
 _ENHANCED_MOVED = {"EchoTime", "RepetitionTime", "InversionTime", "DiffusionBValue", "ScanningSequence"}
+# What differs between the slices of a classic series, in tag order; the rest is encoded once.
+_PER_SLICE = tuple(Tag(k) for k in ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation",
+                                    "PixelData"))
+# What a pixel encoder reads from the dataset.
+_PIXEL_DESCRIPTION = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+                      "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration")
 
 
 def write_series(
@@ -136,15 +152,70 @@ def write_series(
     base.SliceThickness = base.SpacingBetweenSlices = _ds([slice_gap])[0]
     base.RescaleIntercept, base.RescaleSlope = _ds([intercept, slope])
     normal = np.cross(iop[:3], iop[3:])
+    series = _SeriesEncoder(base, ts)
     for k, path in enumerate(paths):
-        ds = copy.deepcopy(base)  # Dataset.copy() is shallow: slices would share (and overwrite) elements
-        ds.SOPInstanceUID = uid()
-        ds.InstanceNumber = k + 1
+        own = Dataset()
+        own.SOPInstanceUID = uid()
+        own.InstanceNumber = k + 1
         ipp = origin + k * step
-        ds.ImagePositionPatient = _ds(ipp.tolist())
-        ds.SliceLocation = _ds([float(ipp @ normal)])[0]
-        _save(ds, path, ts, np.ascontiguousarray(stored[:, :, k].T))  # rows=J, cols=I
+        own.ImagePositionPatient = _ds(ipp.tolist())
+        own.SliceLocation = _ds([float(ipp @ normal)])[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(series.encode(own, np.ascontiguousarray(stored[:, :, k].T)))  # rows=J, cols=I
     return paths
+
+
+class _SeriesEncoder:
+    """The files of one classic series: shared elements encoded once, each slice's own spliced in.
+
+    Args:
+        base: every element the slices share (elements with a tag in
+            :data:`_PER_SLICE` are ignored: each slice brings its own).
+        ts: the transfer syntax.
+    """
+
+    def __init__(self, base: Dataset, ts: UID) -> None:
+        self.ts, self.sop_class = ts, base.SOPClassUID
+        self.implicit = ts == ImplicitVRLittleEndian
+        self.charset = base.SpecificCharacterSet
+        correct_ambiguous_vr(base, True)  # as dcmwrite does, so that the parts below need no context
+        bounds = (-1, *_PER_SLICE, 2**32)
+        # shared[i]: encoded base elements between the (i-1)th and ith per-slice tags
+        self.shared = [self._encode(Dataset({t: base[t] for t in base.keys() if lo < t < hi}))
+                       for lo, hi in zip(bounds, bounds[1:], strict=False)]
+        self.pixels = Dataset({Tag(k): base[k] for k in _PIXEL_DESCRIPTION if k in base})
+
+    def encode(self, own: Dataset, pixels: np.ndarray) -> bytes:
+        """The file of one slice: ``own`` holds its SOPInstanceUID, InstanceNumber, position and location."""
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = self.sop_class
+        meta.MediaStorageSOPInstanceUID = own.SOPInstanceUID
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.TransferSyntaxUID = self.ts
+        if self.ts in COMPRESSED:
+            _compress(self.pixels, self.ts, pixels)
+            own["PixelData"] = self.pixels["PixelData"]  # OB, undefined length
+        else:
+            own["PixelData"] = DataElement(0x7FE00010, "OW", pixels.astype(pixels.dtype.newbyteorder("<")).tobytes())
+        parts = [self.shared[0]]
+        for tag, shared in zip(_PER_SLICE, self.shared[1:], strict=True):
+            parts += [self._encode(Dataset({tag: own[tag]})), shared]
+        body = b"".join(parts)
+        if self.ts == DeflatedExplicitVRLittleEndian:  # PS3.5 A.5, as dcmwrite deflates
+            compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+            body = compressor.compress(body) + compressor.flush()
+            body += b"\x00" * (len(body) % 2)
+        head = DicomBytesIO()
+        head.is_little_endian, head.is_implicit_VR = True, False
+        head.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(head, meta, enforce_standard=True)
+        return head.getvalue() + body
+
+    def _encode(self, ds: Dataset) -> bytes:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, self.implicit
+        write_dataset(fp, ds, self.charset)
+        return fp.getvalue()
 
 
 def _check_tags(tags: Mapping[str, Any]) -> None:
@@ -280,14 +351,19 @@ def _save(ds: Dataset, path: Path, ts: UID, pixels: np.ndarray) -> None:
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     path.parent.mkdir(parents=True, exist_ok=True)
     if ts in COMPRESSED:
-        try:
-            ds.compress(ts, pixels, generate_instance_uid=False)
-        except RuntimeError as exc:  # pydicom wraps every plugin's failure in RuntimeError
-            raise InputError(
-                f"{ts.name} encoder failed on a {ds.Rows}x{ds.Columns} image ({exc}); "
-                "use RLE Lossless or an uncompressed transfer syntax for tiny or incompressible images"
-            ) from exc
+        _compress(ds, ts, pixels)
     else:
         ds.file_meta.TransferSyntaxUID = ts
         ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def _compress(ds: Dataset, ts: UID, pixels: np.ndarray) -> None:
+    """Set ``ds.PixelData`` to ``pixels`` encoded in ``ts`` (and the file meta's transfer syntax)."""
+    try:
+        ds.compress(ts, pixels, generate_instance_uid=False)
+    except RuntimeError as exc:  # pydicom wraps every plugin's failure in RuntimeError
+        raise InputError(
+            f"{ts.name} encoder failed on a {ds.Rows}x{ds.Columns} image ({exc}); "
+            "use RLE Lossless or an uncompressed transfer syntax for tiny or incompressible images"
+        ) from exc

@@ -98,3 +98,60 @@ def voxel_points(affine: np.ndarray, shape: Sequence[int], n_sub: int = 1) -> np
             col = a[axis, 3] + ii * a[axis, 0] + jj * a[axis, 1] + (kk + o) * a[axis, 2]  # I, J, K
             out[s, :, axis] = col.reshape(-1)
     return out
+
+
+def affine_resample(maps: np.ndarray, vox_from_out: np.ndarray, shape: Sequence[int],
+                    chunk: int = 4096) -> np.ndarray:
+    """Linear interpolation of channels-last ``maps`` on an affine grid, edge values outside.
+
+    Bit for bit what ``scipy.ndimage.affine_transform(maps[..., c], m[:3, :3],
+    offset=m[:3, 3], output_shape=shape, order=1, mode="nearest")`` gives for
+    every channel c: the same float64 arithmetic in the same order. One set of
+    weights serves all channels and each voxel's channels are fetched
+    together; in-place work on blocks of points that stay in cache makes this
+    ~2-3x faster than one scipy call per channel.
+
+    Args:
+        maps: float32 (X, Y, Z, C), C-contiguous.
+        vox_from_out: 4x4 affine from output voxel indices to ``maps`` voxel indices.
+        shape: (I, J, K) of the output grid.
+        chunk: points per block.
+
+    Returns:
+        float32 (C, I*J*K), voxels in C order of (I, J, K).
+    """
+    dims, nc = maps.shape[:3], maps.shape[3]
+    rows = maps.reshape(-1, nc)  # X*Y*Z, C
+    m = np.asarray(vox_from_out, dtype=np.float64)
+    ni, nj, nk = shape
+    out = np.empty((nc, ni * nj * nk), dtype=np.float32)
+    jj = np.arange(nj, dtype=np.float64)[None, :, None]
+    kk = np.arange(nk, dtype=np.float64)[None, None, :]
+    strides = (dims[1] * dims[2], dims[2], 1)
+    step = max(1, chunk // max(1, nj * nk))
+    for i0 in range(0, ni, step):
+        ii = np.arange(i0, min(i0 + step, ni), dtype=np.float64)[:, None, None]
+        n = len(ii) * nj * nk
+        idx, wts = [], []  # per axis: flat-index offsets and weights of the lower and upper neighbour
+        for h in range(3):
+            # scipy: ((i * m0 + j * m1) + k * m2) + offset, clamped to the grid ("nearest")
+            c = np.clip((ii * m[h, 0] + jj * m[h, 1]) + kk * m[h, 2] + m[h, 3], 0.0, dims[h] - 1.0).reshape(-1)
+            lo = np.floor(c)
+            w0 = 1.0 - (c - lo)
+            start = lo.astype(np.intp)
+            # at the last voxel the upper neighbour has weight 0; any valid index will do
+            idx.append((start * strides[h], np.minimum(start + 1, dims[h] - 1) * strides[h]))
+            wts.append((w0, 1.0 - w0))
+        acc = np.zeros((nc, n), dtype=np.float64)  # C, P: weights broadcast along long rows
+        term = np.empty((nc, n), dtype=np.float64)
+        for a in range(2):  # corners in scipy's order, last axis fastest: sum of ((v * wx) * wy) * wz
+            for b in range(2):
+                ab = idx[0][a] + idx[1][b]
+                for z in range(2):
+                    term[...] = np.take(rows, ab + idx[2][z], axis=0).T  # take: ~10x faster than rows[...]
+                    term *= wts[0][a]
+                    term *= wts[1][b]
+                    term *= wts[2][z]
+                    acc += term
+        out[:, i0 * nj * nk:i0 * nj * nk + n] = acc
+    return out
