@@ -68,6 +68,7 @@ class Split:
     regions: list[str]
     sequences: list[str]
     patients: list[str]  # "<catalog>/<pseudonym>": patients are not linked across catalogs
+    series: list[str] = field(default_factory=list)  # "<catalog>/<series row id>", to match other scores
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -99,7 +100,7 @@ def load_split(catalogs: Sequence[str | Path], split: str | None) -> Split:
     Raises:
         InputError: a missing catalog or cache entry, or no labelled series at all.
     """
-    images, findings, regions, sequences, patients = [], [], [], [], []
+    images, findings, regions, sequences, patients, series = [], [], [], [], [], []
     for catalog in catalogs:
         root = Path(catalog)
         conn = open_catalog(root)
@@ -119,9 +120,10 @@ def load_split(catalogs: Sequence[str | Path], split: str | None) -> Split:
             regions.append(row["body_region"] or "unknown")
             sequences.append(row["sequence"] or "unknown")
             patients.append(f"{root.name}/{row['patient_id']}")
+            series.append(f"{root.name}/{row['id']}")
     if not images:
         raise InputError(f"no labelled series in split {split!r} of {[str(c) for c in catalogs]}")
-    return Split(torch.stack(images), torch.tensor(findings), regions, sequences, patients)
+    return Split(torch.stack(images), torch.tensor(findings), regions, sequences, patients, series)
 
 
 def build_network(name: str, out_channels: int, width: float = 0.25) -> nn.Module:

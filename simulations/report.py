@@ -237,6 +237,7 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
                "heads tuning on a randomly initialised encoder: the gap is what federated pretraining and "
                "alignment are worth.", ""]
         md += _mode_table(holdout, PROBES) + ([] if note else _zeroshot_note(holdout)) + _mode_table(holdout, HEADS)
+        md += _differences_section(summary.get("holdout_differences") or {})
 
     md += ["## Cross-site evaluation", "",
            "Rows: where the encoder and heads were trained; columns: the site whose validation split "
@@ -267,6 +268,28 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
     path = sim_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path
+
+
+def _differences_section(differences: dict[str, Any]) -> list[str]:
+    """Which differences on each held-out hospital are significant (:mod:`fedmri.simulations.compare`)."""
+    md: list[str] = []
+    for hospital, found in differences.items():
+        rows = []
+        for metric, by_mode in found.get("differences", {}).items():
+            for mode, d in by_mode.items():
+                verdict = ("**federated better**" if d["better"] else "**federated worse**") if d["significant"] \
+                    else "not significant"
+                rows.append([_label(metric), f"federated - {mode}",
+                             f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", verdict])
+        if not rows:
+            continue
+        md += [f"### Which differences are significant at {hospital}", "",
+               f"Paired: {hospital} scores every mode's exported encoder and heads on its own "
+               f"{found['series']} series, and the same {found['patients']} patients are resampled for both "
+               "sides of each difference (95% interval; significant when it leaves out 0). Intervals of two "
+               "rows above can overlap while their paired difference is significant.", ""]
+        md += _table(["metric", "difference", "value [95% CI]", ""], rows) + [""]
+    return md
 
 
 def _splits_paragraph(runs: dict[str, tuple[str, dict[str, Any]]]) -> str:

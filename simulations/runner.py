@@ -452,12 +452,15 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
         _simulate(run_modes, site_files, sim, root / "sites.json")
     modes = {m: _evaluation(r, names) for m, r in results.items()}
     holdout = {m: _evaluation(r, held) for m, r in results.items()} if held else {}
+    ceiling_scores = None
     if "ceiling" in sim.modes:
-        modes["ceiling"], holdout_ceiling = _ceiling(sim, sites, holdouts, root / "ceiling", say)
+        modes["ceiling"], holdout_ceiling, ceiling_scores = _ceiling(sim, sites, holdouts, root / "ceiling", say)
         if held:
             holdout["ceiling"] = holdout_ceiling
+    differences = _holdout_differences(sim, root, names, holdouts, ceiling_scores, say) if held else {}
     (root / "results.json").write_text(json.dumps({"modes": modes, "holdout": holdout, "sites": names,
-                                                   "holdout_sites": held, "runs": results},
+                                                   "holdout_sites": held, "holdout_differences": differences,
+                                                   "runs": results},
                                                   indent=1, sort_keys=True), encoding="utf-8")
     from fedmri.simulations.report import write_report
 
@@ -466,12 +469,14 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
 
 
 def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], folder: Path,
-             say: Callable[[str], None]) -> tuple[dict[str, float], dict[str, float]]:
+             say: Callable[[str], None]) -> tuple[dict[str, float], dict[str, float], tuple[list[str], Any] | None]:
     """The supervised ceiling's findings metrics on the sites' validation splits and on the held-out hospitals.
 
     Keys are those of the heads' evaluation (``findings_auroc_in_region_macro``
     with ``_ci_low``/``_ci_high``, ``findings_auroc_in_region/<code>``), so the
     ceiling is a row of the same tables. Writes ``<folder>/results.json``.
+    Also returns the held-out series' names and scores (for the paired
+    differences), or None.
     """
     from fedmri.metrics.bootstrap import CI_HIGH, CI_LOW
     from fedmri.simulations.ceiling import CeilingConfig, findings_intervals, load_split, predict, train_ceiling
@@ -482,6 +487,7 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
         f"training series, {cfg.epochs} epochs, on {cfg.device}")
     model, losses = train_ceiling(train, cfg, say=lambda line: None)
     out: list[dict[str, float]] = []
+    held_scores = None
     # The series the evaluate stage scores: the sites' split, and all of a synthesised held-out hospital
     # (its catalog puts every series in that split; a given held-out catalog is scored on the split too).
     for catalogs in ([s.catalog for s in sites], [h.catalog for h in holdouts]):
@@ -492,7 +498,9 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
             except InputError:  # no labelled series there
                 scored = None
             if scored is not None:
-                overall, _ = findings_intervals(predict(model, scored), scored, cfg.n_boot, cfg.seed)
+                probabilities = predict(model, scored)
+                held_scores = (scored.series, probabilities)  # the last pass: the held-out hospitals
+                overall, _ = findings_intervals(probabilities, scored, cfg.n_boot, cfg.seed)
                 row["num-examples"] = float(len(scored))
                 for code, iv in overall.items():
                     key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
@@ -503,7 +511,44 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
     (folder / "results.json").write_text(json.dumps({"network": cfg.network, "epochs": cfg.epochs,
                                                      "n_train": len(train), "losses": losses, "sites": out[0],
                                                      "holdout": out[1]}, indent=1), encoding="utf-8")
-    return out[0], out[1]
+    return out[0], out[1], held_scores if holdouts else None
+
+
+def _holdout_differences(sim: DictConfig, root: Path, names: list[str], holdouts: list[SimSite],
+                         ceiling_scores: tuple[list[str], Any] | None,
+                         say: Callable[[str], None]) -> dict[str, Any]:
+    """Paired ``federated - <mode>`` differences on each held-out hospital (:mod:`fedmri.simulations.compare`)."""
+    from fedmri.simulations.compare import BASELINE, Hospital, ceiling_outputs, compare_modes
+
+    if BASELINE not in sim.modes:
+        return {}
+    exports: dict[str, list[Path]] = {}
+    for mode in [m for m in sim.modes if m in FLOWER_MODES]:
+        runs = [f"{mode}-{name}" for name in names] if mode == "local" else [mode]
+        exports[mode] = [root / run / "encoder" for run in runs if (root / run / "encoder").is_dir()]
+    out = {}
+    for hospital_site in holdouts:
+        try:
+            hospital = Hospital.load(hospital_site.catalog, _evaluate_split(sim), hospital_site.name)
+        except InputError:
+            continue
+        if not len(hospital.dataset):
+            continue
+        extra = {}
+        if ceiling_scores is not None:
+            outputs = ceiling_outputs(hospital, *ceiling_scores)
+            if outputs is not None:
+                extra["ceiling"] = outputs
+        say(f"[simulate] {hospital.name}: paired differences federated - other modes over its "
+            f"{len(set(hospital.patients))} patients")
+        out[hospital.name] = found = compare_modes(hospital, exports, extra, seed=int(sim.federation.seed))
+        for metric, by_mode in found["differences"].items():
+            for mode, d in by_mode.items():
+                verdict = ("federated better" if d["better"] else "federated worse") if d["significant"] \
+                    else "not significant"
+                say(f"[simulate]   {metric}: federated - {mode} {d['value']:+.3f} "
+                    f"[{d['low']:+.3f}, {d['high']:+.3f}], {verdict}")
+    return out
 
 
 def _evaluation(result: dict[str, Any], sites: list[str]) -> dict[str, float]:

@@ -72,9 +72,24 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
         assert {r["site"] for r in rows if r["status"] == "ok" and r["stage"] == "evaluate"} == {
             "site-01", "site-02", "holdout-01"}, run
     assert (root / "federated" / "encoder").is_dir()
+    # The held-out hospital rescored every mode's export on its own series: the same figures as its
+    # evaluate stage sent, and a paired interval around each difference.
+    found = results["holdout_differences"]["holdout-01"]
+    assert found["baseline"] == "federated" and found["series"] == results["holdout"]["federated"]["num-examples"]
+    compared = 0
+    for metric, by_mode in found["differences"].items():
+        for mode, d in by_mode.items():
+            assert d["low"] <= d["value"] <= d["high"] and d["significant"] == (d["low"] > 0 or d["high"] < 0)
+            if mode in ("random", "central"):
+                sent = results["holdout"]["federated"][metric] - results["holdout"][mode][metric]
+                assert d["value"] == pytest.approx(sent, abs=1e-5), (metric, mode)
+                compared += 1
+    assert compared >= 4 and "age_mae" in found["differences"], found
+    assert "federated - random" in out.stdout
     report = (root / "report.md").read_text()
     assert "trained on \\ scored on" in report and "site-02 alone" in report and "random init" in report
     assert "| site-01 | site-02 | holdout-01 |" in report and "## On a hospital outside the federation" in report
+    assert "### Which differences are significant at holdout-01" in report and "| federated - random |" in report
     assert (root / "plots" / "cross_site_sequence_accuracy.png").stat().st_size > 1000
 
 
