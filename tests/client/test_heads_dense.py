@@ -164,7 +164,7 @@ def test_dense_round_sends_only_head_groups(site_cfg: DictConfig, run_cfg: DictC
     assert all(math.isfinite(v) for v in metrics.values())
     entry = next(Path(run_cfg.heads.cache_dir).rglob("*.safetensors"))
     with safe_open(str(entry), framework="pt") as f:
-        assert {"cls", "mean", "patch", "layer0", "layer1", "layer2"} == set(f.keys())
+        assert {"cls", "mean", "max", "patch", "layer0", "layer1", "layer2"} == set(f.keys())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
