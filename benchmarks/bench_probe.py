@@ -23,6 +23,7 @@ tokens, or all three:
     python benchmarks/bench_probe.py --data /tmp/probe --sites 6 align --steps 6000 --every 2000 --augment --same-region
     python benchmarks/bench_probe.py --data /tmp/probe --sites 6 supervised --epochs 40
     python benchmarks/bench_probe.py --data /tmp/probe --sites 6 supervised --epochs 40 model.patch_size=8
+    python benchmarks/bench_probe.py --data /tmp/probe --sites 6 supervised --epochs 40 --conv-stem
 """
 
 from __future__ import annotations
@@ -157,11 +158,23 @@ def train_align(cfg, catalogs: list[Path], steps: int, every: int, augment: bool
             check(step, model.image_encoder)
 
 
-def train_supervised(cfg, train: Split, held: Split, epochs: int, check: Callable[[int, torch.nn.Module], None]) -> None:
+def conv_stem(encoder: torch.nn.Module, patch_size: int, width: int) -> None:
+    """Swap the one-convolution patch embedding for 3^3 stride-2 convolutions (early convolutions, Xiao et al. 2021)."""
+    channels = [1] + [min(width, 16 * 2 ** i) for i in range(int(np.log2(patch_size)))]
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(channels, channels[1:]):
+        layers += [torch.nn.Conv3d(a, b, 3, stride=2, padding=1), torch.nn.GroupNorm(min(8, b), b), torch.nn.GELU()]
+    encoder.patch_embed.proj = torch.nn.Sequential(*layers, torch.nn.Conv3d(channels[-1], width, 1))
+
+
+def train_supervised(cfg, train: Split, held: Split, epochs: int, stem: bool,
+                     check: Callable[[int, torch.nn.Module], None]) -> None:
     from fedmri.models import build_encoder
 
     rng = np.random.default_rng(0)
     encoder = build_encoder(cfg)
+    if stem:
+        conv_stem(encoder, int(cfg.model.patch_size), int(cfg.model.embed_dim))
     width = 2 * cfg.model.embed_dim
     head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, train.findings.shape[1]))
     batch = 16
@@ -213,6 +226,7 @@ def main() -> None:
         p.add_argument("overrides", nargs="*", help="config overrides of the tiny preset")
     p = sub.add_parser("supervised")
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--conv-stem", action="store_true", help="convolutional stem under the patch tokens")
     p.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,7 +246,7 @@ def main() -> None:
     elif args.signal == "align":
         train_align(cfg, catalogs, args.steps, args.every, args.augment, args.same_region, check)
     else:
-        train_supervised(cfg, train, held, args.epochs, check)
+        train_supervised(cfg, train, held, args.epochs, args.conv_stem, check)
 
 
 if __name__ == "__main__":
