@@ -238,6 +238,7 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
                "alignment are worth.", ""]
         md += _mode_table(holdout, PROBES) + ([] if note else _zeroshot_note(holdout)) + _mode_table(holdout, HEADS)
         md += _differences_section(summary.get("holdout_differences") or {})
+        md += _by_sequence_section(holdout)
 
     md += ["## Cross-site evaluation", "",
            "Rows: where the encoder and heads were trained; columns: the site whose validation split "
@@ -268,6 +269,24 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
     path = sim_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path
+
+
+BY_SEQUENCE = "findings_auroc_in_region/"
+
+
+def _by_sequence_section(modes: dict[str, dict[str, Any]]) -> list[str]:
+    """Each finding's in-region AUROC per sequence family, one column per mode."""
+    keys = sorted({k for m in modes.values() for k in m if k.startswith(BY_SEQUENCE) and "@" in k and "_ci_" not in k})
+    if not keys:
+        return []
+    names = [mode for mode, m in modes.items() if any(k in m for k in keys)]
+    rows = [[f"{k[len(BY_SEQUENCE):].replace('@', ' on ')}"] + [_fmt("findings_auroc_in_region_macro", modes[n].get(k))
+                                                               for n in names] for k in keys]
+    return ["### Findings by sequence", "",
+            "Labels are per study, so every series of a study with a mass is positive; whether the lesion "
+            "shows depends on the sequence (it enhances on T1 post-contrast; an acute infarct is bright on "
+            "DWI and dark on ADC). Each finding's in-region AUROC among the series of one sequence family:", ""] \
+        + _table(["finding on sequence", *names], rows) + [""]
 
 
 def _differences_section(differences: dict[str, Any]) -> list[str]:

@@ -500,12 +500,15 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
             if scored is not None:
                 probabilities = predict(model, scored)
                 held_scores = (scored.series, probabilities)  # the last pass: the held-out hospitals
-                overall, _ = findings_intervals(probabilities, scored, cfg.n_boot, cfg.seed)
+                overall, by_sequence = findings_intervals(probabilities, scored, cfg.n_boot, cfg.seed)
                 row["num-examples"] = float(len(scored))
                 for code, iv in overall.items():
                     key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
                     # The ceiling holds every series' score, so pooled sites get an interval too.
                     row[key], row[key + CI_LOW], row[key + CI_HIGH] = iv.value, iv.low, iv.high
+                for code, families in by_sequence.items():  # as the heads' evaluation names them
+                    key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
+                    row |= {f"{key}@{family}": iv.value for family, iv in families.items()}
         out.append(row)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps({"network": cfg.network, "epochs": cfg.epochs,

@@ -139,3 +139,19 @@ def test_held_out_hospital_is_the_last_column_and_random_init_a_row(sim_dir: Pat
     assert "| federated | 0.41 [0.30, 0.52] |" in held  # the interval the held-out site computed
     assert "| random | 0.06 |" in held  # none computed: none shown
     assert "| trained on \\ scored on | site-01 | site-02 | site-03 | holdout-01 |" in md
+
+
+def test_held_out_findings_by_sequence_are_a_table_with_one_column_per_mode(sim_dir: Path) -> None:
+    top = json.loads((sim_dir / "results.json").read_text())
+    top["holdout"] = {"federated": {"findings_auroc_in_region/mass@FLAIR": 0.71,
+                                    "findings_auroc_in_region/mass@T1post": 0.93,
+                                    "findings_auroc_in_region_macro@FLAIR": 0.6},
+                      "random": {"sequence_accuracy": 0.2},
+                      "ceiling": {"findings_auroc_in_region/mass@FLAIR": 0.88}}
+    top["holdout_sites"] = ["holdout-01"]
+    (sim_dir / "results.json").write_text(json.dumps(top))
+    md = write_report(sim_dir).read_text(encoding="utf-8")
+    table = md[md.index("### Findings by sequence"):md.index("## Cross-site evaluation")]
+    assert "| finding on sequence | federated | ceiling |" in table  # random scored no finding
+    assert "| mass on FLAIR | 0.71 | 0.88 |" in table and "| mass on T1post | 0.93 | – |" in table
+    assert "macro" not in table
