@@ -146,6 +146,13 @@ def paired_differences(hospital: Hospital, scores: Mapping[str, Sequence[Mapping
     return out
 
 
+def verdict(difference: Mapping[str, Any]) -> str:
+    """How a difference of :func:`compare_modes` reads: federated better, worse, or not significant."""
+    if not difference["significant"]:
+        return "not significant"
+    return "federated better" if difference["better"] else "federated worse"
+
+
 def ceiling_outputs(hospital: Hospital, series: Sequence[str], probabilities: np.ndarray) -> dict[str, Tensor] | None:
     """The ceiling's findings scores in the hospital's row order; None unless it scored every series."""
     where = {s: i for i, s in enumerate(series)}

@@ -291,15 +291,17 @@ def _by_sequence_section(modes: dict[str, dict[str, Any]]) -> list[str]:
 
 def _differences_section(differences: dict[str, Any]) -> list[str]:
     """Which differences on each held-out hospital are significant (:mod:`fedmri.simulations.compare`)."""
+    from fedmri.simulations.compare import verdict
+
     md: list[str] = []
     for hospital, found in differences.items():
         rows = []
         for metric, by_mode in found.get("differences", {}).items():
             for mode, d in by_mode.items():
-                verdict = ("**federated better**" if d["better"] else "**federated worse**") if d["significant"] \
-                    else "not significant"
+                said = verdict(d)
                 rows.append([_label(metric), f"federated - {mode}",
-                             f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", verdict])
+                             f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]",
+                             f"**{said}**" if d["significant"] else said])
         if not rows:
             continue
         md += [f"### Which differences are significant at {hospital}", "",

@@ -503,12 +503,11 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
                 overall, by_sequence = findings_intervals(probabilities, scored, cfg.n_boot, cfg.seed)
                 row["num-examples"] = float(len(scored))
                 for code, iv in overall.items():
-                    key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
+                    key = _in_region_key(code)
                     # The ceiling holds every series' score, so pooled sites get an interval too.
                     row[key], row[key + CI_LOW], row[key + CI_HIGH] = iv.value, iv.low, iv.high
                 for code, families in by_sequence.items():  # as the heads' evaluation names them
-                    key = "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
-                    row |= {f"{key}@{family}": iv.value for family, iv in families.items()}
+                    row |= {f"{_in_region_key(code)}@{family}": iv.value for family, iv in families.items()}
         out.append(row)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps({"network": cfg.network, "epochs": cfg.epochs,
@@ -517,11 +516,16 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
     return out[0], out[1], held_scores if holdouts else None
 
 
+def _in_region_key(code: str) -> str:
+    """The heads' evaluation's name for a finding's (or the macro) in-region AUROC."""
+    return "findings_auroc_in_region_macro" if code == "macro" else f"findings_auroc_in_region/{code}"
+
+
 def _holdout_differences(sim: DictConfig, root: Path, names: list[str], holdouts: list[SimSite],
                          ceiling_scores: tuple[list[str], Any] | None,
                          say: Callable[[str], None]) -> dict[str, Any]:
     """Paired ``federated - <mode>`` differences on each held-out hospital (:mod:`fedmri.simulations.compare`)."""
-    from fedmri.simulations.compare import BASELINE, Hospital, ceiling_outputs, compare_modes
+    from fedmri.simulations.compare import BASELINE, Hospital, ceiling_outputs, compare_modes, verdict
 
     if BASELINE not in sim.modes:
         return {}
@@ -549,10 +553,8 @@ def _holdout_differences(sim: DictConfig, root: Path, names: list[str], holdouts
                                                    seed=int(sim.federation.seed))
         for metric, by_mode in found["differences"].items():
             for mode, d in by_mode.items():
-                verdict = ("federated better" if d["better"] else "federated worse") if d["significant"] \
-                    else "not significant"
                 say(f"[simulate]   {metric}: federated - {mode} {d['value']:+.3f} "
-                    f"[{d['low']:+.3f}, {d['high']:+.3f}], {verdict}")
+                    f"[{d['low']:+.3f}, {d['high']:+.3f}], {verdict(d)}")
     return out
 
 

@@ -332,7 +332,7 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     cached = _cached(site_cfg, run_cfg, state, dataset, device)
     features = _pooled(run_cfg, cached).to(device)  # N, F
     regions = [str(row["meta"]["body_region"]) for row in dataset.rows]
-    sequences = [str(row["meta"].get("sequence") or "unknown") for row in dataset.rows]
+    sequences = [str(row["meta"]["sequence"]) for row in dataset.rows]
     patients = [str(row["meta"]["patient_id"]) for row in dataset.rows]
     out["heads-patients"] = len(set(patients))
     for task, (target, known) in task_targets(list(heads), dataset.rows).items():

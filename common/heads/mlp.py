@@ -15,7 +15,6 @@ from fedmri.errors import ConfigError
 # tokens. A pooling joins them with "+" ("cls+mean", "cls+mean+max"): max
 # pooling keeps a small lesion that the mean dilutes over the whole volume.
 POOL_PARTS = ("cls", "mean", "max")
-POOLINGS = ("cls", "mean", "max", "cls+mean", "cls+max", "mean+max", "cls+mean+max")
 TASKS = ("multiclass", "multilabel", "regression")
 
 
