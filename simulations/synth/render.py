@@ -17,6 +17,9 @@ from fedmri.simulations.synth.contrast import Acquisition, adc_map, signal
 
 # Voxel volume (mm^3) at which a series has the site's nominal SNR.
 _REF_VOXEL_MM3 = 16.0
+# Relative contrast of a lesion's core against the tissue around it, noise-free, at
+# which the lesion shows on a series and enters its mask (:func:`shows`).
+VISIBLE_CONTRAST = 0.15
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ def render_series(anatomy: Anatomy, acq: Acquisition, affine: np.ndarray, shape:
         sigma = float(np.percentile(s0, 99)) / snr
         s0n, sbn = rician(s0, sigma, rng), rician(sb, sigma, rng)
         image = adc_map(s0n, sbn, b, floor=6.0 * sigma)
+        clean = adc_map(s0, sb, b, floor=6.0 * sigma)  # what the lesion's visibility is judged on
     else:
         clean = signal(fractions, tissues, acq, field, b=b) * gain  # N
         ref = float(np.percentile(clean, 99)) or 1.0
@@ -107,7 +111,49 @@ def render_series(anatomy: Anatomy, acq: Acquisition, affine: np.ndarray, shape:
 
     mask = np.zeros(image.shape, dtype=np.uint8)
     best = np.full(image.shape, 0.5, dtype=np.float32)
+    # Voxels that are not normal tissue: any lesion, and oedema (which is not the mass, but not normal either).
+    abnormal = np.maximum.reduce([*lesions.values(), fractions.get("edema", np.zeros_like(best))]) > 0.05
     for code, occ in lesions.items():
+        if not shows(clean, occ, abnormal, shape):
+            continue  # e.g. an infarct on T1: the study has it, this series' mask does not
         win = occ >= best
         mask[win], best[win] = MASK_LABELS[code], occ[win]
     return image.reshape(shape).astype(np.float32), mask.reshape(shape)
+
+
+def shows(clean: np.ndarray, occ: np.ndarray, abnormal: np.ndarray, shape: tuple[int, int, int],
+          min_contrast: float = VISIBLE_CONTRAST) -> bool:
+    """Whether a lesion shows on a series: its core differs from the normal tissue around it by ``min_contrast``.
+
+    A radiologist draws a lesion's mask on the sequences where it shows (a mass on
+    T1 post-contrast and FLAIR, an acute infarct on DWI and ADC, WMH on FLAIR).
+    The series' mask keeps only those lesions, so a segmentation model is never
+    asked to find what its image does not contain.
+
+    Args:
+        clean: the noise-free image (N,) in C order (ADC: the noise-free map).
+        occ: the lesion's occupancy (N,) in [0, 1].
+        abnormal: (N,) bool, voxels of any lesion or oedema: the ring of normal tissue leaves them out.
+        shape: (I, J, K).
+        min_contrast: |core mean - ring mean| / ring mean that counts as showing.
+
+    Returns:
+        False when the lesion has no voxel at >= 0.5 occupancy, no normal tissue
+        within 16 voxels, or too little contrast.
+    """
+    from scipy.ndimage import binary_dilation
+
+    core = (occ >= 0.5).reshape(shape)
+    if not core.any():
+        return False
+    normal, image = ~abnormal.reshape(shape), clean.reshape(shape)
+    for reach in (2, 4, 8, 16):  # past the oedema around a mass
+        ring = binary_dilation(core, iterations=reach) & normal
+        if ring.sum() >= 20:
+            break
+    else:
+        return False
+    around = float(image[ring].mean())
+    if around <= 0:
+        return bool(image[core].mean() > 0)
+    return abs(float(image[core].mean()) - around) / around >= min_contrast

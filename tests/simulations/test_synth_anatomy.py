@@ -16,7 +16,7 @@ from fedmri.simulations.synth.contrast import Acquisition, flair_null_ti
 from fedmri.simulations.synth.generate import build_anatomy
 from fedmri.simulations.synth.grid import series_affine, voxel_points
 from fedmri.simulations.synth.knee import KneeAnatomy
-from fedmri.simulations.synth.render import Chain, render_series
+from fedmri.simulations.synth.render import Chain, render_series, shows
 from fedmri.simulations.synth.sites import ARCHETYPES
 from fedmri.simulations.synth.spine import SpineAnatomy
 
@@ -80,7 +80,7 @@ def test_brain_lesions_show_where_the_mask_is(atlas: BrainAtlas) -> None:
     assert {MASK_LABELS[c] for c in ("mass", "wmh", "infarct")} <= set(np.unique(mask))
     assert _contrast(t2, mask, "mass") > 1.3  # tumour and necrosis are T2 bright
     flair, mask_f = _render(brain, FLAIR, *grid)
-    np.testing.assert_array_equal(mask, mask_f)  # ground truth does not depend on the sequence
+    np.testing.assert_array_equal(mask, mask_f)  # all three show on both: the same ground truth
     assert _contrast(flair, mask, "wmh") > 1.2
     assert _contrast(_render(brain, DWI, *grid)[0], mask, "infarct") > 1.4  # restricted diffusion
     assert _contrast(_render(brain, ADC, *grid)[0], mask, "infarct") < 0.75
@@ -89,6 +89,25 @@ def test_brain_lesions_show_where_the_mask_is(atlas: BrainAtlas) -> None:
     normal = (mask == 0) & (pre > 0.1 * pre.max())
     gain = (post[mass].mean() / post[normal].mean()) / (pre[mass].mean() / pre[normal].mean())
     assert gain > 1.3  # the mass enhances relative to brain behind an intact barrier
+    # A series' mask holds the lesions that show on it: WMH are invisible on T1 before and after contrast.
+    t1_labels, post_labels = (set(np.unique(_render(brain, acq, *grid)[1])) for acq in (T1, T1POST))
+    assert MASK_LABELS["wmh"] not in t1_labels | post_labels
+    assert MASK_LABELS["mass"] in post_labels
+
+
+def test_a_lesion_shows_by_its_contrast_with_normal_tissue_around_it() -> None:
+    shape = (20, 20, 20)
+    core, oedema = np.zeros(shape, bool), np.zeros(shape, bool)
+    core[8:12, 8:12, 8:12] = True
+    oedema[5:15, 5:15, 5:15] = True
+    occ = core.astype(np.float32).ravel()
+    image = np.full(shape, 100.0, np.float32)
+    image[oedema] = 160.0  # bright oedema right around the core
+    for core_value, expected in ((110.0, False), (130.0, True), (70.0, True)):
+        image[core] = core_value
+        # Judged against the normal tissue past the oedema (100), not against the oedema (160).
+        assert shows(image.ravel(), occ, oedema.ravel(), shape) is expected, core_value
+    assert not shows(image.ravel(), np.zeros_like(occ), oedema.ravel(), shape)  # no core, nothing to show
 
 
 def test_knee_effusion_is_bright_on_fluid_sensitive_images() -> None:
