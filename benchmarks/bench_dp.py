@@ -44,7 +44,7 @@ refuses the stochastic depth of ``small`` (``drop_path_rate`` 0.1).
     .venv/bin/python benchmarks/bench_dp.py --presets tiny --repeats 20 --vectorized
     .venv/bin/python benchmarks/bench_dp.py --presets small --batch-sizes 2 --no-reference --vectorized
 
-Prints a table and ratios; nothing is asserted (DESIGN.md: benchmarks print figures).
+Prints a table and ratios; nothing is asserted (docs/architecture.md, "Benchmarks": benchmarks print figures).
 """
 
 from __future__ import annotations

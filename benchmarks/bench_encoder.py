@@ -13,7 +13,7 @@ included); on CUDA ``torch.cuda.max_memory_allocated``.
     python benchmarks/bench_encoder.py --presets tiny,small --steps 5
     python benchmarks/bench_encoder.py --device cuda --steps 20
 
-Prints a table; nothing is asserted (DESIGN.md: benchmarks print figures).
+Prints a table; nothing is asserted (docs/architecture.md, "Benchmarks": benchmarks print figures).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a federated round's time goes, what it sends, and how the simulation grows with sites.
 
-Three parts, each a table; figures only, never asserted (DESIGN.md, benchmarks/):
+Three parts, each a table; figures only, never asserted (docs/architecture.md, "Benchmarks"):
 
 1. ``overhead``: pretrain and align rounds of 3 synthetic sites for the tiny
    and small presets, run through Flower's Simulation Engine (Ray, one

@@ -4,7 +4,7 @@ Generates (or reuses) the demo federation (3 sites x 40 series by default),
 indexes each site into a fresh catalog, and prints series/s and MB/s of DICOM
 read for that first index; then re-indexes the unchanged data a few times and
 prints the median re-index time as a fraction of the first index. Figures only,
-never asserted (DESIGN.md, benchmarks/).
+never asserted (docs/architecture.md, "Benchmarks").
 
     .venv/bin/python benchmarks/bench_index.py [--out runs/bench-index] [--repeats 3]
 

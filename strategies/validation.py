@@ -1,4 +1,4 @@
-"""Checks on every site's reply before it is aggregated (DESIGN.md, "Federation").
+"""Checks on every site's reply before it is aggregated (docs/architecture.md, "Validation and aggregation").
 
 A bad reply is rejected, never fatal: the round goes on with the others. The
 checks, in order: Flower error or empty reply, record layout, ``num-examples`` and

@@ -34,7 +34,7 @@ def test_flower_app_components_import() -> None:
 
 
 def test_common_does_not_import_role_packages() -> None:
-    """DESIGN.md layering: `fedmri` (common) imports no role package except in the CLI."""
+    """docs/architecture.md, "Layers and imports": `fedmri` (common) imports no role package except in the CLI."""
     roles = ("fedmri.client", "fedmri.server", "fedmri.strategies", "fedmri.simulations")
     offenders = []
     for path in (ROOT / "common").rglob("*.py"):

@@ -1,4 +1,4 @@
-"""The 3D vision transformer image encoder (DESIGN.md, "The model").
+"""The 3D vision transformer image encoder (docs/architecture.md, "The model").
 
 Dosovitskiy et al. 2021 (ViT) with the DINOv2 additions (Oquab et al. 2024):
 mask token for masked image modelling, LayerScale, stochastic depth, optional

@@ -2,7 +2,7 @@
 
 The federation evaluates them on the server once per round and sends the
 values with the round's instructions, so every site uses the same teacher
-temperature, momentum, learning rate and weight decay (DESIGN.md,
+temperature, momentum, learning rate and weight decay (docs/architecture.md,
 "Federation"). Progress rather than step counts: sites run different numbers
 of local steps.
 """

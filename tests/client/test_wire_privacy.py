@@ -4,7 +4,7 @@ A full pipeline (pretrain, align with a trainable text layer, evaluate) runs
 over three synthetic hospitals through :class:`LocalGrid`, which keeps every
 reply the real ClientApp sent: the query answers, the training updates, the
 evaluation metrics and the declines of a site whose policy refuses ``align``.
-:func:`wire_problems` then holds each reply to DESIGN.md, "Data flow":
+:func:`wire_problems` then holds each reply to docs/architecture.md, "What leaves a site":
 parameter tensors of the stage's up groups, aggregate numeric metrics and the
 few protocol strings, and nothing of what the site holds: report text, DICOM
 identifiers, catalog pseudonyms, the site's salt or its paths. The checker is
@@ -82,7 +82,7 @@ class SiteSecrets:
 
 # ----------------------------------------------------------------- the checker
 def wire_problems(reply: Message, kind: str, up_keys: Iterable[str], secrets: SiteSecrets) -> list[str]:
-    """Everything in ``reply`` that DESIGN.md's data flow does not allow to leave a site.
+    """Everything in ``reply`` that docs/architecture.md's data flow does not allow to leave a site.
 
     Args:
         reply: A message a ClientApp sent.
