@@ -11,9 +11,15 @@ hospitals (lesion masks, lesion classes merged into one foreground):
    train on tokens the frozen encoder computed once: by default on tokens
    only (``--decoders noskip``); ``skip`` adds the heads' default decoder,
    with the full-resolution image skip, at 10x the U-Net's FLOPs per step;
-   ``--random`` adds a tokens-only decoder on a randomly initialised encoder.
+   ``--random`` adds a tokens-only decoder on a randomly initialised encoder;
+   ``light2``, ``light4`` (``light1``) add the heads' light decoder
+   (:class:`fedmri.heads.LightDecoder`: every token map and the image fused
+   once at 1/2, 1/4 (1/1) of the image's resolution; 0.75x, 0.09x (6x) the
+   U-Net's FLOPs per step).
    T_head = a decoder's seconds to first reach the same target, without and
    with the one-time token extraction of the training volumes.
+3. label efficiency: ``--label-fraction 0.1`` trains every model on the same
+   seeded 10% of the training masks and compares the best Dice each reaches.
 
 All models train side by side, one step each in turn, each on its own clock,
 on the same batches (:func:`fedmri.simulations.seg_baseline.train_side_by_side`);
@@ -27,8 +33,9 @@ splits, every series, for ``--pretrain-steps`` steps; that is not timed either.
     python benchmarks/bench_segmentation.py            # ~10 min on 2 cores, + ~5 min to synthesise once
     python benchmarks/bench_segmentation.py --quick    # smoke run, ~2 min once the data exist
     python benchmarks/bench_segmentation.py --budget-s 360 --decoders noskip,skip --random
+    python benchmarks/bench_segmentation.py --budget-s 600 --decoders light2,light4 --label-fraction 0.1
 
-Prints the curves and a table; nothing is asserted (DESIGN.md: benchmarks print figures).
+Prints the curves and a table; nothing is asserted (docs/architecture.md, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -48,6 +55,19 @@ from torch import nn  # noqa: E402
 
 TARGET_FRACTION = 0.95  # of the baseline's best Dice: its plateau, not its luckiest scoring
 MIN_GAIN = 0.005  # Dice that counts as a gain (plateau detection, "did it learn at all")
+DECODERS = ("noskip", "skip", "light1", "light2", "light4")
+
+
+def label_subset(train: Any, fraction: float, batch_size: int, seed: int) -> Any:
+    """A seeded random ``fraction`` of the training volumes (at least a batch): every model gets the same ones."""
+    from fedmri.simulations.seg_baseline import SegSet
+
+    if not 0 < fraction <= 1:
+        raise SystemExit(f"--label-fraction must be in (0, 1], got {fraction}")
+    keep = max(batch_size, round(fraction * len(train)))
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+    print(f"[data] label efficiency: {keep} of {len(train)} training volumes ({fraction:.0%} of the masks)")
+    return SegSet([train.ids[i] for i in idx], train.images[idx], train.labels[idx])
 
 
 def prepare_catalogs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
@@ -108,6 +128,8 @@ def exported_encoder(path: Path, cfg: Any) -> nn.Module:
 def build_models(cfg: Any, args: argparse.Namespace, encoders: dict[str, nn.Module], train: Any, evaluation: Any,
                  workdir: Path) -> tuple[list[Any], dict[str, float]]:
     """The baseline, then a decoder per (encoder, image skip); and each decoder's extraction seconds."""
+    from omegaconf import OmegaConf
+
     from fedmri.heads.segmentation import build_segmentation_head, skip_layers
     from fedmri.simulations.seg_baseline import TokenSegmenter, VolumeSegmenter, build_unet_baseline, extract_tokens
 
@@ -120,10 +142,17 @@ def build_models(cfg: Any, args: argparse.Namespace, encoders: dict[str, nn.Modu
                                                               workdir / f"features-{key}", skip_layers(cfg))
         print(f"[tokens] {key} encoder: {len(train)} training volumes in {seconds[0]:.1f} s "
               f"({len(evaluation)} evaluation volumes in {seconds[1]:.1f} s, not counted)", flush=True)
-        for skip in [d == "skip" for d in args.decoders] if key == "pretrained" else [False]:
+        for kind in args.decoders if key == "pretrained" else args.decoders[:1]:
             torch.manual_seed(args.seed)
-            head = build_segmentation_head(cfg, out_channels=2, image_skip=skip)
-            name = f"decoder, {key} encoder" + ("" if skip else ", no skip")
+            if kind.startswith("light"):  # the heads' light decoder, as heads.seg_decoder=light builds it
+                stride = int(kind[len("light"):])
+                light = OmegaConf.merge(cfg, {"heads": {"seg_decoder": "light", "seg_stride": stride,
+                                                        "seg_feature_size": args.light_width}})
+                head = build_segmentation_head(light, out_channels=2)
+                name = f"light decoder /{stride}, {key} encoder"
+            else:
+                head = build_segmentation_head(cfg, out_channels=2, image_skip=kind == "skip")
+                name = f"decoder, {key} encoder" + ("" if kind == "skip" else ", no skip")
             models.append(TokenSegmenter(name, head, train, train_tokens, evaluation, eval_tokens, lr=args.head_lr))
             extract_s[name] = seconds[0]
     return models, extract_s
@@ -187,8 +216,12 @@ def main() -> None:
     parser.add_argument("--encoder", type=Path, help="a `fedmri export` folder; default: pretrain one here")
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--decoders", type=lambda v: v.split(","), default=["noskip"],
-                        help="decoders on the pretrained encoder, comma-separated: noskip (tokens only), skip (with "
-                             "the full-resolution image skip, the heads' default: 10x the U-Net's FLOPs per step)")
+                        help="decoders on the pretrained encoder, comma-separated: noskip (UNETR on tokens only), "
+                             "skip (UNETR with the full-resolution image skip: 5x the U-Net's FLOPs per step), "
+                             "light1/light2/light4 (heads.seg_decoder=light at that stride: 6x, 0.75x, 0.09x)")
+    parser.add_argument("--label-fraction", type=float, default=1.0,
+                        help="train every model on this share of the training masks (label efficiency), e.g. 0.1")
+    parser.add_argument("--light-width", type=int, default=16, help="channels of the light decoders")
     parser.add_argument("--random", action="store_true",
                         help="also a tokens-only decoder on a randomly initialised encoder")
     parser.add_argument("--baseline", default="unet", choices=["unet", "dynunet"])
@@ -203,8 +236,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.pretrain_steps, args.budget_s, args.eval_every_s, args.patience = 20, 15.0, 5.0, 3
-    if not set(args.decoders) <= {"skip", "noskip"}:
-        parser.error(f"--decoders takes skip and/or noskip, not {','.join(args.decoders)}")
+    if not set(args.decoders) <= set(DECODERS):
+        parser.error(f"--decoders takes some of {', '.join(DECODERS)}, not {','.join(args.decoders)}")
 
     from fedmri.models import build_encoder
     from fedmri.simulations.seg_baseline import load_seg_set, train_side_by_side
@@ -213,6 +246,8 @@ def main() -> None:
     start = time.perf_counter()
     cfg, catalogs = prepare_catalogs(args)
     train, evaluation = load_seg_set(catalogs, ["train"]), load_seg_set(catalogs, ["val", "test"])
+    if args.label_fraction < 1:
+        train = label_subset(train, args.label_fraction, args.batch_size, args.seed)
     share = [100 * float(s.labels.float().mean()) for s in (train, evaluation)]
     print(f"[data] {len(train)} training and {len(evaluation)} evaluation volumes with lesions, "
           f"{cfg.data.preprocess.target_shape[0]}^3 (lesion: {share[0]:.2f}% / {share[1]:.2f}% of voxels)")

@@ -80,13 +80,17 @@ def _digest(record: ArrayRecord) -> str:
 
 
 def aggregate_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """The coordinator's aggregate of site metrics: ``num-examples`` summed, every
-    other finite value weighted by the site's ``num-examples`` over the sites that have it."""
+    """The coordinator's aggregate of site metrics: counts of series (``num-examples`` and every
+    ``*-examples``, e.g. ``dense-examples``) summed, every other finite value weighted by the
+    site's ``num-examples`` over the sites that have it."""
     weights = [float(r.get("num-examples", 0)) for r in rows]
     total = sum(weights)
     out: dict[str, float] = {"num-examples": total}
     keys = sorted({k for r in rows for k in r if k not in ("num-examples", "declined")})
     for k in keys:
+        if k.endswith("-examples"):  # the series behind a figure: the sites' together
+            out[k] = sum(float(r[k]) for r in rows if k in r)
+            continue
         pairs = [(w, float(r[k])) for w, r in zip(weights, rows) if k in r and math.isfinite(float(r[k]))]
         wsum = sum(w for w, _ in pairs)
         if pairs:

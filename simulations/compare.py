@@ -67,7 +67,11 @@ class Hospital:
 
 @torch.no_grad()
 def score_export(folder: str | Path, hospital: Hospital, batch_size: int = 8) -> dict[str, Tensor]:
-    """Every task head's outputs (N, out_dim) on the hospital's series, from an export folder.
+    """Every MLP task head's outputs (N, out_dim) on the hospital's series, from an export folder.
+
+    The lesion heads (segmentation, anomaly) read patch tokens, not the pooled
+    feature, and have no paired difference here: their figures keep the interval
+    the hospital's evaluate stage sent.
 
     Raises:
         InputError: A folder without an encoder or heads export.
@@ -75,6 +79,7 @@ def score_export(folder: str | Path, hospital: Hospital, batch_size: int = 8) ->
     from fedmri.export import load_encoder, read_export_config
     from fedmri.heads.export import load_heads
     from fedmri.heads.mlp import pool_features
+    from fedmri.heads.tasks import TASKS
 
     folder = Path(folder)
     model = load_encoder(folder)
@@ -87,7 +92,7 @@ def score_export(folder: str | Path, hospital: Hospital, batch_size: int = 8) ->
                               range(start, min(start + batch_size, len(hospital.dataset)))]).float()
         features.append(pool_features(encoder(images), pooling).float())  # b, F
     x = torch.cat(features)
-    return {task: head(x) for task, head in heads.items()}
+    return {task: head(x) for task, head in heads.items() if task in TASKS}
 
 
 def _metric(hospital: Hospital, name: str) -> Callable[[Mapping[str, Tensor], np.ndarray], float | None]:

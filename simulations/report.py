@@ -42,6 +42,13 @@ HEADS: dict[str, tuple[str, str]] = {
     "age_mae": ("age MAE (y)", "{:.1f}"),
     "sex_auroc": ("sex AUROC", "{:.2f}"),
 }
+# The lesion heads (heads.tasks segmentation, anomaly), over the series with a lesion target: ``dense-examples``.
+DENSE: dict[str, tuple[str, str]] = {
+    "segmentation_dice": ("segmentation Dice", "{:.2f}"),
+    "anomaly_miou": ("anomaly mIoU", "{:.2f}"),
+    "dense-examples": ("series", "{:.0f}"),
+    "lesion-free-examples": ("lesion-free", "{:.0f}"),
+}
 # The findings with no head: text prompts through the aligned space (fedmri.align.zeroshot). A mode's
 # ``zeroshot_<key>`` shows in a row of its own under the mode, in the column of ``<key>``.
 ZEROSHOT_PREFIX = "zeroshot_"
@@ -51,18 +58,19 @@ ZEROSHOT: dict[str, tuple[str, str]] = {
 }
 # The cross-site matrices drawn, when the runs measured them.
 HEADLINE = ("findings_auroc_macro", "findings_auroc_in_region_macro", "zeroshot_findings_auroc_in_region_macro",
-            "sequence_accuracy", "body_region_accuracy", "age_mae", "t2i_r1", "t2i_r5", "knn_sequence_acc")
+            "sequence_accuracy", "body_region_accuracy", "age_mae", "segmentation_dice", "anomaly_miou", "t2i_r1",
+            "t2i_r5", "knn_sequence_acc")
 _MODE_ORDER = {"federated": 0, "random": 1, "local": 2, "central": 3}  # as `fedmri simulate` runs them
 # Row labels of the runs that are not one site alone.
 _RUN_LABELS = {"federated": "federated", "random": "random init (federated heads)", "central": "central"}
 # Metrics in [0, 1] share one colour scale so that matrices compare at a glance.
 _UNIT_SUFFIXES = ("_acc", "_accuracy", "_auroc", "_auroc_macro", "_in_region_macro", "_f1", "_f1_macro", "_r1", "_r5",
-                  "_r10")
+                  "_r10", "_dice", "_miou")
 
 
 def lower_is_better(metric: str) -> bool:
-    """True for losses, errors and ranks (``val_loss``, ``age_mae``, ``t2i_medr``)."""
-    return metric.endswith(("loss", "_mae", "_medr"))
+    """True for losses, errors, ranks and distances (``val_loss``, ``age_mae``, ``t2i_medr``, ``segmentation_hd95``)."""
+    return metric.endswith(("loss", "_mae", "_medr", "_hd95"))
 
 
 def colormap_for(metric: str) -> str:
@@ -71,13 +79,13 @@ def colormap_for(metric: str) -> str:
 
 
 def _label(metric: str) -> str:
-    return {**PROBES, **HEADS, **ZEROSHOT}.get(metric, (metric, ""))[0]
+    return {**PROBES, **HEADS, **DENSE, **ZEROSHOT}.get(metric, (metric, ""))[0]
 
 
 def _fmt(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return {**PROBES, **HEADS, **ZEROSHOT}.get(metric, ("", "{:.3g}"))[1].format(value)
+    return {**PROBES, **HEADS, **DENSE, **ZEROSHOT}.get(metric, ("", "{:.3g}"))[1].format(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -186,6 +194,14 @@ def _cell(metric: str, metrics: dict[str, Any]) -> str:
     return f"{text} [{_fmt(metric, bounds[0])}, {_fmt(metric, bounds[1])}]"
 
 
+DENSE_NOTE = ("Lesion heads (`heads.tasks` segmentation, anomaly) on the encoder's cached tokens: segmentation Dice "
+              "is the mean Dice of the predicted lesion mask, anomaly mIoU the mean IoU of the anomaly map above 0.5, "
+              "over the `series` with a lesion target (a mask, or a study with no finding: all background; the "
+              "others are unknown), `lesion-free` of them: a head that finds no lesion anywhere scores "
+              "lesion-free / series on both. "
+              "Intervals: 95%, over resamples of the hospital's patients, where one hospital is scored alone.")
+
+
 def _zeroshot_note(modes: dict[str, dict[str, Any]]) -> list[str]:
     if not any(k in m for k in ZEROSHOT for m in modes.values()):
         return []
@@ -230,6 +246,8 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
     note = _zeroshot_note(modes)  # said once, before the first table with zero-shot rows
     if heads := _mode_table(modes, HEADS):
         md += ["### Task heads on the frozen encoder", ""] + note + heads
+    if dense := _mode_table(modes, DENSE):
+        md += ["### Lesion heads on the frozen encoder", "", DENSE_NOTE, ""] + dense
     if holdout:
         md += ["## On a hospital outside the federation", "",
                f"Every series of {held}: synthesised from a seed of its own, with the next scanner "
@@ -237,6 +255,8 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
                "heads tuning on a randomly initialised encoder: the gap is what federated pretraining and "
                "alignment are worth.", ""]
         md += _mode_table(holdout, PROBES) + ([] if note else _zeroshot_note(holdout)) + _mode_table(holdout, HEADS)
+        if held_dense := _mode_table(holdout, DENSE):
+            md += ([] if dense else [DENSE_NOTE, ""]) + held_dense
         md += _differences_section(summary.get("holdout_differences") or {})
         md += _by_sequence_section(holdout)
 

@@ -23,6 +23,11 @@
 4. Writes ``<run_root>/<name>/results.json`` and ``report.md`` (with the
    cross-site matrices) and prints one table.
 
+The demo's federation (no ``federation.overrides`` given) tunes the lesion
+heads ``segmentation`` and ``anomaly`` besides the MLP tasks, in every Flower
+mode: their Dice and mIoU (with the series behind them) are compared like the
+other heads' figures.
+
 Held-out hospitals (``holdout_sites``, ``holdout_catalogs``) are outside the
 federation: synthesised from their own seed, their site file allows the
 evaluate stage only, and every one of their series is evaluation data. They
@@ -59,11 +64,38 @@ AT_HOLDOUT = " @ held-out"
 SITES_ENV = "FEDMRI_SIM_SITES"
 # Where the virtual sites and the ceiling train; a CUDA run shares the machine's GPUs between the sites.
 DEVICES = ("cpu", "cuda")
+# Lesion heads the demo tunes besides the MLP tasks, in every Flower mode (fedmri.heads.dense).
+DEMO_DENSE_TASKS = ("segmentation", "anomaly")
+
+
+def _demo_heads() -> list[str]:
+    """Run-config overrides of the demo's heads stage: the MLP tasks and the two dense ones.
+
+    Set here, on the demo's federation, rather than in ``HeadsConfig.tasks``: a
+    dense task caches patch tokens and layers and turns a CPU heads round of
+    under a second into 10-60 s (:mod:`fedmri.client.trainers.heads_dense`), a
+    cost a `fedmri run` federation should choose, while the demo is where every
+    head's figure is compared across the modes. A simulation file that sets
+    ``federation.overrides`` replaces these lines (the tests' small configs keep
+    their MLP tasks so); add them to keep the dense heads.
+    """
+    from fedmri.config.schema import HeadsConfig
+
+    tasks = [*HeadsConfig().tasks, *DEMO_DENSE_TASKS]
+    # The light decoder at 1/4 of the image's resolution, 8 channels: one site's heads round
+    # on the demo's ~32 training series takes ~5 s on a CPU core (UNETR: ~11 s at
+    # seg_feature_size 4, ~50 s at its default 16), scoring the held-out hospital's 150
+    # series ~9-13 s (UNETR at 4: ~10 s); the demo trains heads 20 site-rounds long and
+    # scores that hospital 6 times (benchmarks/bench_demo_heads.py). It reads the image,
+    # which tokens of 16^3 voxels cannot replace for lesions of a few voxels.
+    return [f"heads.tasks=[{','.join(tasks)}]", "heads.seg_decoder=light", "heads.seg_stride=4",
+            "heads.seg_feature_size=8"]
 
 
 def _default_federation() -> FederationConfig:
     fed = FederationConfig()
     fed.name = "demo"
+    fed.overrides = _demo_heads()
     return fed
 
 

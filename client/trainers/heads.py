@@ -315,10 +315,11 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
         ``sex_accuracy``; for those in :data:`fedmri.heads.intervals.HEADLINE`, the
         95% interval over resamples of the site's patients as ``<metric>_ci_low``
         and ``<metric>_ci_high``; ``heads-patients``, the patients scored; over the
-        series with a lesion target, ``segmentation_dice``,
+        ``dense-examples`` series with a lesion target (``lesion-free-examples``
+        of them all background), ``segmentation_dice``,
         ``segmentation_hd95`` (mm) and ``anomaly_miou`` (see
-        :meth:`fedmri.heads.dense.DenseTaskSpec.metrics`). A task with no known
-        label in the split has none.
+        :meth:`fedmri.heads.dense.DenseTaskSpec.metrics`), Dice and mIoU with
+        their interval as above. A task with no known label in the split has none.
 
     Raises:
         RequestError: Weights that do not fit the run's model.
@@ -345,5 +346,9 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     lesions, masked = lesion_rows(dataset) if dense_tasks(list(heads)) else ([], set())
     if lesions:
         dense = dense_data(run_cfg, dataset, lesions, masked, cached, device)
-        out |= dense.metrics(heads, list(run_cfg.data.preprocess.target_spacing), int(site_cfg.batch_size))
+        out["dense-examples"] = len(lesions)
+        # A head that finds no lesion anywhere scores these (Dice 1) and misses the rest (0): the tables' floor.
+        out["lesion-free-examples"] = int((dense.targets.flatten(1).amax(1) == 0).sum())
+        out |= dense.metrics(heads, list(run_cfg.data.preprocess.target_spacing), int(site_cfg.batch_size),
+                             [patients[i] for i in lesions], seed=int(run_cfg.seed))
     return out

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedmri.heads.dense import DENSE_TASKS, DenseInputs, DenseTaskSpec, dense_tasks, lesion_target, no_finding
+from fedmri.heads.dense import (DENSE_TASKS, DenseInputs, DenseTaskSpec, dense_tasks, lesion_target, no_finding,
+                                reads_image)
 
 
 def cache_options(run_cfg: Any) -> dict[str, Any]:
@@ -135,9 +136,23 @@ class DenseData:
         return loss
 
     @torch.no_grad()
-    def metrics(self, heads: nn.ModuleDict, spacing: Sequence[float], batch_size: int) -> dict[str, float]:
-        """``<task>_<metric>`` of every dense task over the series with a target (undefined ones left out)."""
+    def metrics(self, heads: nn.ModuleDict, spacing: Sequence[float], batch_size: int,
+                patients: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
+        """``<task>_<metric>`` of every dense task over the series with a target (undefined ones left out).
+
+        Args:
+            heads: The run's heads (the dense ones are read).
+            spacing: Voxel size in mm (for HD95).
+            batch_size: Series per decoder pass.
+            patients: The patient of each series with a target (in ``slot`` order); with them,
+                the headline figures (:data:`fedmri.heads.intervals.HEADLINE`: Dice, mIoU) get
+                their 95% interval over resamples of the patients, ``<task>_<metric>_ci_low`` / ``_ci_high``.
+            seed: Resampling seed.
+        """
+        from fedmri.heads.intervals import series_mean_intervals
+
         m = self.targets.shape[0]
+        targets = self.targets.cpu()
         out: dict[str, float] = {}
         for task in self.tasks:
             spec = DENSE_TASKS[task]
@@ -145,7 +160,10 @@ class DenseData:
             for start in range(0, m, batch_size):
                 rows = torch.arange(start, min(m, start + batch_size), device=self.targets.device)
                 preds.append(spec.predict(spec.logits(heads[task], self.inputs.take(rows), self.shape)).cpu())
-            scores = spec.metrics(torch.cat(preds), self.targets.cpu(), spacing)
+            pred = torch.cat(preds)
+            scores = spec.metrics(pred, targets, spacing)
+            if patients is not None:
+                scores |= series_mean_intervals(spec.series_scores(pred, targets), patients, seed=seed)
             out |= {f"{task}_{k}": v for k, v in scores.items() if math.isfinite(v)}
         return out
 
@@ -162,7 +180,7 @@ def dense_data(run_cfg: Any, dataset: Any, rows: Sequence[int], masked: set[int]
         device: Where the heads train.
     """
     tasks = dense_tasks(run_cfg.heads.tasks)
-    image_skip = "segmentation" in tasks and bool(run_cfg.heads.seg_image_skip)
+    image_skip = "segmentation" in tasks and reads_image(run_cfg)
     shape = tuple(int(s) for s in run_cfg.data.preprocess.target_shape)
     items = [dataset[i] if i in masked or image_skip else dataset.rows[i] for i in rows]
     targets = []

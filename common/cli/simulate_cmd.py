@@ -30,6 +30,16 @@ HEAD_COLUMNS = (
     ("age_mae", "age MAE (y)", "{:.1f}"),
     ("sex_auroc", "sex AUROC", "{:.2f}"),
 )
+# The lesion heads (heads.tasks segmentation, anomaly; the demo tunes them), a table of their own
+# on the sites and on the held-out hospital: mean Dice of the predicted mask, mean IoU of the anomaly
+# map thresholded at 0.5, over the "series" with a lesion target (a mask, or no finding: all background),
+# "lesion-free" of them: a head that finds no lesion anywhere scores Dice = lesion-free / series.
+DENSE_COLUMNS = (
+    ("segmentation_dice", "segmentation Dice", "{:.2f}"),
+    ("anomaly_miou", "anomaly mIoU", "{:.2f}"),
+    ("dense-examples", "series", "{:.0f}"),
+    ("lesion-free-examples", "lesion-free", "{:.0f}"),
+)
 # A hospital outside the federation: transfer, and what pretraining is worth against random init.
 _BY_KEY = {c[0]: c for c in COLUMNS + HEAD_COLUMNS}
 HOLDOUT_COLUMNS = (("t2i_r5", "t2i R@5", "{:.2f}"), *(_BY_KEY[k] for k in (
@@ -65,7 +75,9 @@ def simulate_command(
     held = {k[: -len(AT_HOLDOUT)]: v for k, v in summary.items() if k.endswith(AT_HOLDOUT)}
     console.print(results_table(sites, f"fedmri simulate: {sim.federation.name}"))
     for rows, title, columns in ((sites, "task heads on the frozen encoder", HEAD_COLUMNS),
-                                 (held, "on the hospital held out of the federation", HOLDOUT_COLUMNS)):
+                                 (sites, "lesion heads on the frozen encoder", DENSE_COLUMNS),
+                                 (held, "on the hospital held out of the federation", HOLDOUT_COLUMNS),
+                                 (held, "lesion heads on the held-out hospital", DENSE_COLUMNS)):
         table = results_table(rows, title, columns)
         if rows and table.columns[1:]:
             console.print(table)
@@ -77,10 +89,20 @@ def simulate_command(
                   "regions where each finding occurs; zero-shot (under a mode) = its findings AUROCs with no "
                   "head, from text prompts in the aligned image-report space. low-high under a figure = its 95% "
                   "interval over resamples of the hospital's patients (computed at the site; shown where one "
-                  "hospital is scored alone).",
+                  "hospital is scored alone)." + (DENSE_NOTE if _has_dense(summary) else ""),
                   highlight=False, markup=False, soft_wrap=True)
     console.print(f"run folder: {sim.federation.run_root}/{sim.federation.name}   "
                   f"({time.monotonic() - t0:.0f} s)", highlight=False)
+
+
+DENSE_NOTE = (" Lesion heads: segmentation Dice = mean Dice of the predicted lesion mask, anomaly mIoU = mean "
+              "IoU of the anomaly map above 0.5, over the series with a lesion target (a mask, or a study with no "
+              "finding: all background), lesion-free of them; a head that finds no lesion anywhere scores "
+              "lesion-free / series on both.")
+
+
+def _has_dense(summary: dict[str, dict[str, Any]]) -> bool:
+    return any(key in metrics for metrics in summary.values() for key, _, _ in DENSE_COLUMNS)
 
 
 def results_table(summary: dict[str, dict[str, Any]], title: str,

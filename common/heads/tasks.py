@@ -262,7 +262,11 @@ def build_task_heads(cfg: Any) -> nn.ModuleDict:
     for name in names:
         spec = task_spec(name)
         if isinstance(spec, DenseTaskSpec):
-            heads[name] = spec.build(cfg)
+            # Drawn from the caller's seed, which is then put back: the heads and dropout masks
+            # drawn after it are those of the same run without the dense heads, so adding them
+            # leaves the MLP heads' figures as they were.
+            with torch.random.fork_rng(devices=[]):
+                heads[name] = spec.build(cfg)
             continue
         kwargs = {"target_mean": spec.target_mean, "target_std": spec.target_std} if spec.kind == "regression" else {}
         heads[name] = build_mlp_head(cfg, spec.head_task, spec.out_dim, **kwargs)

@@ -16,14 +16,16 @@ from fedmri.metrics.classification import (
     multiclass_metrics,
     multilabel_metrics,
 )
-from fedmri.metrics.localisation import mean_iou
+from fedmri.metrics.localisation import iou_per_sample, mean_iou
 from fedmri.metrics.regression import mae
-from fedmri.metrics.segmentation import segmentation_metrics
+from fedmri.metrics.segmentation import dice_per_sample, segmentation_metrics
 
 __all__ = [
     "auroc_within_groups",
     "binary_auroc",
     "binary_metrics",
+    "dice_per_sample",
+    "iou_per_sample",
     "mae",
     "mean_iou",
     "multiclass_metrics",

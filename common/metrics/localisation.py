@@ -23,6 +23,15 @@ def mean_iou(pred_masks: Any, target_masks: Any) -> float:
     Raises:
         ValueError: For shapes that differ, no samples, or values outside {0, 1}.
     """
+    return float(iou_per_sample(pred_masks, target_masks).mean())
+
+
+def iou_per_sample(pred_masks: Any, target_masks: Any) -> np.ndarray:
+    """Each sample's IoU (N,), as :func:`mean_iou` scores it (both empty: 1); their mean is :func:`mean_iou`.
+
+    Raises:
+        ValueError: As :func:`mean_iou`.
+    """
     p = as_binary(pred_masks, "pred_masks")
     t = as_binary(target_masks, "target_masks")
     same_shape(p, t, "pred_masks and target_masks")
@@ -32,5 +41,4 @@ def mean_iou(pred_masks: Any, target_masks: Any) -> float:
     t = t.reshape(t.shape[0], -1)  # N, V
     intersection = (p & t).sum(axis=1)
     union = (p | t).sum(axis=1)
-    iou = np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
-    return float(iou.mean())
+    return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)  # N

@@ -55,12 +55,11 @@ def segmentation_metrics(pred_mask: Any, target_mask: Any,
         raise ValueError(f"masks must be (N, 1, X, Y[, Z]) with N >= 1, got shape {p.shape}")
     spacing_ = _check_spacing(spacing, p.ndim - 2)
 
-    from monai.metrics import compute_dice, compute_hausdorff_distance  # slow import: only when used
+    from monai.metrics import compute_hausdorff_distance  # slow import: only when used
 
     pred = torch.from_numpy(p).float()  # N, 1, *S
     target = torch.from_numpy(t).float()  # N, 1, *S
-    # ignore_empty=False: both empty gives 1, one empty gives 0.
-    dice = compute_dice(pred, target, include_background=True, ignore_empty=False)[:, 0]  # N
+    dice = _dice(pred, target)  # N
 
     p_any = p.reshape(p.shape[0], -1).any(axis=1)
     t_any = t.reshape(t.shape[0], -1).any(axis=1)
@@ -79,3 +78,27 @@ def segmentation_metrics(pred_mask: Any, target_mask: Any,
     if defined.any():
         out["hd95"] = float(hd95[defined].mean())
     return out
+
+
+def dice_per_sample(pred_mask: Any, target_mask: Any) -> np.ndarray:
+    """Each sample's Dice (N,), with :func:`segmentation_metrics`' empty-mask convention; its mean is ``dice``.
+
+    The per-series scores a bootstrap over patients resamples.
+
+    Raises:
+        ValueError: As :func:`segmentation_metrics`.
+    """
+    p = as_binary(pred_mask, "pred_mask")
+    t = as_binary(target_mask, "target_mask")
+    same_shape(p, t, "pred_mask and target_mask")
+    if p.ndim not in (4, 5) or p.shape[0] == 0 or p.shape[1] != 1:
+        raise ValueError(f"masks must be (N, 1, X, Y[, Z]) with N >= 1, got shape {p.shape}")
+    return _dice(torch.from_numpy(p).float(), torch.from_numpy(t).float()).double().numpy()
+
+
+def _dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI's Dice of (N, 1, *S) 0/1 masks, per sample (N,)."""
+    from monai.metrics import compute_dice  # slow import: only when used
+
+    # ignore_empty=False: both empty gives 1, one empty gives 0.
+    return compute_dice(pred, target, include_background=True, ignore_empty=False)[:, 0]  # N

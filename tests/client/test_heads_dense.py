@@ -23,7 +23,7 @@ from fedmri.client.trainers.heads import evaluate_heads, run_heads, series_loss
 from fedmri.client.trainers.heads_dense import DenseData, cache_options, lesion_rows
 from fedmri.config import load_config, to_yaml
 from fedmri.errors import ConfigError
-from fedmri.heads import AnomalyHead, UNETRDecoder, skip_layers
+from fedmri.heads import AnomalyHead, LightDecoder, UNETRDecoder, skip_layers
 from fedmri.heads.dense import DENSE_TASKS, DenseInputs, lesion_target
 from fedmri.heads.tasks import build_task_heads, load_task_heads_state, task_heads_state, task_spec
 from fedmri.wire import ENCODER, HEAD_PREFIX, group_of, head_groups, initial_state, select, stage_groups
@@ -191,6 +191,28 @@ def test_evaluate_heads_dense_metrics(site_cfg: DictConfig, run_cfg: DictConfig,
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["segmentation_dice"] <= 1.0 and 0.0 <= metrics["anomaly_miou"] <= 1.0
     assert metrics["segmentation_hd95"] >= 0.0
+    # The series behind the figures, and the figures' patient-bootstrap intervals (as the tables show them).
+    rows, masked = lesion_rows(site_dataset(site_cfg, "train"))
+    assert metrics["dense-examples"] == len(rows) > 0 and metrics["lesion-free-examples"] <= len(rows) - len(masked)
+    for key in ("segmentation_dice", "anomaly_miou"):
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"], key
+    assert "segmentation_hd95_ci_low" not in metrics  # HD95 is no mean over series: no interval
+
+
+def test_light_decoder_trains_and_scores_from_tokens_and_image(site_cfg: DictConfig, run_cfg: DictConfig,
+                                                                 initial: dict, one_thread: None) -> None:
+    light = OmegaConf.merge(run_cfg, {"heads": {"seg_decoder": "light", "seg_stride": 2,
+                                                "tasks": ["sex", "segmentation"]}})
+    state = select(initial_state(light), stage_groups("heads", light).down)
+    assert isinstance(build_task_heads(light)["segmentation"], LightDecoder)
+    losses = []
+    for r in range(1, 4):
+        up, metrics = run_heads(site_cfg, light, state, dataclasses.replace(_request(light), round=r))
+        state = state | up
+        losses.append(metrics["loss_segmentation"])
+    assert losses[-1] < 0.85 * losses[0], losses
+    scores = evaluate_heads(site_cfg, light, state, "train")
+    assert 0.0 <= scores["segmentation_dice"] <= 1.0
 
 
 def test_dense_metrics_of_a_perfect_and_an_empty_prediction() -> None:

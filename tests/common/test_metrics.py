@@ -13,6 +13,8 @@ from fedmri.metrics import (
     auroc_within_groups,
     binary_auroc,
     binary_metrics,
+    dice_per_sample,
+    iou_per_sample,
     mae,
     mean_iou,
     multiclass_metrics,
@@ -267,6 +269,21 @@ def test_segmentation_empty_mask_conventions() -> None:
 
     got = segmentation_metrics(empty, a)
     assert got == {"dice": 0.0, "hd95_undefined": 1}
+
+
+def test_per_sample_dice_and_iou_are_what_the_means_average() -> None:
+    # The scores a patient bootstrap resamples (fedmri.heads.intervals.series_mean_intervals).
+    a, b = _cubes(2)
+    empty = np.zeros_like(a)
+    pred = np.concatenate([a, empty, empty, a])  # shifted pair, both empty, missed, false alarm
+    target = np.concatenate([b, empty, b, empty])
+    dice = dice_per_sample(pred, target)
+    assert dice.shape == (4,) and dice == pytest.approx([2 * 32 / 128, 1.0, 0.0, 0.0])
+    assert dice.mean() == pytest.approx(segmentation_metrics(pred, target)["dice"])
+    iou = iou_per_sample(pred, target)
+    assert iou == pytest.approx([32 / 96, 1.0, 0.0, 0.0]) and iou.mean() == pytest.approx(mean_iou(pred, target))
+    with pytest.raises(ValueError, match="same shape"):
+        dice_per_sample(pred, target[:2])
 
 
 _MASK = np.zeros((1, 1, 4, 4, 4))

@@ -205,6 +205,9 @@ def test_weighted_mean_of_site_metrics() -> None:
 
     got = aggregate_metrics([{"num-examples": 1, "loss": 1.0}, {"num-examples": 3, "loss": 3.0, "x": 2.0}])
     assert got["num-examples"] == 4 and math.isclose(got["loss"], 2.5) and got["x"] == 2.0
+    # Counts of the series behind a figure add up over the sites, like num-examples.
+    got = aggregate_metrics([{"num-examples": 4, "dense-examples": 3}, {"num-examples": 6, "dense-examples": 6}])
+    assert got["dense-examples"] == 9
 
 
 def test_round_config_carries_schedules_and_strategy_settings(tmp_path: Path) -> None:

@@ -74,3 +74,29 @@ def test_no_baseline_no_differences_and_the_ceiling_is_put_in_row_order() -> Non
     reordered = ceiling_outputs(hospital, [hospital.series[i] for i in (2, 0, 3, 1)], probabilities)
     assert reordered["findings"][:, 0].tolist() == probabilities[[1, 3, 0, 2], 0].tolist()
     assert ceiling_outputs(hospital, hospital.series[:3], probabilities[:3]) is None  # one series unscored
+
+
+def test_an_export_with_lesion_heads_is_scored_on_its_mlp_heads(tmp_path) -> None:
+    # The demo tunes segmentation and anomaly too; they read patch tokens, not the pooled feature.
+    from fedmri import save_encoder
+    from fedmri.config import load_config
+    from fedmri.heads.export import heads_card, save_heads
+    from fedmri.heads.tasks import build_task_heads, task_heads_state
+    from fedmri.models import build_encoder
+    from fedmri.simulations.compare import score_export
+
+    cfg = load_config("tiny", overrides=["model.img_size=[32,32,32]", "model.depth=3", "model.embed_dim=32",
+                                         "model.num_heads=2", "align.embed_dim=32", "heads.seg_feature_size=4",
+                                         "heads.tasks=[sex,segmentation,anomaly]"])
+    torch.manual_seed(0)
+    folder = save_encoder(tmp_path / "export", build_encoder(cfg), config=cfg, extra={"heads": heads_card(cfg, {})})
+    save_heads(folder, task_heads_state(build_task_heads(cfg)))
+
+    class _Images(_Rows):
+        def __getitem__(self, i: int) -> dict:
+            return {"image": torch.rand(1, 32, 32, 32, generator=torch.Generator().manual_seed(i))}
+
+    rows = _hospital(n_patients=3, per_patient=1).dataset.rows
+    hospital = Hospital("h", _Images(rows), ["h/0", "h/1", "h/2"], ["p0", "p1", "p2"], ["brain"] * 3)
+    scores = score_export(folder, hospital, batch_size=2)
+    assert set(scores) == {"sex"} and scores["sex"].shape == (3, 1)

@@ -115,6 +115,21 @@ def test_overrides_reach_into_the_list_of_stages() -> None:
             load_simulation(None, bad)
 
 
+def test_the_demo_tunes_the_lesion_heads_in_every_flower_mode_and_explicit_overrides_keep_their_tasks() -> None:
+    from fedmri.config.schema import HeadsConfig
+    from fedmri.server.config import run_config
+    from fedmri.simulations.runner import FLOWER_MODES, _mode_fed, load_simulation
+
+    sim = load_simulation(None, [])
+    for mode in FLOWER_MODES:
+        heads = run_config(_mode_fed(sim, mode)).heads
+        assert list(heads.tasks) == [*HeadsConfig().tasks, "segmentation", "anomaly"], mode
+        assert heads.seg_decoder == "light" and heads.seg_stride == 4 and heads.seg_feature_size == 8, mode
+    # A simulation that names its own run-config overrides (the tests' small ones) keeps the MLP tasks.
+    sim = load_simulation(None, ["federation.overrides=[ssl.lr=2e-3]"])
+    assert list(run_config(sim.federation).heads.tasks) == HeadsConfig().tasks
+
+
 def test_synthetic_sites_get_a_seeded_salt_and_real_ones_keep_theirs(tmp_path: Path) -> None:
     from fedmri.data.catalog_db import load_or_create_salt
     from fedmri.simulations.runner import synthetic_salt

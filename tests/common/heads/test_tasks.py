@@ -43,3 +43,21 @@ def test_unknown_rows_and_one_class_families_give_no_figure() -> None:
     assert by_family and all(k.endswith("@FLAIR") for k in by_family)
     assert FINDINGS.sequence_metrics(scores, torch.zeros_like(target), known, regions, families) == {}
     assert TASKS["sequence"].sequence_metrics(scores, target, known, regions, families) == {}
+
+
+def test_dense_heads_leave_the_mlp_heads_and_the_random_stream_as_without_them(cfg) -> None:
+    # The demo adds segmentation and anomaly to the MLP tasks: the MLP heads' initial weights and the
+    # dropout masks drawn after building the heads (a heads round builds them under its seed) stay the same.
+    from omegaconf import OmegaConf
+
+    from fedmri.heads.tasks import build_task_heads
+
+    def build(tasks: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        torch.manual_seed(3)
+        heads = build_task_heads(OmegaConf.merge(cfg, {"heads": {"tasks": tasks}}))
+        return {k: v for k, v in heads.state_dict().items() if k.startswith(("findings.", "sex."))}, torch.rand(4)
+
+    (mlp, after), (both, after_dense) = build(["findings", "sex"]), build(["findings", "segmentation", "sex",
+                                                                            "anomaly"])
+    assert mlp.keys() == both.keys() and all(torch.equal(mlp[k], both[k]) for k in mlp)
+    assert torch.equal(after, after_dense)
