@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-# The stages that send model updates; evaluate sends metrics only.
-_TRAINING = ("pretrain", "align")
+# The stages that send model updates (heads: the task heads, trained on the site's labels); evaluate sends metrics only.
+_TRAINING = ("pretrain", "align", "heads")
 _BUDGET = "privacy budget"
 # metrics.jsonl key -> summary key, for a site's mechanism in one stage.
 _MECHANISM = {"dp-noise-multiplier": "noise_multiplier", "dp-sample-rate": "sample_rate", "dp-steps": "steps",

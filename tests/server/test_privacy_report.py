@@ -145,3 +145,14 @@ def test_status_shows_privacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "ε spent: site-01 2.31 (pretrain 1.9, align 2.31) at δ 1e-05" in out
     assert "site-02 2 (pretrain 1.5, align 2) at δ 1e-05; 1 round(s) declined for budget" in out
     assert "central site-level ε 1.2 at δ 1e-05" in out
+
+
+def test_heads_rounds_count_their_privacy_spend() -> None:
+    """The heads stage sends heads trained on the site's labels: its DP rounds add to the run's ε."""
+    rows = dp_rows() + [_ok("heads", 1, 4, "site-01", 2.9),
+                        {"stage": "heads", "round": 1, "server_round": 4, "site": "site-02", "status": "ok"}]
+    s = privacy_summary(rows)
+    assert s["stages"] == ["pretrain", "align", "heads"]
+    one = s["sites"]["site-01"]
+    assert one["epsilon_run"] == 2.9 and one["stages"]["heads"]["rounds_dp"] == 1
+    assert s["sites"]["site-02"]["stages"]["heads"]["rounds_dp"] == 0  # an update without DP, reported as such
