@@ -24,6 +24,7 @@ tokens, or all three:
     python benchmarks/bench_probe.py --data /tmp/probe --sites 6 supervised --epochs 40
     python benchmarks/bench_probe.py --data /tmp/probe --sites 6 supervised --epochs 40 model.patch_size=8
     python benchmarks/bench_probe.py --data /tmp/probe --sites 6 supervised --epochs 40 --conv-stem
+    python benchmarks/bench_probe.py --data /tmp/probe --sites 6 ssl --steps 1500 --every 500 model.stem=conv
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from fedmri.config import load_config
 from fedmri.simulations.ceiling import Split, findings_intervals, load_split
@@ -158,23 +160,13 @@ def train_align(cfg, catalogs: list[Path], steps: int, every: int, augment: bool
             check(step, model.image_encoder)
 
 
-def conv_stem(encoder: torch.nn.Module, patch_size: int, width: int) -> None:
-    """Swap the one-convolution patch embedding for 3^3 stride-2 convolutions (early convolutions, Xiao et al. 2021)."""
-    channels = [1] + [min(width, 16 * 2 ** i) for i in range(int(np.log2(patch_size)))]
-    layers: list[torch.nn.Module] = []
-    for a, b in zip(channels, channels[1:]):
-        layers += [torch.nn.Conv3d(a, b, 3, stride=2, padding=1), torch.nn.GroupNorm(min(8, b), b), torch.nn.GELU()]
-    encoder.patch_embed.proj = torch.nn.Sequential(*layers, torch.nn.Conv3d(channels[-1], width, 1))
-
-
 def train_supervised(cfg, train: Split, held: Split, epochs: int, stem: bool,
                      check: Callable[[int, torch.nn.Module], None]) -> None:
     from fedmri.models import build_encoder
 
     rng = np.random.default_rng(0)
-    encoder = build_encoder(cfg)
-    if stem:
-        conv_stem(encoder, int(cfg.model.patch_size), int(cfg.model.embed_dim))
+    # model.stem=conv: 3^3 stride-2 convolutions under the patch tokens (fedmri.models.layers.PatchEmbed3D).
+    encoder = build_encoder(OmegaConf.merge(cfg, {"model": {"stem": "conv"}}) if stem else cfg)
     width = 2 * cfg.model.embed_dim
     head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, train.findings.shape[1]))
     batch = 16

@@ -35,6 +35,12 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     # Extra learnt tokens that soak up global attention (Darcet et al. 2024).
     num_register_tokens: int = 0
+    # Patch embedding: "patch" (ViT's linear projection of each patch) or "conv"
+    # (3^3 stride-2 convolutions down to the patch grid, Xiao et al. 2021). On the
+    # synthetic hospitals, a tiny ViT trained with the findings labels reached
+    # held-out in-region AUROC 0.65 with the conv stem and 0.53 without (1,249
+    # series; benchmarks/bench_probe.py, RESULTS.md). small and base stay "patch".
+    stem: str = "patch"
 
 
 @dataclass

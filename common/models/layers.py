@@ -17,22 +17,49 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+STEMS = ("patch", "conv")
+
+
 class PatchEmbed3D(nn.Module):
-    """Cut a volume into cubic patches and project each to a token (one Conv3d).
+    """Cut a volume into cubic patches and project each to a token.
 
     Args:
         patch_size: Patch edge in voxels.
         in_chans: Input channels.
         embed_dim: Token width.
+        stem: ``"patch"``: one Conv3d with kernel and stride ``patch_size`` (ViT's
+            linear patch projection); ``"conv"``: log2(patch_size) 3^3 stride-2
+            convolutions (16, 32, 64, ... channels, capped at ``embed_dim``, each
+            with GroupNorm and GELU), then a 1x1x1 projection: the early
+            convolutions of Xiao et al. 2021, which keep a lesion a few voxels
+            wide that a linear projection of a 16^3 patch averages away.
+            Default ``"patch"``.
+
+    Raises:
+        ValueError: For sizes below 1, an unknown stem, or a conv stem whose
+            patch size is not a power of two.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch") -> None:
         super().__init__()
         if min(patch_size, in_chans, embed_dim) < 1:
             raise ValueError(f"patch_size, in_chans and embed_dim must be >= 1, "
                              f"got {patch_size}, {in_chans}, {embed_dim}")
-        self.patch_size = patch_size
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        self.patch_size, self.stem = patch_size, stem
+        if stem == "patch":
+            self.proj: nn.Module = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+            return
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"a conv stem halves the grid per layer: patch_size must be a power of two >= 2, "
+                             f"got {patch_size}")
+        widths = [in_chans] + [min(embed_dim, 16 * 2 ** i) for i in range(patch_size.bit_length() - 1)]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            # GroupNorm, not BatchNorm: per-sample statistics keep DP-SGD valid.
+            layers += [nn.Conv3d(a, b, 3, stride=2, padding=1), nn.GroupNorm(min(8, b), b), nn.GELU()]
+        self.proj = nn.Sequential(*layers, nn.Conv3d(widths[-1], embed_dim, kernel_size=1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)  # B, D, gx, gy, gz

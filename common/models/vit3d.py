@@ -40,6 +40,9 @@ class ViT3D(nn.Module):
         drop_path_rate: Stochastic depth of the last block, linear from 0 at the
             first; in [0, 1). Default 0.0.
         num_register_tokens: Register tokens (returned neither as CLS nor patch). Default 0.
+        stem: Patch embedding, ``"patch"`` (one linear projection per patch) or
+            ``"conv"`` (stride-2 convolutions; :class:`~fedmri.models.layers.PatchEmbed3D`).
+            Default ``"patch"``.
 
     Raises:
         ValueError: For any argument out of range, naming it and its value.
@@ -58,6 +61,7 @@ class ViT3D(nn.Module):
         layerscale_init: float = 1e-5,
         drop_path_rate: float = 0.0,
         num_register_tokens: int = 0,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         img_size = tuple(int(s) for s in img_size)
@@ -83,7 +87,7 @@ class ViT3D(nn.Module):
         self.num_heads = num_heads
         self.num_register_tokens = num_register_tokens
 
-        self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim, stem)
         self.mask_embed = MaskEmbed(embed_dim)
         self.pos_embed = PositionEmbedding3D(self.grid_size(img_size), embed_dim)
         self.prefix = PrefixTokens(embed_dim, num_register_tokens)

@@ -73,6 +73,17 @@ def test_vit_round_trip_is_bit_exact(tmp_path: Path, cfg, vit: ViT3D) -> None:
     assert torch.equal(a["layers"][0], b["layers"][0])
 
 
+def test_a_conv_stem_encoder_round_trips(tmp_path: Path, cfg) -> None:
+    conv = OmegaConf.merge(cfg, {"model": {"stem": "conv"}})
+    torch.manual_seed(0)
+    vit = build_encoder(conv).eval()
+    loaded = load_encoder(save_encoder(tmp_path / "export", vit, config=conv))
+    assert loaded.patch_embed.stem == "conv"
+    _assert_same_weights(vit, loaded)
+    with torch.no_grad():
+        assert torch.equal(vit(_images())["patch"], loaded(_images())["patch"])
+
+
 def test_frozen_unmodified_text_tower_is_stored_as_a_reference(tmp_path: Path, cfg, vit, minilm) -> None:
     model = build_aligned_model(cfg, image_encoder=vit, text_tower=minilm)
     folder = save_encoder(tmp_path / "aligned", model, config=cfg)

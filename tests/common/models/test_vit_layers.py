@@ -38,6 +38,24 @@ def test_patch_embed_is_a_strided_conv() -> None:
     torch.testing.assert_close(out[0, :, 1, 0, 0], manual)
 
 
+@pytest.mark.parametrize("patch, widths", [(2, [16]), (8, [16, 32, 48]), (16, [16, 32, 48, 48])])
+def test_conv_stem_halves_the_grid_per_layer_down_to_the_patch_grid(patch: int, widths: list[int]) -> None:
+    pe = PatchEmbed3D(patch, 1, 48, stem="conv")
+    convs = [m for m in pe.proj if isinstance(m, torch.nn.Conv3d)]
+    assert [c.out_channels for c in convs] == [*widths, 48] and all(c.stride == (2, 2, 2) for c in convs[:-1])
+    out = pe(torch.rand(2, 1, 2 * patch, patch, 3 * patch))
+    assert out.shape == (2, 48, 2, 1, 3)
+    # GroupNorm's statistics are each sample's own: a batch gives what its samples give one by one.
+    x = torch.rand(3, 1, 2 * patch, patch, 3 * patch)
+    torch.testing.assert_close(pe(x), torch.cat([pe(x[i:i + 1]) for i in range(3)]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"stem": "mlp"}, "stem"), ({"patch_size": 12, "stem": "conv"}, "power of two")])
+def test_patch_embed_rejects_a_bad_stem(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PatchEmbed3D(**{"patch_size": 16, "in_chans": 1, "embed_dim": 8, **kwargs})
+
+
 def test_block_with_zero_layerscale_gain_is_identity() -> None:
     block = Block(8, 2, layerscale_init=1e-5)
     with torch.no_grad():
