@@ -257,26 +257,28 @@ def test_dice_matches_hand_counts() -> None:
     assert segmentation_metrics(a, b)["dice"] == pytest.approx(2 * 48 / 128)
 
 
-def test_segmentation_empty_mask_conventions() -> None:
+def _four_cases() -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and target masks of four samples: a shifted pair, both empty, a miss, a false alarm."""
     a, b = _cubes(2)
     empty = np.zeros_like(a)
-    pred = np.concatenate([a, empty, empty, a])  # shifted pair, both empty, missed, false alarm
-    target = np.concatenate([b, empty, b, empty])
+    return np.concatenate([a, empty, empty, a]), np.concatenate([b, empty, b, empty])
+
+
+def test_segmentation_empty_mask_conventions() -> None:
+    pred, target = _four_cases()
     got = segmentation_metrics(pred, target)
     assert got["dice"] == pytest.approx((2 * 32 / 128 + 1.0 + 0.0 + 0.0) / 4)
     assert got["hd95"] == pytest.approx((2.0 + 0.0) / 2)  # the two undefined ones are left out
     assert got["hd95_undefined"] == 2
 
+    a, empty = pred[:1], pred[1:2]
     got = segmentation_metrics(empty, a)
     assert got == {"dice": 0.0, "hd95_undefined": 1}
 
 
 def test_per_sample_dice_and_iou_are_what_the_means_average() -> None:
     # The scores a patient bootstrap resamples (fedmri.heads.intervals.series_mean_intervals).
-    a, b = _cubes(2)
-    empty = np.zeros_like(a)
-    pred = np.concatenate([a, empty, empty, a])  # shifted pair, both empty, missed, false alarm
-    target = np.concatenate([b, empty, b, empty])
+    pred, target = _four_cases()
     dice = dice_per_sample(pred, target)
     assert dice.shape == (4,) and dice == pytest.approx([2 * 32 / 128, 1.0, 0.0, 0.0])
     assert dice.mean() == pytest.approx(segmentation_metrics(pred, target)["dice"])

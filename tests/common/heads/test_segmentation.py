@@ -36,12 +36,13 @@ def test_non_cubic_inputs_and_float16_cached_layers(encoder, cfg) -> None:
     assert logits.shape == (1, 2, 32, 48, 16) and logits.dtype == torch.float32
 
 
-def test_decoder_learns_to_segment_blobs_from_frozen_tokens(encoder, cfg) -> None:
+@pytest.mark.parametrize("kind", ["unetr", "light"])
+def test_decoder_learns_to_segment_blobs_from_frozen_tokens(encoder, cfg, kind: str) -> None:
     torch.manual_seed(0)
     images, _ = blob_volumes(2, seed=3)
     labels = (images > 0.4).long()  # B, 1, X, Y, Z
     out = _tokens(encoder, cfg, images)
-    decoder = build_segmentation_head(cfg, 2)
+    decoder = build_segmentation_head(OmegaConf.merge(cfg, {"heads": {"seg_decoder": kind}}), 2)
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     losses = []
     for _ in range(10):
@@ -116,23 +117,6 @@ def test_light_decoder_takes_any_patch_size(cfg) -> None:
     assert out["grid"] == (4, 4, 4)
     logits = build_segmentation_head(small_patches, 2)(out["layers"], out["patch"], out["grid"], images)
     assert logits.shape == (1, 2, 32, 32, 32)
-
-
-def test_light_decoder_learns_to_segment_blobs(encoder, cfg) -> None:
-    torch.manual_seed(0)
-    images, _ = blob_volumes(2, seed=3)
-    labels = (images > 0.4).long()
-    out = _tokens(encoder, cfg, images)
-    decoder = build_segmentation_head(OmegaConf.merge(cfg, {"heads": {"seg_decoder": "light"}}), 2)
-    opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = decoder.loss(decoder(out["layers"], out["patch"], out["grid"], images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
 
 
 def test_light_decoder_needs_the_image_and_its_layers(encoder, cfg) -> None:
