@@ -25,25 +25,22 @@ from typing import Any
 
 import torch
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmri import __version__
-from fedmri.client import trainers
+from fedmri import stages as stage_registry
 from fedmri.client.policy import allowed_metrics, check_request
 from fedmri.client.privacy.gate import PrivacyGate
 from fedmri.client.replies import decline
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
 from fedmri.protocol import PROTOCOL_VERSION
-from fedmri.wire import from_record, groups_in, stage_groups, to_record
+from fedmri.wire import from_record, groups_in, to_record
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 SIM_SITES_ENV = "FEDMRI_SIM_SITES"
-MESSAGE_TYPE = {"pretrain": MessageType.TRAIN, "align": MessageType.TRAIN, "heads": MessageType.TRAIN,
-                "evaluate": MessageType.EVALUATE}
-TRAINER = {"pretrain": "run_pretrain", "align": "run_align", "heads": "run_heads", "evaluate": "run_evaluate"}
 
 
 @app.query()
@@ -108,8 +105,8 @@ def _handle(msg: Message, context: Context) -> Message:
         if "config" not in msg.content or "arrays" not in msg.content:
             raise RequestError("the message lacks its 'config' or 'arrays' record")
         request = TrainRequest.from_config(msg.content["config"])
-        stage = request.stage
-        if msg.metadata.message_type != MESSAGE_TYPE[stage]:
+        stage, spec = request.stage, stage_registry.get(request.stage)
+        if msg.metadata.message_type != spec.message_type:
             raise RequestError(f"stage {stage!r} came as a {msg.metadata.message_type!r} message")
         site = load_site(_site_file(context))
         configure_torch(site)
@@ -119,24 +116,20 @@ def _handle(msg: Message, context: Context) -> Message:
         run_cfg = parse_run_config(request.fedmri_config)
         arrays = msg.content["arrays"]
         state = from_record(arrays)
-        down = stage_groups(stage, run_cfg).down
+        down = spec.groups(run_cfg).down
         if sorted(groups_in(state)) != sorted(down):
             raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")
-        if stage == "evaluate":
-            result = trainers.run_evaluate(site, run_cfg, state, request)
-        else:
-            result = _train(site, run_cfg, state, request, msg)
+        up, metrics = _train(site, run_cfg, state, request, msg)
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
         return decline(msg, str(exc))
     except Exception as exc:  # noqa: BLE001 -- a site bug must not leak its message; see the module docstring
         log.exception("%s failed at this site", stage)
         return decline(msg, f"{stage} failed at the site ({type(exc).__name__}); the site's log has the details")
-    up, metrics = result if stage != "evaluate" else ({}, result)
     metrics = allowed_metrics(site, metrics)
     content = RecordDict()
     sent = 0
-    if stage != "evaluate":
+    if spec.trains:
         content["arrays"] = to_record(up)
         sent = content["arrays"].count_bytes()
     content["metrics"] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
@@ -164,7 +157,7 @@ def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest, msg: Mes
     # Only the ledger needs the digest: hashing every tensor is skipped for rounds without DP.
     gate = PrivacyGate(site, request, inputs=_inputs_digest(msg)) if private else None
     site_level = gate.plan_site_level() if request.site_dp == "local" else None  # declines over budget
-    up, metrics = getattr(trainers, TRAINER[request.stage])(site, run_cfg, state, request, privacy=gate)
+    up, metrics = stage_registry.get(request.stage).train(site, run_cfg, state, request, privacy=gate)
     if gate is None:
         return up, metrics
     if request.dp and request.stage not in gate.plans:

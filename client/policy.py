@@ -14,7 +14,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
-from fedmri.client.trainers.context import TRAIN_STAGES, TrainRequest
+from fedmri.client.trainers.context import TrainRequest
 
 Rule = Callable[[Any, TrainRequest], "str | None"]
 
@@ -30,7 +30,7 @@ def stage_allowed(site_cfg: Any, request: TrainRequest) -> str | None:
 def local_steps_within_limit(site_cfg: Any, request: TrainRequest) -> str | None:
     """At most ``policy.max_local_steps`` optimisation steps in one round."""
     limit = int(site_cfg.policy.max_local_steps)
-    if request.stage in TRAIN_STAGES and request.local_steps > limit:
+    if request.trains and request.local_steps > limit:
         return f"local-steps {request.local_steps} exceeds this site's policy.max_local_steps {limit}"
     return None
 

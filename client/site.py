@@ -38,11 +38,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedmri import stages as stage_registry
 from fedmri.errors import ConfigError, InputError
 
-# What a site can take part in: the pipeline's stages, and answering federated
+# Besides the pipeline's stages (fedmri.stages), a site can answer federated
 # searches (`fedmri search`: pseudonymous series ids and scores leave the site).
-KNOWN_STAGES = ("pretrain", "align", "heads", "evaluate", "search")
+SEARCH = "search"
+
+
+def known_stages() -> list[str]:
+    """What a site can take part in: every registered stage, and search."""
+    return [*stage_registry.names(), SEARCH]
 
 
 @dataclass
@@ -86,7 +92,7 @@ class SitePolicy:
 
     # Stages this site takes part in, and "search" to answer federated searches;
     # a request for anything else is declined.
-    stages: list[str] = field(default_factory=lambda: list(KNOWN_STAGES))
+    stages: list[str] = field(default_factory=known_stages)
     # Most local optimisation steps the site runs in one round.
     max_local_steps: int = 1000
     # Metrics that may leave the site, as shell patterns ("*_loss", "knn_*"); the
@@ -143,9 +149,9 @@ def load_site(path: str | Path, overrides: list[str] | None = None) -> DictConfi
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"site file {path}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
-    bad = [s for s in cfg.policy.stages if s not in KNOWN_STAGES]
+    bad = [s for s in cfg.policy.stages if s not in known_stages()]
     if bad:
-        raise ConfigError(f"site file {path}: policy.stages has unknown {bad}; known: {', '.join(KNOWN_STAGES)}")
+        raise ConfigError(f"site file {path}: policy.stages has unknown {bad}; known: {', '.join(known_stages())}")
     if cfg.batch_size < 1 or cfg.policy.max_local_steps < 0 or cfg.threads < 0:
         raise ConfigError(f"site file {path}: batch_size must be >= 1, threads and policy.max_local_steps >= 0")
     dp = cfg.policy.dp

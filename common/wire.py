@@ -35,14 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedmri.errors import ConfigError
 
 SEP = "/"
 ENCODER, DINO_HEAD, TEACHER, TEACHER_HEAD, CENTER = "encoder", "dino_head", "teacher", "teacher_head", "center"
 TEXT, PROJECTIONS, LOGIT_SCALE = "text", "projections", "logit_scale"
 SSL_GROUPS = (ENCODER, DINO_HEAD, TEACHER, TEACHER_HEAD, CENTER)
 ALIGN_GROUPS = (ENCODER, TEXT, PROJECTIONS, LOGIT_SCALE)
-STAGES = ("pretrain", "align", "heads", "evaluate")
 HEAD_PREFIX = "head."
 
 State = dict[str, Tensor]
@@ -173,33 +171,14 @@ class StageGroups:
 
 
 def stage_groups(stage: str, cfg: Any) -> StageGroups:
-    """The groups that travel in ``stage`` under the run config ``cfg`` (its ``align`` section).
+    """The groups that travel in ``stage`` under the run config ``cfg`` (the stage registry's ``groups``).
 
     Raises:
         ConfigError: For an unknown stage.
     """
-    if stage == "pretrain":
-        return StageGroups(down=SSL_GROUPS, up=(ENCODER, DINO_HEAD, CENTER))
-    if stage == "align":
-        up = [PROJECTIONS, LOGIT_SCALE]
-        if not cfg.align.freeze_image_encoder:
-            up.insert(0, ENCODER)
-        if cfg.align.text_trainable_layers != 0:
-            up.insert(-2, TEXT)
-        down = (ENCODER, TEXT, PROJECTIONS, LOGIT_SCALE) if cfg.align.text_trainable_layers != 0 else (
-            ENCODER, PROJECTIONS, LOGIT_SCALE)
-        return StageGroups(down=down, up=tuple(up))
-    if stage == "heads":
-        heads = head_groups(cfg)
-        if not heads:
-            raise ConfigError("the heads stage needs at least one task in heads.tasks")
-        return StageGroups(down=(ENCODER, *heads), up=heads)
-    if stage == "evaluate":
-        down = (*SSL_GROUPS, *(g for g in ALIGN_GROUPS if g != ENCODER), *head_groups(cfg))
-        if cfg.align.text_trainable_layers == 0:
-            down = tuple(g for g in down if g != TEXT)
-        return StageGroups(down=down, up=())
-    raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    from fedmri.stages import get  # the registry builds on this module
+
+    return get(stage).groups(cfg)
 
 
 def head_groups(cfg: Any) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedmri.config import load_config
 from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
-from fedmri.wire import STAGES
+from fedmri import stages as stage_registry
 
 
 SITE_DP_MODES = ("off", "central", "local")
@@ -168,15 +168,16 @@ def _check(cfg: DictConfig, where: str) -> None:
     from fedmri.strategies import build_aggregator
 
     if not cfg.stages:
-        raise ConfigError(f"{where}: stages is empty; name at least one of {', '.join(STAGES)}")
+        raise ConfigError(f"{where}: stages is empty; name at least one of {', '.join(stage_registry.names())}")
     if cfg.min_sites < 1 or not 0 < cfg.fraction <= 1:
         raise ConfigError(f"{where}: min_sites must be >= 1 and fraction in (0, 1]")
     for i, stage in enumerate(cfg.stages):
-        if stage.name not in STAGES:
-            raise ConfigError(f"{where}: stages[{i}].name {stage.name!r} is not one of {', '.join(STAGES)}")
+        if stage.name not in stage_registry.names():
+            raise ConfigError(f"{where}: stages[{i}].name {stage.name!r} is not one of "
+                              f"{', '.join(stage_registry.names())}")
         if stage.rounds < 1 or stage.local_steps < 0:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}) needs rounds >= 1 and local_steps >= 0")
-        if stage.name != "evaluate" and stage.local_steps < 1:
+        if stage_registry.get(stage.name).trains and stage.local_steps < 1:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}) needs local_steps >= 1")
         _check_dp(stage, f"{where}: stages[{i}] ({stage.name})")
         try:
@@ -185,18 +186,18 @@ def _check(cfg: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}: stages[{i}] ({stage.name}).strategy: {exc}") from None
     run_cfg = run_config(cfg)  # the encoder preset and overrides must load
     for i, stage in enumerate(cfg.stages):
-        if stage.name == "align" and stage.dp.enabled:
-            from fedmri.align.dp_negatives import require_dp_valid
-
-            require_dp_valid(run_cfg, f"{where}: stages[{i}] (align) with dp.enabled")
+        check = stage_registry.get(stage.name).check
+        if check is not None:
+            check(run_cfg, stage, f"{where}: stages[{i}] ({stage.name})")
 
 
 def _check_dp(stage: DictConfig, where: str) -> None:
     dp, site = stage.dp, stage.site_dp
-    training = stage.name in ("pretrain", "align", "heads")
+    training = stage_registry.get(stage.name).trains
+    trained = ", ".join(n for n in stage_registry.names() if stage_registry.get(n).trains)
     if dp.enabled:
         if not training:
-            raise ConfigError(f"{where}: dp.enabled is for the training stages (pretrain, align, heads)")
+            raise ConfigError(f"{where}: dp.enabled is for the training stages ({trained})")
         if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
             raise ConfigError(f"{where}: dp needs exactly one of noise_multiplier and target_epsilon")
         for key in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
@@ -206,7 +207,7 @@ def _check_dp(stage: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: site_dp.mode {site.mode!r} is not one of {', '.join(SITE_DP_MODES)}")
     if site.mode != "off":
         if not training:
-            raise ConfigError(f"{where}: site_dp is for the training stages (pretrain, align, heads)")
+            raise ConfigError(f"{where}: site_dp is for the training stages ({trained})")
         if not (site.noise_multiplier > 0 and site.clip_norm > 0 and 0 < site.delta < 1):
             raise ConfigError(f"{where}: site_dp needs noise_multiplier > 0, clip_norm > 0 and delta in (0, 1)")
         if site.mode == "central" and stage.strategy.get("name") not in ("fedavg", "fedprox"):

@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 
+from fedmri import stages as stage_registry
 from fedmri import wire
 from fedmri.errors import FedmriError
 from fedmri.protocol import PROTOCOL_VERSION
@@ -191,7 +192,7 @@ class Pipeline:
 
     def _eligible(self, nodes: list[int], stage_i: int) -> list[int]:
         ok = [n for n in nodes if n in self.site_names and not self.site_names[n].endswith("(incompatible)")]
-        only = self.eval_sites if self.fed.stages[stage_i].name == "evaluate" else self.train_sites
+        only = self.train_sites if self._spec(stage_i).trains else self.eval_sites
         if only is not None:
             ok = [n for n in ok if self.site_names[n] in only]
         return ok
@@ -222,32 +223,22 @@ class Pipeline:
         # Each round runs at the schedule's value for its middle: round 1 of a
         # warm-up would otherwise train at a learning rate of exactly 0.
         fraction = (rnd - 0.5) / stage.rounds
+        spec = self._spec(stage_i)
         values: dict[str, Any] = {
             "stage": stage.name, "round": rnd, "server-round": server_round, "local-steps": int(stage.local_steps),
             "seed": int(self.fed.seed), "run-name": str(self.fed.name), "protocol-version": PROTOCOL_VERSION,
             "fedmri-config": OmegaConf.to_yaml(self.cfg),
         }
-        if stage.name == "pretrain":
-            from fedmri.ssl import ssl_schedule
-
-            s = ssl_schedule(self.cfg, fraction)
-            values |= {"lr": s["lr"], "weight-decay": s["weight_decay"], "teacher-momentum": s["teacher_momentum"],
-                       "teacher-temp": s["teacher_temp"]}
-        elif stage.name == "align":
-            from fedmri.align import align_schedule
-
-            s = align_schedule(self.cfg, fraction)
-            values |= {"lr": s["lr"], "weight-decay": s["weight_decay"]}
-        elif stage.name == "heads":
-            values |= {"lr": float(self.cfg.heads.lr), "weight-decay": float(self.cfg.heads.weight_decay)}
-        else:
-            values["split"] = str(stage.split)
-            values["evaluate-heads"] = any(s.name == "heads" for s in self.fed.stages[:stage_i])
-            values["evaluate-aligned"] = any(s.name == "align" for s in self.fed.stages[:stage_i])
-        if stage.name != "evaluate":
+        if spec.round_values is not None:
+            earlier = [stage_registry.get(s.name) for s in self.fed.stages[:stage_i]]
+            values |= spec.round_values(stage_registry.RoundInputs(self.cfg, stage, fraction, earlier))
+        if spec.trains:
             values |= dp_request(stage)
         values |= self.aggregators[stage_i].client_config()
         return values
+
+    def _spec(self, stage_i: int) -> stage_registry.StageSpec:
+        return stage_registry.get(self.fed.stages[stage_i].name)
 
     def _sample(self, nodes: list[int], stage_i: int) -> list[int]:
         stage = self.fed.stages[stage_i]
@@ -264,8 +255,8 @@ class Pipeline:
     def run_round(self, grid: GridLike, stage_i: int, rnd: int, server_round: int) -> RoundOutcome:
         from fedmri.strategies import validate_replies
 
-        stage = self.fed.stages[stage_i]
-        groups = wire.stage_groups(stage.name, self.cfg)
+        stage, spec = self.fed.stages[stage_i], self._spec(stage_i)
+        groups = spec.groups(self.cfg)
         nodes = self._wait_for_sites(grid, stage_i)
         self.sites_seen.update(self.site(n) for n in nodes)
         sampled = self._sample(nodes, stage_i)
@@ -273,8 +264,8 @@ class Pipeline:
         down = wire.to_record(wire.select(self.state, groups.down))
         down_bytes = _nbytes(down)
         config = ConfigRecord(self._round_config(stage_i, rnd, server_round))
-        mtype = MessageType.EVALUATE if stage.name == "evaluate" else MessageType.TRAIN
-        messages = [Message(RecordDict({"arrays": down, "config": config}), dst_node_id=n, message_type=mtype)
+        messages = [Message(RecordDict({"arrays": down, "config": config}), dst_node_id=n,
+                            message_type=spec.message_type)
                     for n in sampled]
         log(INFO, "fedmri: %s round %d/%d (global %d): %d sites, %.1f MB down each", stage.name, rnd,
             stage.rounds, server_round, len(sampled), down_bytes / 1e6)
@@ -306,7 +297,7 @@ class Pipeline:
             out.failed[node] = f"no reply within {self.fed.round_timeout_s:.0f} s"
             rows.append(base | {"site": self.site(node), "node": node, "status": "failed", "reason": out.failed[node]})
 
-        if stage.name == "evaluate":
+        if not spec.trains:
             accepted = useful
         else:
             current = wire.to_record(wire.select(self.state, groups.up))
@@ -330,26 +321,25 @@ class Pipeline:
 
         # An evaluation is worth recording from any site that had data for it;
         # an update needs min_sites contributors.
-        need = 1 if stage.name == "evaluate" else self._min_sites(stage_i)
+        need = self._min_sites(stage_i) if spec.trains else 1
         if len(accepted) >= need:
             out.aggregated = aggregate_metrics(list(metrics_by_node.values()))
-            if stage.name != "evaluate":
+            if spec.trains:
                 # Aggregation order must not depend on node ids (they change
                 # when a site restarts): order by content.
                 accepted = sorted(accepted, key=lambda r: _digest(r.content.array_records["arrays"]))
                 new, _ = self.aggregators[stage_i].aggregate(server_round, current, accepted)
                 self.state.update(wire.from_record(new))
-                if stage.name == "pretrain":
-                    m = wire.server_teacher_momentum(float(config["teacher-momentum"]), int(stage.local_steps))
-                    wire.update_teacher(self.state, m)
+                if spec.after_aggregate is not None:
+                    spec.after_aggregate(self.state, config, stage)
                 out.updated = True
                 if stage.site_dp.mode == "central":
                     out.aggregated |= self._central_epsilon(stage, len(sampled) / len(nodes))
         else:
             log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
-                len(accepted), need, "nothing to report" if stage.name == "evaluate" else "weights unchanged")
+                len(accepted), need, "weights unchanged" if spec.trains else "nothing to report")
         client_wall = max((m.get("wall-time-s", 0.0) for m in metrics_by_node.values()), default=0.0)
-        agg_row = base | {"site": "all", "status": "aggregated" if out.updated or stage.name == "evaluate"
+        agg_row = base | {"site": "all", "status": "aggregated" if out.updated or not spec.trains
                           and out.aggregated else "skipped", "sites": len(accepted), "wall-time-s": wall,
                           "overhead-s": max(0.0, wall - client_wall), "bytes-down": down_bytes * len(sampled)}
         rows.append(out.aggregated | agg_row)  # the round's own wall time, not the sites' mean
@@ -413,7 +403,7 @@ class Pipeline:
         })
 
     def _finish(self) -> dict[str, Any]:
-        final_eval = [h for h in self.history if h["stage"] == "evaluate"]
+        final_eval = [h for h in self.history if not stage_registry.get(h["stage"]).trains]
         per_site: dict[str, dict[str, float]] = {}
         rows = self.run.read_metrics()
         if final_eval:
@@ -440,16 +430,16 @@ class Pipeline:
         from fedmri.export import save_encoder
         from fedmri.models import build_encoder
 
-        aligned = any(s.name == "align" for s in self.fed.stages)
+        aligned = any(stage_registry.get(s.name).aligns for s in self.fed.stages)
         extra = {"run": self.fed.name, "rounds": len(self.history), "sites": sorted(self.sites_seen),
                  "stages": [f"{s.name} x{s.rounds}" for s in self.fed.stages],
                  "privacy": model_card_privacy(privacy_summary(self.run.read_metrics()))}
         # Heads go with the encoder once a heads round has updated them.
-        tuned = any(h["stage"] == "heads" and h["sites"] for h in self.history)
+        tuned = any(stage_registry.get(h["stage"]).tunes_heads and h["sites"] for h in self.history)
         if tuned:
             from fedmri.heads.export import heads_card, save_heads
 
-            evaluated = [h["metrics"] for h in self.history if h["stage"] == "evaluate" and h["sites"]]
+            evaluated = [h["metrics"] for h in self.history if not stage_registry.get(h["stage"]).trains and h["sites"]]
             extra["heads"] = heads_card(self.cfg, evaluated[-1] if evaluated else {})
         if aligned:
             model = build_aligned_model(self.cfg, image_encoder=build_encoder(self.cfg))

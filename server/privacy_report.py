@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-# The stages that send model updates (heads: the task heads, trained on the site's labels); evaluate sends metrics only.
-_TRAINING = ("pretrain", "align", "heads")
+from fedmri import stages as stage_registry
+
 _BUDGET = "privacy budget"
 # metrics.jsonl key -> summary key, for a site's mechanism in one stage.
 _MECHANISM = {"dp-noise-multiplier": "noise_multiplier", "dp-sample-rate": "sample_rate", "dp-steps": "steps",
@@ -40,7 +40,7 @@ def privacy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         cumulative over the run (after that stage); mechanism values are those of
         the stage's last private round. A site that sent no update has ε 0.
     """
-    rows = sorted((r for r in rows if r.get("stage") in _TRAINING),
+    rows = sorted((r for r in rows if _trains(r)),
                   key=lambda r: (r.get("server_round", 0), str(r.get("site"))))
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     sites: dict[str, dict[str, Any]] = {}
@@ -226,7 +226,7 @@ def write_privacy_report(run_dir: Path, rows: list[dict[str, Any]]) -> list[Path
         png.unlink(missing_ok=True)
         return [md]
     _write_text_atomic(js, json.dumps(summary, indent=1, sort_keys=True, allow_nan=False))
-    plot_privacy(png, [r for r in rows if r.get("stage") in _TRAINING])
+    plot_privacy(png, [r for r in rows if _trains(r)])
     return [js, md, png]
 
 
@@ -238,3 +238,9 @@ def model_card_privacy(summary: dict[str, Any]) -> dict[str, Any]:
              for name, s in summary["sites"].items()}
     return {"dp": summary["dp_used"], "guarantee": guarantee(summary), "sites": sites,
             "central": {"epsilon": summary["central_epsilon"], "delta": summary["central_delta"]}}
+
+
+def _trains(row: dict[str, Any]) -> bool:
+    """A row of a stage that sends model updates (heads too: trained on the site's labels); evaluation sends
+    metrics only."""
+    return row.get("stage") in stage_registry.names() and stage_registry.get(str(row["stage"])).trains

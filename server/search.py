@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from fedmri import stages as stage_registry
 from fedmri import wire
 from fedmri.protocol import PROTOCOL_VERSION
 
@@ -209,7 +210,7 @@ def run_search(grid: Any, run_dir: str | Path, text: str, top_k: int, *, split: 
     if not (run_dir / "federation.yaml").is_file():
         raise InputError(f"{run_dir} is not a run folder (no federation.yaml); give runs/<name>")
     fed = load_federation(run_dir / "federation.yaml")
-    if not any(s.name == "align" for s in fed.stages):
+    if not any(stage_registry.get(s.name).aligns for s in fed.stages):
         raise InputError(f"run {fed.name} has no align stage: its encoder has no shared text-image space to search")
     ckpt = load_checkpoint(run_dir / "ckpt")
     if ckpt is None:

@@ -49,6 +49,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedmri import stages as stage_registry
 from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
 from fedmri.server.config import FederationConfig, _check, run_config
@@ -58,8 +59,6 @@ MODES = ("federated", "random", "local", "central", "ceiling")
 FLOWER_MODES = ("federated", "random", "local", "central")
 POOLED = "pooled"
 HOLDOUT = "holdout"
-# Stages that give the encoder what it knows; the random mode leaves them out.
-ENCODER_STAGES = ("pretrain", "align")
 AT_HOLDOUT = " @ held-out"
 SITES_ENV = "FEDMRI_SIM_SITES"
 # Where the virtual sites and the ceiling train; a CUDA run shares the machine's GPUs between the sites.
@@ -258,7 +257,9 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
     for site in sites:
         _write_site_file(sim, site.site_file, site.name, site.catalog)
     for site in holdouts:
-        _write_site_file(sim, site.site_file, site.name, site.catalog, stages=["evaluate"])
+        # A held-out hospital only scores models.
+        _write_site_file(sim, site.site_file, site.name, site.catalog,
+                         stages=[n for n in stage_registry.names() if not stage_registry.get(n).trains])
     return sites, holdouts
 
 
@@ -294,8 +295,12 @@ def _synthesise_job(job: dict[str, Any]) -> tuple[SimSite, str]:
 
 
 def _evaluate_split(sim: DictConfig) -> str:
-    """The split the evaluate stage scores ("val" without one)."""
-    return next((str(st.split) for st in sim.federation.stages if st.name == "evaluate"), "val")
+    """The split the evaluation stage scores ("val" without one)."""
+    return next((str(st.split) for st in sim.federation.stages if not _trains(st)), "val")
+
+
+def _trains(stage: DictConfig) -> bool:
+    return stage_registry.get(stage.name).trains
 
 
 def _holdout_seed(seed: int, k: int) -> int:
@@ -438,7 +443,7 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
     names, held = [s.name for s in sites], [s.name for s in holdouts]
     n = len(sites)
     results: dict[str, Any] = {}
-    if not any(st.name == "evaluate" for st in sim.federation.stages):
+    if all(_trains(st) for st in sim.federation.stages):
         say("[simulate] note: no evaluate stage, so the modes are not compared")
 
     site_files = [s.site_file for s in sites + holdouts]
@@ -451,7 +456,7 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
         """One site trains (a site alone, the pooled site); every site and held-out hospital evaluates."""
         fed.min_sites = 1
         for st in fed.stages:
-            if st.name == "evaluate":
+            if not _trains(st):
                 st.min_sites = n + len(held)
             else:
                 st.min_sites = 1
@@ -464,7 +469,8 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
         for mode in [m for m in sim.modes if m in FLOWER_MODES]:
             fed = _mode_fed(sim, mode)
             if mode == "random":
-                fed.stages = [st for st in fed.stages if st.name not in ENCODER_STAGES]
+                # The encoder stays as initialised: only stages that do not build it run.
+                fed.stages = [st for st in fed.stages if not stage_registry.get(st.name).builds_encoder]
             say(f"[simulate] mode {mode}: {n} sites" + (f" + {len(held)} held out" if held else "") + ", stages "
                 + (" -> ".join(f"{st.name} x{st.rounds}" for st in fed.stages) or "none"))
             if mode in ("federated", "random"):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedmri.client.privacy.ledger import LedgerConflictError, LedgerEntry, PrivacyLedger, default_ledger_path
-from fedmri.client.trainers.context import TRAIN_STAGES, DeclineError, TrainRequest, derive_seed
+from fedmri.client.trainers.context import DeclineError, TrainRequest, derive_seed
 
 # Ledger stage label of local site-level DP (its own row beside the stage's DP-SGD row).
 SITE_LEVEL_SUFFIX = ":site-level"
@@ -71,7 +71,7 @@ class DPPlan:
 
 def policy_reason(site_cfg: Any, request: TrainRequest) -> str | None:
     """Decline reason when the site requires DP and a training request comes without it."""
-    if request.stage in TRAIN_STAGES and bool(site_cfg.policy.dp.required) and not (
+    if request.trains and bool(site_cfg.policy.dp.required) and not (
             request.dp or request.site_dp == "local"):
         return (f"this site requires differential privacy (policy.dp.required) and the {request.stage} request "
                 "asks for none; set dp (sample-level) or site_dp: local on the stage")

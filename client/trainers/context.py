@@ -25,18 +25,12 @@ from omegaconf.errors import OmegaConfBaseException
 from fedmri.config.schema import FedmriConfig
 from fedmri.errors import FedmriError
 from fedmri.protocol import PROTOCOL_VERSION
-from fedmri.wire import STAGES, State, groups_in
+from fedmri import stages as stage_registry
+from fedmri.wire import State, groups_in
 
-TRAIN_STAGES = ("pretrain", "align", "heads")
 SITE_DP_MODES = ("off", "local", "central")
+# Per-round hyperparameters a request may carry; each stage requires its own (fedmri.stages).
 _HYPERPARAMETERS = ("lr", "weight-decay", "teacher-momentum", "teacher-temp")
-# The per-round hyperparameters each stage must find in the message; others are optional.
-_STAGE_FLOATS = {
-    "pretrain": ("lr", "weight-decay", "teacher-momentum", "teacher-temp"),
-    "align": ("lr", "weight-decay"),
-    "heads": ("lr", "weight-decay"),
-    "evaluate": (),
-}
 
 
 class DeclineError(FedmriError):
@@ -57,7 +51,7 @@ class TrainRequest:
     Hyperparameters that a stage does not use are ``None``.
     """
 
-    # "pretrain", "align" or "evaluate".
+    # A registered stage (fedmri.stages), e.g. "pretrain".
     stage: str
     # 1-based round within the stage.
     round: int
@@ -113,16 +107,17 @@ class TrainRequest:
             raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
                                "coordinator and site must run compatible fedmri releases")
         stage = config_value(values, "stage", str)
-        if stage not in STAGES:
-            raise RequestError(f"unknown stage {stage!r}; this site knows {', '.join(STAGES)}")
-        required = _STAGE_FLOATS[stage]
+        if stage not in stage_registry.names():
+            raise RequestError(f"unknown stage {stage!r}; this site knows {', '.join(stage_registry.names())}")
+        spec = stage_registry.get(stage)
+        required = spec.hyperparameters
         hyper = {key.replace("-", "_"): config_value(values, key, float, default=_MISSING if key in required else None)
                  for key in _HYPERPARAMETERS}
         req = cls(
             stage=stage,
             round=config_value(values, "round", int),
             server_round=config_value(values, "server-round", int),
-            local_steps=config_value(values, "local-steps", int, default=_MISSING if stage in TRAIN_STAGES else 0),
+            local_steps=config_value(values, "local-steps", int, default=_MISSING if spec.trains else 0),
             seed=config_value(values, "seed", int),
             run_name=config_value(values, "run-name", str),
             fedmri_config=config_value(values, "fedmri-config", str),
@@ -143,10 +138,15 @@ class TrainRequest:
         req._check()
         return req
 
+    @property
+    def trains(self) -> bool:
+        """The stage sends an update back (fedmri.stages.StageSpec.trains)."""
+        return stage_registry.get(self.stage).trains
+
     def _check(self) -> None:
         if self.round < 1 or self.server_round < 1:
             raise RequestError(f"round {self.round} and server-round {self.server_round} must be >= 1")
-        if self.stage in TRAIN_STAGES and self.local_steps < 1:
+        if self.trains and self.local_steps < 1:
             raise RequestError(f"local-steps {self.local_steps} must be >= 1 for stage {self.stage}")
         for name in ("lr", "weight_decay", "proximal_mu"):
             value = getattr(self, name)
@@ -164,8 +164,8 @@ class TrainRequest:
         if self.stage_rounds < 1:
             raise RequestError(f"stage-rounds {self.stage_rounds} must be >= 1")
         if self.dp:
-            if self.stage not in TRAIN_STAGES:
-                raise RequestError(f"dp is for training stages ({', '.join(TRAIN_STAGES)}), not {self.stage}")
+            if not self.trains:
+                raise RequestError(f"dp is for training stages ({_training_stages()}), not {self.stage}")
             if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
                 raise RequestError("dp needs exactly one of dp-noise-multiplier and dp-target-epsilon")
             for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_max_grad_norm"):
@@ -175,13 +175,17 @@ class TrainRequest:
         if self.site_dp not in SITE_DP_MODES:
             raise RequestError(f"site-dp {self.site_dp!r} is not one of {', '.join(SITE_DP_MODES)}")
         if self.site_dp != "off":
-            if self.stage not in TRAIN_STAGES:
-                raise RequestError(f"site-dp is for training stages ({', '.join(TRAIN_STAGES)}), not {self.stage}")
+            if not self.trains:
+                raise RequestError(f"site-dp is for training stages ({_training_stages()}), not {self.stage}")
             if not (self.site_dp_clip_norm > 0 and self.site_dp_noise_multiplier > 0):
                 raise RequestError("site-dp needs site-dp-clip-norm > 0 and site-dp-noise-multiplier > 0")
 
 
 _MISSING = object()
+
+
+def _training_stages() -> str:
+    return ", ".join(n for n in stage_registry.names() if stage_registry.get(n).trains)
 
 
 def config_value(values: Mapping[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:

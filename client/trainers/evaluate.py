@@ -77,9 +77,9 @@ def _chunks(n: int, batch_size: int) -> list[list[int]]:
 
 
 def run_evaluate(
-    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest
-) -> dict[str, float]:
-    """Score the global model on the site's ``request.split``.
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, *, privacy: Any = None
+) -> tuple[State, dict[str, float]]:
+    """Score the global model on the site's ``request.split``: no weights go back, so the update is empty.
 
     Args:
         site_cfg: The site file (:func:`fedmri.client.site.load_site`).
@@ -89,8 +89,10 @@ def run_evaluate(
         request: The request; uses ``split``, ``seed`` and, when sent,
             ``teacher_temp`` (default: the run's final teacher temperature).
 
+        privacy: Unused (an evaluation releases only metrics); the trainers' common signature.
+
     Returns:
-        ``num-examples`` (series in the split); ``<split>_dino_loss``,
+        An empty update and the metrics: ``num-examples`` (series in the split); ``<split>_dino_loss``,
         ``<split>_ibot_loss``, ``<split>_koleo_loss`` (those switched on) and
         ``<split>_loss``, means over the split; ``num-pairs`` (series with a
         report) and, when it is > 0, ``i2t_r1``, ``i2t_r5``, ``i2t_r10``,
@@ -168,7 +170,7 @@ def run_evaluate(
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise DeclineError(f"evaluation gave non-finite {', '.join(sorted(bad))}; the global model has diverged")
-    return metrics
+    return {}, metrics
 
 
 KNN_LABELS = ("sequence", "body_region")

@@ -145,12 +145,12 @@ def test_a_stage_in_the_wrong_message_type_is_declined(site_file, initial, reque
 
 def test_a_trainer_crash_is_declined_without_its_message(site_file, initial, request_values, monkeypatch,
                                                          caplog) -> None:
-    from fedmri.client import trainers
+    from fedmri.client.trainers import pretrain
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cache entry /data/site/PAT0001/series.npz is missing")
 
-    monkeypatch.setattr(trainers, "run_pretrain", crash, raising=False)
+    monkeypatch.setattr(pretrain, "run_pretrain", crash)  # where the stage registry finds it
     reply = app(_round(request_values("pretrain"), initial), _site_context(site_file))
     reason = _declined(reply)
     assert reason == "pretrain failed at the site (RuntimeError); the site's log has the details"

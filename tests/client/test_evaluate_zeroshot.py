@@ -38,7 +38,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory, small_cfg) -> dict[str, Path
 def _evaluate(site_file: Path, initial: dict, request_values, **request: object) -> dict[str, float]:
     req = dataclasses.replace(TrainRequest.from_config(request_values("evaluate", split="train")), **request)
     run_cfg = parse_run_config(req.fedmri_config)
-    return run_evaluate(load_site(site_file), run_cfg, select(initial, stage_groups("evaluate", run_cfg).down), req)
+    _, metrics = run_evaluate(load_site(site_file), run_cfg, select(initial, stage_groups("evaluate", run_cfg).down),
+                              req)
+    return metrics
 
 
 def test_zero_shot_scores_every_series_of_the_split_reported_or_not(sites, initial, request_values,

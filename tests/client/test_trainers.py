@@ -148,7 +148,8 @@ def test_align_declines_without_two_distinct_reports(bare_site_file, initial, re
 
 
 def test_evaluate_reports_losses_and_retrieval_in_range(site_file, initial, request_values) -> None:
-    metrics, _, _ = _call(run_evaluate, site_file, initial, request_values, "evaluate", split="train")
+    (up, metrics), _, _ = _call(run_evaluate, site_file, initial, request_values, "evaluate", split="train")
+    assert up == {}  # an evaluation sends no weights
     assert metrics["num-examples"] == 8 and metrics["num-pairs"] == 8
     for key in ("train_dino_loss", "train_ibot_loss", "train_koleo_loss", "train_loss"):
         assert math.isfinite(metrics[key])
@@ -158,7 +159,7 @@ def test_evaluate_reports_losses_and_retrieval_in_range(site_file, initial, requ
         assert 1.0 <= metrics[f"{direction}_medr"] <= 8
     assert metrics["i2t_r10"] == 1.0  # only 4 distinct reports to rank
     # Fixed crops: another round scores the same model identically.
-    again, _, _ = _call(run_evaluate, site_file, initial, request_values, "evaluate", split="train", round=5)
+    (_, again), _, _ = _call(run_evaluate, site_file, initial, request_values, "evaluate", split="train", round=5)
     assert again == metrics
 
 
