@@ -132,50 +132,30 @@ class _TimedGrid:
             self.sink()[key] += time.perf_counter() - t
 
 
-def _timed_pipeline_class() -> type:
-    """A Pipeline that times its server-side steps per global round (defined lazily: imports torch and flwr)."""
-    import fedmri.strategies as strategies
-    from fedmri.server.pipeline import Pipeline
+class RoundTimer:
+    """Times the coordinator's rounds through the pipeline's public hooks: a grid wrapper and on_round_end.
 
-    class TimedPipeline(Pipeline):
-        def __init__(self, fed: Any) -> None:
-            super().__init__(fed)
-            self.timings: dict[int, dict[str, float]] = {}
-            self.first_round_at: float | None = None
-            self.last_round_end: float | None = None
-            self._now: dict[str, float] = defaultdict(float)
-            for agg in self.aggregators:
-                agg.aggregate = self._timed(agg.aggregate, "aggregate")
-            strategies.validate_replies = self._timed(strategies.validate_replies, "validate")
+    ``timings[server_round]``: ``send`` and ``query`` (the grid, per round) and the pipeline's own
+    ``validate``, ``aggregate``, ``round`` and ``checkpoint`` (RoundOutcome.timings).
+    """
 
-        def _timed(self, fn: Any, key: str) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self._now[key] += time.perf_counter() - t
-            return wrapper
+    def __init__(self) -> None:
+        self.timings: dict[int, dict[str, float]] = {}
+        self.first_round_at: float | None = None
+        self.last_round_end: float | None = None
+        self._now: dict[str, float] = defaultdict(float)
 
-        def run_all(self, grid: Any) -> Any:
-            return super().run_all(_TimedGrid(grid, lambda: self._now))
-
-        def run_round(self, grid: Any, stage_i: int, rnd: int, server_round: int) -> Any:
+    def grid(self, grid: Any) -> Any:
+        def sink() -> dict[str, float]:
             if self.first_round_at is None:
                 self.first_round_at = time.perf_counter()
-            self._now = defaultdict(float)
-            t = time.perf_counter()
-            out = super().run_round(grid, stage_i, rnd, server_round)
-            self.timings[server_round] = dict(self._now) | {"round": time.perf_counter() - t}
-            return out
+            return self._now
+        return _TimedGrid(grid, sink)
 
-        def _checkpoint(self, stage_i: int, rnd: int, server_round: int) -> None:
-            t = time.perf_counter()
-            super()._checkpoint(stage_i, rnd, server_round)
-            self.timings[server_round]["checkpoint"] = time.perf_counter() - t
-            self.last_round_end = time.perf_counter()
-
-    return TimedPipeline
+    def on_round_end(self, outcome: Any) -> None:
+        self.timings[outcome.server_round] = dict(self._now) | outcome.timings
+        self._now = defaultdict(float)
+        self.last_round_end = time.perf_counter()
 
 
 def _session(spec: dict[str, Any], queue: Any) -> None:
@@ -191,10 +171,12 @@ def _session(spec: dict[str, Any], queue: Any) -> None:
     from omegaconf import OmegaConf
 
     from fedmri.server.config import load_federation
+    from fedmri.server.pipeline import Pipeline
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # a few INFO lines per round and site otherwise
     fed = load_federation(text=OmegaConf.to_yaml(OmegaConf.create(spec["federation"])))
-    pipeline = _timed_pipeline_class()(fed)
+    timer = RoundTimer()
+    pipeline = Pipeline(fed, on_round_end=timer.on_round_end)
     files = [Path(p) for p in spec["site_files"]]
     t0 = time.perf_counter()
     if spec["engine"] == "local":
@@ -206,18 +188,18 @@ def _session(spec: dict[str, Any], queue: Any) -> None:
         sys.path.insert(0, str(ROOT / "tests" / "server"))
         from local_grid import LocalGrid
 
-        pipeline.run_all(LocalGrid({i + 1: p for i, p in enumerate(files)}))
+        pipeline.run_all(timer.grid(LocalGrid({i + 1: p for i, p in enumerate(files)})))
     else:
         from fedmri.simulations.runner import _simulate, load_simulation
 
         sim = load_simulation(overrides=[f"cpus_per_site={spec['cpus_per_site']}", f"sites={len(files)}"])
-        _simulate(pipeline.run_all, files, sim, Path(spec["federation"]["run_root"]) / f"{fed.name}-sites.json")
+        _simulate(lambda grid: pipeline.run_all(timer.grid(grid)), files, sim, Path(spec["federation"]["run_root"]) / f"{fed.name}-sites.json")
     end = time.perf_counter()
-    first = pipeline.timings[min(pipeline.timings)]
-    queue.put({"rows": pipeline.run.read_metrics(), "server": pipeline.timings,
+    first = timer.timings[min(timer.timings)]
+    queue.put({"rows": pipeline.run.read_metrics(), "server": timer.timings,
                # The sites' identity query runs inside the first round; it belongs to the start.
-               "startup_s": pipeline.first_round_at - t0 + first.get("query", 0.0),
-               "teardown_s": end - pipeline.last_round_end, "total_s": end - t0})
+               "startup_s": timer.first_round_at - t0 + first.get("query", 0.0),
+               "teardown_s": end - timer.last_round_end, "total_s": end - t0})
 
 
 class TreeSampler(threading.Thread):

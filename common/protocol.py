@@ -1,7 +1,284 @@
-"""Wire protocol constants shared by the ServerApp and the ClientApps."""
+"""The message contract between the coordinator and the sites: one request schema, the reply layout, shared names.
+
+The coordinator builds a :class:`TrainRequest` and sends :meth:`TrainRequest.to_config`
+as a round's ``config`` record; the site parses it back with
+:meth:`TrainRequest.from_config`, which type- and range-checks every value. That
+parse is the site's trust boundary (docs/architecture.md): nothing in a request
+reaches a trainer unchecked. A key on the wire is its field name in kebab case
+(``weight_decay`` -> ``weight-decay``).
+
+A reply carries the site's update in ``arrays`` (training stages), aggregate
+metrics in ``metrics``, and, when the site will not run the request, a
+``status`` record with ``declined`` and a one-line ``reason``
+(:func:`reply_status`).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedmri import stages as stage_registry
+from fedmri.errors import FedmriError
 
 # Bumped whenever the content of a message changes shape; a site whose
 # protocol differs from the server's declines work with a reason.
 PROTOCOL_VERSION = 1
+
+# Records of a message's RecordDict.
+ARRAYS_KEY = "arrays"  # ArrayRecord: the weights going down, the site's update coming up
+CONFIG_KEY = "config"  # ConfigRecord: the request (TrainRequest.to_config)
+METRICS_KEY = "metrics"  # MetricRecord: num-examples and the site's aggregate metrics
+STATUS_KEY = "status"  # ConfigRecord of a declined request: declined, reason
+VERSIONS_KEY = "versions"  # ConfigRecord answering the coordinator's query: versions and site name
+NUM_EXAMPLES = "num-examples"  # the aggregation weight, as Flower's strategies expect
+
+# Site-level DP: off, local (the site clips and noises its update) or central (the coordinator does).
+SITE_DP_MODES = ("off", "local", "central")
+# Catalog splits a request may name.
+SPLITS = ("train", "val", "test")
+# The simulation's map from partition id to site file (never set in a deployment).
+SIM_SITES_ENV = "FEDMRI_SIM_SITES"
+
+
+class DeclineError(FedmriError):
+    """The site will not run this request; the message is the reason the coordinator sees.
+
+    Raise it only with text written in fedmri (no paths, report text, UIDs).
+    """
+
+
+class RequestError(DeclineError, ValueError):
+    """The server's message is malformed or does not fit this site's model."""
+
+
+_MISSING = object()
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_value(values: Mapping[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    """``values[key]`` checked to be a ``kind`` (an int is a float; a bool is no number), else ``default``.
+
+    Raises:
+        RequestError: The key is missing without a default, or has another type.
+    """
+    if key not in values:
+        if default is _MISSING:
+            raise RequestError(f"the message's config lacks {key!r}")
+        return default
+    value = values[key]
+    # bool is an int in Python; a flag where a number belongs is a server bug.
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise RequestError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def wire_key(name: str) -> str:
+    """A request field's key on the wire: ``weight_decay`` -> ``weight-decay``."""
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One round's instructions to a site, for any stage.
+
+    Hyperparameters that a stage does not use are ``None``; a stage's
+    ``hyperparameters`` (fedmri.stages) must be present.
+    """
+
+    # A registered stage (fedmri.stages), e.g. "pretrain".
+    stage: str
+    # 1-based round within the stage.
+    round: int
+    # Global round counter of the run (for logs only).
+    server_round: int
+    # The run's seed; every random draw at the site derives from it.
+    seed: int
+    # The run's name (for logs only).
+    run_name: str
+    # YAML of the run's resolved FedmriConfig (see :func:`parse_run_config`).
+    fedmri_config: str
+    # Optimisation steps to run this round (0 for a stage that does not train).
+    local_steps: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+    lr: float | None = None
+    weight_decay: float | None = None
+    teacher_momentum: float | None = None
+    teacher_temp: float | None = None
+    # FedProx proximal weight; 0 = plain local SGD (FedAvg).
+    proximal_mu: float = 0.0
+    # Catalog split that evaluate reads.
+    split: str = "val"
+    # Evaluate also scores the task heads (a heads stage ran before this evaluation).
+    evaluate_heads: bool = False
+    # Evaluate also scores zero-shot findings (an align stage ran before this
+    # evaluation); a server that does not say is taken to have aligned.
+    evaluate_aligned: bool = True
+    # Sample-level DP-SGD asked for by the coordinator (the site may require it anyway).
+    dp: bool = False
+    # DP-SGD noise multiplier; None = derive it from ``dp_target_epsilon``.
+    dp_noise_multiplier: float | None = None
+    # ε the stage should spend at this site over all its rounds (at the site's δ).
+    dp_target_epsilon: float | None = None
+    # Per-sample clipping norm C.
+    dp_max_grad_norm: float = 1.0
+    # Rounds of this stage in the run: a target ε is spread over all of them.
+    stage_rounds: int = 1
+    # Site-level DP: "off", "local" (the site clips and noises its update) or "central"
+    # (the coordinator does; the site only learns that it is asked).
+    site_dp: str = "off"
+    # Site-level DP noise multiplier z (noise std z * clip) and update clipping norm.
+    site_dp_noise_multiplier: float = 0.0
+    site_dp_clip_norm: float = 0.0
+
+    @property
+    def trains(self) -> bool:
+        """The stage sends an update back (fedmri.stages.StageSpec.trains)."""
+        return stage_registry.get(self.stage).trains
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> TrainRequest:
+        """Parse and check a ConfigRecord's values (any mapping): the site's side of the contract.
+
+        Raises:
+            RequestError: For a missing key, a wrong type or an out-of-range value.
+        """
+        protocol = config_value(values, "protocol-version", int, default=PROTOCOL_VERSION)
+        if protocol != PROTOCOL_VERSION:
+            raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
+                               "coordinator and site must run compatible fedmri releases")
+        stage = config_value(values, "stage", str)
+        if stage not in stage_registry.names():
+            raise RequestError(f"unknown stage {stage!r}; this site knows {', '.join(stage_registry.names())}")
+        spec = stage_registry.get(stage)
+        required = set(spec.hyperparameters) | ({"local-steps"} if spec.trains else set())
+        parsed = {}
+        for f in _fields():
+            key = wire_key(f.name)
+            default = _MISSING if key in required or f.default is dataclasses.MISSING else f.default
+            parsed[f.name] = config_value(values, key, _KINDS[str(f.type).split("|")[0].strip()], default=default)
+        req = cls(**parsed)
+        req.check()
+        return req
+
+    def to_config(self) -> dict[str, Any]:
+        """The ConfigRecord values of this request: every field that is set, by its wire key.
+
+        Raises:
+            RequestError: The request would not pass the site's check.
+        """
+        self.check()
+        return {wire_key(f.name): v for f in _fields() if (v := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def fields_from_config(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Field values from wire keys (a strategy's per-round keys, e.g. FedProx's ``proximal-mu``).
+
+        Raises:
+            RequestError: A key that is no request field.
+        """
+        names = {wire_key(f.name): f.name for f in _fields()}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise RequestError(f"{unknown[0]!r} is not a request key")
+        return {names[k]: v for k, v in values.items()}
+
+    def check(self) -> None:
+        """Range checks of every value.
+
+        Raises:
+            RequestError: Naming the first value out of range.
+        """
+        if self.round < 1 or self.server_round < 1:
+            raise RequestError(f"round {self.round} and server-round {self.server_round} must be >= 1")
+        if self.trains and self.local_steps < 1:
+            raise RequestError(f"local-steps {self.local_steps} must be >= 1 for stage {self.stage}")
+        for name in ("lr", "weight_decay", "proximal_mu"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0.0:
+                raise RequestError(f"{wire_key(name)} {value} must be >= 0")
+        if self.teacher_momentum is not None and not 0.0 <= self.teacher_momentum <= 1.0:
+            raise RequestError(f"teacher-momentum {self.teacher_momentum} must be in [0, 1]")
+        if self.teacher_temp is not None and not self.teacher_temp > 0.0:
+            raise RequestError(f"teacher-temp {self.teacher_temp} must be > 0")
+        if self.split not in SPLITS:
+            raise RequestError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        if self.stage_rounds < 1:
+            raise RequestError(f"stage-rounds {self.stage_rounds} must be >= 1")
+        if self.dp:
+            if not self.trains:
+                raise RequestError(f"dp is for training stages ({_training_stages()}), not {self.stage}")
+            if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
+                raise RequestError("dp needs exactly one of dp-noise-multiplier and dp-target-epsilon")
+            for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_max_grad_norm"):
+                value = getattr(self, name)
+                if value is not None and not (math.isfinite(value) and value > 0):
+                    raise RequestError(f"{wire_key(name)} {value} must be a finite number > 0")
+        if self.site_dp not in SITE_DP_MODES:
+            raise RequestError(f"site-dp {self.site_dp!r} is not one of {', '.join(SITE_DP_MODES)}")
+        if self.site_dp != "off":
+            if not self.trains:
+                raise RequestError(f"site-dp is for training stages ({_training_stages()}), not {self.stage}")
+            if not (self.site_dp_clip_norm > 0 and self.site_dp_noise_multiplier > 0):
+                raise RequestError("site-dp needs site-dp-clip-norm > 0 and site-dp-noise-multiplier > 0")
+
+
+@functools.cache
+def _fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(TrainRequest)
+
+
+def _training_stages() -> str:
+    return ", ".join(n for n in stage_registry.names() if stage_registry.get(n).trains)
+
+
+@functools.lru_cache(maxsize=4)
+def parse_run_config(text: str) -> Any:
+    """The run's config from the YAML the server sends, checked against this site's schema.
+
+    Merged as :func:`fedmri.config.load_config` merges a user file: schema
+    defaults, then the file; unknown keys and wrong types are errors (a site on
+    a different fedmri version than the coordinator). Read-only; cached, since
+    every round of a run sends the same text.
+
+    Raises:
+        RequestError: The text is not YAML or does not fit the schema.
+    """
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedmri.config.schema import FedmriConfig
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise RequestError("fedmri-config is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise RequestError("fedmri-config must be a YAML mapping of config sections")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(FedmriConfig), data)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise RequestError(f"fedmri-config does not fit this site's fedmri version (key {key!r}); "
+                           "coordinator and site must run the same fedmri release") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def reply_status(content: Any) -> tuple[bool, str]:
+    """(declined, reason) of a reply's RecordDict: the site's decline (client.replies.decline)."""
+    status = content.config_records.get(STATUS_KEY)
+    if status is not None and status.get("declined"):
+        return True, str(status.get("reason", "declined"))
+    return False, ""

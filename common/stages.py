@@ -71,13 +71,13 @@ class StageSpec:
     # Flower TRAIN message). False: sites only score the model (EVALUATE); no weights
     # come back, and any site that scored counts.
     trains: bool = True
-    # Per-round values the site must find in the request (kebab-case keys).
+    # Per-round values the site must find in the request (their wire keys, fedmri.protocol.wire_key).
     hyperparameters: tuple[str, ...] = ()
-    # The round's stage-specific request values: (RoundInputs) -> {key: value}.
+    # The round's stage-specific request fields: (RoundInputs) -> {TrainRequest field: value}.
     round_values: Callable[[RoundInputs], dict[str, Any]] | None = None
-    # After aggregation, at the coordinator: (state, request values, stage config) -> None,
+    # After aggregation, at the coordinator: (state, the round's TrainRequest, stage config) -> None,
     # changing the global state in place.
-    after_aggregate: Callable[[State, Mapping[str, Any], Any], None] | None = None
+    after_aggregate: Callable[[State, Any, Any], None] | None = None
     # Checks of a federation's stage entry beyond the common ones: (run cfg, stage cfg, where).
     check: Callable[[Any, Any, str], None] | None = None
     # It trains the shared encoder (the random-init baseline leaves it out).
@@ -149,13 +149,13 @@ def _pretrain_values(r: RoundInputs) -> dict[str, Any]:
     from fedmri.ssl import ssl_schedule
 
     s = ssl_schedule(r.cfg, r.fraction)
-    return {"lr": s["lr"], "weight-decay": s["weight_decay"], "teacher-momentum": s["teacher_momentum"],
-            "teacher-temp": s["teacher_temp"]}
+    return {"lr": s["lr"], "weight_decay": s["weight_decay"], "teacher_momentum": s["teacher_momentum"],
+            "teacher_temp": s["teacher_temp"]}
 
 
-def _move_teacher(state: State, values: Mapping[str, Any], stage: Any) -> None:
+def _move_teacher(state: State, request: Any, stage: Any) -> None:
     """The coordinator's teacher follows the aggregated student (fedmri.wire, "Where the teacher lives")."""
-    m = wire.server_teacher_momentum(float(values["teacher-momentum"]), int(stage.local_steps))
+    m = wire.server_teacher_momentum(float(request.teacher_momentum), int(stage.local_steps))
     wire.update_teacher(state, m)
 
 
@@ -174,7 +174,7 @@ def _align_values(r: RoundInputs) -> dict[str, Any]:
     from fedmri.align import align_schedule
 
     s = align_schedule(r.cfg, r.fraction)
-    return {"lr": s["lr"], "weight-decay": s["weight_decay"]}
+    return {"lr": s["lr"], "weight_decay": s["weight_decay"]}
 
 
 def _align_check(cfg: Any, stage: Any, where: str) -> None:
@@ -192,7 +192,7 @@ def _heads_groups(cfg: Any) -> StageGroups:
 
 
 def _heads_values(r: RoundInputs) -> dict[str, Any]:
-    return {"lr": float(r.cfg.heads.lr), "weight-decay": float(r.cfg.heads.weight_decay)}
+    return {"lr": float(r.cfg.heads.lr), "weight_decay": float(r.cfg.heads.weight_decay)}
 
 
 def _evaluate_groups(cfg: Any) -> StageGroups:
@@ -203,8 +203,8 @@ def _evaluate_groups(cfg: Any) -> StageGroups:
 
 
 def _evaluate_values(r: RoundInputs) -> dict[str, Any]:
-    return {"split": str(r.stage.split), "evaluate-heads": any(s.tunes_heads for s in r.earlier),
-            "evaluate-aligned": any(s.aligns for s in r.earlier)}
+    return {"split": str(r.stage.split), "evaluate_heads": any(s.tunes_heads for s in r.earlier),
+            "evaluate_aligned": any(s.aligns for s in r.earlier)}
 
 
 PRETRAIN = register(StageSpec(

@@ -217,18 +217,18 @@ def _check_dp(stage: DictConfig, where: str) -> None:
 
 
 def dp_request(stage: DictConfig) -> dict[str, Any]:
-    """The round-config keys that ask sites for DP in ``stage`` (none when DP is off)."""
-    out: dict[str, Any] = {"stage-rounds": int(stage.rounds)}
+    """The request fields (fedmri.protocol.TrainRequest) that ask sites for DP in ``stage`` (none when off)."""
+    out: dict[str, Any] = {}
     dp, site = stage.dp, stage.site_dp
     if dp.enabled:
-        out |= {"dp": True, "dp-max-grad-norm": float(dp.max_grad_norm)}
+        out |= {"dp": True, "dp_max_grad_norm": float(dp.max_grad_norm)}
         if dp.noise_multiplier is not None:
-            out["dp-noise-multiplier"] = float(dp.noise_multiplier)
+            out["dp_noise_multiplier"] = float(dp.noise_multiplier)
         else:
-            out["dp-target-epsilon"] = float(dp.target_epsilon)
+            out["dp_target_epsilon"] = float(dp.target_epsilon)
     if site.mode != "off":
-        out |= {"site-dp": str(site.mode), "site-dp-noise-multiplier": float(site.noise_multiplier),
-                "site-dp-clip-norm": float(site.clip_norm)}
+        out |= {"site_dp": str(site.mode), "site_dp_noise_multiplier": float(site.noise_multiplier),
+                "site_dp_clip_norm": float(site.clip_norm)}
     return out
 
 

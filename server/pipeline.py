@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -32,24 +32,17 @@ from omegaconf import DictConfig, OmegaConf
 from fedmri import stages as stage_registry
 from fedmri import wire
 from fedmri.errors import FedmriError
-from fedmri.protocol import PROTOCOL_VERSION
+from fedmri.metrics import aggregate_metrics
+from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROTOCOL_VERSION, VERSIONS_KEY, TrainRequest, reply_status
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, run_config
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary, write_privacy_report
 from fedmri.server.rundir import RunDir
-
-# Test hook: stop the coordinator right after this global round's checkpoint,
-# as a kill would (the resume tests use it).
-_STOP_AFTER_ENV = "FEDMRI_TEST_STOP_AFTER_ROUND"
-
+from fedmri.strategies import build_aggregator, validate_replies
 
 class GridLike(Protocol):
     def get_node_ids(self) -> Any: ...
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any: ...
-
-
-class StoppedForTest(RuntimeError):
-    """Raised by the test hook in place of a kill."""
 
 
 @dataclass
@@ -66,6 +59,85 @@ class RoundOutcome:
     rejected: dict[int, str] = field(default_factory=dict)
     aggregated: dict[str, float] = field(default_factory=dict)
     updated: bool = False
+    # Seconds the coordinator spent on this round's parts: validate, aggregate, round (all of
+    # run_round) and checkpoint. Not written to the run folder.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Replies:
+    """A round's replies sorted by what the sites did (:func:`classify_replies`)."""
+
+    useful: list[Message] = field(default_factory=list)
+    # (node, "failed" or "declined", reason), in the order the replies came.
+    problems: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def by_status(self, status: str) -> dict[int, str]:
+        return {node: reason for node, s, reason in self.problems if s == status}
+
+
+def classify_replies(messages: Sequence[Message], replies: Iterable[Message], timeout_s: float) -> Replies:
+    """Sort replies into useful ones, declines and failures; a site that sent nothing failed.
+
+    An error the SuperLink makes for a site (e.g. "Node Unavailable") comes from the
+    SuperLink itself: the site is found by the message the error answers.
+    """
+    sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+    out = Replies()
+    answered = set()
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        answered.add(node)
+        if reply.has_error():
+            out.problems.append((node, "failed", reply.error.reason))
+            continue
+        declined, reason = reply_status(reply.content)
+        if declined:
+            out.problems.append((node, "declined", reason))
+            continue
+        out.useful.append(reply)
+    for node in sorted({int(m.metadata.dst_node_id) for m in messages} - answered):
+        out.problems.append((node, "failed", f"no reply within {timeout_s:.0f} s"))
+    return out
+
+
+class SiteRegistry:
+    """The sites the coordinator has met: node id -> site name, and whether they speak this protocol."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.incompatible: set[int] = set()
+
+    def __contains__(self, node: int) -> bool:
+        return node in self.names
+
+    def name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def compatible(self) -> dict[int, str]:
+        """node -> name of every site that speaks this protocol."""
+        return {n: s for n, s in self.names.items() if n not in self.incompatible}
+
+    def identify(self, grid: GridLike, nodes: Iterable[int]) -> None:
+        """Ask new sites for their versions and site name; leave out other protocol versions."""
+        new = [n for n in nodes if n not in self.names]
+        if not new:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        for reply in grid.send_and_receive(messages, timeout=60.0):
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "fedmri: site %s did not say who it is: %s", node, reply.error.reason)
+                continue
+            info = reply.content.config_records.get(VERSIONS_KEY, {})
+            if int(info.get("protocol_version", -1)) != PROTOCOL_VERSION:
+                log(WARNING, "fedmri: site %s speaks protocol %s, this server %s; it is left out", node,
+                    info.get("protocol_version"), PROTOCOL_VERSION)
+                self.names[node] = f"node-{node}"
+                self.incompatible.add(node)
+                continue
+            self.names[node] = str(info.get("site_name") or f"node-{node}")
+            log(INFO, "fedmri: site %s is %r, fedmri %s", node, self.names[node], info.get("fedmri_version"))
 
 
 def _nbytes(record: ArrayRecord) -> int:
@@ -80,25 +152,6 @@ def _digest(record: ArrayRecord) -> str:
     return h.hexdigest()
 
 
-def aggregate_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """The coordinator's aggregate of site metrics: counts of series (``num-examples`` and every
-    ``*-examples``, e.g. ``dense-examples``) summed, every other finite value weighted by the
-    site's ``num-examples`` over the sites that have it."""
-    weights = [float(r.get("num-examples", 0)) for r in rows]
-    total = sum(weights)
-    out: dict[str, float] = {"num-examples": total}
-    keys = sorted({k for r in rows for k in r if k not in ("num-examples", "declined")})
-    for k in keys:
-        if k.endswith("-examples"):  # the series behind a figure: the sites' together
-            out[k] = sum(float(r[k]) for r in rows if k in r)
-            continue
-        pairs = [(w, float(r[k])) for w, r in zip(weights, rows) if k in r and math.isfinite(float(r[k]))]
-        wsum = sum(w for w, _ in pairs)
-        if pairs:
-            out[k] = sum(w * v for w, v in pairs) / wsum if wsum > 0 else sum(v for _, v in pairs) / len(pairs)
-    return out
-
-
 class Pipeline:
     """Runs a federation config's stages over a grid, checkpointing every round.
 
@@ -110,12 +163,14 @@ class Pipeline:
         eval_sites: Only sites with these names evaluate; default every connected site.
         init_state: Start from these global tensors instead of a fresh model
             (evaluating a model trained elsewhere).
+        on_round_end: Called with each round's :class:`RoundOutcome` after its checkpoint
+            (progress displays, benchmarks; an exception raised there stops the run as a
+            kill after that checkpoint would).
     """
 
     def __init__(self, fed: DictConfig, run_dir: str | Path | None = None, *, train_sites: list[str] | None = None,
-                 eval_sites: list[str] | None = None, init_state: dict[str, torch.Tensor] | None = None) -> None:
-        from fedmri.strategies import build_aggregator
-
+                 eval_sites: list[str] | None = None, init_state: dict[str, torch.Tensor] | None = None,
+                 on_round_end: Callable[[RoundOutcome], None] | None = None) -> None:
         self.fed = fed
         self.cfg = run_config(fed)
         self.run = RunDir(run_dir or Path(fed.run_root) / fed.name)
@@ -131,7 +186,8 @@ class Pipeline:
         self.train_sites = None if train_sites is None else set(train_sites)
         self.eval_sites = None if eval_sites is None else set(eval_sites)
         self.init_state = init_state
-        self.site_names: dict[int, str] = {}
+        self.sites = SiteRegistry()
+        self.on_round_end = on_round_end
 
     # ----------------------------------------------------------------- set-up
     def _start_or_resume(self) -> tuple[int, int, int]:
@@ -170,42 +226,23 @@ class Pipeline:
         log(INFO, "fedmri: resuming %s after global round %d", self.fed.name, meta["server_round"])
         return stage_i, rnd, meta["server_round"]
 
-    def _identify(self, grid: GridLike, nodes: list[int]) -> None:
-        """Ask new sites for their versions and site name; refuse other protocol versions."""
-        new = [n for n in nodes if n not in self.site_names]
-        if not new:
-            return
-        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-        for reply in grid.send_and_receive(messages, timeout=60.0):
-            node = int(reply.metadata.src_node_id)
-            if reply.has_error():
-                log(WARNING, "fedmri: site %s did not say who it is: %s", node, reply.error.reason)
-                continue
-            info = reply.content.config_records.get("versions", {})
-            if int(info.get("protocol_version", -1)) != PROTOCOL_VERSION:
-                log(WARNING, "fedmri: site %s speaks protocol %s, this server %s; it is left out", node,
-                    info.get("protocol_version"), PROTOCOL_VERSION)
-                self.site_names[node] = f"node-{node} (incompatible)"
-                continue
-            self.site_names[node] = str(info.get("site_name") or f"node-{node}")
-            log(INFO, "fedmri: site %s is %r, fedmri %s", node, self.site_names[node], info.get("fedmri_version"))
-
     def _eligible(self, nodes: list[int], stage_i: int) -> list[int]:
-        ok = [n for n in nodes if n in self.site_names and not self.site_names[n].endswith("(incompatible)")]
+        compatible = self.sites.compatible()
+        ok = [n for n in nodes if n in compatible]
         only = self.train_sites if self._spec(stage_i).trains else self.eval_sites
         if only is not None:
-            ok = [n for n in ok if self.site_names[n] in only]
+            ok = [n for n in ok if compatible[n] in only]
         return ok
 
     def site(self, node: int) -> str:
-        return self.site_names.get(node, f"node-{node}")
+        return self.sites.name(node)
 
     def _wait_for_sites(self, grid: GridLike, stage_i: int) -> list[int]:
         need = self._min_sites(stage_i)
         deadline = time.monotonic() + float(self.fed.wait_for_sites_s)
         last = -1
         while True:
-            self._identify(grid, sorted(int(n) for n in grid.get_node_ids()))
+            self.sites.identify(grid, sorted(int(n) for n in grid.get_node_ids()))
             nodes = self._eligible(sorted(int(n) for n in grid.get_node_ids()), stage_i)
             if len(nodes) >= need:
                 return nodes
@@ -218,24 +255,23 @@ class Pipeline:
             time.sleep(1.0)
 
     # ------------------------------------------------------------------ rounds
-    def _round_config(self, stage_i: int, rnd: int, server_round: int) -> dict[str, Any]:
+    def round_request(self, stage_i: int, rnd: int, server_round: int) -> TrainRequest:
+        """The round's request to every sampled site (fedmri.protocol)."""
         stage = self.fed.stages[stage_i]
         # Each round runs at the schedule's value for its middle: round 1 of a
         # warm-up would otherwise train at a learning rate of exactly 0.
         fraction = (rnd - 0.5) / stage.rounds
         spec = self._spec(stage_i)
-        values: dict[str, Any] = {
-            "stage": stage.name, "round": rnd, "server-round": server_round, "local-steps": int(stage.local_steps),
-            "seed": int(self.fed.seed), "run-name": str(self.fed.name), "protocol-version": PROTOCOL_VERSION,
-            "fedmri-config": OmegaConf.to_yaml(self.cfg),
-        }
+        fields: dict[str, Any] = {}
         if spec.round_values is not None:
             earlier = [stage_registry.get(s.name) for s in self.fed.stages[:stage_i]]
-            values |= spec.round_values(stage_registry.RoundInputs(self.cfg, stage, fraction, earlier))
+            fields |= spec.round_values(stage_registry.RoundInputs(self.cfg, stage, fraction, earlier))
         if spec.trains:
-            values |= dp_request(stage)
-        values |= self.aggregators[stage_i].client_config()
-        return values
+            fields |= dp_request(stage)
+        fields |= TrainRequest.fields_from_config(self.aggregators[stage_i].client_config())
+        return TrainRequest(stage=stage.name, round=rnd, server_round=server_round, seed=int(self.fed.seed),
+                            run_name=str(self.fed.name), fedmri_config=OmegaConf.to_yaml(self.cfg),
+                            local_steps=int(stage.local_steps), stage_rounds=int(stage.rounds), **fields)
 
     def _spec(self, stage_i: int) -> stage_registry.StageSpec:
         return stage_registry.get(self.fed.stages[stage_i].name)
@@ -253,8 +289,7 @@ class Pipeline:
         return int(m if m is not None else self.fed.min_sites)
 
     def run_round(self, grid: GridLike, stage_i: int, rnd: int, server_round: int) -> RoundOutcome:
-        from fedmri.strategies import validate_replies
-
+        started = time.perf_counter()
         stage, spec = self.fed.stages[stage_i], self._spec(stage_i)
         groups = spec.groups(self.cfg)
         nodes = self._wait_for_sites(grid, stage_i)
@@ -263,8 +298,9 @@ class Pipeline:
         out = RoundOutcome(stage.name, rnd, server_round, sampled)
         down = wire.to_record(wire.select(self.state, groups.down))
         down_bytes = _nbytes(down)
-        config = ConfigRecord(self._round_config(stage_i, rnd, server_round))
-        messages = [Message(RecordDict({"arrays": down, "config": config}), dst_node_id=n,
+        request = self.round_request(stage_i, rnd, server_round)
+        config = ConfigRecord(request.to_config())
+        messages = [Message(RecordDict({ARRAYS_KEY: down, CONFIG_KEY: config}), dst_node_id=n,
                             message_type=spec.message_type)
                     for n in sampled]
         log(INFO, "fedmri: %s round %d/%d (global %d): %d sites, %.1f MB down each", stage.name, rnd,
@@ -273,29 +309,12 @@ class Pipeline:
         replies = list(grid.send_and_receive(messages, timeout=float(self.fed.round_timeout_s)))
         wall = time.monotonic() - t0
 
-        rows: list[dict[str, Any]] = []
-        useful: list[Message] = []
         base = {"stage": stage.name, "round": rnd, "server_round": server_round, "time": round(time.time(), 3)}
-        answered = set()
-        # An error the SuperLink makes for a site (e.g. "Node Unavailable") comes
-        # from the SuperLink itself: find the site by the message it answers.
-        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
-        for reply in replies:
-            node = sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
-            answered.add(node)
-            if reply.has_error():
-                out.failed[node] = reply.error.reason
-                rows.append(base | {"site": self.site(node), "node": node, "status": "failed", "reason": reply.error.reason})
-                continue
-            status = reply.content.config_records.get("status")
-            if status is not None and status.get("declined"):
-                out.declined[node] = str(status.get("reason", "declined"))
-                rows.append(base | {"site": self.site(node), "node": node, "status": "declined", "reason": out.declined[node]})
-                continue
-            useful.append(reply)
-        for node in sorted(set(sampled) - answered):
-            out.failed[node] = f"no reply within {self.fed.round_timeout_s:.0f} s"
-            rows.append(base | {"site": self.site(node), "node": node, "status": "failed", "reason": out.failed[node]})
+        sorted_replies = classify_replies(messages, replies, float(self.fed.round_timeout_s))
+        useful = sorted_replies.useful
+        out.failed, out.declined = sorted_replies.by_status("failed"), sorted_replies.by_status("declined")
+        rows: list[dict[str, Any]] = [base | {"site": self.site(node), "node": node, "status": status,
+                                              "reason": reason} for node, status, reason in sorted_replies.problems]
 
         if not spec.trains:
             accepted = useful
@@ -304,17 +323,19 @@ class Pipeline:
             # Under central site DP, clipping bounds each site; rejecting relative to the other
             # sites' norms would let one site's data decide whether another site counts.
             factor = math.inf if stage.site_dp.mode == "central" else float(self.fed.norm_bound_factor)
+            t = time.perf_counter()
             accepted, rejected = validate_replies(current, useful, factor)
+            out.timings["validate"] = time.perf_counter() - t
             for node, reason in rejected.items():
                 out.rejected[int(node)] = reason
                 rows.append(base | {"site": self.site(int(node)), "node": int(node), "status": "rejected", "reason": reason})
         metrics_by_node = {}
         for reply in accepted:
             node = int(reply.metadata.src_node_id)
-            m = {k: float(v) for k, v in reply.content.metric_records.get("metrics", {}).items()
+            m = {k: float(v) for k, v in reply.content.metric_records.get(METRICS_KEY, {}).items()
                  if isinstance(v, (int, float))}
             metrics_by_node[node] = m
-            up = reply.content.array_records.get("arrays")
+            up = reply.content.array_records.get(ARRAYS_KEY)
             rows.append(base | {"site": self.site(node), "node": node, "status": "ok", "bytes-down": down_bytes,
                                 "bytes-up": _nbytes(up) if up is not None else 0} | m)
         out.accepted = sorted(metrics_by_node)
@@ -327,11 +348,17 @@ class Pipeline:
             if spec.trains:
                 # Aggregation order must not depend on node ids (they change
                 # when a site restarts): order by content.
-                accepted = sorted(accepted, key=lambda r: _digest(r.content.array_records["arrays"]))
-                new, _ = self.aggregators[stage_i].aggregate(server_round, current, accepted)
+                accepted = sorted(accepted, key=lambda r: _digest(r.content.array_records[ARRAYS_KEY]))
+                t = time.perf_counter()
+                new, own = self.aggregators[stage_i].aggregate(server_round, current, accepted)
+                out.timings["aggregate"] = time.perf_counter() - t
                 self.state.update(wire.from_record(new))
+                # The sites' metrics are averaged above; keep what the aggregator adds of its own
+                # (central site DP's noise std and clip count).
+                reported = {k for m in metrics_by_node.values() for k in m}
+                out.aggregated |= {k: float(v) for k, v in own.items() if k not in reported}
                 if spec.after_aggregate is not None:
-                    spec.after_aggregate(self.state, config, stage)
+                    spec.after_aggregate(self.state, request, stage)
                 out.updated = True
                 if stage.site_dp.mode == "central":
                     out.aggregated |= self._central_epsilon(stage, len(sampled) / len(nodes))
@@ -350,6 +377,7 @@ class Pipeline:
             f" ({len(accepted)} sites" + (f", {len(out.declined)} declined" if out.declined else "")
             + (f", {len(out.failed)} failed" if out.failed else "")
             + (f", {len(out.rejected)} rejected" if out.rejected else "") + ")")
+        out.timings["round"] = time.perf_counter() - started
         return out
 
     def _central_epsilon(self, stage: DictConfig, sample_rate: float) -> dict[str, float]:
@@ -365,7 +393,6 @@ class Pipeline:
     def run_all(self, grid: GridLike) -> dict[str, Any]:
         """Run every remaining round; returns the final results (also in results.json)."""
         stage_i, rnd, server_round = self._start_or_resume()
-        stop_after = int(os.environ.get(_STOP_AFTER_ENV, "0") or 0)
         while stage_i < len(self.fed.stages):
             stage = self.fed.stages[stage_i]
             server_round += 1
@@ -380,9 +407,11 @@ class Pipeline:
                                  "failed": {self.site(k): v for k, v in outcome.failed.items()},
                                  "rejected": {self.site(k): v for k, v in outcome.rejected.items()},
                                  "metrics": outcome.aggregated})
+            t = time.perf_counter()
             self._checkpoint(stage_i, rnd, server_round)
-            if stop_after and server_round == stop_after:
-                raise StoppedForTest(f"stopped after global round {server_round} ({_STOP_AFTER_ENV})")
+            outcome.timings["checkpoint"] = time.perf_counter() - t
+            if self.on_round_end is not None:
+                self.on_round_end(outcome)
             rnd += 1
             if rnd > stage.rounds:
                 stage_i, rnd = stage_i + 1, 1
@@ -398,8 +427,7 @@ class Pipeline:
         save_checkpoint(self.run.ckpt, server_round, self.state, arrays, {
             "stage_index": stage_i, "stage": self.fed.stages[stage_i].name, "round": rnd,
             "rng": self.rng.bit_generator.state, "strategies": scalars, "history": self.history,
-            "sites_seen": sorted(self.sites_seen), "site_names": {str(k): v for k, v in self.site_names.items()},
-            "central_dp": [list(x) for x in self.central_dp],
+            "sites_seen": sorted(self.sites_seen), "central_dp": [list(x) for x in self.central_dp],
         })
 
     def _finish(self) -> dict[str, Any]:
@@ -424,33 +452,49 @@ class Pipeline:
         return results
 
     def export(self, out: Path) -> Path:
-        """Save the global encoder (aligned model when an align stage ran) with a model card, and the
-        task heads (``heads.safetensors``, card section ``heads``) when a heads round ran."""
-        from fedmri.align import build_aligned_model
-        from fedmri.export import save_encoder
-        from fedmri.models import build_encoder
+        """Save this run's encoder with its model card (:func:`export_encoder`)."""
+        return export_encoder(self.fed, self.state, self.history, self.sites_seen, self.run.read_metrics(), out)
 
-        aligned = any(stage_registry.get(s.name).aligns for s in self.fed.stages)
-        extra = {"run": self.fed.name, "rounds": len(self.history), "sites": sorted(self.sites_seen),
-                 "stages": [f"{s.name} x{s.rounds}" for s in self.fed.stages],
-                 "privacy": model_card_privacy(privacy_summary(self.run.read_metrics()))}
-        # Heads go with the encoder once a heads round has updated them.
-        tuned = any(stage_registry.get(h["stage"]).tunes_heads and h["sites"] for h in self.history)
-        if tuned:
-            from fedmri.heads.export import heads_card, save_heads
 
-            evaluated = [h["metrics"] for h in self.history if not stage_registry.get(h["stage"]).trains and h["sites"]]
-            extra["heads"] = heads_card(self.cfg, evaluated[-1] if evaluated else {})
-        if aligned:
-            model = build_aligned_model(self.cfg, image_encoder=build_encoder(self.cfg))
-            wire.load_align_state(model, wire.select(self.state, wire.ALIGN_GROUPS))
-        else:
-            model = build_encoder(self.cfg)
-            model.load_state_dict({k.split("/", 1)[1]: v for k, v in wire.select(self.state, [wire.ENCODER]).items()})
-        folder = save_encoder(out, model, config=self.cfg, extra=extra)
-        if tuned:
-            save_heads(folder, self.state)
-        return folder
+def export_encoder(fed: DictConfig, state: dict[str, torch.Tensor], history: list[dict[str, Any]],
+                   sites_seen: Iterable[str], rows: list[dict[str, Any]], out: Path) -> Path:
+    """Save the global encoder (aligned model when an align stage ran) with a model card, and the
+    task heads (``heads.safetensors``, card section ``heads``) when a heads round ran.
+
+    Args:
+        fed: The run's federation config.
+        state: The global state (every group).
+        history: The rounds so far, as the checkpoint keeps them.
+        sites_seen: Names of the sites that took part.
+        rows: The run's metrics rows (its privacy summary goes in the card).
+        out: The folder to write.
+    """
+    from fedmri.align import build_aligned_model
+    from fedmri.export import save_encoder
+    from fedmri.models import build_encoder
+
+    cfg = run_config(fed)
+    aligned = any(stage_registry.get(s.name).aligns for s in fed.stages)
+    extra = {"run": fed.name, "rounds": len(history), "sites": sorted(sites_seen),
+             "stages": [f"{s.name} x{s.rounds}" for s in fed.stages],
+             "privacy": model_card_privacy(privacy_summary(rows))}
+    # Heads go with the encoder once a heads round has updated them.
+    tuned = any(stage_registry.get(h["stage"]).tunes_heads and h["sites"] for h in history)
+    if tuned:
+        from fedmri.heads.export import heads_card, save_heads
+
+        evaluated = [h["metrics"] for h in history if not stage_registry.get(h["stage"]).trains and h["sites"]]
+        extra["heads"] = heads_card(cfg, evaluated[-1] if evaluated else {})
+    if aligned:
+        model = build_aligned_model(cfg, image_encoder=build_encoder(cfg))
+        wire.load_align_state(model, wire.select(state, wire.ALIGN_GROUPS))
+    else:
+        model = build_encoder(cfg)
+        model.load_state_dict({k.split("/", 1)[1]: v for k, v in wire.select(state, [wire.ENCODER]).items()})
+    folder = save_encoder(out, model, config=cfg, extra=extra)
+    if tuned:
+        save_heads(folder, state)
+    return folder
 
 
 def _aggregator(stage: DictConfig, aggregator: Any) -> Any:
@@ -480,8 +524,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ckpt = load_checkpoint(run_dir / "ckpt")
     if ckpt is None:
         raise InputError(f"run {run_dir} has no complete round yet; nothing to export")
-    pipeline = Pipeline(load_federation(run_dir / "federation.yaml"), run_dir)
-    pipeline.state, _, meta = ckpt
-    pipeline.history = meta.get("history", [])
-    pipeline.sites_seen = set(meta.get("sites_seen", []))
-    return pipeline.export(Path(out) if out else run_dir / "encoder")
+    state, _, meta = ckpt
+    return export_encoder(load_federation(run_dir / "federation.yaml"), state, meta.get("history", []),
+                          meta.get("sites_seen", []), RunDir(run_dir).read_metrics(),
+                          Path(out) if out else run_dir / "encoder")

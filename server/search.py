@@ -204,7 +204,7 @@ def run_search(grid: Any, run_dir: str | Path, text: str, top_k: int, *, split: 
     from fedmri.errors import InputError
     from fedmri.server.checkpoint import _write_text_atomic, load_checkpoint
     from fedmri.server.config import load_federation, run_config
-    from fedmri.server.pipeline import Pipeline
+    from fedmri.server.pipeline import SiteRegistry
 
     run_dir = Path(run_dir)
     if not (run_dir / "federation.yaml").is_file():
@@ -216,9 +216,9 @@ def run_search(grid: Any, run_dir: str | Path, text: str, top_k: int, *, split: 
     if ckpt is None:
         raise InputError(f"run {run_dir} has no complete round yet; nothing to search with")
     state, _, _ = ckpt
-    pipeline = Pipeline(fed, run_dir)  # for the sites' names (the query every run starts with)
-    pipeline._identify(grid, sorted(int(n) for n in grid.get_node_ids()))
-    names = {n: s for n, s in pipeline.site_names.items() if not s.endswith("(incompatible)")}
+    sites = SiteRegistry()  # the sites' names: the query every run starts with
+    sites.identify(grid, sorted(int(n) for n in grid.get_node_ids()))
+    names = sites.compatible()
     skipped: dict[str, str] = {}
     results = federated_search(grid, run_config(fed), state, text, top_k, names, split=split, timeout=timeout,
                                skipped=skipped)

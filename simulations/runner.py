@@ -602,7 +602,7 @@ def _evaluation(result: dict[str, Any], sites: list[str]) -> dict[str, float]:
     A run's own aggregate mixes the federation's sites with the held-out ones;
     this keeps them apart. A ``local`` result is the mean over its per-site models.
     """
-    from fedmri.server.pipeline import aggregate_metrics
+    from fedmri.metrics import aggregate_metrics
 
     if "per_model" in result:
         evals = [_without_intervals(_evaluation(r, sites)) for r in result["per_model"].values()]

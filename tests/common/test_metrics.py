@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, mean_absolute_error, roc_auc_score
 
 from fedmri.metrics import (
+    aggregate_metrics,
     auroc_within_groups,
     binary_auroc,
     binary_metrics,
@@ -20,7 +21,6 @@ from fedmri.metrics import (
     multiclass_metrics,
     multilabel_metrics,
     segmentation_metrics,
-    weighted_mean,
 )
 
 SEEDS = [0, 1, 2, 3]
@@ -306,32 +306,18 @@ def test_segmentation_metrics_rejects_bad_inputs(pred: np.ndarray, target: np.nd
 # -- aggregation ----------------------------------------------------------------------
 
 
-def test_weighted_mean_skips_missing_none_and_nan() -> None:
-    per_site = {
-        "site-01": {"auroc_macro": 0.8, "accuracy": 0.9, "hd95": float("nan")},
-        "site-02": {"accuracy": 0.5, "hd95": 4.0},  # one class here: no AUROC
-        "site-03": {"auroc_macro": 0.6, "accuracy": 0.7, "hd95": None},
-    }
-    got = weighted_mean(per_site, {"site-01": 10, "site-02": 30, "site-03": 30})
-    assert got == pytest.approx({
-        "accuracy": (10 * 0.9 + 30 * 0.5 + 30 * 0.7) / 70, "accuracy/sites": 3,
-        "auroc_macro": (10 * 0.8 + 30 * 0.6) / 40, "auroc_macro/sites": 2,
-        "hd95": 4.0, "hd95/sites": 1,
-    })
-    assert all(math.isfinite(v) for v in got.values())
+def test_site_metrics_are_weighted_by_num_examples_and_counts_are_summed() -> None:
+    got = aggregate_metrics([{"num-examples": 1, "loss": 1.0}, {"num-examples": 3, "loss": 3.0, "x": 2.0}])
+    assert got["num-examples"] == 4 and math.isclose(got["loss"], 2.5) and got["x"] == 2.0
+    # Counts of the series behind a figure add up over the sites, like num-examples.
+    got = aggregate_metrics([{"num-examples": 4, "dense-examples": 3}, {"num-examples": 6, "dense-examples": 6}])
+    assert got["dense-examples"] == 9
 
 
-def test_weighted_mean_of_a_metric_no_site_has_is_absent() -> None:
-    got = weighted_mean({"a": {"dice": None}, "b": {"dice": 0.5}}, {"a": 1.0, "b": 0.0})
-    assert got == {}
-
-
-@pytest.mark.parametrize(("per_site", "weights", "match"), [
-    ({"a": {"x": 1.0}}, {}, "no weight"),
-    ({"a": {"x": 1.0}}, {"a": -1.0}, "weight of site"),
-    ({"a": {"x": "high"}}, {"a": 1.0}, "numbers or None"),
-    ({"a": {"x/sites": 1.0}}, {"a": 1.0}, "/sites"),
-])
-def test_weighted_mean_rejects_bad_inputs(per_site: dict, weights: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        weighted_mean(per_site, weights)
+def test_a_metric_a_site_lacks_or_reports_as_nan_is_averaged_over_the_others() -> None:
+    got = aggregate_metrics([{"num-examples": 10, "auroc": 0.8}, {"num-examples": 30, "auroc": float("nan")},
+                             {"num-examples": 30}])
+    assert got["auroc"] == 0.8 and got["num-examples"] == 70
+    assert "dice" not in aggregate_metrics([{"num-examples": 1, "dice": float("nan")}])
+    # Weights of 0 (sites that scored no series): the plain mean.
+    assert aggregate_metrics([{"num-examples": 0, "x": 1.0}, {"num-examples": 0, "x": 3.0}])["x"] == 2.0

@@ -11,10 +11,10 @@ from fedmri.server.config import dp_request, load_federation
 def test_dp_is_sent_only_when_asked_and_as_one_of_noise_or_target() -> None:
     fed = load_federation(overrides=["stages.0.dp.enabled=true", "stages.0.dp.target_epsilon=8",
                                      "stages.0.site_dp.mode=central"])
-    assert dp_request(fed.stages[0]) == {"stage-rounds": 3, "dp": True, "dp-max-grad-norm": 1.0,
-                                         "dp-target-epsilon": 8.0, "site-dp": "central",
-                                         "site-dp-noise-multiplier": 1.0, "site-dp-clip-norm": 1.0}
-    assert dp_request(fed.stages[1]) == {"stage-rounds": 2}
+    assert dp_request(fed.stages[0]) == {"dp": True, "dp_max_grad_norm": 1.0, "dp_target_epsilon": 8.0,
+                                         "site_dp": "central", "site_dp_noise_multiplier": 1.0,
+                                         "site_dp_clip_norm": 1.0}
+    assert dp_request(fed.stages[1]) == {}
 
 
 @pytest.mark.parametrize(("overrides", "match"), [

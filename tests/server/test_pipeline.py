@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from fedmri import wire
 from fedmri.server.config import load_federation
-from fedmri.server.pipeline import Pipeline, StoppedForTest
+from fedmri.server.pipeline import Pipeline
 
 from local_grid import LocalGrid
 
@@ -152,10 +152,15 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(tmp_path: Path, fed
     straight = Pipeline(_fed(tmp_path / "a", stages))
     straight.run_all(_grid(federation_sites))
 
-    monkeypatch.setenv("FEDMRI_TEST_STOP_AFTER_ROUND", "3")
-    with pytest.raises(StoppedForTest):
-        Pipeline(_fed(tmp_path / "b", stages)).run_all(_grid(federation_sites))
-    monkeypatch.delenv("FEDMRI_TEST_STOP_AFTER_ROUND")
+    class Stopped(Exception):
+        """In place of a kill right after round 3's checkpoint."""
+
+    def stop_after_round_3(outcome) -> None:
+        if outcome.server_round == 3:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        Pipeline(_fed(tmp_path / "b", stages), on_round_end=stop_after_round_3).run_all(_grid(federation_sites))
     resumed = Pipeline(_fed(tmp_path / "b", stages, resume=True))
     resumed.run_all(_grid(federation_sites))
 
@@ -200,26 +205,16 @@ def test_coordinator_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_pat
         assert torch.equal(straight.state[k], resumed.state[k]), k
 
 
-def test_weighted_mean_of_site_metrics() -> None:
-    from fedmri.server.pipeline import aggregate_metrics
-
-    got = aggregate_metrics([{"num-examples": 1, "loss": 1.0}, {"num-examples": 3, "loss": 3.0, "x": 2.0}])
-    assert got["num-examples"] == 4 and math.isclose(got["loss"], 2.5) and got["x"] == 2.0
-    # Counts of the series behind a figure add up over the sites, like num-examples.
-    got = aggregate_metrics([{"num-examples": 4, "dense-examples": 3}, {"num-examples": 6, "dense-examples": 6}])
-    assert got["dense-examples"] == 9
-
-
-def test_round_config_carries_schedules_and_strategy_settings(tmp_path: Path) -> None:
+def test_round_request_carries_schedules_and_strategy_settings(tmp_path: Path) -> None:
     fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 4, "local_steps": 3},
                           {"name": "align", "rounds": 2, "local_steps": 3,
                            "strategy": {"name": "fedprox", "proximal_mu": 0.5}}])
     pipeline = Pipeline(fed)
-    first, last = pipeline._round_config(0, 1, 1), pipeline._round_config(0, 4, 4)
+    first, last = pipeline.round_request(0, 1, 1).to_config(), pipeline.round_request(0, 4, 4).to_config()
     assert first["stage"] == "pretrain" and first["local-steps"] == 3
     assert {"lr", "weight-decay", "teacher-momentum", "teacher-temp"} <= set(first)
     assert OmegaConf.create(first["fedmri-config"]).model.embed_dim == 32
-    align = pipeline._round_config(1, 2, 6)
+    align = pipeline.round_request(1, 2, 6).to_config()
     assert align["proximal-mu"] == 0.5 and align["lr"] < pipeline.cfg.align.lr
     assert np.isfinite(last["lr"])
 
@@ -229,6 +224,6 @@ def test_evaluation_is_told_which_stages_came_before_it(tmp_path: Path) -> None:
     stages = [{"name": "pretrain", "rounds": 1, "local_steps": 1}, {"name": "evaluate", "rounds": 1},
               {"name": "align", "rounds": 1, "local_steps": 1}, {"name": "evaluate", "rounds": 1}]
     pipeline = Pipeline(_fed(tmp_path, stages))
-    before, after = pipeline._round_config(1, 1, 2), pipeline._round_config(3, 1, 4)
+    before, after = pipeline.round_request(1, 1, 2).to_config(), pipeline.round_request(3, 1, 4).to_config()
     assert (before["evaluate-aligned"], after["evaluate-aligned"]) == (False, True)
     assert before["evaluate-heads"] is after["evaluate-heads"] is False
