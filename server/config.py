@@ -160,11 +160,16 @@ def load_federation(source: str | Path | None = None, overrides: list[str] | Non
         raise ConfigError(f"{where}: {getattr(exc, 'msg', exc)}") from None
     except Exception as exc:  # YAML errors
         raise InputError(f"{where} is not valid YAML: {exc}") from None
-    _check(cfg, where)
+    check_federation(cfg, where)
     return cfg
 
 
-def _check(cfg: DictConfig, where: str) -> None:
+def check_federation(cfg: DictConfig, where: str) -> None:
+    """Check a merged federation config (stages, sites, DP, strategies, the encoder preset).
+
+    Raises:
+        ConfigError: Naming ``where`` and the first problem.
+    """
     from fedmri.strategies import build_aggregator
 
     if not cfg.stages:

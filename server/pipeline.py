@@ -382,7 +382,7 @@ class Pipeline:
 
     def _central_epsilon(self, stage: DictConfig, sample_rate: float) -> dict[str, float]:
         """Account one more round of central site-level DP; the run's ε so far at the stage's δ."""
-        from fedmri.client.privacy.accountant import rdp_epsilon
+        from fedmri.accounting import rdp_epsilon
 
         self.central_dp.append((float(stage.site_dp.noise_multiplier), float(sample_rate)))
         delta = float(stage.site_dp.delta)

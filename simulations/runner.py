@@ -52,7 +52,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedmri import stages as stage_registry
 from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
-from fedmri.server.config import FederationConfig, _check, run_config
+from fedmri.server.config import FederationConfig, check_federation, run_config
 
 MODES = ("federated", "random", "local", "central", "ceiling")
 # Modes that train through Flower; "ceiling" is a supervised network on the pooled training splits.
@@ -189,7 +189,7 @@ def load_simulation(path: str | Path | None = None, overrides: list[str] | None 
                           f"got {cfg.workers_per_site}")
     if cfg.federation.min_sites > n:
         raise ConfigError(f"{where}: federation.min_sites={cfg.federation.min_sites} but only {n} sites")
-    _check(cfg.federation, where)
+    check_federation(cfg.federation, where)
     return cfg
 
 

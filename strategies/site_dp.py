@@ -32,7 +32,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
-from fedmri.client.privacy.accountant import rdp_epsilon
+from fedmri.accounting import rdp_epsilon
 from fedmri.errors import ConfigError
 from fedmri.strategies.aggregator import Aggregator
 from fedmri.strategies.validation import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES

@@ -4,7 +4,7 @@ Importing this package does not load Opacus (nor torch): ``fedmri client privacy
 reads the ledger without them; computing ε loads them on first use.
 """
 
-from fedmri.client.privacy.accountant import ACCOUNTANT, rdp_accountant, rdp_epsilon
+from fedmri.accounting import ACCOUNTANT, rdp_accountant, rdp_epsilon
 from fedmri.client.privacy.ledger import (
     LEDGER_FILE,
     LedgerConflictError,

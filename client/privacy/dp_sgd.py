@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedmri.client.privacy.accountant import ACCOUNTANT
+from fedmri.accounting import ACCOUNTANT
 from fedmri.errors import ConfigError
 
 # loss_fn(params, sample) -> scalar: the whole loss term of one sample.

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fedmri.client.privacy.accountant import ACCOUNTANT, Step, rdp_epsilon
+from fedmri.accounting import ACCOUNTANT, Step, rdp_epsilon
 from fedmri.errors import FedmriError, InputError
 
 LEDGER_FILE = "privacy-ledger.sqlite"

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from fedmri.client.privacy.accountant import rdp_epsilon
+from fedmri.accounting import rdp_epsilon
 
 
 def privatize_update(down: dict[str, Tensor], up: dict[str, Tensor], clip_norm: float, noise_multiplier: float,

@@ -20,7 +20,6 @@ depends on that pair alone, and its gradient is clipped as one vector
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fedmri.align import AlignedModel
-from fedmri.align.dp_negatives import fixed_negative_loss, require_dp_valid
+from fedmri.align.dp_negatives import fixed_negative_loss, fixed_negative_texts, require_dp_valid
 from fedmri.client.privacy.dp_sgd import dp_step
 from fedmri.client.trainers.align import encode_reports, series_image
 from fedmri.client.trainers.batches import load_batches
@@ -45,14 +44,6 @@ Pair = tuple[Tensor, int]
 # The frozen tower's pooled output of the fixed negatives, by tower and count: encoding
 # them takes seconds on a CPU, and neither the cached tower nor the texts change.
 _POOLED_NEGATIVES: dict[tuple[str, str, int, int], Tensor] = {}
-# The negatives' seed. Their stream is seeded with three numbers, so it is none of the
-# two-number streams ([seed, site index]) of the sites that `fedmri simulate` writes.
-_NEGATIVES_SEED = 0xD9E6A7
-_NEGATIVES_STREAM = 1
-# Brain studies place white-matter lesions at such points; only their count reaches the text.
-_WM_POINTS = np.zeros((256, 3), np.float32)
-
-
 def require_dp_align(run_cfg: Any, where: str) -> None:
     """Decline a DP round whose alignment contrasts the pairs of a batch (the reason says why and what to set).
 
@@ -68,10 +59,9 @@ def require_dp_align(run_cfg: Any, where: str) -> None:
 def negative_texts(cfg: Any) -> list[str]:
     """The fixed negatives of ``align.dp_negatives: synthetic``, prepared as the tower reads reports.
 
-    ``align.dp_num_negatives`` distinct texts in a fixed order, written by
-    fedmri's synthetic report generator (:mod:`fedmri.simulations.synth.reports`)
-    from a fixed seed: no patient data, and the same list at every site and in
-    every process on one fedmri release (a new release may change the templates).
+    ``align.dp_num_negatives`` distinct texts in a fixed order
+    (:func:`fedmri.align.dp_negatives.fixed_negative_texts`): no patient data, and
+    the same list at every site, in every process and on every release.
 
     Args:
         cfg: The run config or its align section.
@@ -81,27 +71,7 @@ def negative_texts(cfg: Any) -> list[str]:
     """
     require_dp_valid(cfg, "fixed negatives")
     align = cfg.align if hasattr(cfg, "align") else cfg
-    return list(_synthetic_texts(int(align.dp_num_negatives)))
-
-
-@functools.lru_cache(maxsize=8)
-def _synthetic_texts(count: int) -> tuple[str, ...]:
-    from fedmri.simulations.synth.cohort import plan_site
-    from fedmri.simulations.synth.reports import write_report
-    from fedmri.simulations.synth.sites import ARCHETYPES
-    from fedmri.text import prepare_report
-
-    texts: dict[str, None] = {}  # an insertion-ordered set
-    for k in range(count):  # each cohort adds a dozen or more new texts: ample
-        index = k % len(ARCHETYPES)
-        rng = np.random.default_rng([_NEGATIVES_SEED, _NEGATIVES_STREAM, k])
-        for patient in plan_site(ARCHETYPES[index], index + 1, _NEGATIVES_SEED, 32, _WM_POINTS, rng):
-            for study in patient.studies:
-                findings, impression = write_report(study, patient, rng)
-                texts.setdefault(prepare_report(findings=findings, impression=impression))
-                if len(texts) == count:
-                    return tuple(texts)
-    raise AssertionError(f"the synthetic reports ran out before {count} distinct texts")
+    return fixed_negative_texts(int(align.dp_num_negatives))
 
 
 def pooled_negatives(model: AlignedModel, run_cfg: Any, negatives: list[str], device: torch.device) -> Tensor:

@@ -6,10 +6,11 @@ other term's gradient, and per-sample clipping bounds nothing: DP-SGD gives no
 valid guarantee for them (Abadi et al., CCS 2016, need a sum of per-sample
 terms). Here pair ``i`` = (image ``x_i``, report ``t_i``) is contrasted only
 with a fixed set ``N = (n_1 .. n_K)`` of report texts that hold no patient
-data: the site writes them from fedmri's synthetic report templates with a
-fixed seed (:func:`fedmri.client.trainers.align_dp.negative_texts`; this
-package imports no role package), so every site on the same fedmri release
-holds the same texts, whatever its data::
+data: the first ``K`` of a versioned list that ships with fedmri
+(``dp_negatives_v1.json.gz``, :func:`fixed_negative_texts`), written once by
+fedmri's synthetic report generator from a fixed seed. Every site holds the
+same texts whatever its data and its release, and editing the demo's report
+templates does not change them::
 
     l_i = -log softmax(s * [<f(x_i), g(t_i)>, <f(x_i), g(n_1)>, ..., <f(x_i), g(n_K)>])[0]
 
@@ -33,6 +34,11 @@ pairs are not covered: keep them home with ``policy.metrics``.
 
 from __future__ import annotations
 
+import functools
+import gzip
+import hashlib
+import json
+from importlib import resources
 from typing import Any
 
 import torch
@@ -43,6 +49,28 @@ from fedmri.errors import ConfigError
 
 DP_NEGATIVES = ("none", "synthetic")
 MAX_NEGATIVES = 4096
+# The negatives' list and its SHA-256: a new list is a new version, never an edit of this one.
+NEGATIVES_FILE = "dp_negatives_v1.json.gz"
+NEGATIVES_SHA256 = "e257c74c3b454f2a4fa8f4aa825d836b235a15e2b8f4acf3ba3e0060342038c9"
+
+
+@functools.cache
+def _negatives_list() -> tuple[str, ...]:
+    data = resources.files("fedmri.align").joinpath(NEGATIVES_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != NEGATIVES_SHA256:
+        raise ConfigError(f"{NEGATIVES_FILE} in the installed fedmri differs from its release; reinstall fedmri")
+    return tuple(json.loads(gzip.decompress(data)))
+
+
+def fixed_negative_texts(count: int) -> list[str]:
+    """The first ``count`` (1 .. MAX_NEGATIVES) public negative report texts, distinct, in a fixed order.
+
+    Written by fedmri's synthetic report generator (three-number seed stream 0xD9E6A7, 1, k, so none
+    of the streams of `fedmri simulate`'s sites) and prepared as the text tower reads reports.
+    """
+    if not 1 <= count <= MAX_NEGATIVES:
+        raise ConfigError(f"align.dp_num_negatives {count} must be in [1, {MAX_NEGATIVES}]")
+    return list(_negatives_list()[:count])
 
 
 def _align(cfg: Any) -> Any:

@@ -139,8 +139,12 @@ def test_negatives_are_fixed_distinct_prepared_and_no_sites_report(site_file, ru
     texts = negative_texts(cfg)
     assert len(texts) == 64 == len(set(texts))
     assert all(t.startswith("Impression: ") and " Findings: " in t and "  " not in t for t in texts)
-    align_dp._synthetic_texts.cache_clear()  # drawn again: numpy's seeded streams, no set or hash order
     assert negative_texts(cfg) == texts
+    # Versioned: the demo's report generator no longer decides them, but it wrote them.
+    from fedmri.align.dp_negatives import NEGATIVES_FILE, NEGATIVES_SHA256
+
+    assert NEGATIVES_FILE.endswith("_v1.json.gz") and len(NEGATIVES_SHA256) == 64
+    assert "fedmri.simulations" not in open(align_dp.__file__, encoding="utf-8").read()
     assert negative_texts(parse_run_config(_yaml(run_yaml, **FIXED))) == texts[:16]
     site = load_site(site_file)
     private = {r for split in ("train", "val", "test") for r in report_pairs(site_dataset(site, split))[0]}

@@ -21,7 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedmri.client.privacy import PrivacyLedger
-from fedmri.client.privacy.accountant import rdp_epsilon
+from fedmri.accounting import rdp_epsilon
 from fedmri.data.dataset import SeriesDataset
 from fedmri.server.config import load_federation
 from fedmri.server.pipeline import Pipeline
