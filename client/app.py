@@ -164,7 +164,7 @@ def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest, msg: Mes
         raise RuntimeError(f"the {request.stage} trainer ran without planning its DP-SGD mechanism")
     if site_level is not None:
         from fedmri.client.privacy.site_dp import privatize_update
-        from fedmri.client.trainers.pretrain_dp import noise_generator
+        from fedmri.client.privacy.dp_sgd import noise_generator
 
         up, norm = privatize_update(state, up, site_level.max_grad_norm, site_level.noise_multiplier,
                                     noise_generator(site_level.seed, torch.device("cpu")))

@@ -142,6 +142,17 @@ def poisson_batch(n: int, sample_rate: float, generator: torch.Generator | None 
     return mask.nonzero().flatten().tolist()
 
 
+def poisson_batches(n: int, sample_rate: float, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` Poisson batches of ``range(n)`` from the secret ``seed`` (batches may be empty)."""
+    generator = torch.Generator().manual_seed(seed % 2**63)
+    return [poisson_batch(n, sample_rate, generator) for _ in range(steps)]
+
+
+def noise_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The Gaussian noise's generator on ``device``, from the secret seed."""
+    return torch.Generator(device=device).manual_seed(seed % 2**63 ^ 0x5EED)
+
+
 def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], *, max_grad_norm: float,
             noise_multiplier: float, expected_batch_size: float, generator: torch.Generator | None,
             per_sample_decomposable: bool, vectorized: bool = False,

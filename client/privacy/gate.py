@@ -200,3 +200,15 @@ class PrivacyGate:
 
 def _limit(value: float | None) -> str:
     return "none" if value is None else f"{float(value):g}"
+
+
+def require_gate(privacy: PrivacyGate | None, request: TrainRequest) -> PrivacyGate:
+    """The round's gate, which a DP round must have: the ClientApp makes it, with the ledger's digest.
+
+    Raises:
+        RuntimeError: A DP round without a gate (a caller bug: nothing would be recorded).
+    """
+    if privacy is None:
+        raise RuntimeError(f"a DP {request.stage} round needs the ClientApp's PrivacyGate (privacy=...); "
+                           "without it the round's ε would not be checked against the budget or recorded")
+    return privacy

@@ -14,7 +14,6 @@ report that the contrastive loss would take for negatives of each other.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from fedmri.align import AlignedModel, build_align_objective, build_aligned_model
+from fedmri.client.privacy.gate import PrivacyGate, require_gate
 from fedmri.client.trainers.batches import balanced_batches, load_batches
 from fedmri.client.trainers.context import (
     DeclineError,
@@ -33,8 +33,7 @@ from fedmri.client.trainers.context import (
     seeded,
     site_device,
 )
-from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, local_step, set_rates
-from fedmri.client.trainers.pretrain import finite_state
+from fedmri.client.trainers.optim import RunningMean, decay_groups, finish_round, local_step, round_optimizer
 from fedmri.client.trainers.data import site_dataset
 from fedmri.data.dataset import SeriesDataset
 from fedmri.errors import InputError
@@ -107,7 +106,8 @@ def site_aligned_model(run_cfg: DictConfig, state_down: State, device: torch.dev
 
 
 def run_align(
-    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, privacy: Any = None
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest,
+    privacy: PrivacyGate | None = None
 ) -> tuple[State, dict[str, float]]:
     """One round of local contrastive alignment on the site's training image-report pairs.
 
@@ -120,8 +120,8 @@ def run_align(
             the round runs DP-SGD on fixed negatives
             (:mod:`fedmri.client.trainers.align_dp`).
         privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate`, which
-            plans the DP-SGD mechanism and checks the site's budget; made here when
-            None (the caller then records nothing).
+            plans the DP-SGD mechanism and checks the site's budget; required for a DP
+            round (the ClientApp makes it).
 
     Returns:
         The align up groups as float32 CPU tensors, and metrics:
@@ -161,9 +161,8 @@ def run_align(
         series_batches = [[int(rng.choice(series_of[u])) for u in b] for b in unit_batches]
         frozen_text = run_cfg.align.text_trainable_layers == 0
         pooled = encode_reports(model, reports, device) if frozen_text else None  # R, H
-        optimizer = torch.optim.AdamW(decay_groups(model.named_parameters()))
-        set_rates(optimizer, request.lr, request.weight_decay)
-        proximal = Proximal(model.named_parameters(), request.proximal_mu)
+        optimizer, proximal = round_optimizer(decay_groups(model.named_parameters()), model.named_parameters(),
+                                              request)
         means = RunningMean()
         loader = load_batches(dataset, series_batches, series_image, seed, site_cfg.num_workers)
         for units, images in zip(unit_batches, loader):
@@ -184,18 +183,16 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
                  privacy: Any, dataset: Any, reports: list[str], series_of: list[list[int]],
                  device: torch.device) -> tuple[State, dict[str, float]]:
     """One round of DP-SGD alignment on fixed negatives (see :mod:`fedmri.client.trainers.align_dp`)."""
-    from fedmri.client.privacy.gate import PrivacyGate
     from fedmri.client.trainers.align_dp import PairTexts, dp_align_loop
 
     if not reports:
         raise DeclineError("align needs image-report pairs in the site's train split")
-    plan = (privacy or PrivacyGate(site_cfg, request)).plan(len(reports), min(int(site_cfg.batch_size), len(reports)))
+    plan = require_gate(privacy, request).plan(len(reports), min(int(site_cfg.batch_size), len(reports)))
     with seeded(plan.seed, device):
         model = site_aligned_model(run_cfg, state_down, device)
         texts = PairTexts(model, run_cfg, reports, device)
-        optimizer = torch.optim.AdamW(decay_groups(model.named_parameters()))
-        set_rates(optimizer, request.lr, request.weight_decay)
-        proximal = Proximal(model.named_parameters(), request.proximal_mu)
+        optimizer, proximal = round_optimizer(decay_groups(model.named_parameters()), model.named_parameters(),
+                                              request)
         metrics = dp_align_loop(model, dataset, series_of, texts, plan, device, optimizer, proximal,
                                 int(run_cfg.align.queue_size), site_cfg.num_workers)
     # The expected number of pairs seen: the sampled one would tell the Poisson draws.
@@ -204,9 +201,6 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
 
 def _finish(model: AlignedModel, run_cfg: DictConfig, metrics: dict[str, float], examples: int,
             steps: int) -> tuple[State, dict[str, float]]:
-    up = {k: v.detach().to("cpu", torch.float32).clone()
-          for k, v in select(align_state(model), stage_groups("align", run_cfg).up).items()}
     metrics = metrics | {"logit_scale": float(model.scale().detach())}
-    if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
-        raise DeclineError("align diverged at the site (non-finite loss or weights); lower the learning rate")
-    return up, {"num-examples": examples, "steps": steps, **metrics}
+    return finish_round(select(align_state(model), stage_groups("align", run_cfg).up), metrics, examples, steps,
+                        "align")

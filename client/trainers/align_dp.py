@@ -34,7 +34,8 @@ from fedmri.client.privacy.dp_sgd import dp_step
 from fedmri.client.trainers.align import encode_reports, series_image
 from fedmri.client.trainers.batches import load_batches
 from fedmri.client.trainers.context import DeclineError, derive_seed
-from fedmri.client.trainers.pretrain_dp import mean_losses, noise_generator, poisson_batches
+from fedmri.client.privacy.dp_sgd import noise_generator, poisson_batches
+from fedmri.client.trainers.optim import mean_losses
 from fedmri.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from fedmri.client.privacy.gate import PrivacyGate, require_gate
 from fedmri.client.trainers.batches import balanced_batches
 from fedmri.client.trainers.context import (
     DeclineError,
@@ -38,8 +39,7 @@ from fedmri.client.trainers.context import (
 )
 from fedmri.client.trainers.data import site_dataset
 from fedmri.client.trainers.heads_dense import DenseData, cache_options, dense_data, lesion_rows
-from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, local_step, set_rates
-from fedmri.client.trainers.pretrain import finite_state
+from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, finish_round, local_step, round_optimizer
 from fedmri.heads.dense import dense_tasks
 from fedmri.heads.intervals import task_intervals
 from fedmri.heads.mlp import pool_features
@@ -141,7 +141,8 @@ def _site_heads(run_cfg: DictConfig, state: State, device: torch.device) -> nn.M
 
 
 def run_heads(
-    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, privacy: Any = None
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest,
+    privacy: PrivacyGate | None = None
 ) -> tuple[State, dict[str, float]]:
     """One round of head tuning on the frozen encoder's features of the site's train split.
 
@@ -152,7 +153,7 @@ def run_heads(
         request: The round's request; uses ``local_steps``, ``lr`` and ``weight_decay``
             (which a heads request always carries), ``proximal_mu`` and the ``dp`` fields.
         privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate` under DP;
-            made here when None (the caller then records nothing).
+            required for a DP round (the ClientApp makes it).
 
     Returns:
         The head groups as float32 CPU tensors, and metrics: ``num-examples``
@@ -182,9 +183,7 @@ def run_heads(
                            f"({', '.join(tasks)}{hint})")
     batch_size = min(int(site_cfg.batch_size), n)
     if request.dp:
-        from fedmri.client.privacy.gate import PrivacyGate
-
-        plan = (privacy or PrivacyGate(site_cfg, request)).plan(n, batch_size)
+        plan = require_gate(privacy, request).plan(n, batch_size)
         seed = plan.seed
     else:
         seed = round_seed(request, site_cfg.name)
@@ -195,9 +194,8 @@ def run_heads(
     dense = dense_data(run_cfg, dataset, lesions, masked, cached, device) if lesions else None
     with seeded(seed, device):
         heads = _site_heads(run_cfg, state_down, device).train()
-        optimizer = torch.optim.AdamW(decay_groups(heads.named_parameters()))
-        set_rates(optimizer, request.lr, request.weight_decay)
-        proximal = Proximal(heads.named_parameters(), request.proximal_mu)
+        optimizer, proximal = round_optimizer(decay_groups(heads.named_parameters()), heads.named_parameters(),
+                                              request)
         if request.dp:
             means = _dp_steps(heads, features, targets, plan, optimizer, proximal, dense)
             examples, steps = round(plan.steps * plan.expected_batch_size), plan.steps
@@ -206,10 +204,7 @@ def run_heads(
                                        np.random.default_rng(derive_seed(seed, "batches")))
             means = _local_steps(heads, features, targets, batches, optimizer, proximal, dense)
             examples, steps = len(batches) * batch_size, len(batches)
-    up = {k: v.detach().to("cpu", torch.float32).clone() for k, v in task_heads_state(heads).items()}
-    if not finite_state(up) or not all(math.isfinite(v) for v in means.values()):
-        raise DeclineError("the heads diverged at the site (non-finite loss or weights); lower the learning rate")
-    return up, {"num-examples": examples, "steps": steps, **means}
+    return finish_round(task_heads_state(heads), means, examples, steps, "the heads")
 
 
 def _local_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, batches: list[list[int]],
@@ -252,7 +247,7 @@ def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: An
               proximal: Proximal, dense: DenseData | None) -> dict[str, float]:
     """``plan.steps`` DP-SGD steps on Poisson batches of series; the mean of each named loss over steps."""
     from fedmri.client.privacy.dp_sgd import dp_step
-    from fedmri.client.trainers.pretrain_dp import noise_generator, poisson_batches
+    from fedmri.client.privacy.dp_sgd import noise_generator, poisson_batches
 
     tasks = list(targets)
     params = {n: p for n, p in heads.named_parameters() if p.requires_grad}

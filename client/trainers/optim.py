@@ -1,11 +1,16 @@
-"""Pieces every local trainer shares: the FedProx term, per-round rates, running means."""
+"""Pieces every local trainer shares: the round's optimiser and FedProx term, running means, the finish."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from fedmri.protocol import DeclineError
 
 
 class Proximal:
@@ -100,3 +105,35 @@ class RunningMean:
 
     def means(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": self.sums[k] / self.weights[k] for k in self.sums}
+
+
+def mean_losses(seen: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each named loss over the samples seen; {} when none were (empty Poisson batches)."""
+    return {k: float(np.mean([r[k] for r in seen])) for k in seen[0]} if seen else {}
+
+
+def finite_state(state: Mapping[str, Tensor]) -> bool:
+    """Every floating tensor of ``state`` is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def round_optimizer(param_groups: Any, named_parameters: Iterable[tuple[str, nn.Parameter]],
+                    request: Any) -> tuple[torch.optim.AdamW, Proximal]:
+    """AdamW over ``param_groups`` at the round's ``lr`` and ``weight_decay``, and FedProx's term
+    (``request.proximal_mu``) around the parameters as they came down."""
+    optimizer = torch.optim.AdamW(param_groups)
+    set_rates(optimizer, request.lr, request.weight_decay)
+    return optimizer, Proximal(named_parameters, request.proximal_mu)
+
+
+def finish_round(up: Mapping[str, Tensor], metrics: dict[str, float], examples: int, steps: int,
+                 what: str) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The round's update as float32 CPU copies and its metrics (``num-examples``, ``steps``, the rest).
+
+    Raises:
+        DeclineError: A non-finite weight or metric: ``what`` diverged at the site.
+    """
+    up = {k: v.detach().to("cpu", torch.float32).clone() for k, v in up.items()}
+    if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
+        raise DeclineError(f"{what} diverged at the site (non-finite loss or weights); lower the learning rate")
+    return up, {"num-examples": examples, "steps": steps, **metrics}

@@ -10,7 +10,6 @@ advances it from the aggregated student (:mod:`fedmri.wire`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from fedmri.client.privacy.gate import PrivacyGate, require_gate
 from fedmri.client.trainers.batches import balanced_batches, load_batches
 from fedmri.client.trainers.context import (
     DeclineError,
@@ -28,7 +28,7 @@ from fedmri.client.trainers.context import (
     seeded,
     site_device,
 )
-from fedmri.client.trainers.optim import Proximal, RunningMean, local_step, set_rates
+from fedmri.client.trainers.optim import RunningMean, finish_round, local_step, round_optimizer
 from fedmri.client.trainers.data import site_dataset
 from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop
 from fedmri.wire import State, load_ssl_state, select, ssl_state, stage_groups
@@ -82,12 +82,9 @@ def to_device(crops: dict[str, Tensor | None], device: torch.device) -> dict[str
     return {k: None if v is None else v.to(device, non_blocking=True) for k, v in crops.items()}
 
 
-def finite_state(state: State) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
-
-
 def run_pretrain(
-    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest, privacy: Any = None
+    site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest,
+    privacy: PrivacyGate | None = None
 ) -> tuple[State, dict[str, float]]:
     """One round of local DINO + iBOT + KoLeo training on the site's train split.
 
@@ -100,8 +97,8 @@ def run_pretrain(
             and the ``dp`` fields: with ``dp`` the round runs DP-SGD
             (:mod:`fedmri.client.trainers.pretrain_dp`).
         privacy: The round's :class:`~fedmri.client.privacy.gate.PrivacyGate`, which
-            plans the DP-SGD mechanism and checks the site's budget; made here when
-            None (the caller then records nothing).
+            plans the DP-SGD mechanism and checks the site's budget; required for a DP
+            round (the ClientApp makes it).
 
     Returns:
         The pretrain up groups (``encoder``, ``dino_head``, ``center``) as
@@ -134,9 +131,7 @@ def run_pretrain(
         mask_rng = np.random.default_rng(derive_seed(seed, "masks"))
         batches = balanced_batches(len(dataset), batch_size, request.local_steps,
                                    np.random.default_rng(derive_seed(seed, "batches")))
-        optimizer = torch.optim.AdamW(meta.param_groups())
-        set_rates(optimizer, request.lr, request.weight_decay)
-        proximal = Proximal(meta.student.named_parameters(), request.proximal_mu)
+        optimizer, proximal = round_optimizer(meta.param_groups(), meta.student.named_parameters(), request)
         params = [p for p in meta.student.parameters() if p.requires_grad]
         means = RunningMean()
         for samples in load_batches(dataset, batches, MultiCropTransform(run_cfg), seed, site_cfg.num_workers):
@@ -154,18 +149,15 @@ def run_pretrain(
 def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, request: TrainRequest,
                  privacy: Any, dataset: Any, device: torch.device) -> tuple[State, dict[str, float]]:
     """One round of DP-SGD pretraining (see :mod:`fedmri.client.trainers.pretrain_dp`)."""
-    from fedmri.client.privacy.gate import PrivacyGate
     from fedmri.client.trainers.pretrain_dp import dp_pretrain_loop, make_private
 
     if len(dataset) < 1:
         raise DeclineError("pretrain needs at least 1 series in the site's train split")
-    plan = (privacy or PrivacyGate(site_cfg, request)).plan(len(dataset), min(int(site_cfg.batch_size), len(dataset)))
+    plan = require_gate(privacy, request).plan(len(dataset), min(int(site_cfg.batch_size), len(dataset)))
     with seeded(plan.seed, device):
         meta = build_ssl_model(run_cfg, state_down, "pretrain").to(device).train()
         make_private(meta)
-        optimizer = torch.optim.AdamW(meta.param_groups())
-        set_rates(optimizer, request.lr, request.weight_decay)
-        proximal = Proximal(meta.student.named_parameters(), request.proximal_mu)
+        optimizer, proximal = round_optimizer(meta.param_groups(), meta.student.named_parameters(), request)
         metrics = dp_pretrain_loop(meta, dataset, run_cfg, request, plan, device, optimizer, proximal,
                                    site_cfg.num_workers)
     # The expected number of series seen: the sampled one would tell the Poisson draws.
@@ -174,8 +166,5 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
 
 def _finish(meta: SSLMetaArch, run_cfg: DictConfig, metrics: dict[str, float], examples: int,
             steps: int) -> tuple[State, dict[str, float]]:
-    up = {k: v.detach().to("cpu", torch.float32).clone()
-          for k, v in select(ssl_state(meta), stage_groups("pretrain", run_cfg).up).items()}
-    if not finite_state(up) or not all(math.isfinite(v) for v in metrics.values()):
-        raise DeclineError("pretrain diverged at the site (non-finite loss or weights); lower the learning rate")
-    return up, {"num-examples": examples, "steps": steps, **metrics}
+    return finish_round(select(ssl_state(meta), stage_groups("pretrain", run_cfg).up), metrics, examples, steps,
+                        "pretrain")

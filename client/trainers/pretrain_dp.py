@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmri.client.privacy.dp_sgd import dp_step, poisson_batch
+from fedmri.client.privacy.dp_sgd import dp_step, noise_generator, poisson_batches
+from fedmri.client.trainers.optim import mean_losses
 from fedmri.client.trainers.context import DeclineError
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ def make_private(meta: Any) -> None:
     if not meta.per_sample_decomposable:
         raise DeclineError("pretraining under DP-SGD needs ssl.centering=centering: Sinkhorn-Knopp balances the "
                            "teacher targets across the batch, so one series would change the others' terms")
-
-
-def poisson_batches(n: int, sample_rate: float, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` Poisson batches of ``range(n)`` from the secret ``seed`` (batches may be empty)."""
-    generator = torch.Generator().manual_seed(seed % 2**63)
-    return [poisson_batch(n, sample_rate, generator) for _ in range(steps)]
-
-
-def noise_generator(seed: int, device: torch.device) -> torch.Generator:
-    """The Gaussian noise's generator on ``device``, from the secret seed."""
-    return torch.Generator(device=device).manual_seed(seed % 2**63 ^ 0x5EED)
 
 
 def ssl_sample_loss(meta: Any, teacher_temp: float, seen: list[dict[str, float]] | None = None
@@ -99,11 +89,6 @@ def dp_ssl_step(meta: Any, samples: Sequence[SampleCrops], teacher_temp: float, 
     return dp_step(ssl_sample_loss(meta, teacher_temp, seen), params, list(samples), max_grad_norm=max_grad_norm,
                    noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator,
                    per_sample_decomposable=meta.per_sample_decomposable, extra_grad=extra_grad)
-
-
-def mean_losses(seen: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each named loss over the samples seen; {} when none were (empty Poisson batches)."""
-    return {k: float(np.mean([r[k] for r in seen])) for k in seen[0]} if seen else {}
 
 
 def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: Any, device: torch.device,

@@ -12,7 +12,8 @@ from fedmri.client.privacy.gate import PrivacyGate
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, TrainRequest, parse_run_config
 from fedmri.client.trainers.pretrain import build_ssl_model, run_pretrain
-from fedmri.client.trainers.pretrain_dp import make_private, poisson_batches, ssl_sample_loss
+from fedmri.client.privacy.dp_sgd import poisson_batches
+from fedmri.client.trainers.pretrain_dp import make_private, ssl_sample_loss
 from fedmri.ssl import collate_multicrop
 from fedmri.wire import select, stage_groups
 
