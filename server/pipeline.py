@@ -39,6 +39,7 @@ from fedmri.server.config import dp_request, run_config
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary, write_privacy_report
 from fedmri.server.rundir import RunDir
 from fedmri.strategies import build_aggregator, validate_replies
+from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
 
 class GridLike(Protocol):
     def get_node_ids(self) -> Any: ...
@@ -176,8 +177,6 @@ class Pipeline:
         self.run = RunDir(run_dir or Path(fed.run_root) / fed.name)
         self.aggregators = [_aggregator(s, build_aggregator(OmegaConf.to_container(s.strategy, resolve=True)))
                             for s in fed.stages]
-        # (noise multiplier, site sampling rate) of every round released under central site-level DP.
-        self.central_dp: list[tuple[float, float]] = []
         self.state: dict[str, torch.Tensor] = {}
         self.rng = np.random.default_rng(int(fed.seed))
         self.history: list[dict[str, Any]] = []
@@ -215,7 +214,6 @@ class Pipeline:
         self.rng.bit_generator.state = meta["rng"]
         self.history = meta.get("history", [])
         self.sites_seen = set(meta.get("sites_seen", []))
-        self.central_dp = [tuple(x) for x in meta.get("central_dp", [])]
         for i, agg in enumerate(self.aggregators):
             arrays = {k.split("/", 1)[1]: v for k, v in strategy_arrays.items() if k.startswith(f"{i}/")}
             agg.load_state_dict(arrays, meta["strategies"][i])
@@ -361,7 +359,10 @@ class Pipeline:
                     spec.after_aggregate(self.state, request, stage)
                 out.updated = True
                 if stage.site_dp.mode == "central":
-                    out.aggregated |= self._central_epsilon(stage, len(sampled) / len(nodes))
+                    self.aggregators[stage_i].account(len(sampled) / len(nodes))
+                    out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators,
+                                                                               float(stage.site_dp.delta)),
+                                       "site-dp-delta": float(stage.site_dp.delta)}
         else:
             log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
                 len(accepted), need, "weights unchanged" if spec.trains else "nothing to report")
@@ -379,15 +380,6 @@ class Pipeline:
             + (f", {len(out.rejected)} rejected" if out.rejected else "") + ")")
         out.timings["round"] = time.perf_counter() - started
         return out
-
-    def _central_epsilon(self, stage: DictConfig, sample_rate: float) -> dict[str, float]:
-        """Account one more round of central site-level DP; the run's ε so far at the stage's δ."""
-        from fedmri.accounting import rdp_epsilon
-
-        self.central_dp.append((float(stage.site_dp.noise_multiplier), float(sample_rate)))
-        delta = float(stage.site_dp.delta)
-        return {"site-dp-epsilon": rdp_epsilon([(z, q, 1) for z, q in self.central_dp], delta),
-                "site-dp-delta": delta}
 
     # ------------------------------------------------------------------- main
     def run_all(self, grid: GridLike) -> dict[str, Any]:
@@ -427,7 +419,7 @@ class Pipeline:
         save_checkpoint(self.run.ckpt, server_round, self.state, arrays, {
             "stage_index": stage_i, "stage": self.fed.stages[stage_i].name, "round": rnd,
             "rng": self.rng.bit_generator.state, "strategies": scalars, "history": self.history,
-            "sites_seen": sorted(self.sites_seen), "central_dp": [list(x) for x in self.central_dp],
+            "sites_seen": sorted(self.sites_seen),
         })
 
     def _finish(self) -> dict[str, Any]:
@@ -501,8 +493,6 @@ def _aggregator(stage: DictConfig, aggregator: Any) -> Any:
     """The stage's aggregator, wrapped for central site-level DP when the stage asks for it."""
     if stage.site_dp.mode != "central":
         return aggregator
-    from fedmri.strategies.site_dp import CentralSiteDP
-
     # Noise from the OS, never from the run seed: every site knows that seed, and the
     # checkpoint holds the seeded generator's state; either would let the noise be replayed.
     return CentralSiteDP(aggregator, float(stage.site_dp.clip_norm), float(stage.site_dp.noise_multiplier),

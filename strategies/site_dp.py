@@ -129,6 +129,17 @@ class CentralSiteDP:
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.rng = rng
+        # The sample rate (sites sampled / eligible) of every round this aggregator released.
+        self.released: list[float] = []
+
+    def account(self, sample_rate: float) -> None:
+        """Count one more released round at ``sample_rate`` (the coordinator knows the rate; the
+        aggregator does not see how many sites were eligible)."""
+        self.released.append(float(sample_rate))
+
+    def steps(self) -> list[tuple[float, float, int]]:
+        """The released rounds as (noise multiplier, sample rate, 1) steps of the sampled Gaussian mechanism."""
+        return [(self.noise_multiplier, q, 1) for q in self.released]
 
     def client_config(self) -> dict[str, int | float | str]:
         """The wrapped aggregator's round-config keys."""
@@ -173,15 +184,22 @@ class CentralSiteDP:
         return ArrayRecord(noisy), metrics
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The wrapped aggregator's state (the noise source is not saved: it must stay secret)."""
-        return self.aggregator.state_dict()
+        """The wrapped aggregator's state and the released rounds (the noise source is not saved:
+        it must stay secret)."""
+        arrays, meta = self.aggregator.state_dict()
+        return arrays, {**meta, _RELEASED: list(self.released)}
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Restore the wrapped aggregator's state."""
+        """Restore the wrapped aggregator's state and the released rounds."""
+        meta = dict(meta)
+        self.released = [float(q) for q in meta.pop(_RELEASED, [])]
         self.aggregator.load_state_dict(arrays, meta)
 
 
-def central_epsilon(noise_multiplier: float, history: Iterable[tuple[float, int]], delta: float) -> float:
+_RELEASED = "central-dp-released"
+
+
+def central_epsilon(history: Iterable[tuple[float, float, int]], delta: float) -> float:
     """ε at ``delta`` of central site DP over a run: the sampled Gaussian mechanism, composed.
 
     Each round is one step of the sampled Gaussian mechanism with noise multiplier ``z``
@@ -191,9 +209,8 @@ def central_epsilon(noise_multiplier: float, history: Iterable[tuple[float, int]
     independently with probability ``q`` (Poisson), as McMahan et al. 2018 do.
 
     Args:
-        noise_multiplier: ``z`` >= 0; 0 gives ``inf``.
-        history: ``(sample_rate, rounds)`` pairs, in any order; rounds with the same rate may
-            be split or merged.
+        history: ``(noise_multiplier, sample_rate, rounds)`` triples, in any order (the
+            stages of a run may use different ``z``); ``z`` 0 gives ``inf``.
         delta: δ in (0, 1).
 
     Returns:
@@ -201,10 +218,10 @@ def central_epsilon(noise_multiplier: float, history: Iterable[tuple[float, int]
     """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     steps = []
-    for rate, rounds in history:
+    for noise_multiplier, rate, rounds in history:
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
         if not 0 < rate <= 1:
             raise ValueError(f"sample rate must be in (0, 1], got {rate!r}")
         if rounds < 0:
@@ -213,9 +230,15 @@ def central_epsilon(noise_multiplier: float, history: Iterable[tuple[float, int]
             steps.append((float(noise_multiplier), float(rate), int(rounds)))
     if not steps:
         return 0.0
-    if noise_multiplier == 0:
+    if any(z == 0 for z, _, _ in steps):
         return math.inf
     return rdp_epsilon(steps, delta)
+
+
+def run_central_epsilon(aggregators: Iterable[Any], delta: float) -> float:
+    """ε at ``delta`` of every round that the run's :class:`CentralSiteDP` aggregators released, in stage order."""
+    return central_epsilon([step for agg in aggregators if isinstance(agg, CentralSiteDP) for step in agg.steps()],
+                           delta)
 
 
 def _add_noise(mean: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:

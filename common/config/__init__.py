@@ -9,7 +9,6 @@ from fedmri.config.schema import (
     HeadsConfig,
     ModelConfig,
     PreprocessConfig,
-    SynthConfig,
 )
 
 __all__ = [
@@ -20,7 +19,6 @@ __all__ = [
     "HeadsConfig",
     "ModelConfig",
     "PreprocessConfig",
-    "SynthConfig",
     "list_presets",
     "load_config",
     "parse_overrides",

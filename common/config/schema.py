@@ -76,20 +76,6 @@ class DataConfig:
 
 
 @dataclass
-class SynthConfig:
-    """Synthetic hospitals for simulations and the demo (``fedmri data synth``)."""
-
-    # Number of hospitals; each gets its own vendor, scanner and case mix.
-    sites: int = 3
-    # Series written per hospital.
-    series_per_site: int = 40
-    # Seed of the whole federation; site k uses a seed derived from it.
-    seed: int = 0
-    # Acquisition matrix preset: "demo" (small, fast) or "full" (clinical sizes).
-    preset: str = "demo"
-
-
-@dataclass
 class AlignConfig:
     """Image-report alignment (docs/architecture.md, "Alignment stage"): two towers, one shared space."""
 
@@ -320,7 +306,6 @@ class FedmriConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)

@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from fedmri.errors import ConfigError
 from fedmri.strategies import build_aggregator
-from fedmri.strategies.site_dp import CentralSiteDP, central_epsilon, clip_update
+from fedmri.strategies.site_dp import CentralSiteDP, central_epsilon, clip_update, run_central_epsilon
 
 SHAPES = {"encoder/patch_embed.weight": (4, 3), "encoder/norm.bias": (3,), "logit_scale/value": ()}
 
@@ -168,26 +168,37 @@ def test_central_dp_keeps_the_aggregator_interface() -> None:
 
 
 def test_central_epsilon_is_opacus_rdp_of_the_sampled_gaussian() -> None:
-    history = [(1.0, 3), (0.25, 5), (1.0, 2)]
+    history = [(1.1, 1.0, 3), (1.1, 0.25, 5), (0.9, 1.0, 2)]  # stages may differ in z
     accountant = RDPAccountant()
-    for rate, rounds in history:
+    for z, rate, rounds in history:
         for _ in range(rounds):
-            accountant.step(noise_multiplier=1.1, sample_rate=rate)
+            accountant.step(noise_multiplier=z, sample_rate=rate)
     expected = accountant.get_epsilon(1e-5)
-    assert central_epsilon(1.1, history, 1e-5) == pytest.approx(expected, abs=1e-6)
+    assert central_epsilon(history, 1e-5) == pytest.approx(expected, abs=1e-6)
 
 
 def test_central_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
-    assert central_epsilon(1.0, [], 1e-5) == 0.0 == central_epsilon(1.0, [(1.0, 0)], 1e-5)
-    assert central_epsilon(1.0, [(1.0, 5)], 1e-5) < central_epsilon(1.0, [(1.0, 10)], 1e-5)
-    assert central_epsilon(2.0, [(1.0, 10)], 1e-5) < central_epsilon(1.0, [(1.0, 10)], 1e-5)
-    assert central_epsilon(1.0, [(0.1, 10)], 1e-5) < central_epsilon(1.0, [(1.0, 10)], 1e-5)
-    assert central_epsilon(0.0, [(1.0, 1)], 1e-5) == float("inf")
+    assert central_epsilon([], 1e-5) == 0.0 == central_epsilon([(1.0, 1.0, 0)], 1e-5)
+    assert central_epsilon([(1.0, 1.0, 5)], 1e-5) < central_epsilon([(1.0, 1.0, 10)], 1e-5)
+    assert central_epsilon([(2.0, 1.0, 10)], 1e-5) < central_epsilon([(1.0, 1.0, 10)], 1e-5)
+    assert central_epsilon([(1.0, 0.1, 10)], 1e-5) < central_epsilon([(1.0, 1.0, 10)], 1e-5)
+    assert central_epsilon([(0.0, 1.0, 1)], 1e-5) == float("inf")
 
 
-@pytest.mark.parametrize("args, match", [((1.0, [(1.0, 1)], 0.0), "delta"), ((1.0, [(0.0, 1)], 1e-5), "sample rate"),
-                                         ((1.0, [(1.5, 1)], 1e-5), "sample rate"), ((1.0, [(1.0, -1)], 1e-5), "rounds"),
-                                         ((-1.0, [(1.0, 1)], 1e-5), "noise_multiplier")])
+@pytest.mark.parametrize("args, match", [(([(1.0, 1.0, 1)], 0.0), "delta"), (([(1.0, 0.0, 1)], 1e-5), "sample rate"),
+                                         (([(1.0, 1.5, 1)], 1e-5), "sample rate"), (([(1.0, 1.0, -1)], 1e-5), "rounds"),
+                                         (([(-1.0, 1.0, 1)], 1e-5), "noise_multiplier")])
 def test_central_epsilon_refuses_bad_arguments(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         central_epsilon(*args)
+
+
+def test_the_aggregator_accounts_its_released_rounds_and_keeps_them_over_a_resume() -> None:
+    dp = CentralSiteDP(build_aggregator({"name": "fedavg"}), 1.0, 1.2, np.random.default_rng())
+    dp.account(1.0)
+    dp.account(0.5)
+    arrays, meta = dp.state_dict()
+    again = CentralSiteDP(build_aggregator({"name": "fedavg"}), 1.0, 1.2, np.random.default_rng())
+    again.load_state_dict(arrays, meta)
+    assert again.steps() == [(1.2, 1.0, 1), (1.2, 0.5, 1)]
+    assert run_central_epsilon([again], 1e-5) == central_epsilon([(1.2, 1.0, 1), (1.2, 0.5, 1)], 1e-5) > 0
