@@ -35,12 +35,11 @@ from fedmri.client.privacy.gate import PrivacyGate
 from fedmri.client.replies import decline
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
-from fedmri.protocol import PROTOCOL_VERSION
+from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROTOCOL_VERSION, SIM_SITES_ENV, VERSIONS_KEY
 from fedmri.wire import from_record, groups_in, to_record
 
 app = ClientApp()
 log = logging.getLogger(__name__)
-SIM_SITES_ENV = "FEDMRI_SIM_SITES"
 
 
 @app.query()
@@ -50,7 +49,7 @@ def query(msg: Message, context: Context) -> Message:
     A query whose ``config`` record has ``task: search`` is a federated search instead
     (:func:`fedmri.client.search.handle_search`): pseudonymous series ids and scores only.
     """
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG_KEY)
     if config is not None and config.get("task") == "search":
         return _search(msg, context)
     reply = ConfigRecord({"fedmri_version": __version__, "protocol_version": PROTOCOL_VERSION})
@@ -58,7 +57,7 @@ def query(msg: Message, context: Context) -> Message:
         reply["site_name"] = str(load_site(_site_file(context)).name)
     except Exception:  # noqa: BLE001 -- the coordinator then names the site by its node id
         log.warning("no site name for the coordinator's query", exc_info=True)
-    return Message(RecordDict({"versions": reply}), reply_to=msg)
+    return Message(RecordDict({VERSIONS_KEY: reply}), reply_to=msg)
 
 
 @app.train()
@@ -102,9 +101,9 @@ def _site_file(context: Context) -> str:
 def _handle(msg: Message, context: Context) -> Message:
     start, stage = time.perf_counter(), "request"
     try:
-        if "config" not in msg.content or "arrays" not in msg.content:
-            raise RequestError("the message lacks its 'config' or 'arrays' record")
-        request = TrainRequest.from_config(msg.content["config"])
+        if CONFIG_KEY not in msg.content or ARRAYS_KEY not in msg.content:
+            raise RequestError(f"the message lacks its {CONFIG_KEY!r} or {ARRAYS_KEY!r} record")
+        request = TrainRequest.from_config(msg.content[CONFIG_KEY])
         stage, spec = request.stage, stage_registry.get(request.stage)
         if msg.metadata.message_type != spec.message_type:
             raise RequestError(f"stage {stage!r} came as a {msg.metadata.message_type!r} message")
@@ -114,7 +113,7 @@ def _handle(msg: Message, context: Context) -> Message:
         if reason is not None:
             raise DeclineError(reason)
         run_cfg = parse_run_config(request.fedmri_config)
-        arrays = msg.content["arrays"]
+        arrays = msg.content[ARRAYS_KEY]
         state = from_record(arrays)
         down = spec.groups(run_cfg).down
         if sorted(groups_in(state)) != sorted(down):
@@ -130,9 +129,9 @@ def _handle(msg: Message, context: Context) -> Message:
     content = RecordDict()
     sent = 0
     if spec.trains:
-        content["arrays"] = to_record(up)
-        sent = content["arrays"].count_bytes()
-    content["metrics"] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
+        content[ARRAYS_KEY] = to_record(up)
+        sent = content[ARRAYS_KEY].count_bytes()
+    content[METRICS_KEY] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
                                        "bytes-received": arrays.count_bytes(), "bytes-sent": sent})
     return Message(content, reply_to=msg)
 
@@ -140,9 +139,9 @@ def _handle(msg: Message, context: Context) -> Message:
 def _inputs_digest(msg: Message) -> str:
     """SHA-256 of the request's config and arrays: what a retry of the same round repeats exactly."""
     h = hashlib.sha256()
-    for key, value in sorted(msg.content["config"].items()):
+    for key, value in sorted(msg.content[CONFIG_KEY].items()):
         h.update(f"{key}={value!r}\x1f".encode())
-    for key, array in msg.content["arrays"].items():
+    for key, array in msg.content[ARRAYS_KEY].items():
         h.update(key.encode() + b"\x1f" + array.data)
     return h.hexdigest()
 

@@ -36,11 +36,9 @@ from fedmri.client.trainers.context import (
     site_device,
 )
 from fedmri.client.replies import decline
-from fedmri.protocol import PROTOCOL_VERSION
+from fedmri.protocol import MAX_TOP_K, PROTOCOL_VERSION, SEARCH_GROUPS, SEARCH_TASK
 from fedmri.wire import (
     ALIGN_GROUPS,
-    ENCODER,
-    PROJECTIONS,
     State,
     align_state,
     from_record,
@@ -51,10 +49,7 @@ from fedmri.wire import (
 
 log = logging.getLogger(__name__)
 
-TASK = "search"
-# What the site needs to embed its images; the coordinator may send the other align groups too.
-SEARCH_GROUPS = (ENCODER, PROJECTIONS)
-MAX_TOP_K = 1000
+TASK = SEARCH_TASK
 SPLITS = ("all", "train", "val", "test")
 # Encoder digests whose catalog embeddings stay in memory (one per global model a coordinator searches with).
 _CACHE_SIZE = 4

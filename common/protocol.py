@@ -24,6 +24,7 @@ from typing import Any
 
 from fedmri import stages as stage_registry
 from fedmri.errors import FedmriError
+from fedmri.wire import ENCODER, PROJECTIONS
 
 # Bumped whenever the content of a message changes shape; a site whose
 # protocol differs from the server's declines work with a reason.
@@ -43,6 +44,11 @@ SITE_DP_MODES = ("off", "local", "central")
 SPLITS = ("train", "val", "test")
 # The simulation's map from partition id to site file (never set in a deployment).
 SIM_SITES_ENV = "FEDMRI_SIM_SITES"
+# Federated search (a QUERY whose config says task: search): the groups a site needs to embed its
+# images (the text side stays with the coordinator) and the most results one site returns.
+SEARCH_TASK = "search"
+SEARCH_GROUPS = (ENCODER, PROJECTIONS)
+MAX_TOP_K = 1000
 
 
 class DeclineError(FedmriError):

@@ -24,11 +24,7 @@ from torch import Tensor
 
 from fedmri import stages as stage_registry
 from fedmri import wire
-from fedmri.protocol import PROTOCOL_VERSION
-
-# What a site needs to embed its images (fedmri.client.search.SEARCH_GROUPS): the text side stays here.
-SEARCH_GROUPS = (wire.ENCODER, wire.PROJECTIONS)
-MAX_TOP_K = 1000
+from fedmri.protocol import MAX_TOP_K, PROTOCOL_VERSION, SEARCH_GROUPS
 # Cosine similarities, with room for float32 rounding.
 _SCORE_BOUND = 1.0 + 1e-4
 

@@ -52,6 +52,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedmri import stages as stage_registry
 from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
+from fedmri.protocol import SIM_SITES_ENV
 from fedmri.server.config import FederationConfig, check_federation, run_config
 
 MODES = ("federated", "random", "local", "central", "ceiling")
@@ -60,7 +61,6 @@ FLOWER_MODES = ("federated", "random", "local", "central")
 POOLED = "pooled"
 HOLDOUT = "holdout"
 AT_HOLDOUT = " @ held-out"
-SITES_ENV = "FEDMRI_SIM_SITES"
 # Where the virtual sites and the ceiling train; a CUDA run shares the machine's GPUs between the sites.
 DEVICES = ("cpu", "cuda")
 # Lesion heads the demo tunes besides the MLP tasks, in every Flower mode (fedmri.heads.dense).
@@ -375,7 +375,7 @@ def _simulate(server_main: Callable[[Any], None], site_files: list[Path], sim: D
     from fedmri.client.app import app as client_app
 
     map_file.write_text(json.dumps({str(i): str(p) for i, p in enumerate(site_files)}), encoding="utf-8")
-    os.environ[SITES_ENV] = str(map_file)  # Ray's workers inherit it
+    os.environ[SIM_SITES_ENV] = str(map_file)  # Ray's workers inherit it
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU tip on every start
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     _quiet_flower_deprecation()

@@ -26,10 +26,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from fedmri.errors import ConfigError
-
-ARRAYS_KEY = "arrays"  # the reply's ArrayRecord: the site's updated parameters
-METRICS_KEY = "metrics"  # the reply's MetricRecord: num-examples and losses
-NUM_EXAMPLES = "num-examples"  # aggregation weight, as Flower's strategies expect
+from fedmri.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES  # noqa: F401 -- re-exported to strategies
 DEFAULT_NORM_FACTOR = 10.0
 
 
