@@ -31,7 +31,9 @@ from flwr.clientapp import ClientApp
 from fedmri import __version__
 from fedmri import stages as stage_registry
 from fedmri.client.policy import allowed_metrics, check_request
+from fedmri.client.privacy.dp_sgd import noise_generator
 from fedmri.client.privacy.gate import PrivacyGate
+from fedmri.client.privacy.site_dp import privatize_update
 from fedmri.client.replies import decline
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
@@ -162,9 +164,6 @@ def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest, msg: Mes
     if request.dp and request.stage not in gate.plans:
         raise RuntimeError(f"the {request.stage} trainer ran without planning its DP-SGD mechanism")
     if site_level is not None:
-        from fedmri.client.privacy.site_dp import privatize_update
-        from fedmri.client.privacy.dp_sgd import noise_generator
-
         up, norm = privatize_update(state, up, site_level.max_grad_norm, site_level.noise_multiplier,
                                     noise_generator(site_level.seed, torch.device("cpu")))
         log.info("site-level DP: update norm %.3g clipped to %.3g", norm, site_level.max_grad_norm)

@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedmri import stages as stage_registry
 from fedmri import wire
-from fedmri.errors import FedmriError
+from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
 from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROTOCOL_VERSION, VERSIONS_KEY, TrainRequest, reply_status
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
-from fedmri.server.config import dp_request, run_config
+from fedmri.server.config import dp_request, load_federation, run_config
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary, write_privacy_report
 from fedmri.server.rundir import RunDir
 from fedmri.strategies import build_aggregator, validate_replies
@@ -505,9 +505,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Raises:
         InputError: The folder is not a run folder or has no complete round yet.
     """
-    from fedmri.errors import InputError
-    from fedmri.server.config import load_federation
-
     run_dir = Path(run_dir)
     if not (run_dir / "federation.yaml").is_file():
         raise InputError(f"{run_dir} is not a run folder (no federation.yaml); give runs/<name>")
