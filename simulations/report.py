@@ -20,42 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.errors import InputError
+from fedmri.simulations import columns
 from fedmri.metrics.bootstrap import interval_bounds
 
-# metric key -> (label, format). The encoder's own probes, then the task heads.
-PROBES: dict[str, tuple[str, str]] = {
-    "val_loss": ("SSL loss", "{:.3f}"),
-    "knn_sequence_acc": ("seq 1-NN", "{:.2f}"),
-    "knn_body_region_acc": ("region 1-NN", "{:.2f}"),
-    "i2t_r1": ("i2t R@1", "{:.2f}"),
-    "t2i_r1": ("t2i R@1", "{:.2f}"),
-    "t2i_r5": ("t2i R@5", "{:.2f}"),
-    "t2i_medr": ("t2i MdR", "{:.1f}"),
-    "num-examples": ("series", "{:.0f}"),
-}
-HEADS: dict[str, tuple[str, str]] = {
-    "findings_auroc_macro": ("findings AUROC", "{:.2f}"),
-    # Within the regions where each finding occurs: disease, not anatomy.
-    "findings_auroc_in_region_macro": ("findings AUROC in region", "{:.2f}"),
-    "sequence_accuracy": ("sequence acc", "{:.2f}"),
-    "body_region_accuracy": ("region acc", "{:.2f}"),
-    "age_mae": ("age MAE (y)", "{:.1f}"),
-    "sex_auroc": ("sex AUROC", "{:.2f}"),
-}
-# The lesion heads (heads.tasks segmentation, anomaly), over the series with a lesion target: ``dense-examples``.
-DENSE: dict[str, tuple[str, str]] = {
-    "segmentation_dice": ("segmentation Dice", "{:.2f}"),
-    "anomaly_miou": ("anomaly mIoU", "{:.2f}"),
-    "dense-examples": ("series", "{:.0f}"),
-    "lesion-free-examples": ("lesion-free", "{:.0f}"),
-}
-# The findings with no head: text prompts through the aligned space (fedmri.align.zeroshot). A mode's
-# ``zeroshot_<key>`` shows in a row of its own under the mode, in the column of ``<key>``.
-ZEROSHOT_PREFIX = "zeroshot_"
-ZEROSHOT: dict[str, tuple[str, str]] = {
-    "zeroshot_findings_auroc_macro": ("zero-shot findings AUROC", "{:.2f}"),
-    "zeroshot_findings_auroc_in_region_macro": ("zero-shot findings AUROC in region", "{:.2f}"),
-}
+# metric key -> (label, format), from the one list of the simulation's metrics
+# (fedmri.simulations.columns). The encoder's own probes, the task heads, the lesion heads (over the
+# series with a lesion target: ``dense-examples``), and the findings with no head (a mode's
+# ``zeroshot_<key>`` shows in a row of its own under the mode, in the column of ``<key>``).
+PROBES: dict[str, tuple[str, str]] = {c.key: (c.label, c.fmt) for c in columns.PROBES}
+HEADS: dict[str, tuple[str, str]] = {c.key: (c.label, c.fmt) for c in columns.HEADS}
+DENSE: dict[str, tuple[str, str]] = {c.key: (c.label, c.fmt) for c in columns.DENSE}
+ZEROSHOT_PREFIX = columns.ZEROSHOT_PREFIX
+ZEROSHOT: dict[str, tuple[str, str]] = {c.key: (c.label, c.fmt) for c in columns.ZEROSHOT}
 # The cross-site matrices drawn, when the runs measured them.
 HEADLINE = ("findings_auroc_macro", "findings_auroc_in_region_macro", "zeroshot_findings_auroc_in_region_macro",
             "sequence_accuracy", "body_region_accuracy", "age_mae", "segmentation_dice", "anomaly_miou", "t2i_r1",

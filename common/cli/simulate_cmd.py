@@ -9,44 +9,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmri.simulations.columns import ZEROSHOT_PREFIX, pick
+
 console = Console()
 
-# Columns of the results tables: (metric key, header, format). The encoder's own
-# probes, then the task heads of the heads stage (two tables fit 80 columns).
-COLUMNS = (
-    ("val_loss", "SSL", "{:.3f}"),
-    ("knn_sequence_acc", "seq 1-NN", "{:.2f}"),
-    ("knn_body_region_acc", "region 1-NN", "{:.2f}"),
-    ("i2t_r1", "i2t R@1", "{:.2f}"),
-    ("t2i_r1", "t2i R@1", "{:.2f}"),
-    ("t2i_medr", "t2i MdR", "{:.1f}"),
-    ("num-examples", "series", "{:.0f}"),
-)
-HEAD_COLUMNS = (
-    ("findings_auroc_macro", "findings AUROC", "{:.2f}"),
-    ("findings_auroc_in_region_macro", "AUROC in region", "{:.2f}"),
-    ("sequence_accuracy", "sequence acc", "{:.2f}"),
-    ("body_region_accuracy", "region acc", "{:.2f}"),
-    ("age_mae", "age MAE (y)", "{:.1f}"),
-    ("sex_auroc", "sex AUROC", "{:.2f}"),
-)
-# The lesion heads (heads.tasks segmentation, anomaly; the demo tunes them), a table of their own
-# on the sites and on the held-out hospital: mean Dice of the predicted mask, mean IoU of the anomaly
-# map thresholded at 0.5, over the "series" with a lesion target (a mask, or no finding: all background),
-# "lesion-free" of them: a head that finds no lesion anywhere scores Dice = lesion-free / series.
-DENSE_COLUMNS = (
-    ("segmentation_dice", "segmentation Dice", "{:.2f}"),
-    ("anomaly_miou", "anomaly mIoU", "{:.2f}"),
-    ("dense-examples", "series", "{:.0f}"),
-    ("lesion-free-examples", "lesion-free", "{:.0f}"),
-)
+# Columns of the results tables: (metric key, header, format), from the one list of the
+# simulation's metrics (fedmri.simulations.columns). The encoder's own probes, then the task heads
+# of the heads stage (two tables fit 80 columns), then the lesion heads, a table of their own.
+def _columns(*keys: str) -> tuple[tuple[str, str, str], ...]:
+    return tuple((c.key, c.short, c.fmt) for c in pick(*keys))
+
+
+COLUMNS = _columns("val_loss", "knn_sequence_acc", "knn_body_region_acc", "i2t_r1", "t2i_r1", "t2i_medr",
+                   "num-examples")
+HEAD_COLUMNS = _columns("findings_auroc_macro", "findings_auroc_in_region_macro", "sequence_accuracy",
+                        "body_region_accuracy", "age_mae", "sex_auroc")
+DENSE_COLUMNS = _columns("segmentation_dice", "anomaly_miou", "dense-examples", "lesion-free-examples")
 # A hospital outside the federation: transfer, and what pretraining is worth against random init.
-_BY_KEY = {c[0]: c for c in COLUMNS + HEAD_COLUMNS}
-HOLDOUT_COLUMNS = (("t2i_r5", "t2i R@5", "{:.2f}"), *(_BY_KEY[k] for k in (
-    "t2i_medr", "findings_auroc_macro", "findings_auroc_in_region_macro", "body_region_accuracy", "age_mae")))
+HOLDOUT_COLUMNS = _columns("t2i_r5", "t2i_medr", "findings_auroc_macro", "findings_auroc_in_region_macro",
+                           "body_region_accuracy", "age_mae")
 # Under a mode's row, the findings with no head (text prompts through the aligned space, fedmri.align.zeroshot)
 # in the heads' own findings columns: each figure sits under the head's, and the tables stay within 80 columns.
-ZEROSHOT_PREFIX, ZEROSHOT_ROW = "zeroshot_", "  zero-shot"
+ZEROSHOT_ROW = "  zero-shot"
 
 
 def simulate_command(

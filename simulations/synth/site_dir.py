@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmri.data.site_inputs import LABEL_COLUMNS, REPORT_COLUMNS  # noqa: F401 -- sd.REPORT_COLUMNS
 from fedmri.errors import InputError
 
 GENERATOR = "fedmri.simulations.synth"
@@ -25,8 +26,7 @@ FORMAT_VERSION = 2
 # What the generator writes into a site folder; nothing else is ever deleted.
 OWNED = ("dicom", "masks", "reports.csv", "labels.csv", "series.csv", "site.json", "site.json.tmp")
 
-REPORT_COLUMNS = ("accession_number", "study_instance_uid", "findings", "impression")
-LABEL_COLUMNS = ("series_instance_uid", "findings", "age", "sex", "mask")
+# The reports and labels files are what `fedmri data index` reads (fedmri.data.site_inputs).
 SERIES_COLUMNS = ("series_instance_uid", "study_instance_uid", "accession_number", "patient_id", "region",
                   "sequence_family", "plane", "tilt_deg", "fat_sat", "contrast", "shape", "voxel_size", "dicom_dir")
 
