@@ -36,7 +36,8 @@ from fedmri.metrics import aggregate_metrics
 from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROTOCOL_VERSION, VERSIONS_KEY, TrainRequest, reply_status
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, load_federation, run_config
-from fedmri.server.privacy_report import model_card_privacy, privacy_summary, write_privacy_report
+from fedmri.server.privacy_report import model_card_privacy, privacy_summary
+from fedmri.server.recorder import Recorder, RoundOutcome
 from fedmri.server.rundir import RunDir
 from fedmri.strategies import build_aggregator, validate_replies
 from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
@@ -44,25 +45,6 @@ from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
 class GridLike(Protocol):
     def get_node_ids(self) -> Any: ...
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any: ...
-
-
-@dataclass
-class RoundOutcome:
-    """What one round did, for logs, metrics and tests."""
-
-    stage: str
-    round: int
-    server_round: int
-    sampled: list[int]
-    accepted: list[int] = field(default_factory=list)
-    declined: dict[int, str] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
-    aggregated: dict[str, float] = field(default_factory=dict)
-    updated: bool = False
-    # Seconds the coordinator spent on this round's parts: validate, aggregate, round (all of
-    # run_round) and checkpoint. Not written to the run folder.
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,13 +161,13 @@ class Pipeline:
                             for s in fed.stages]
         self.state: dict[str, torch.Tensor] = {}
         self.rng = np.random.default_rng(int(fed.seed))
-        self.history: list[dict[str, Any]] = []
         self.sites_seen: set[str] = set()
         self.outcomes: list[RoundOutcome] = []
         self.train_sites = None if train_sites is None else set(train_sites)
         self.eval_sites = None if eval_sites is None else set(eval_sites)
         self.init_state = init_state
         self.sites = SiteRegistry()
+        self.recorder = Recorder(self.run, self.site)
         self.on_round_end = on_round_end
 
     # ----------------------------------------------------------------- set-up
@@ -212,7 +194,7 @@ class Pipeline:
                               "resume with the run's own federation.yaml or start a new run name")
         self.state = state
         self.rng.bit_generator.state = meta["rng"]
-        self.history = meta.get("history", [])
+        self.recorder.history = meta.get("history", [])
         self.sites_seen = set(meta.get("sites_seen", []))
         for i, agg in enumerate(self.aggregators):
             arrays = {k.split("/", 1)[1]: v for k, v in strategy_arrays.items() if k.startswith(f"{i}/")}
@@ -307,12 +289,11 @@ class Pipeline:
         replies = list(grid.send_and_receive(messages, timeout=float(self.fed.round_timeout_s)))
         wall = time.monotonic() - t0
 
-        base = {"stage": stage.name, "round": rnd, "server_round": server_round, "time": round(time.time(), 3)}
+        out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
         sorted_replies = classify_replies(messages, replies, float(self.fed.round_timeout_s))
         useful = sorted_replies.useful
         out.failed, out.declined = sorted_replies.by_status("failed"), sorted_replies.by_status("declined")
-        rows: list[dict[str, Any]] = [base | {"site": self.site(node), "node": node, "status": status,
-                                              "reason": reason} for node, status, reason in sorted_replies.problems]
+        out.problems = list(sorted_replies.problems)
 
         if not spec.trains:
             accepted = useful
@@ -326,7 +307,7 @@ class Pipeline:
             out.timings["validate"] = time.perf_counter() - t
             for node, reason in rejected.items():
                 out.rejected[int(node)] = reason
-                rows.append(base | {"site": self.site(int(node)), "node": int(node), "status": "rejected", "reason": reason})
+                out.problems.append((int(node), "rejected", reason))
         metrics_by_node = {}
         for reply in accepted:
             node = int(reply.metadata.src_node_id)
@@ -334,8 +315,7 @@ class Pipeline:
                  if isinstance(v, (int, float))}
             metrics_by_node[node] = m
             up = reply.content.array_records.get(ARRAYS_KEY)
-            rows.append(base | {"site": self.site(node), "node": node, "status": "ok", "bytes-down": down_bytes,
-                                "bytes-up": _nbytes(up) if up is not None else 0} | m)
+            out.replies.append((node, m, _nbytes(up) if up is not None else 0))
         out.accepted = sorted(metrics_by_node)
 
         # An evaluation is worth recording from any site that had data for it;
@@ -366,12 +346,7 @@ class Pipeline:
         else:
             log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
                 len(accepted), need, "weights unchanged" if spec.trains else "nothing to report")
-        client_wall = max((m.get("wall-time-s", 0.0) for m in metrics_by_node.values()), default=0.0)
-        agg_row = base | {"site": "all", "status": "aggregated" if out.updated or not spec.trains
-                          and out.aggregated else "skipped", "sites": len(accepted), "wall-time-s": wall,
-                          "overhead-s": max(0.0, wall - client_wall), "bytes-down": down_bytes * len(sampled)}
-        rows.append(out.aggregated | agg_row)  # the round's own wall time, not the sites' mean
-        self.run.append_metrics(rows)
+        self.recorder.record(out)
         shown = {k: v for k, v in out.aggregated.items() if k.endswith("loss") or k in ("t2i_r5", "i2t_r5")}
         log(INFO, "fedmri: %s round %d/%d done in %.0f s: %s%s", stage.name, rnd, stage.rounds, wall,
             ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())) or "no metrics",
@@ -391,14 +366,8 @@ class Pipeline:
             self.run.write_state(name=self.fed.name, status="running", stage=stage.name, round=rnd,
                                  rounds=stage.rounds, server_round=server_round, sites_seen=sorted(self.sites_seen),
                                  last_metrics=self.history[-1] if self.history else {})
-            outcome = self.run_round(grid, stage_i, rnd, server_round)
+            outcome = self.run_round(grid, stage_i, rnd, server_round)  # recorded, history included
             self.outcomes.append(outcome)
-            self.history.append({"stage": stage.name, "round": rnd, "server_round": server_round,
-                                 "sites": [self.site(n) for n in outcome.accepted],
-                                 "declined": {self.site(k): v for k, v in outcome.declined.items()},
-                                 "failed": {self.site(k): v for k, v in outcome.failed.items()},
-                                 "rejected": {self.site(k): v for k, v in outcome.rejected.items()},
-                                 "metrics": outcome.aggregated})
             t = time.perf_counter()
             self._checkpoint(stage_i, rnd, server_round)
             outcome.timings["checkpoint"] = time.perf_counter() - t
@@ -422,20 +391,13 @@ class Pipeline:
             "sites_seen": sorted(self.sites_seen),
         })
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The rounds so far, as the checkpoint keeps them (:class:`~fedmri.server.recorder.Recorder`)."""
+        return self.recorder.history
+
     def _finish(self) -> dict[str, Any]:
-        final_eval = [h for h in self.history if not stage_registry.get(h["stage"]).trains]
-        per_site: dict[str, dict[str, float]] = {}
-        rows = self.run.read_metrics()
-        if final_eval:
-            last = final_eval[-1]["server_round"]
-            per_site = {str(r["site"]): {k: v for k, v in r.items() if isinstance(v, (int, float))
-                                         and k not in ("round", "server_round", "site", "node", "time")}
-                        for r in rows if r["server_round"] == last and r["status"] == "ok"}
-        results = {"name": self.fed.name, "evaluation": final_eval[-1]["metrics"] if final_eval else {},
-                   "per_site": per_site, "rounds": len(self.history), "sites_seen": sorted(self.sites_seen)}
-        self.run.write_results(results)
-        self.run.plot()
-        write_privacy_report(self.run.path, rows)
+        results = self.recorder.finish(self.fed.name, sorted(self.sites_seen))
         if self.fed.export:
             self.export(self.run.path / "encoder")
         self.run.write_state(name=self.fed.name, status="finished", stage=None, round=None,
