@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -63,10 +62,8 @@ except ModuleNotFoundError:  # not a project dependency: Ray (flwr[simulation]) 
     import ray  # noqa: F401
     import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-# Same micro encoder as tests/server/test_pipeline.py: a round of many sites stays cheap.
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
+import _tests_path  # noqa: F401 -- tests/ on sys.path: the shared test helpers
+
 STAGES = ("pretrain", "align")
 MB = 1e6
 
@@ -180,15 +177,12 @@ def _session(spec: dict[str, Any], queue: Any) -> None:
     files = [Path(p) for p in spec["site_files"]]
     t0 = time.perf_counter()
     if spec["engine"] == "local":
-        from flwr.supercore.task_identity import TaskIdentity
+        from helpers.identity import server_identity
+        from helpers.local_grid import LocalGrid
 
-        # What Flower's ServerApp runtime sets before a ServerApp builds messages (tests/server/conftest.py).
-        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-            setattr(TaskIdentity, name, value)
-        sys.path.insert(0, str(ROOT / "tests" / "server"))
-        from local_grid import LocalGrid
-
-        pipeline.run_all(timer.grid(LocalGrid({i + 1: p for i, p in enumerate(files)})))
+        # What Flower's ServerApp runtime sets before a ServerApp builds messages.
+        with server_identity():
+            pipeline.run_all(timer.grid(LocalGrid({i + 1: p for i, p in enumerate(files)})))
     else:
         from fedmri.simulations.runner import _simulate, load_simulation
 
@@ -501,7 +495,8 @@ def part_scale(args: argparse.Namespace, catalogs: dict[str, list[tuple[str, Pat
         files = write_site_files(work / "sites" / f"micro-{n}", catalogs["tiny"], n, threads=1, batch_size=args.batch)
         spec = {"label": f"micro {n} sites", "engine": "ray", "cpus_per_site": 1.0,
                 "site_files": [str(f) for f in files],
-                "federation": federation_spec(f"scale-{n}", work / "runs", "tiny", MICRO, args.scale_rounds,
+                # The micro preset (tiny shrunk to a 2-block, 32-wide encoder): a round of many sites stays cheap.
+                "federation": federation_spec(f"scale-{n}", work / "runs", "micro", [], args.scale_rounds,
                                               {s: 1 for s in STAGES}, n)}
         results[n] = run_session(spec)
 

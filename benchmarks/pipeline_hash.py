@@ -21,12 +21,13 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32", "heads.hidden_dim=32"]
+import _tests_path  # noqa: F401 -- tests/ on sys.path: the shared test helpers
+
+# Onto the micro preset (a 2-block, 32-wide encoder): narrower heads than its 256.
+OVERRIDES = ["heads.hidden_dim=32"]
 # Keys whose values are clocks, not results.
 _CLOCK_KEYS = {"time", "wall-time-s", "overhead-s"}
 
@@ -76,8 +77,8 @@ def _federation(name: str, root: Path, dp: bool):
 
     private = {"dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0}} if dp else {}
     site_dp = {"site_dp": {"mode": "local", "noise_multiplier": 0.5, "clip_norm": 5.0}} if dp else {}
-    overrides = MICRO + (["align.dp_negatives=synthetic"] if dp else [])
-    body = {"name": name, "preset": "tiny", "overrides": overrides, "min_sites": 2, "run_root": str(root / "runs"),
+    overrides = OVERRIDES + (["align.dp_negatives=synthetic"] if dp else [])
+    body = {"name": name, "preset": "micro", "overrides": overrides, "min_sites": 2, "run_root": str(root / "runs"),
             "export": False, "wait_for_sites_s": 5,
             "stages": [{"name": "pretrain", "rounds": 2, "local_steps": 2} | private | site_dp,
                        {"name": "align", "rounds": 1, "local_steps": 2} | private,
@@ -96,9 +97,7 @@ def _strip(value):
 
 def run(root: Path, files: list[Path], dp: bool) -> dict[str, str]:
     from fedmri.server.pipeline import Pipeline
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "server"))
-    from local_grid import LocalGrid
+    from helpers.local_grid import LocalGrid
 
     name = "dp" if dp else "plain"
     pipeline = Pipeline(_federation(name, root, dp))
@@ -122,20 +121,19 @@ def main() -> None:
                         help="where the hospitals are generated and indexed once, then reused")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedmri-hash"))
     args = parser.parse_args()
-    from flwr.supercore.task_identity import TaskIdentity
+    from helpers.identity import server_identity
 
-    # What Flower's ServerApp runtime sets before a ServerApp creates messages.
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 0
-    shutil.rmtree(args.out, ignore_errors=True)
-    t0 = time.perf_counter()
-    catalogs = _catalogs(args.sites)
-    print(f"catalogs ready in {time.perf_counter() - t0:.0f} s")
-    for dp in (False, True):
+    with server_identity():  # what Flower's ServerApp runtime sets before a ServerApp creates messages
+        shutil.rmtree(args.out, ignore_errors=True)
         t0 = time.perf_counter()
-        root = args.out / ("dp" if dp else "plain")
-        hashes = run(root, _sites(catalogs, root), dp)
-        print(f"{'dp' if dp else 'plain':5s} state {hashes['state'][:16]}  metrics {hashes['metrics'][:16]}  "
-              f"all {hashes['all'][:16]}  ({time.perf_counter() - t0:.0f} s)")
+        catalogs = _catalogs(args.sites)
+        print(f"catalogs ready in {time.perf_counter() - t0:.0f} s")
+        for dp in (False, True):
+            t0 = time.perf_counter()
+            root = args.out / ("dp" if dp else "plain")
+            hashes = run(root, _sites(catalogs, root), dp)
+            print(f"{'dp' if dp else 'plain':5s} state {hashes['state'][:16]}  metrics {hashes['metrics'][:16]}  "
+                  f"all {hashes['all'][:16]}  ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -70,11 +70,9 @@ def federation_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
 @pytest.fixture(scope="module")
 def module_server_identity() -> Iterator[None]:
     """What Flower's ServerApp runtime sets before a ServerApp creates messages, for a module's fixtures."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from helpers.identity import server_identity
 
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-            mp.setattr(TaskIdentity, name, value)
+    with server_identity():
         yield
 
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.site_factory import make_site
 from omegaconf import DictConfig
 
-# The data tests' site writer (tests/common/data is not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common" / "data"))
-
-from site_factory import make_site  # noqa: E402
-
-from fedmri.config import load_config, to_yaml  # noqa: E402
+from fedmri.config import load_config, to_yaml
 
 # 16^3 volumes, a 2-block 32-wide ViT with 8^3 patches, small heads: a local
 # step takes ~0.1 s on one CPU thread.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from helpers import identity
 
 import fedmri
 from fedmri.client.app import app
@@ -16,12 +18,10 @@ from fedmri.wire import from_record, select, stage_groups, to_record
 
 
 @pytest.fixture(autouse=True)
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def server_identity() -> Iterator[None]:
     """What Flower's ServerApp runtime sets before a ServerApp creates messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    with identity.server_identity():
+        yield
 
 
 def _context() -> Context:

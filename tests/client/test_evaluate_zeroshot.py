@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory, small_cfg) -> dict[str, Path]:
     """Site files of one hospital whose first three patients have no report: with and without labels."""
-    from site_factory import make_site
+    from helpers.site_factory import make_site
 
     from fedmri.data.indexer import index_site
 

@@ -28,7 +28,7 @@ from fedmri.heads.dense import DENSE_TASKS, DenseInputs, lesion_target
 from fedmri.heads.tasks import build_task_heads, load_task_heads_state, task_heads_state, task_spec
 from fedmri.wire import ENCODER, HEAD_PREFIX, group_of, head_groups, initial_state, select, stage_groups
 
-from site_factory import make_site  # tests/client/conftest.py puts tests/common/data on the path
+from helpers.site_factory import make_site
 
 # 16^3 volumes with one 16^3 patch (the UNETR decoder needs patch 16), a 3-block 32-wide ViT,
 # a decoder of base width 4: a local step of all three heads takes a few ms on one thread.

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def bare_site_file(tmp_path_factory: pytest.TempPathFactory, small_cfg):
     """One patient, two series, no reports: everything in train, nothing to align or validate on."""
-    from site_factory import make_site
+    from helpers.site_factory import make_site
 
     from fedmri.data.indexer import index_site
 
@@ -208,3 +208,9 @@ def test_knn_probe_needs_a_reference() -> None:
     got = knn_probe(_MeanEncoder(), OmegaConf.create({"batch_size": 4}), _Rows(["t1"], ["brain"]), "train",
                     torch.device("cpu"))
     assert got == {}
+
+
+def test_a_dp_round_without_the_apps_privacy_gate_is_refused(site_file, initial, request_values) -> None:
+    # Without the gate the round's ε would be neither checked against the budget nor recorded.
+    with pytest.raises(RuntimeError, match="needs the ClientApp's PrivacyGate"):
+        _call(run_pretrain, site_file, initial, request_values, "pretrain", dp=True, dp_noise_multiplier=1.0)

@@ -17,7 +17,6 @@ import csv
 import json
 import re
 import sqlite3
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +32,12 @@ from fedmri.protocol import PROTOCOL_VERSION
 from fedmri.server.config import load_federation
 from fedmri.server.pipeline import Pipeline
 
-# The in-process grid lives with the server tests (tests/ are not packages).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+from helpers import identity
+from helpers.local_grid import LocalGrid
 
-from local_grid import LocalGrid  # noqa: E402
-
-# A 2-block, 32-wide encoder on the tiny preset (as tests/server/test_pipeline.py); one
-# trainable text layer so that text weights travel up in align.
-OVERRIDES = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-             "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32",
-             "align.text_trainable_layers=1"]
+# Onto the micro preset (a 2-block, 32-wide encoder): one trainable text layer so that
+# text weights travel up in align.
+OVERRIDES = ["align.text_trainable_layers=1"]
 DECLINING_SITE = "site-02"  # its policy leaves out align
 
 # What each kind of reply may hold: record name -> record type, and for ConfigRecords
@@ -245,11 +240,7 @@ def _collect_secrets(sites: list) -> SiteSecrets:
 @pytest.fixture(scope="module", autouse=True)
 def server_identity() -> Iterator[None]:
     """What Flower's ServerApp runtime sets before a ServerApp creates messages (tests/server/conftest.py)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-            mp.setattr(TaskIdentity, name, value)
+    with identity.server_identity():
         yield
 
 
@@ -280,7 +271,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, federation_sites: lis
             site_file = tmp / f"{name}.yaml"
             site_file.write_text(OmegaConf.to_yaml(cfg))
         site_files[101 + i] = site_file
-    body = {"name": "wire", "preset": "tiny", "overrides": OVERRIDES, "min_sites": 2, "run_root": str(tmp / "runs"),
+    body = {"name": "wire", "preset": "micro", "overrides": OVERRIDES, "min_sites": 2, "run_root": str(tmp / "runs"),
             "export": False, "wait_for_sites_s": 5,
             "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1},
                        {"name": "align", "rounds": 1, "local_steps": 1}, {"name": "evaluate"}]}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from data.site_factory import add_bad_inputs, make_site
+from helpers.site_factory import add_bad_inputs, make_site
 
 from fedmri.cli import main
 

@@ -2,7 +2,7 @@
 
 TLS and SuperNode authentication are on, as in production, and the sites train
 for real on the synthetic hospitals of ``federation_sites`` (a 2-block,
-32-wide encoder on the tiny preset keeps a round to seconds of compute).
+32-wide encoder, the micro preset, keeps a round to seconds of compute).
 
 One SuperLink serves the whole module, with three site keys registered. Four
 site daemons start together with it: two registered sites, one whose key was
@@ -38,10 +38,9 @@ GOOD = ("site-01", "site-02")
 # Registered with the others; its SuperNode starts (and is killed) in its own test.
 SPARE = "site-03"
 CONNECTED = r"connected to the SuperLink at .* as node \d+"
-# tests/server/test_pipeline.py's MICRO encoder. warmup_fraction=0: the schedule is read at
-# the start of each round, so a one-round stage would otherwise train at the warm-up's lr 0.
-OVERRIDES = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-             "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32", "ssl.warmup_fraction=0"]
+# Onto the micro preset. warmup_fraction=0: the schedule is read at the start of each
+# round, so a one-round stage would otherwise train at the warm-up's lr 0.
+OVERRIDES = ["ssl.warmup_fraction=0"]
 # Bounds on a whole run: seconds of compute, but every message starts a ClientApp process
 # (torch and fedmri imports), and the 2-core CI machine is shared.
 RUN_TIMEOUT_S = 360
@@ -114,7 +113,7 @@ def _start_run(fed: Federation, daemons: list[Daemon], folder: Path, name: str, 
 
     Returns the run daemon, the federation file and the run folder.
     """
-    body = {"name": name, "preset": "tiny", "overrides": OVERRIDES, "min_sites": 2, "wait_for_sites_s": 60,
+    body = {"name": name, "preset": "micro", "overrides": OVERRIDES, "min_sites": 2, "wait_for_sites_s": 60,
             "stages": stages} | settings
     config = folder / "federation.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(body)))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from helpers import identity
 
 
 @pytest.fixture(autouse=True)
-def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def server_identity() -> Iterator[None]:
     """What Flower's ServerApp runtime sets before a ServerApp creates messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    with identity.server_identity():
+        yield

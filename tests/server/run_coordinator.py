@@ -11,20 +11,20 @@ import json
 import sys
 from pathlib import Path
 
-from flwr.supercore.task_identity import TaskIdentity
-
-sys.path.insert(0, str(Path(__file__).parent))
-from local_grid import LocalGrid  # noqa: E402
+# A script, outside pytest's pythonpath: tests/ holds the shared helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.identity import server_identity  # noqa: E402
+from helpers.local_grid import LocalGrid  # noqa: E402
 
 from fedmri.server.config import load_federation  # noqa: E402
 from fedmri.server.pipeline import Pipeline  # noqa: E402
 
 
 def main() -> None:
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    fed = load_federation(sys.argv[1])
-    sites = {int(k): Path(v) for k, v in json.loads(Path(sys.argv[2]).read_text()).items()}
-    Pipeline(fed).run_all(LocalGrid(sites))
+    with server_identity():
+        fed = load_federation(sys.argv[1])
+        sites = {int(k): Path(v) for k, v in json.loads(Path(sys.argv[2]).read_text()).items()}
+        Pipeline(fed).run_all(LocalGrid(sites))
 
 
 if __name__ == "__main__":

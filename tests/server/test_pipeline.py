@@ -22,15 +22,12 @@ from fedmri import wire
 from fedmri.server.config import load_federation
 from fedmri.server.pipeline import Pipeline
 
-from local_grid import LocalGrid
-
-# A 2-block, 32-wide encoder on the tiny preset's 64^3 volumes keeps a round to seconds.
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
+from helpers.local_grid import LocalGrid
 
 
 def _fed(tmp_path: Path, stages: list[dict], **extra: object) -> object:
-    body = {"name": "t", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp_path / "runs"),
+    # The micro preset (tiny's 64^3 volumes, a 2-block 32-wide encoder) keeps a round to seconds.
+    body = {"name": "t", "preset": "micro", "min_sites": 2, "run_root": str(tmp_path / "runs"),
             "stages": stages, "export": False, "wait_for_sites_s": 5} | extra
     return load_federation(text=OmegaConf.to_yaml(OmegaConf.create(body)))
 

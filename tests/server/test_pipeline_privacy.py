@@ -26,10 +26,8 @@ from fedmri.data.dataset import SeriesDataset
 from fedmri.server.config import load_federation
 from fedmri.server.pipeline import Pipeline
 
-from local_grid import LocalGrid
+from helpers.local_grid import LocalGrid
 
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
 STEPS, DELTA, BUDGET = 2, 1e-5, 1.0
 Z = 1.5  # central site-level noise multiplier
 
@@ -54,7 +52,7 @@ def privacy_run(tmp_path_factory: pytest.TempPathFactory, federation_sites: list
     files = [_site(tmp, first, {"dp": {"epsilon_total": budget}}),
              _site(tmp, federation_sites[1], {"stages": ["pretrain", "evaluate"]}),
              _site(tmp, federation_sites[2], {"dp": {"required": True}})]
-    body = {"name": "private", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp / "runs"),
+    body = {"name": "private", "preset": "micro", "min_sites": 2, "run_root": str(tmp / "runs"),
             "export": False, "wait_for_sites_s": 5,
             "stages": [{"name": "pretrain", "rounds": 2, "local_steps": STEPS,
                         "dp": {"enabled": True, "noise_multiplier": sigma},
@@ -138,7 +136,7 @@ def test_central_site_level_epsilon_is_accounted_and_reported(privacy_run: dict)
 def test_local_site_level_dp_is_recorded_in_the_sites_ledger(tmp_path: Path, federation_sites: list,
                                                               module_server_identity: None) -> None:
     files = [_site(tmp_path, site, {"dp": {"required": True}}) for site in federation_sites[:2]]
-    body = {"name": "local", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "run_root": str(tmp_path / "runs"),
+    body = {"name": "local", "preset": "micro", "min_sites": 2, "run_root": str(tmp_path / "runs"),
             "export": True, "wait_for_sites_s": 5,
             "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1,
                         "site_dp": {"mode": "local", "noise_multiplier": 2.0, "clip_norm": 1.0}}]}

@@ -30,11 +30,8 @@ from fedmri.data.catalog_db import CATALOG_FILE
 from fedmri.data.dataset import SeriesDataset
 from fedmri.server.search import embed_query, federated_search, merge_results, search_messages
 
-from local_grid import LocalGrid
+from helpers.local_grid import LocalGrid
 
-# A 2-block, 32-wide encoder on the tiny preset (as tests/server/test_pipeline.py).
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
 QUERY = "Enhancing mass in the left frontal lobe with surrounding oedema."
 PSEUDONYM = re.compile(r"[0-9a-f]{32}")  # fedmri.data.catalog_db.pseudonym
 DICOM_TAGS = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
@@ -58,7 +55,7 @@ def _grid(sites: list, tamper=None) -> LocalGrid:
 
 @pytest.fixture(scope="module")
 def run_cfg():
-    return load_config("tiny", overrides=MICRO)
+    return load_config("micro")  # tiny's volumes, a 2-block 32-wide encoder
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,7 @@ from fedmri.errors import ConfigError
 from fedmri.server.config import load_federation
 from fedmri.server.pipeline import Pipeline
 
-from local_grid import LocalGrid
-
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
+from helpers.local_grid import LocalGrid
 
 
 def nudge(site_cfg, run_cfg, state, request, *, privacy=None):
@@ -33,7 +30,7 @@ TOY = stages.StageSpec(
 
 def test_a_toy_stage_runs_through_the_pipeline(tmp_path: Path, federation_sites: list) -> None:
     with stages.registered(TOY):
-        body = {"name": "toy", "preset": "tiny", "overrides": MICRO, "min_sites": 2, "export": False,
+        body = {"name": "toy", "preset": "micro", "min_sites": 2, "export": False,
                 "run_root": str(tmp_path / "runs"), "wait_for_sites_s": 5,
                 "stages": [{"name": "nudge", "rounds": 2, "local_steps": 2}]}
         fed = load_federation(text=OmegaConf.to_yaml(OmegaConf.create(body)))

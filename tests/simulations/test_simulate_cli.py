@@ -11,9 +11,6 @@ import pytest
 from omegaconf import OmegaConf
 from simulate_process import run_simulate
 
-MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
-         "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
-
 
 @pytest.mark.slow
 def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path, federation_sites: list) -> None:
@@ -24,7 +21,8 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
         "holdout_catalogs": [str(third)],
         "batch_size": 2,
         "ceiling_epochs": 3,
-        "federation": {"name": "smoke", "overrides": MICRO, "run_root": str(tmp_path / "runs"),
+        # The micro encoder; overrides [] replaces the demo's dense heads (simulations/runner.py).
+        "federation": {"name": "smoke", "preset": "micro", "overrides": [], "run_root": str(tmp_path / "runs"),
                        "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1},
                                   {"name": "align", "rounds": 1, "local_steps": 1},
                                   {"name": "heads", "rounds": 1, "local_steps": 2},

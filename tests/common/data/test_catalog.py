@@ -9,7 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from site_factory import add_bad_inputs, make_site
+from helpers.site_factory import add_bad_inputs, make_site
 
 from fedmri.config import load_config
 from fedmri.data.catalog_db import SPLITS, open_catalog, series_rows, skipped_rows

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from site_factory import make_site
+from helpers.site_factory import make_site
 
 from fedmri.config import load_config
 from fedmri.data.indexer import HANG_ENV, index_site

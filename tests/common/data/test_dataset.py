@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from site_factory import make_site
+from helpers.site_factory import make_site
 from torch.utils.data import DataLoader
 
 from fedmri.config import load_config
