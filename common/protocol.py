@@ -164,12 +164,12 @@ class TrainRequest:
         if stage not in stage_registry.names():
             raise RequestError(f"unknown stage {stage!r}; this site knows {', '.join(stage_registry.names())}")
         spec = stage_registry.get(stage)
-        required = set(spec.hyperparameters) | ({"local-steps"} if spec.trains else set())
+        required = set(spec.hyperparameters) | ({"local_steps"} if spec.trains else set())
         parsed = {}
         for f in _fields():
-            key = wire_key(f.name)
-            default = _MISSING if key in required or f.default is dataclasses.MISSING else f.default
-            parsed[f.name] = config_value(values, key, _KINDS[str(f.type).split("|")[0].strip()], default=default)
+            default = _MISSING if f.name in required or f.default is dataclasses.MISSING else f.default
+            parsed[f.name] = config_value(values, wire_key(f.name), _KINDS[str(f.type).split("|")[0].strip()],
+                                          default=default)
         req = cls(**parsed)
         req.check()
         return req
@@ -223,7 +223,8 @@ class TrainRequest:
             raise RequestError(f"stage-rounds {self.stage_rounds} must be >= 1")
         if self.dp:
             if not self.trains:
-                raise RequestError(f"dp is for training stages ({_training_stages()}), not {self.stage}")
+                raise RequestError(f"dp is for training stages ({', '.join(stage_registry.names(trains=True))}), "
+                                   f"not {self.stage}")
             if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
                 raise RequestError("dp needs exactly one of dp-noise-multiplier and dp-target-epsilon")
             for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_max_grad_norm"):
@@ -234,7 +235,8 @@ class TrainRequest:
             raise RequestError(f"site-dp {self.site_dp!r} is not one of {', '.join(SITE_DP_MODES)}")
         if self.site_dp != "off":
             if not self.trains:
-                raise RequestError(f"site-dp is for training stages ({_training_stages()}), not {self.stage}")
+                raise RequestError(f"site-dp is for training stages ({', '.join(stage_registry.names(trains=True))}), "
+                                   f"not {self.stage}")
             if not (self.site_dp_clip_norm > 0 and self.site_dp_noise_multiplier > 0):
                 raise RequestError("site-dp needs site-dp-clip-norm > 0 and site-dp-noise-multiplier > 0")
 
@@ -242,10 +244,6 @@ class TrainRequest:
 @functools.cache
 def _fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(TrainRequest)
-
-
-def _training_stages() -> str:
-    return ", ".join(n for n in stage_registry.names() if stage_registry.get(n).trains)
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fedmri import wire
@@ -71,7 +71,7 @@ class StageSpec:
     # Flower TRAIN message). False: sites only score the model (EVALUATE); no weights
     # come back, and any site that scored counts.
     trains: bool = True
-    # Per-round values the site must find in the request (their wire keys, fedmri.protocol.wire_key).
+    # Per-round values the site must find in the request (TrainRequest fields).
     hyperparameters: tuple[str, ...] = ()
     # The round's stage-specific request fields: (RoundInputs) -> {TrainRequest field: value}.
     round_values: Callable[[RoundInputs], dict[str, Any]] | None = None
@@ -86,11 +86,10 @@ class StageSpec:
     aligns: bool = False
     # It tunes the task heads (evaluation scores them; the export carries them).
     tunes_heads: bool = False
-    # Flower message type of its requests.
-    message_type: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "message_type", "train" if self.trains else "evaluate")
+    @property
+    def message_type(self) -> str:
+        """Flower message type of its requests."""
+        return "train" if self.trains else "evaluate"
 
     def train(self, site_cfg: Any, run_cfg: Any, state: State, request: Any, *,
               privacy: Any = None) -> tuple[State, dict[str, float]]:
@@ -123,9 +122,10 @@ def registered(spec: StageSpec) -> Iterator[StageSpec]:
         _REGISTRY.pop(spec.name, None)
 
 
-def names() -> tuple[str, ...]:
-    """Every registered stage, in registration order."""
-    return tuple(_REGISTRY)
+def names(*, trains: bool | None = None) -> tuple[str, ...]:
+    """The registered stages, in registration order: every one, or those that train (``trains=True``)
+    or only score (``trains=False``)."""
+    return tuple(n for n, spec in _REGISTRY.items() if trains is None or spec.trains == trains)
 
 
 def get(name: str) -> StageSpec:
@@ -209,13 +209,13 @@ def _evaluate_values(r: RoundInputs) -> dict[str, Any]:
 
 PRETRAIN = register(StageSpec(
     "pretrain", _pretrain_groups, "fedmri.client.trainers.pretrain:run_pretrain",
-    hyperparameters=("lr", "weight-decay", "teacher-momentum", "teacher-temp"), round_values=_pretrain_values,
+    hyperparameters=("lr", "weight_decay", "teacher_momentum", "teacher_temp"), round_values=_pretrain_values,
     after_aggregate=_move_teacher, builds_encoder=True))
 ALIGN = register(StageSpec(
-    "align", _align_groups, "fedmri.client.trainers.align:run_align", hyperparameters=("lr", "weight-decay"),
+    "align", _align_groups, "fedmri.client.trainers.align:run_align", hyperparameters=("lr", "weight_decay"),
     round_values=_align_values, check=_align_check, builds_encoder=True, aligns=True))
 HEADS = register(StageSpec(
-    "heads", _heads_groups, "fedmri.client.trainers.heads:run_heads", hyperparameters=("lr", "weight-decay"),
+    "heads", _heads_groups, "fedmri.client.trainers.heads:run_heads", hyperparameters=("lr", "weight_decay"),
     round_values=_heads_values, tunes_heads=True))
 EVALUATE = register(StageSpec(
     "evaluate", _evaluate_groups, "fedmri.client.trainers.evaluate:run_evaluate", trains=False,

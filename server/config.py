@@ -199,7 +199,7 @@ def check_federation(cfg: DictConfig, where: str) -> None:
 def _check_dp(stage: DictConfig, where: str) -> None:
     dp, site = stage.dp, stage.site_dp
     training = stage_registry.get(stage.name).trains
-    trained = ", ".join(n for n in stage_registry.names() if stage_registry.get(n).trains)
+    trained = ", ".join(stage_registry.names(trains=True))
     if dp.enabled:
         if not training:
             raise ConfigError(f"{where}: dp.enabled is for the training stages ({trained})")

@@ -33,7 +33,15 @@ from fedmri import stages as stage_registry
 from fedmri import wire
 from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
-from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROTOCOL_VERSION, VERSIONS_KEY, TrainRequest, reply_status
+from fedmri.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    PROTOCOL_VERSION,
+    VERSIONS_KEY,
+    TrainRequest,
+    reply_status,
+)
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, load_federation, run_config
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary
@@ -41,6 +49,7 @@ from fedmri.server.recorder import Recorder, RoundOutcome
 from fedmri.server.rundir import RunDir
 from fedmri.strategies import build_aggregator, validate_replies
 from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
+
 
 class GridLike(Protocol):
     def get_node_ids(self) -> Any: ...
@@ -54,9 +63,6 @@ class Replies:
     useful: list[Message] = field(default_factory=list)
     # (node, "failed" or "declined", reason), in the order the replies came.
     problems: list[tuple[int, str, str]] = field(default_factory=list)
-
-    def by_status(self, status: str) -> dict[int, str]:
-        return {node: reason for node, s, reason in self.problems if s == status}
 
 
 def classify_replies(messages: Sequence[Message], replies: Iterable[Message], timeout_s: float) -> Replies:
@@ -90,9 +96,6 @@ class SiteRegistry:
     def __init__(self) -> None:
         self.names: dict[int, str] = {}
         self.incompatible: set[int] = set()
-
-    def __contains__(self, node: int) -> bool:
-        return node in self.names
 
     def name(self, node: int) -> str:
         return self.names.get(node, f"node-{node}")
@@ -292,7 +295,6 @@ class Pipeline:
         out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
         sorted_replies = classify_replies(messages, replies, float(self.fed.round_timeout_s))
         useful = sorted_replies.useful
-        out.failed, out.declined = sorted_replies.by_status("failed"), sorted_replies.by_status("declined")
         out.problems = list(sorted_replies.problems)
 
         if not spec.trains:
@@ -305,9 +307,7 @@ class Pipeline:
             t = time.perf_counter()
             accepted, rejected = validate_replies(current, useful, factor)
             out.timings["validate"] = time.perf_counter() - t
-            for node, reason in rejected.items():
-                out.rejected[int(node)] = reason
-                out.problems.append((int(node), "rejected", reason))
+            out.problems += [(int(node), "rejected", reason) for node, reason in rejected.items()]
         metrics_by_node = {}
         for reply in accepted:
             node = int(reply.metadata.src_node_id)

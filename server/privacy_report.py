@@ -243,4 +243,4 @@ def model_card_privacy(summary: dict[str, Any]) -> dict[str, Any]:
 def _trains(row: dict[str, Any]) -> bool:
     """A row of a stage that sends model updates (heads too: trained on the site's labels); evaluation sends
     metrics only."""
-    return row.get("stage") in stage_registry.names() and stage_registry.get(str(row["stage"])).trains
+    return row.get("stage") in stage_registry.names(trains=True)

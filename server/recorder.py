@@ -28,9 +28,6 @@ class RoundOutcome:
     server_round: int
     sampled: list[int]
     accepted: list[int] = field(default_factory=list)
-    declined: dict[int, str] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
     aggregated: dict[str, float] = field(default_factory=dict)
     updated: bool = False
     # Seconds the coordinator spent on this round's parts: validate, aggregate, round (all of
@@ -44,6 +41,24 @@ class RoundOutcome:
     bytes_down: int = 0
     wall_s: float = 0.0
     replied_at: float = 0.0
+
+    def _by_status(self, status: str) -> dict[int, str]:
+        return {node: reason for node, s, reason in self.problems if s == status}
+
+    @property
+    def declined(self) -> dict[int, str]:
+        """node -> reason of every site that declined."""
+        return self._by_status("declined")
+
+    @property
+    def failed(self) -> dict[int, str]:
+        """node -> reason of every site whose reply was an error or never came."""
+        return self._by_status("failed")
+
+    @property
+    def rejected(self) -> dict[int, str]:
+        """node -> reason of every update that validation rejected."""
+        return self._by_status("rejected")
 
 
 class Recorder:

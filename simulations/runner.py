@@ -259,7 +259,7 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
     for site in holdouts:
         # A held-out hospital only scores models.
         _write_site_file(sim, site.site_file, site.name, site.catalog,
-                         stages=[n for n in stage_registry.names() if not stage_registry.get(n).trains])
+                         stages=list(stage_registry.names(trains=False)))
     return sites, holdouts
 
 

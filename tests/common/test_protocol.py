@@ -29,7 +29,7 @@ def test_every_stage_round_trips_through_the_wire(extra: dict) -> None:
 
 def test_a_stage_needs_its_own_hyperparameters() -> None:
     config = TrainRequest(**BASE, stage="align", local_steps=1, lr=0.1, weight_decay=0.0).to_config()
-    for key in stages.get("align").hyperparameters:
+    for key in map(wire_key, stages.get("align").hyperparameters):
         missing = {k: v for k, v in config.items() if k != key}
         with pytest.raises(RequestError, match=f"lacks '{key}'"):
             TrainRequest.from_config(missing)

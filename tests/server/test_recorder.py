@@ -10,8 +10,7 @@ from fedmri.server.rundir import RunDir
 
 
 def test_a_round_becomes_one_row_per_site_asked_and_one_aggregate(tmp_path: Path) -> None:
-    out = RoundOutcome("pretrain", 2, 5, sampled=[1, 2, 3, 4], accepted=[1, 4], declined={2: "budget"},
-                       rejected={3: "norm"}, aggregated={"loss": 1.5, "num-examples": 8.0}, updated=True,
+    out = RoundOutcome("pretrain", 2, 5, sampled=[1, 2, 3, 4], accepted=[1, 4], aggregated={"loss": 1.5, "num-examples": 8.0}, updated=True,
                        problems=[(2, "declined", "budget"), (3, "rejected", "norm")],
                        replies=[(4, {"loss": 2.0, "num-examples": 4.0, "wall-time-s": 3.0}, 100),
                                 (1, {"loss": 1.0, "num-examples": 4.0, "wall-time-s": 1.0}, 100)],
