@@ -36,7 +36,16 @@ from fedmri.client.trainers.context import (
     site_device,
 )
 from fedmri.client.replies import decline
-from fedmri.protocol import MAX_TOP_K, PROTOCOL_VERSION, SEARCH_GROUPS, SEARCH_TASK
+from fedmri.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    MAX_TOP_K,
+    QUERY_KEY,
+    SEARCH_GROUPS,
+    SEARCH_KEY,
+    SearchQuery,
+    search_reply,
+)
 from fedmri.wire import (
     ALIGN_GROUPS,
     State,
@@ -49,8 +58,6 @@ from fedmri.wire import (
 
 log = logging.getLogger(__name__)
 
-TASK = SEARCH_TASK
-SPLITS = ("all", "train", "val", "test")
 # Encoder digests whose catalog embeddings stay in memory (one per global model a coordinator searches with).
 _CACHE_SIZE = 4
 # (image weights digest, model config, catalogs) -> {(series id, cache path): embedding (E,)}
@@ -79,25 +86,19 @@ class SearchRequest:
         Raises:
             RequestError: A missing record or key, a wrong type or an out-of-range value.
         """
-        for name in ("config", "arrays", "query"):
+        for name in (CONFIG_KEY, ARRAYS_KEY, QUERY_KEY):
             if name not in msg.content:
                 raise RequestError(f"the search message lacks its {name!r} record")
-        values = msg.content["config"]
-        protocol = config_value(values, "protocol-version", int, default=PROTOCOL_VERSION)
-        if protocol != PROTOCOL_VERSION:
-            raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
-                               "coordinator and site must run compatible fedmri releases")
-        if config_value(values, "task", str) != TASK:
-            raise RequestError(f"task {values['task']!r} is not {TASK!r}")
-        query = from_record(msg.content["query"])
+        config = SearchQuery.from_config(msg.content[CONFIG_KEY])
+        query = from_record(msg.content[QUERY_KEY])
         if sorted(query) != ["embedding"]:
             raise RequestError(f"the query record must hold one array 'embedding', got {sorted(query)}")
-        state = from_record(msg.content["arrays"])
+        state = from_record(msg.content[ARRAYS_KEY])
         unknown = sorted(set(groups_in(state)) - set(ALIGN_GROUPS))
         if unknown:
             raise RequestError(f"search takes align groups ({', '.join(ALIGN_GROUPS)}), got also {unknown}")
-        return cls(top_k=config_value(values, "top-k", int), fedmri_config=config_value(values, "fedmri-config", str),
-                   split=config_value(values, "split", str, default="all"), state=state, query=query["embedding"])
+        return cls(top_k=config.top_k, fedmri_config=config.fedmri_config, split=config.split, state=state,
+                   query=query["embedding"])
 
 
 def check_query(query: Tensor, embed_dim: int, top_k: int, split: str = "all") -> Tensor:
@@ -107,10 +108,7 @@ def check_query(query: Tensor, embed_dim: int, top_k: int, split: str = "all") -
         RequestError: ``top_k`` outside 1..1000, an unknown split, a query not
             of shape (``embed_dim``,), not finite, or of zero norm.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-        raise RequestError(f"top-k {top_k!r} must be an integer in 1..{MAX_TOP_K}")
-    if split not in SPLITS:
-        raise RequestError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    SearchQuery(top_k=top_k, fedmri_config="", split=split).check()
     if tuple(query.shape) != (embed_dim,):
         raise RequestError(f"the query embedding has shape {tuple(query.shape)}, the run's aligned space is "
                            f"({embed_dim},)")
@@ -228,8 +226,8 @@ def handle_search(msg: Message, context: Context, site_cfg: DictConfig) -> Messa
     except Exception as exc:  # noqa: BLE001 -- its text may quote paths or pseudonyms (client/app.py)
         log.exception("search failed at this site")
         return decline(msg, f"search failed at the site ({type(exc).__name__}); the site's log has the details")
-    reply = ConfigRecord({"ids": [sid for sid, _ in results], "scores": [score for _, score in results]})
-    return Message(RecordDict({"search": reply}), reply_to=msg)
+    reply = ConfigRecord(search_reply([sid for sid, _ in results], [score for _, score in results]))
+    return Message(RecordDict({SEARCH_KEY: reply}), reply_to=msg)
 
 
 

@@ -49,6 +49,12 @@ SIM_SITES_ENV = "FEDMRI_SIM_SITES"
 SEARCH_TASK = "search"
 SEARCH_GROUPS = (ENCODER, PROJECTIONS)
 MAX_TOP_K = 1000
+QUERY_KEY = "query"  # ArrayRecord of a search message: the query's text embedding, one array "embedding"
+SEARCH_KEY = "search"  # ConfigRecord of a search reply: ids and scores, nothing else
+# Splits a search may name: "all" is every series of the catalog.
+SEARCH_SPLITS = ("all", *SPLITS)
+# Search scores are cosine similarities, with room for float32 rounding.
+_SCORE_BOUND = 1.0 + 1e-4
 
 
 class DeclineError(FedmriError):
@@ -156,10 +162,7 @@ class TrainRequest:
         Raises:
             RequestError: For a missing key, a wrong type or an out-of-range value.
         """
-        protocol = config_value(values, "protocol-version", int, default=PROTOCOL_VERSION)
-        if protocol != PROTOCOL_VERSION:
-            raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
-                               "coordinator and site must run compatible fedmri releases")
+        _check_protocol(values)
         stage = config_value(values, "stage", str)
         if stage not in stage_registry.names():
             raise RequestError(f"unknown stage {stage!r}; this site knows {', '.join(stage_registry.names())}")
@@ -239,6 +242,89 @@ class TrainRequest:
                                    f"not {self.stage}")
             if not (self.site_dp_clip_norm > 0 and self.site_dp_noise_multiplier > 0):
                 raise RequestError("site-dp needs site-dp-clip-norm > 0 and site-dp-noise-multiplier > 0")
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """The config of a federated search message (a QUERY), built by the coordinator, checked by the site.
+
+    The message also carries the image side's weights (``arrays``, :data:`SEARCH_GROUPS`)
+    and the query's text embedding (``query``); the site checks those against its model.
+    """
+
+    # Results wanted from each site, 1..MAX_TOP_K.
+    top_k: int
+    # YAML of the run's resolved FedmriConfig.
+    fedmri_config: str
+    # Catalog split the sites search; "all" = every series.
+    split: str = "all"
+
+    def check(self) -> None:
+        """Raises RequestError for a ``top_k`` outside 1..MAX_TOP_K or an unknown split."""
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= MAX_TOP_K:
+            raise RequestError(f"top-k {self.top_k!r} must be an integer in 1..{MAX_TOP_K}")
+        if self.split not in SEARCH_SPLITS:
+            raise RequestError(f"split {self.split!r} is not one of {', '.join(SEARCH_SPLITS)}")
+
+    def to_config(self) -> dict[str, Any]:
+        """The message's ``config`` record, checked first as the site will check it.
+
+        Raises:
+            RequestError: The query would not pass the site's check.
+        """
+        self.check()
+        return {"task": SEARCH_TASK, "top-k": self.top_k, "split": self.split,
+                "protocol-version": PROTOCOL_VERSION, "fedmri-config": self.fedmri_config}
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> SearchQuery:
+        """Parse and check a search message's ``config`` record (the site's side).
+
+        Raises:
+            RequestError: Another protocol or task, a missing key, a wrong type or an out-of-range value.
+        """
+        _check_protocol(values)
+        task = config_value(values, "task", str)
+        if task != SEARCH_TASK:
+            raise RequestError(f"task {task!r} is not {SEARCH_TASK!r}")
+        query = cls(top_k=config_value(values, "top-k", int), fedmri_config=config_value(values, "fedmri-config", str),
+                    split=config_value(values, "split", str, default="all"))
+        query.check()
+        return query
+
+
+def search_reply(ids: list[str], scores: list[float]) -> dict[str, Any]:
+    """A site's search answer, the content of its :data:`SEARCH_KEY` record."""
+    return {"ids": list(ids), "scores": [float(s) for s in scores]}
+
+
+def parse_search_reply(content: Any, top_k: int) -> tuple[list[str], list[float]]:
+    """A site's ids and scores from a search reply's RecordDict, checked against the protocol.
+
+    Raises:
+        RequestError: Naming what is out of protocol (other records, other keys,
+            wrong types, more than ``top_k`` results, scores that are not cosines).
+    """
+    if list(content.keys()) != [SEARCH_KEY] or SEARCH_KEY not in content.config_records:
+        raise RequestError(f"records {sorted(content.keys())} instead of one {SEARCH_KEY!r} ConfigRecord")
+    record = content.config_records[SEARCH_KEY]
+    if sorted(record.keys()) != ["ids", "scores"]:
+        raise RequestError(f"search keys {sorted(record.keys())} instead of ids and scores")
+    ids, scores = list(record["ids"]), list(record["scores"])
+    if not all(isinstance(i, str) for i in ids) or not all(isinstance(s, float) for s in scores):
+        raise RequestError("ids must be strings and scores floats")
+    if len(ids) != len(scores) or len(ids) > top_k or len(set(ids)) != len(ids):
+        raise RequestError(f"{len(ids)} ids and {len(scores)} scores for top-k {top_k} (ids must be distinct)")
+    if not all(math.isfinite(s) and abs(s) <= _SCORE_BOUND for s in scores):
+        raise RequestError("scores must be finite cosine similarities in [-1, 1]")
+    return ids, scores
+
+
+def _check_protocol(values: Mapping[str, Any]) -> None:
+    protocol = config_value(values, "protocol-version", int, default=PROTOCOL_VERSION)
+    if protocol != PROTOCOL_VERSION:
+        raise RequestError(f"the server speaks protocol {protocol}, this site {PROTOCOL_VERSION}; "
+                           "coordinator and site must run compatible fedmri releases")
 
 
 @functools.cache

@@ -10,7 +10,6 @@ that fails, declines or answers out of protocol is left out and reported.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from logging import INFO, WARNING
@@ -24,9 +23,16 @@ from torch import Tensor
 
 from fedmri import stages as stage_registry
 from fedmri import wire
-from fedmri.protocol import MAX_TOP_K, PROTOCOL_VERSION, SEARCH_GROUPS
-# Cosine similarities, with room for float32 rounding.
-_SCORE_BOUND = 1.0 + 1e-4
+from fedmri.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    MAX_TOP_K,
+    QUERY_KEY,
+    SEARCH_GROUPS,
+    SearchQuery,
+    parse_search_reply,
+    reply_status,
+)
 
 
 @torch.no_grad()
@@ -70,12 +76,10 @@ def search_messages(run_cfg: DictConfig, state: Mapping[str, Tensor], query: Ten
     Raises:
         ValueError: ``top_k`` outside 1..1000.
     """
-    _check_top_k(top_k)
-    config = ConfigRecord({"task": "search", "top-k": int(top_k), "split": split,
-                           "protocol-version": PROTOCOL_VERSION, "fedmri-config": OmegaConf.to_yaml(run_cfg)})
+    config = ConfigRecord(SearchQuery(top_k=top_k, fedmri_config=OmegaConf.to_yaml(run_cfg), split=split).to_config())
     arrays = wire.to_record(wire.select(state, SEARCH_GROUPS))
     embedding = wire.to_record({"embedding": query.detach().reshape(-1)})
-    return [Message(RecordDict({"config": config, "arrays": arrays, "query": embedding}), dst_node_id=int(n),
+    return [Message(RecordDict({CONFIG_KEY: config, ARRAYS_KEY: arrays, QUERY_KEY: embedding}), dst_node_id=int(n),
                     message_type=MessageType.QUERY) for n in nodes]
 
 
@@ -86,19 +90,7 @@ def parse_reply(reply: Message, top_k: int) -> tuple[list[str], list[float]]:
         ValueError: Naming what is out of protocol (other records, other keys,
             wrong types, more than ``top_k`` results, scores that are not cosines).
     """
-    if list(reply.content.keys()) != ["search"] or not isinstance(reply.content["search"], ConfigRecord):
-        raise ValueError(f"records {sorted(reply.content.keys())} instead of one 'search' ConfigRecord")
-    record = reply.content["search"]
-    if sorted(record.keys()) != ["ids", "scores"]:
-        raise ValueError(f"search keys {sorted(record.keys())} instead of ids and scores")
-    ids, scores = list(record["ids"]), list(record["scores"])
-    if not all(isinstance(i, str) for i in ids) or not all(isinstance(s, float) for s in scores):
-        raise ValueError("ids must be strings and scores floats")
-    if len(ids) != len(scores) or len(ids) > top_k or len(set(ids)) != len(ids):
-        raise ValueError(f"{len(ids)} ids and {len(scores)} scores for top-k {top_k} (ids must be distinct)")
-    if not all(math.isfinite(s) and abs(s) <= _SCORE_BOUND for s in scores):
-        raise ValueError("scores must be finite cosine similarities in [-1, 1]")
-    return ids, scores
+    return parse_search_reply(reply.content, top_k)
 
 
 def merge_results(replies: Mapping[str, tuple[list[str], list[float]]], top_k: int) -> list[dict[str, Any]]:
@@ -169,15 +161,12 @@ def federated_search(grid: Any, run_cfg: DictConfig, state: Mapping[str, Tensor]
 def _problem(reply: Message) -> str | None:
     if reply.has_error():
         return f"failed: {reply.error.reason}"
-    status = reply.content.config_records.get("status")
-    if status is not None and status.get("declined"):
-        return f"declined: {status.get('reason', 'no reason given')}"
-    return None
+    declined, reason = reply_status(reply.content)
+    return f"declined: {reason}" if declined else None
 
 
 def _check_top_k(top_k: int) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top-k {top_k!r} must be an integer in 1..{MAX_TOP_K}")
+    SearchQuery(top_k=top_k, fedmri_config="").check()
 
 
 __all__ = ["MAX_TOP_K", "SEARCH_GROUPS", "embed_query", "federated_search", "merge_results", "parse_reply",

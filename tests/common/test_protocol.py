@@ -5,9 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from flwr.app import ConfigRecord, RecordDict
 
 from fedmri import stages
-from fedmri.protocol import RequestError, TrainRequest, wire_key
+from fedmri.protocol import (
+    MAX_TOP_K,
+    SEARCH_KEY,
+    RequestError,
+    SearchQuery,
+    TrainRequest,
+    parse_search_reply,
+    search_reply,
+    wire_key,
+)
 
 BASE = {"round": 2, "server_round": 5, "seed": 7, "run_name": "r", "fedmri_config": "model: {}"}
 
@@ -46,3 +56,38 @@ def test_the_coordinator_cannot_send_what_a_site_would_refuse() -> None:
 
 def test_wire_keys_are_the_field_names_in_kebab_case() -> None:
     assert [wire_key(f.name) for f in dataclasses.fields(TrainRequest)][:3] == ["stage", "round", "server-round"]
+
+
+def test_a_search_query_round_trips_and_is_checked_on_both_sides() -> None:
+    query = SearchQuery(top_k=5, fedmri_config="model: {}", split="val")
+    config = query.to_config()
+    assert config["task"] == "search" and config["top-k"] == 5
+    assert SearchQuery.from_config(config) == query
+    for bad in (SearchQuery(top_k=0, fedmri_config=""), SearchQuery(top_k=MAX_TOP_K + 1, fedmri_config=""),
+                SearchQuery(top_k=True, fedmri_config=""), SearchQuery(top_k=3, fedmri_config="", split="holdout")):
+        with pytest.raises(RequestError):
+            bad.to_config()  # the coordinator cannot send it
+    with pytest.raises(RequestError, match="task 'train' is not 'search'"):
+        SearchQuery.from_config({**config, "task": "train"})
+    with pytest.raises(RequestError, match="protocol 99"):
+        SearchQuery.from_config({**config, "protocol-version": 99})
+
+
+def _reply(record: dict) -> RecordDict:
+    return RecordDict({SEARCH_KEY: ConfigRecord(record)})
+
+
+def test_a_search_reply_is_ids_and_cosines_and_nothing_else() -> None:
+    assert parse_search_reply(_reply(search_reply(["a", "b"], [0.5, -0.25])), top_k=2) == (["a", "b"], [0.5, -0.25])
+    for record, problem in [
+        (search_reply(["a", "b", "c"], [0.1, 0.2, 0.3]), "top-k 2"),
+        (search_reply(["a", "a"], [0.1, 0.2]), "distinct"),
+        (search_reply(["a"], [1.5]), "cosine"),
+        ({**search_reply(["a"], [0.1]), "patient": "x"}, "search keys"),
+    ]:
+        with pytest.raises(RequestError, match=problem):
+            parse_search_reply(_reply(record), top_k=2)
+    extra = _reply(search_reply(["a"], [0.1]))
+    extra["metrics"] = ConfigRecord({"n": 1})
+    with pytest.raises(RequestError, match="instead of one 'search'"):
+        parse_search_reply(extra, top_k=2)
