@@ -5,8 +5,11 @@ The site's delta ``up - down`` over its floating tensors is clipped to L2 norm
 ``LocalDpMod``, ``flwr/clientapp/mod/localdp_mod.py``), and ``N(0, (z C)^2)`` is
 added to every coordinate. Unlike ``LocalDpMod``, whose noise std comes from a
 target (ε, δ) of the classic one-shot Gaussian bound, the noise is set by a noise
-multiplier ``z`` so that the rounds compose under RDP (:func:`local_epsilon`), and
-it is drawn from a generator the caller passes in, not NumPy's global one.
+multiplier ``z`` so that the rounds compose under RDP, and it is drawn from a
+generator the caller passes in, not NumPy's global one. The site's ledger accounts
+each release as the Gaussian mechanism at ``z / 2`` (replace-one adjacency: two
+clipped updates lie up to ``2C`` apart; ``PrivacyGate.plan_site_level``), composed
+with the site's DP-SGD rounds.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import math
 
 import torch
 from torch import Tensor
-
-from fedmri.accounting import rdp_epsilon
 
 
 def privatize_update(down: dict[str, Tensor], up: dict[str, Tensor], clip_norm: float, noise_multiplier: float,
@@ -72,32 +73,3 @@ def privatize_update(down: dict[str, Tensor], up: dict[str, Tensor], clip_norm: 
                 value = value + std * noise.to(value.device)
             out[key] = value.to(up[key].dtype)
     return out, norm
-
-
-def local_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """ε at ``delta`` of a site's ``rounds`` locally privatised updates, seen by the coordinator.
-
-    Any two datasets of the site give clipped updates at most ``2C`` apart (replace-one
-    adjacency: the coordinator knows the site took part, so there is no add/remove and no
-    amplification by sampling), so each round is the Gaussian mechanism with effective
-    noise multiplier ``z / 2``, composed with Opacus' RDP accountant at sample rate 1.
-
-    Args:
-        noise_multiplier: ``z`` >= 0; 0 gives ``inf``.
-        rounds: Updates the site sent with this ``z``, >= 0.
-        delta: δ in (0, 1).
-
-    Returns:
-        ε; 0.0 for no round.
-    """
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
-    if rounds < 0:
-        raise ValueError(f"rounds must be >= 0, got {rounds!r}")
-    if rounds == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    return rdp_epsilon([(noise_multiplier / 2, 1.0, rounds)], delta)

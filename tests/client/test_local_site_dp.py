@@ -8,7 +8,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedmri.client.privacy.site_dp import local_epsilon, privatize_update
+from fedmri.client.privacy.gate import PrivacyGate
+from fedmri.client.privacy.ledger import PrivacyLedger
+from fedmri.client.privacy.site_dp import privatize_update
+from fedmri.client.site import load_site
+from fedmri.protocol import TrainRequest
 
 SHAPES = {"encoder.weight": (4, 3), "encoder.bias": (3,), "logit_scale": ()}
 
@@ -98,15 +102,18 @@ def test_bad_arguments_are_refused(change: str, match: str) -> None:
         privatize_update(down, up, clip, noise, torch.Generator())
 
 
-def test_local_epsilon_is_the_gaussian_at_half_the_noise_multiplier() -> None:
-    # Replace-one adjacency: two clipped updates are up to 2C apart.
+def test_the_ledger_composes_local_site_dp_as_the_gaussian_at_half_the_noise(site_file, request_values,
+                                                                           tmp_path) -> None:
+    # Replace-one adjacency: two clipped updates are up to 2C apart, so z acts as z / 2.
+    site, ledger = load_site(site_file), tmp_path / "ledger.sqlite"
     accountant = RDPAccountant()
-    for _ in range(7):
+    for round_ in range(1, 8):
+        request = TrainRequest.from_config(request_values("align", round=round_, site_dp="local",
+                                                          site_dp_noise_multiplier=1.2, site_dp_clip_norm=1.0))
+        gate = PrivacyGate(site, request, ledger_path=ledger)
+        gate.plan_site_level()
+        entry = gate.record()[-1]
         accountant.step(noise_multiplier=0.6, sample_rate=1.0)
-    assert local_epsilon(1.2, 7, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), abs=1e-6)
-    assert local_epsilon(1.2, 0, 1e-5) == 0.0
-    assert local_epsilon(1.2, 3, 1e-5) < local_epsilon(1.2, 7, 1e-5)
-    assert local_epsilon(2.4, 7, 1e-5) < local_epsilon(1.2, 7, 1e-5)
-    assert local_epsilon(0.0, 1, 1e-5) == math.inf
-    with pytest.raises(ValueError, match="delta"):
-        local_epsilon(1.0, 1, 1.0)
+        assert entry.epsilon_run == pytest.approx(accountant.get_epsilon(1e-5), abs=1e-6)
+    with PrivacyLedger(ledger) as book:
+        assert book.epsilon(1e-5, run="test") == pytest.approx(accountant.get_epsilon(1e-5), abs=1e-6)
