@@ -33,7 +33,7 @@ import torch
 from fedmri.config import load_config
 from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.simulations.ceiling import CeilingConfig, Split, findings_intervals, load_split, predict, train_ceiling
-from fedmri.simulations.runner import _holdout_seed, synthesise_site
+from fedmri.simulations.runner import holdout_seed, synthesise_site
 
 HOLDOUT_INDEX = 4
 
@@ -49,7 +49,7 @@ def prepare(out: Path, seed: int, sites: int, series: int, holdout_series: int) 
     held_cfg = OmegaConf.merge(cfg, {"data": {"catalog": {"split_fractions": [0.0, 1.0, 0.0]}}})
     # The demo's held-out archetype (Canon, a vendor none of the first three sites has), balanced case mix.
     index = max(HOLDOUT_INDEX, sites + 1)
-    holdout = synthesise_site(held_cfg, out, "holdout-01", index, _holdout_seed(seed, 1), quiet, "demo",
+    holdout = synthesise_site(held_cfg, out, "holdout-01", index, holdout_seed(seed, 1), quiet, "demo",
                               holdout_series, case_mix="balanced").catalog
     return catalogs, holdout
 

@@ -50,15 +50,15 @@ Prints a table and ratios; nothing is asserted (docs/architecture.md, "Benchmark
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import resource
 import statistics
 import time
 import traceback
 from collections.abc import Callable
-from queue import Empty
 from typing import Any
+
+from _harness import run_in_process
 
 BATCH_SIZES = {"tiny": [2, 4, 8], "small": [2, 4], "base": [2]}
 # A round of small's rows took 40-50 s on 2 shared cores (load 3-4): 2 + 5 rounds keep the default run
@@ -283,20 +283,7 @@ def _peak_memory(spec: dict[str, Any], queue: Any) -> None:
 def _in_fork(target: Callable[[dict[str, Any], Any], None], spec: dict[str, Any]) -> Any:
     # Forked from a parent that imported fedmri.ssl (MONAI: ~10 s on a loaded 2-core machine) and ran no
     # torch op, so no thread pool is copied; each child has its own ru_maxrss.
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(spec, queue))
-    proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=1.0)
-            break
-        except Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"{target.__name__} {spec.get('preset')} died with exit code {proc.exitcode}"
-                                   ) from None
-    proc.join()
-    return result
+    return run_in_process(target, spec, start_method="fork", what=f"{target.__name__} {spec.get('preset')}")
 
 
 def _ints(text: str) -> list[int]:

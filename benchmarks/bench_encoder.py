@@ -19,12 +19,12 @@ Prints a table; nothing is asserted (docs/architecture.md, "Benchmarks": benchma
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import statistics
 import time
-from queue import Empty
 from typing import Any
+
+from _harness import run_in_process
 
 BATCH = {"tiny": 8, "small": 4, "base": 2}
 
@@ -140,19 +140,7 @@ def _worker(impl: str, preset: str, batch: int, steps: int, warmup: int, device:
 
 
 def run_one(impl: str, preset: str, batch: int, steps: int, warmup: int, device: str, amp: bool) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(impl, preset, batch, steps, warmup, device, amp, queue))
-    proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=1.0)
-            break
-        except Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"{impl} {preset} worker died with exit code {proc.exitcode}") from None
-    proc.join()
-    return result
+    return run_in_process(_worker, impl, preset, batch, steps, warmup, device, amp, what=f"{impl} {preset} worker")
 
 
 def main() -> None:

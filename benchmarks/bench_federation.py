@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -53,7 +52,6 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 try:
@@ -63,6 +61,7 @@ except ModuleNotFoundError:  # not a project dependency: Ray (flwr[simulation]) 
     import psutil
 
 import _tests_path  # noqa: F401 -- tests/ on sys.path: the shared test helpers
+from _harness import run_in_process
 
 STAGES = ("pretrain", "align")
 MB = 1e6
@@ -97,14 +96,14 @@ def prepare_catalogs(data: Path, presets: list[str], series: int) -> dict[str, l
 def write_site_files(folder: Path, catalogs: list[tuple[str, Path]], n: int, threads: int,
                      batch_size: int) -> list[Path]:
     """``n`` site files reusing ``catalogs`` cyclically, each under its own name (site-01 ... site-n)."""
-    from fedmri.simulations.runner import _write_site_file, load_simulation
+    from fedmri.simulations.runner import write_site_file, load_simulation
 
     sim = load_simulation(overrides=[f"threads_per_site={threads}", f"batch_size={batch_size}"])
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(n):
         path = folder / f"site-{i + 1:02d}.yaml"
-        _write_site_file(sim, path, f"site-{i + 1:02d}", catalogs[i % len(catalogs)][1])
+        write_site_file(sim, path, f"site-{i + 1:02d}", catalogs[i % len(catalogs)][1])
         files.append(path)
     return files
 
@@ -184,10 +183,10 @@ def _session(spec: dict[str, Any], queue: Any) -> None:
         with server_identity():
             pipeline.run_all(timer.grid(LocalGrid({i + 1: p for i, p in enumerate(files)})))
     else:
-        from fedmri.simulations.runner import _simulate, load_simulation
+        from fedmri.simulations.runner import run_engine, load_simulation
 
         sim = load_simulation(overrides=[f"cpus_per_site={spec['cpus_per_site']}", f"sites={len(files)}"])
-        _simulate(lambda grid: pipeline.run_all(timer.grid(grid)), files, sim, Path(spec["federation"]["run_root"]) / f"{fed.name}-sites.json")
+        run_engine(lambda grid: pipeline.run_all(timer.grid(grid)), files, sim, Path(spec["federation"]["run_root"]) / f"{fed.name}-sites.json")
     end = time.perf_counter()
     first = timer.timings[min(timer.timings)]
     queue.put({"rows": pipeline.run.read_metrics(), "server": timer.timings,
@@ -290,30 +289,21 @@ def run_session(spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``spec`` in a fresh process while sampling its process tree; check that all of it has ended."""
     # Short: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     spec = spec | {"ray_tmp": tempfile.mkdtemp(prefix="fbr-")}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_session, args=(spec, queue))
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc.start()
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
+    samplers: list[TreeSampler] = []
+
+    def watch(pid: int) -> None:
+        samplers.append(TreeSampler(pid))
+        samplers[0].start()
+
     try:
-        while True:
-            try:
-                result = queue.get(timeout=1.0)
-                break
-            except Empty:
-                if not proc.is_alive():
-                    raise RuntimeError(f"{spec['label']}: session died with exit code {proc.exitcode}") from None
-        proc.join()
+        result = run_in_process(_session, spec, what=f"{spec['label']}: session", on_start=watch)
     finally:
+        sampler = samplers[0]
         sampler.stop.set()
         sampler.join()
-        if proc.is_alive():  # interrupted: end the session; leftover() ends what it started
-            proc.terminate()
-            proc.join(10)
-        left = leftover(sampler.seen, proc.pid)
+        left = leftover(sampler.seen, sampler.root.pid)
         shutil.rmtree(spec["ray_tmp"], ignore_errors=True)
     result |= {"label": spec["label"], "process_s": time.perf_counter() - start, "peak_rss": sampler.peak_rss,
                "peak_pss": sampler.peak_pss, "max_procs": sampler.max_procs, "procs_seen": len(sampler.seen),

@@ -241,7 +241,7 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
         # The next archetypes (another vendor and protocol) from a seed of their own.
         series = int(sim.holdout_series or sim.series_per_site)
         jobs += [dict(cfg=held, data_dir=data_dir, name=f"{HOLDOUT}-{k:02d}", index=sim.sites + k,
-                      seed=_holdout_seed(seed, k), preset=sim.synth_preset, series=series,
+                      seed=holdout_seed(seed, k), preset=sim.synth_preset, series=series,
                       case_mix=str(sim.holdout_case_mix)) for k in range(1, sim.holdout_sites + 1)]
     made = {site.name: site for site in _synthesise_all(jobs, int(sim.synth_workers), say)}
     if sim.catalogs:
@@ -255,10 +255,10 @@ def prepare_sites(sim: DictConfig, data_dir: Path,
     else:
         holdouts = [made[f"{HOLDOUT}-{k:02d}"] for k in range(1, sim.holdout_sites + 1)]
     for site in sites:
-        _write_site_file(sim, site.site_file, site.name, site.catalog)
+        write_site_file(sim, site.site_file, site.name, site.catalog)
     for site in holdouts:
         # A held-out hospital only scores models.
-        _write_site_file(sim, site.site_file, site.name, site.catalog,
+        write_site_file(sim, site.site_file, site.name, site.catalog,
                          stages=list(stage_registry.names(trains=False)))
     return sites, holdouts
 
@@ -303,7 +303,7 @@ def _trains(stage: DictConfig) -> bool:
     return stage_registry.get(stage.name).trains
 
 
-def _holdout_seed(seed: int, k: int) -> int:
+def holdout_seed(seed: int, k: int) -> int:
     """The seed of held-out hospital ``k``: none of the federation's sites derives from it."""
     return (seed + 7919 * k + 104729) % 2**31
 
@@ -353,8 +353,19 @@ def synthetic_salt(catalog: Path, seed: int, name: str) -> None:
         fh.write(hashlib.sha256(f"fedmri-synthetic-site:{seed}:{name}".encode()).hexdigest() + "\n")
 
 
-def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None,
+def write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra: list[Path] | None = None,
                      stages: list[str] | None = None) -> None:
+    """Write a simulated site's ``site.yaml``: its catalog and the simulation's device, threads and batch size.
+
+    Args:
+        sim: The simulation config.
+        path: Where the site file goes.
+        name: The site's name.
+        catalog: Its catalog folder.
+        extra: More catalogs it trains on (the pooled ``central`` baseline); it then keeps
+            its own privacy ledger next to ``path``.
+        stages: ``policy.stages``, when the site may run only these (a held-out hospital).
+    """
     body: dict[str, Any] = {"name": name, "catalog": str(catalog), "device": str(sim.device),
                             "threads": int(sim.threads_per_site), "batch_size": int(sim.batch_size),
                             "num_workers": int(sim.workers_per_site)}
@@ -367,8 +378,18 @@ def _write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extr
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(body)), encoding="utf-8")
 
 
-def _simulate(server_main: Callable[[Any], None], site_files: list[Path], sim: DictConfig, map_file: Path) -> None:
-    """One Flower Simulation Engine session: one virtual SuperNode per site file."""
+def run_engine(server_main: Callable[[Any], None], site_files: list[Path], sim: DictConfig, map_file: Path) -> None:
+    """One Flower Simulation Engine session: one virtual SuperNode per site file.
+
+    Args:
+        server_main: Runs the coordinator's side with the engine's ``Grid``.
+        site_files: One ``site.yaml`` per virtual SuperNode, partition ``i`` -> ``site_files[i]``.
+        sim: The simulation config (client resources).
+        map_file: Where the partition -> site file map is written (``FEDMRI_SIM_SITES``).
+
+    Raises:
+        Whatever ``server_main`` raised, after the engine has shut down.
+    """
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -449,7 +470,7 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
     site_files = [s.site_file for s in sites + holdouts]
     if "central" in sim.modes:
         pooled_file = data_dir / f"{POOLED}.yaml"
-        _write_site_file(sim, pooled_file, POOLED, sites[0].catalog, [s.catalog for s in sites[1:]])
+        write_site_file(sim, pooled_file, POOLED, sites[0].catalog, [s.catalog for s in sites[1:]])
         site_files.append(pooled_file)
 
     def alone(fed: DictConfig, local_factor: int = 1) -> DictConfig:
@@ -487,7 +508,7 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
                                               eval_sites=names + held).run_all(grid)
 
     if any(m in FLOWER_MODES for m in sim.modes):
-        _simulate(run_modes, site_files, sim, root / "sites.json")
+        run_engine(run_modes, site_files, sim, root / "sites.json")
     modes = {m: _evaluation(r, names) for m, r in results.items()}
     holdout = {m: _evaluation(r, held) for m, r in results.items()} if held else {}
     ceiling_scores = None

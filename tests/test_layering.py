@@ -3,6 +3,7 @@
 Every ``import fedmri...`` and ``from fedmri... import`` statement counts, at
 module level or inside a function. A role package reaches another only where the
 matrix allows it, and never for a private name (one that starts with ``_``).
+Benchmarks may use every layer, through its public names only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Folder -> layer of its files (common/cli is the user-facing CLI: it may reach every role).
 FOLDERS = {"common": "fedmri", "client": "client", "server": "server", "strategies": "strategies",
-           "simulations": "simulations"}
+           "simulations": "simulations", "benchmarks": "benchmarks"}
 # Layer -> the layers it may import.
 ALLOWED = {
     "fedmri": {"fedmri"},
@@ -24,6 +25,7 @@ ALLOWED = {
     "strategies": {"fedmri", "strategies"},
     "server": {"fedmri", "server", "strategies"},
     "simulations": {"fedmri", "simulations", "server", "client", "strategies"},
+    "benchmarks": {"fedmri", "cli", "client", "server", "strategies", "simulations"},
 }
 
 
@@ -95,6 +97,7 @@ def test_every_import_between_layers_is_allowed() -> None:
     ("strategies/validation.py", "from fedmri.client.policy import check_request", "strategies imports"),
     ("server/pipeline.py", "    from fedmri.simulations.runner import load_simulation", "server imports"),
     ("simulations/runner.py", "from fedmri.server.pipeline import _aggregator", "private fedmri.server.pipeline._aggregator"),
+    ("benchmarks/bench_ceiling.py", "from fedmri.simulations.runner import _ceiling", "benchmarks imports private"),
 ])
 def test_a_forbidden_import_added_to_a_file_is_caught(file: str, line: str, why: str) -> None:
     path = ROOT / file

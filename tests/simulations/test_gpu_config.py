@@ -11,7 +11,7 @@ from fedmri.client.site import load_site
 from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.errors import ConfigError
 from fedmri.simulations.ceiling import CeilingConfig, Split, train_ceiling
-from fedmri.simulations.runner import _write_site_file, client_resources, load_simulation
+from fedmri.simulations.runner import write_site_file, client_resources, load_simulation
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_cpu_is_the_default_and_reserves_no_gpu(tmp_path: Path) -> None:
     sim = load_simulation(None, [])
     assert sim.device == "cpu"
     assert client_resources(sim) == {"num_cpus": 1.0, "num_gpus": 0.0}
-    _write_site_file(sim, tmp_path / "site-01.yaml", "site-01", tmp_path / "catalog")
+    write_site_file(sim, tmp_path / "site-01.yaml", "site-01", tmp_path / "catalog")
     site = load_site(tmp_path / "site-01.yaml")
     assert site.device == "cpu" and site.num_workers == 0
 
@@ -37,7 +37,7 @@ def test_cpu_is_the_default_and_reserves_no_gpu(tmp_path: Path) -> None:
 def test_cuda_reaches_the_site_files_and_rays_reservation(tmp_path: Path, cuda_present: None) -> None:
     sim = load_simulation(None, ["device=cuda", "gpus_per_site=0.25", "cpus_per_site=4", "workers_per_site=2"])
     assert client_resources(sim) == {"num_cpus": 4.0, "num_gpus": 0.25}
-    _write_site_file(sim, tmp_path / "site-01.yaml", "site-01", tmp_path / "catalog")
+    write_site_file(sim, tmp_path / "site-01.yaml", "site-01", tmp_path / "catalog")
     site = load_site(tmp_path / "site-01.yaml")
     assert site.device == "cuda" and site.num_workers == 2
 
