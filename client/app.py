@@ -37,7 +37,15 @@ from fedmri.client.privacy.site_dp import privatize_update
 from fedmri.client.replies import decline
 from fedmri.client.site import load_site
 from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, configure_torch, parse_run_config
-from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROTOCOL_VERSION, SIM_SITES_ENV, VERSIONS_KEY
+from fedmri.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    PROTOCOL_VERSION,
+    SEARCH_TASK,
+    SIM_SITES_ENV,
+    VERSIONS_KEY,
+)
 from fedmri.wire import from_record, groups_in, to_record
 
 app = ClientApp()
@@ -52,7 +60,7 @@ def query(msg: Message, context: Context) -> Message:
     (:func:`fedmri.client.search.handle_search`): pseudonymous series ids and scores only.
     """
     config = msg.content.config_records.get(CONFIG_KEY)
-    if config is not None and config.get("task") == "search":
+    if config is not None and config.get("task") == SEARCH_TASK:
         return _search(msg, context)
     reply = ConfigRecord({"fedmri_version": __version__, "protocol_version": PROTOCOL_VERSION})
     try:

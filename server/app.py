@@ -48,9 +48,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: a pipeline run, or a federated search (``fedmri-task``)."""
+    from fedmri.protocol import SEARCH_TASK
     from fedmri.server.config import load_federation
 
-    if context.run_config.get("fedmri-task") == "search":
+    if context.run_config.get("fedmri-task") == SEARCH_TASK:
         run_search_task(grid, str(context.run_config.get("fedmri-search", "")))
         return
     text = context.run_config.get("fedmri-config")

@@ -31,6 +31,8 @@ def search_command(
     """[coordinator] Text->image search across the sites: pseudonymous series ids and scores only."""
     import tomli_w
 
+    from fedmri.protocol import SEARCH_TASK
+
     from fedmri.flower_cli import child_env, flower_executable, flwr_json
     from fedmri.server.daemon import read_connection
 
@@ -49,7 +51,7 @@ def search_command(
         app_dir.mkdir()
         (app_dir / "pyproject.toml").write_text(app_pyproject())
         overrides = Path(tmp) / "run-config.toml"
-        overrides.write_text(tomli_w.dumps({"fedmri-task": "search", "fedmri-search": spec}))
+        overrides.write_text(tomli_w.dumps({"fedmri-task": SEARCH_TASK, "fedmri-search": spec}))
         answer = flwr_json(["run", str(app_dir), name, "--run-config", str(overrides)], home, timeout=120)
     run_id = str(answer.get("run-id"))
     typer.echo(f"search {run_id} submitted to federation '{name}' with the model of {run_name}")
