@@ -10,6 +10,7 @@ config object with :func:`make_server_app`.
 from __future__ import annotations
 
 from logging import ERROR, INFO
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -19,13 +20,20 @@ from omegaconf import DictConfig
 from fedmri.errors import FedmriError
 
 
-def run_pipeline(grid: Grid, fed: DictConfig) -> dict:
+def run_pipeline(grid: Grid, fed: DictConfig, run_id: int | None = None) -> dict:
+    """Run ``fed``'s pipeline; a failure is logged and recorded in the run folder's state.json, then raised."""
     from fedmri.server.pipeline import Pipeline
+    from fedmri.server.rundir import RunDir, failure_cause
 
     try:
         results = Pipeline(fed).run_all(grid)
-    except FedmriError as exc:
-        log(ERROR, "fedmri: %s", exc)
+    except Exception as exc:
+        cause = failure_cause(exc)
+        try:
+            RunDir(Path(fed.run_root) / fed.name).record_failure(exc, run_id)
+        except OSError as io_error:  # the cause is still in the log
+            log(ERROR, "fedmri: could not record the failure in the run folder: %s", io_error)
+        log(ERROR, "fedmri: run %s failed: %s", fed.name, cause)
         raise
     log(INFO, "fedmri: run %s finished; results in %s", fed.name, fed.run_root)
     return results
@@ -55,7 +63,7 @@ def main(grid: Grid, context: Context) -> None:
         run_search_task(grid, str(context.run_config.get("fedmri-search", "")))
         return
     text = context.run_config.get("fedmri-config")
-    run_pipeline(grid, load_federation(text=str(text) if text else None))
+    run_pipeline(grid, load_federation(text=str(text) if text else None), run_id=context.run_id)
 
 
 def run_search_task(grid: Grid, spec: str) -> dict:

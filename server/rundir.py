@@ -5,7 +5,8 @@ Layout::
     federation.yaml      the resolved federation config
     config.yaml          the resolved encoder config (preset + overrides)
     metrics.jsonl        one line per site and round, plus one aggregated line
-    state.json           what `fedmri status` shows: stage, round, sites, last metrics
+    state.json           what `fedmri status` shows: stage, round, sites, last metrics;
+                         for a failed run also ``error`` (its cause, one line)
     results.json         the final evaluation, aggregated and per site
     plots/*.png          losses per stage, per site and aggregated
     ckpt/                checkpoints (server.checkpoint)
@@ -23,6 +24,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedmri.server.checkpoint import _write_text_atomic
+
+
+def failure_cause(error: BaseException, limit: int = 400) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class RunDir:
@@ -59,6 +67,29 @@ class RunDir:
     def write_state(self, **fields: Any) -> None:
         fields["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_text_atomic(self.path / "state.json", json.dumps(fields, indent=1, sort_keys=True))
+
+    def read_state(self) -> dict[str, Any]:
+        """state.json as last written; empty when there is none (or it is unreadable)."""
+        try:
+            value = json.loads((self.path / "state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def record_failure(self, error: BaseException, run_id: int | str | None = None) -> str:
+        """Mark the run failed in state.json, keeping its stage and round; returns the cause written.
+
+        The cause is the error's type and first line, which `fedmri run` and
+        `fedmri status` show; the traceback stays in the run's Flower log.
+        """
+        cause = failure_cause(error)
+        state = self.read_state()
+        state.pop("updated", None)
+        state.update(status="failed", error=cause)
+        if run_id is not None:
+            state["run_id"] = str(run_id)
+        self.write_state(**state)
+        return cause
 
     def write_results(self, results: dict[str, Any]) -> None:
         _write_text_atomic(self.path / "results.json", json.dumps(results, indent=1, sort_keys=True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -146,7 +147,54 @@ def run_command(
     status = runs[0].get("status", "unknown") if runs else "unknown"
     typer.echo(f"run {run_id}: {status}")
     if status != "finished:completed":
+        cause = run_failure_cause(run_id, run_dir, flwr_log(run_id, name, home))
+        if cause:
+            typer.echo(f"run {run_id} cause: {cause}")
+        typer.echo(f"full log: FLWR_HOME={home} flwr log {run_id} {name} --show")
         raise typer.Exit(1)
+
+
+# The last line of a Python traceback: the exception's type and message.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt)\w*)(?::\s*(.*))?$")
+
+
+def flwr_log(run_id: str, federation: str, home: Path, timeout: float = 60) -> str:
+    """The run's whole Flower log (``flwr log RUN --show``), empty if it cannot be read."""
+    from fedmri.flower_cli import child_env, flower_executable
+
+    try:
+        out = subprocess.run([flower_executable("flwr"), "log", run_id, federation, "--show"], capture_output=True,
+                             text=True, env=child_env({"FLWR_HOME": str(home)}), stdin=subprocess.DEVNULL,
+                             timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout + out.stderr
+
+
+def run_failure_cause(run_id: str, run_dir: Path | None, log_text: str = "") -> str | None:
+    """Why a run did not complete, in one line: what the ServerApp recorded, else the log's last exception.
+
+    Args:
+        run_id: The Flower run id.
+        run_dir: The run folder, whose state.json a failed pipeline marks with ``error``.
+        log_text: The run's Flower log, searched when the run folder says nothing
+            (a failure before the pipeline started, or a ServerApp that was killed).
+    """
+    state = _read_state(run_dir / "state.json") if run_dir is not None else None
+    if state and state.get("status") == "failed" and state.get("error") and str(state.get("run_id", run_id)) == run_id:
+        return str(state["error"])
+    found = None
+    for raw in log_text.splitlines():
+        line = _ANSI.sub("", raw).strip()
+        line = re.sub(r"^(?:\S+\s+)?(?:ERROR|INFO|WARNING|DEBUG)\s*:\s*", "", line)
+        if (match := re.search(r"fedmri: run \S+ failed: (.*)$", line)) is not None:
+            return match.group(1)
+        if (match := _EXCEPTION_LINE.match(line)) is not None:
+            found = line
+    return found
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def with_resume(text: str) -> str:
@@ -203,8 +251,9 @@ def collect_status(federation: str | None, state: Path | None, runs_dir: Path | 
 
     Runs come from the SuperLink (``flwr ls``), sites from ``flwr supernode ls``
     (named from ``STATE/sites.json``); stage, round, sites and metrics from each
-    run folder's ``state.json`` when the pipeline has written one; the privacy
-    spent from its ``privacy.json`` (``fedmri.server.privacy_report``).
+    run folder's ``state.json`` when the pipeline has written one, and for a
+    failed run its cause (``cause``: the error the ServerApp recorded there); the
+    privacy spent from its ``privacy.json`` (``fedmri.server.privacy_report``).
     """
     from fedmri.flower_cli import flwr_json
     from fedmri.server.daemon import read_connection, runs_folder, site_nodes
@@ -234,9 +283,11 @@ def collect_status(federation: str | None, state: Path | None, runs_dir: Path | 
             run_dir = next((d for d, st in folders.items() if st and str(st.get("run_id")) == run_id), None)
         pipeline = _read_state(run_dir / "state.json") if run_dir is not None else None
         folders.pop(run_dir, None)
+        failed = str(run.get("status", "")).startswith("finished:") and run.get("status") != "finished:completed"
         report["runs"].append({"run_id": run_id, "status": run.get("status"), "elapsed_s": run.get("elapsed"),
                                "name": record.get("name") or (run_dir.name if run_dir else None),
-                               "run_dir": str(run_dir) if run_dir else None, "pipeline": pipeline})
+                               "run_dir": str(run_dir) if run_dir else None, "pipeline": pipeline,
+                               "cause": run_failure_cause(run_id, run_dir) if failed else None})
     report["run_folders"] = {str(d): st for d, st in folders.items()}
     run_dirs = [run["run_dir"] for run in report["runs"] if run["run_dir"]] + list(report["run_folders"])
     report["privacy"] = {d: p for d in run_dirs if (p := _read_state(Path(d) / "privacy.json")) is not None}
@@ -288,6 +339,13 @@ def status_command(
     for folder, pipeline in report["run_folders"].items():
         table.add_row("", "(folder only)", "", Path(folder).name, *_pipeline_cells(pipeline))
     console.print(table)
+    for run in report["runs"]:
+        if run.get("cause"):
+            console.print(f"run {run['run_id']} ({run['name'] or '?'}) {run['status']}: {run['cause']}",
+                          highlight=False, markup=False)
+        elif str(run["status"]).startswith("finished:") and run["status"] != "finished:completed":
+            console.print(f"run {run['run_id']} ({run['name'] or '?'}) {run['status']}: see "
+                          f"`flwr log {run['run_id']} {report['federation']} --show`", highlight=False, markup=False)
     for folder, summary in report["privacy"].items():
         console.print("\n  ".join([f"privacy of {Path(folder).name}:", *_privacy_lines(summary)]),
                       highlight=False, markup=False)

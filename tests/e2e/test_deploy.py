@@ -230,6 +230,21 @@ def test_training_run_then_search_over_tls_with_node_auth(federation: Federation
     assert results[0]["id"] in out.stdout  # printed for the coordinator
 
 
+def test_a_failed_run_tells_the_coordinator_why(federation: Federation, daemons: list[Daemon],
+                                                tmp_path: Path) -> None:
+    """Two sites online, five asked for: the run fails, and `fedmri run` and `fedmri status` say why."""
+    run, _, run_dir = _start_run(federation, daemons, tmp_path, "too-few", [{"name": "evaluate"}], min_sites=5,
+                                 wait_for_sites_s=1)
+    assert run.wait_exit(RUN_TIMEOUT_S, watch=[federation.server]) == 1
+    run_id = run.output.split("run ", 1)[1].split()[0]
+    assert f"run {run_id}: finished:failed" in run.output
+    assert f"run {run_id} cause: FedmriError: only 2 of min_sites=5 eligible sites connected" in run.output
+    assert f"flwr log {run_id} " in run.output  # where to read the rest
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "failed"
+    shown = next(r for r in _status(federation)["runs"] if r["run_id"] == run_id)
+    assert shown["cause"].startswith("FedmriError: only 2 of min_sites=5")
+
+
 @pytest.mark.slow
 def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federation_sites: list,
                                                   daemons: list[Daemon], tmp_path: Path) -> None:
