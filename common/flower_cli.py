@@ -222,3 +222,76 @@ class ForegroundChild:
         for sig in _FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
         return 128 - code if code < 0 else code
+
+
+class SupervisedChild:
+    """A helper process kept alive beside a daemon: restarted when it exits, within a budget.
+
+    ``fedmri server start`` runs Flower's ServerApp launcher (``flower-superexec``)
+    this way: the SuperLink does not restart a launcher that died, and without one
+    every submitted run is accepted and never starts.
+
+    Args:
+        command: The argv to run.
+        env: Its environment.
+        name: How messages name it.
+        max_restarts: Restarts allowed within ``window_s``; one more means give up.
+        window_s: The window of the restart budget, in seconds.
+        say: Where restart messages go.
+    """
+
+    def __init__(self, command: Sequence[str], *, env: Mapping[str, str], name: str, cwd: str | Path | None = None,
+                 max_restarts: int = 5, window_s: float = 600.0,
+                 say: Callable[[str], None] = print) -> None:
+        self.command, self.name = list(command), name
+        self._env = {**env, "PYTHONUNBUFFERED": "1"}
+        self._cwd = cwd
+        self.max_restarts, self.window_s, self._say = max_restarts, window_s, say
+        self.restarts: list[float] = []
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        """Start it in its own process group, its output echoed; it gets SIGTERM if this process dies."""
+        self.proc = subprocess.Popen(self.command, env=self._env, cwd=self._cwd, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     errors="replace", process_group=0, preexec_fn=_death_signal_setter())
+        threading.Thread(target=self._echo, args=(self.proc,), daemon=True).start()
+
+    @staticmethod
+    def _echo(proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def check(self) -> bool:
+        """Restart it if it has exited; False when it exited once too often (the caller gives up)."""
+        if self.proc is None or self.proc.poll() is None:
+            return True
+        code = self.proc.returncode
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.window_s]
+        if len(self.restarts) >= self.max_restarts:
+            self._say(f"error: {self.name} exited (code {code}) {len(self.restarts) + 1} times within "
+                      f"{self.window_s:.0f} s; giving up")
+            return False
+        self.restarts.append(now)
+        self._say(f"{self.name} exited (code {code}); restarting it "
+                  f"({len(self.restarts)} of {self.max_restarts} restarts allowed in {self.window_s:.0f} s)")
+        self.start()
+        return True
+
+    def stop(self) -> None:
+        """SIGTERM to its group; SIGKILL after the grace period."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue

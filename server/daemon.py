@@ -6,6 +6,13 @@ the Flower CLI's connection entry for it (so ``flwr`` and ``fedmri run`` /
 ``status`` reach it without hand-editing ``config.toml``) and registers every
 site public key in the certs folder once the SuperLink answers.
 
+It also starts Flower's ServerApp launcher (``flower-superexec``, which starts a
+ServerApp process for each submitted run) and supervises it: the SuperLink runs
+with ``--isolation process``, so it starts none of its own, and a launcher that
+dies is restarted (up to 5 times in 10 minutes; then the server stops with an
+error, exit 3). A SuperLink left without a launcher would accept every run and
+start none.
+
 State folder layout::
 
     STATE/state.db         the SuperLink's database (runs, nodes, registered keys)
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,7 @@ from fedmri.certs import CA_CERT, SERVER_CERT, SERVER_KEY, server_names, site_pu
 from fedmri.errors import FedmriError, InputError
 from fedmri.flower_cli import (
     ForegroundChild,
+    SupervisedChild,
     check_port_free,
     child_env,
     flower_executable,
@@ -47,6 +56,8 @@ DEFAULT_FEDERATION = "fedmri"
 SITES_FILE = "sites.json"
 # How long the SuperLink may take to open its port (imports dominate: ~3 s here).
 START_TIMEOUT_S = 60.0
+# How often `server start` checks that the SuperLink and its ServerApp launcher are alive.
+SUPERVISE_EVERY_S = 1.0
 
 
 @dataclass
@@ -116,7 +127,9 @@ def superlink_command(settings: ServerSettings) -> list[str]:
     command = [flower_executable("flower-superlink"),
                "--host", settings.host, "--port", str(settings.port),
                "--database", str(state / "state.db"),
-               "--disable-runtime-dependency-installation"]
+               "--disable-runtime-dependency-installation",
+               # fedmri starts and supervises the ServerApp launcher itself (launcher_command).
+               "--isolation", "process"]
     if settings.insecure:
         return [*command, "--insecure"]
     assert settings.certs is not None  # check_certs ran
@@ -126,6 +139,22 @@ def superlink_command(settings: ServerSettings) -> list[str]:
             "--ssl-certfile", str(certs / SERVER_CERT),
             "--ssl-keyfile", str(certs / SERVER_KEY),
             "--enable-supernode-auth"]
+
+
+def launcher_command(settings: ServerSettings, superlink_pid: int) -> list[str]:
+    """The ``flower-superexec`` argv: Flower's ServerApp launcher, attached to the SuperLink's runtime API.
+
+    The SuperLink runs with ``--isolation process``, so it starts no launcher of its
+    own; ``serve`` starts this one, restarts it if it dies, and it exits with the
+    SuperLink (``--parent-pid``).
+    """
+    address = _address(connect_host(settings.host), settings.port)
+    command = [flower_executable("flower-superexec"), "--runtime-api-address", address,
+               "--parent-pid", str(superlink_pid)]
+    if settings.insecure:
+        return [*command, "--insecure"]
+    assert settings.certs is not None  # check_certs ran
+    return [*command, "--root-certificates", str(settings.certs.expanduser().resolve() / CA_CERT)]
 
 
 def write_connection(home: Path, federation: str, address: str, root_certificates: Path | None) -> Path:
@@ -257,11 +286,25 @@ def serve(settings: ServerSettings) -> int:
         child.stop()
         child.wait()
         return 2
+    launcher = SupervisedChild(launcher_command(settings, child.proc.pid), env=child_env({"FLWR_HOME": str(home)}),
+                               cwd=state, name="the ServerApp launcher (flower-superexec)", say=_say)
+    launcher.start()
     scheme = "http" if settings.insecure else "https"
     _say(f"SuperLink ready at {scheme}://{_address(settings.host, settings.port)}: federation "
          f"'{settings.federation}' ({config}), {len(sites)} site key(s) registered, state in {state}. "
          "Ctrl-C stops it.")
-    code = child.wait()
+    try:
+        while child.alive:
+            time.sleep(SUPERVISE_EVERY_S)
+            if child.alive and not child.signalled and not launcher.check():
+                _say("error: without a launcher no run can start; stopping the SuperLink. Its log above has "
+                     "the launcher's last lines; start the server again")
+                child.stop()
+                child.wait()
+                return 3
+        code = child.wait()
+    finally:
+        launcher.stop()
     _say(f"SuperLink stopped (exit {code})")
     return 0 if child.signalled and code in (0, 130, 143) else code
 

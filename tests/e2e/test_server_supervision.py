@@ -1,0 +1,71 @@
+"""`fedmri server start` supervises Flower's ServerApp launcher: a launcher that dies is restarted,
+and one that keeps dying stops the server with a clear error instead of a server that accepts runs
+that never start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from deploy_helpers import Daemon, cmdline, free_port, process_tree
+
+from fedmri.certs import init_authority
+from fedmri.flower_cli import SupervisedChild
+
+
+def _launchers(server: Daemon) -> list[int]:
+    return [pid for pid in process_tree(server.proc.pid) if "flower-superexec" in cmdline(pid)]
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} within {timeout} s")
+
+
+def test_a_killed_launcher_is_restarted_and_runs_still_start(daemons: list[Daemon], tmp_path: Path) -> None:
+    certs = init_authority(tmp_path / "certs", ["localhost", "127.0.0.1"], []).folder
+    port = free_port()
+    state = tmp_path / "state"
+    server = Daemon(["server", "start", "--certs", str(certs), "--state", str(state), "--host", "127.0.0.1",
+                     "--port", str(port)], tmp_path / "server.log")
+    daemons.append(server)
+    server.wait_for(r"SuperLink ready at https://", 90)
+    first = _wait(lambda: _launchers(server), 30, "launcher")
+    assert len(first) == 1
+    server.remember_tree()
+    os.kill(first[0], signal.SIGKILL)  # as the burst of issue 18 did
+    server.wait_for(r"the ServerApp launcher \(flower-superexec\) exited \(code -9\); restarting it", 30)
+    second = _wait(lambda: [p for p in _launchers(server) if p not in first], 30, "new launcher")
+    assert len(second) == 1 and server.proc.poll() is None
+    server.remember_tree()
+
+    # A run submitted now reaches a ServerApp: it fails for want of sites, and says so.
+    config = tmp_path / "federation.yaml"
+    config.write_text("name: after-restart\npreset: micro\nmin_sites: 1\nwait_for_sites_s: 1\n"
+                      "stages: [{name: evaluate}]\n")
+    run = Daemon(["run", "--config", str(config), "--state", str(state), "--stream"], tmp_path / "run.log")
+    daemons.append(run)
+    assert run.wait_exit(240, watch=[server]) == 1
+    assert "cause: FedmriError: only 0 of min_sites=1 eligible sites connected" in run.output
+
+
+def test_a_launcher_that_keeps_dying_is_given_up_on(capsys) -> None:
+    said: list[str] = []
+    child = SupervisedChild([sys.executable, "-c", "import sys; sys.exit(3)"], env=dict(os.environ), name="x",
+                            max_restarts=2, window_s=60, say=said.append)
+    child.start()
+    outcomes = []
+    for _ in range(3):
+        child.proc.wait(timeout=30)
+        outcomes.append(child.check())
+    assert outcomes == [True, True, False]
+    assert said[0] == "x exited (code 3); restarting it (1 of 2 restarts allowed in 60 s)"
+    assert said[-1] == "error: x exited (code 3) 3 times within 60 s; giving up"
+    child.stop()  # already gone: a no-op
