@@ -11,6 +11,11 @@ are encoded once per series and each file is assembled from the shared bytes
 and its own elements: byte for byte what ``pydicom.dcmwrite`` writes for the
 slice's full dataset, at a fraction of the cost (deep-copying and re-encoding
 ~60 elements per slice took most of the writer's time).
+
+Opt-in, for the reader's tests (the default output does not change): a
+MONOCHROME1 series (``monochrome1=True``, values stored inverted so that a
+reader which inverts them gets the volume back), and a multi-echo series
+(:func:`write_multi_echo`: one SeriesInstanceUID, one volume per echo time).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from fedmri.data.geometry import affine_to_dicom, is_dicom_representable
 from fedmri.data.volume import Volume
 from fedmri.errors import InputError
 
-__all__ = ["SUPPORTED_TRANSFER_SYNTAXES", "write_series"]
+__all__ = ["SUPPORTED_TRANSFER_SYNTAXES", "write_multi_echo", "write_series"]
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 # Lossless encoders available here: RLE is native to pydicom, JPEG-LS comes
@@ -82,6 +87,7 @@ def write_series(
     enhanced: bool = False,
     file_names: Sequence[str] | None = None,
     rng: np.random.Generator | None = None,
+    monochrome1: bool = False,
 ) -> list[Path]:
     """Write ``volume`` as MR Image Storage files (one per slice) or one Enhanced MR file.
 
@@ -102,6 +108,9 @@ def write_series(
         file_names: names (relative to ``out_dir``) for the files, one per slice
             or one if ``enhanced``; default opaque random names.
         rng: source of generated UIDs and names; pass a seeded one for reproducible output.
+        monochrome1: write PhotometricInterpretation MONOCHROME1 with the values
+            stored as ``max + min - value`` (bright = low), as some scanners and
+            PACS export; a reader that honours MONOCHROME1 gets ``volume`` back.
 
     Returns:
         Paths of the written files, in slice order.
@@ -110,6 +119,70 @@ def write_series(
         InputError: unsupported transfer syntax, unknown or geometry keyword in
             ``tags``, non-finite values, wrong number of file names, or a skewed grid.
     """
+    return _write(out_dir, [volume], tags, None, transfer_syntax, enhanced, file_names, rng, monochrome1)
+
+
+def write_multi_echo(
+    out_dir: str | Path,
+    volumes: Sequence[Volume],
+    echo_times: Sequence[float],
+    tags: Mapping[str, Any],
+    *,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    enhanced: bool = False,
+    rng: np.random.Generator | None = None,
+    monochrome1: bool = False,
+) -> list[Path]:
+    """Write one multi-echo series: one volume per echo time, all at the same slice positions.
+
+    Classic files carry EchoTime and EchoNumbers (1, 2, ... in the order
+    given), each echo with its own rescale; an Enhanced MR file holds every
+    echo's frames, each with its own EffectiveEchoTime, under one shared rescale.
+
+    Args:
+        out_dir: folder to write into.
+        volumes: one per echo, all on the same grid (shape and affine).
+        echo_times: ms, one per volume, distinct and positive.
+        tags: as :func:`write_series`, without EchoTime / EchoNumbers.
+        transfer_syntax, enhanced, rng, monochrome1: as :func:`write_series`.
+
+    Returns:
+        Paths of the written files (classic: echo after echo, each in slice order).
+
+    Raises:
+        InputError: as :func:`write_series`, and volumes and echo times that do
+            not pair up, echo times that repeat or are not positive, volumes on
+            different grids, EchoTime / EchoNumbers in ``tags``.
+    """
+    if len(volumes) != len(echo_times) or not volumes:
+        raise InputError(f"{len(volumes)} volume(s) and {len(echo_times)} echo time(s): give one echo time per volume")
+    times = [float(t) for t in echo_times]
+    if len(set(times)) != len(times) or min(times) <= 0:
+        raise InputError(f"echo_times {times} must be distinct and positive (ms)")
+    for key in ("EchoTime", "EchoNumbers"):
+        if key in tags:
+            raise InputError(f"tags: {key} is set per echo by write_multi_echo; do not pass it")
+    first = volumes[0]
+    for volume in volumes[1:]:
+        if volume.shape != first.shape or not np.allclose(volume.affine, first.affine):
+            raise InputError("every echo must lie on the same grid (shape and affine) as the first")
+    rng = rng if rng is not None else np.random.default_rng()
+    if enhanced:
+        return _write(out_dir, list(volumes), tags, times, transfer_syntax, True, None, rng, monochrome1)
+    uid = lambda: generate_uid(entropy_srcs=[str(int(rng.integers(0, 2**63)))])  # noqa: E731
+    shared = {key: tags.get(key) or uid() for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+    paths: list[Path] = []
+    for number, (volume, echo) in enumerate(zip(volumes, times, strict=True), start=1):
+        paths += _write(out_dir, [volume], {**tags, **shared, "EchoTime": echo, "EchoNumbers": number}, None,
+                        transfer_syntax, False, None, rng, monochrome1)
+    return paths
+
+
+def _write(out_dir: str | Path, volumes: list[Volume], tags: Mapping[str, Any], echo_times: list[float] | None,
+           transfer_syntax: str, enhanced: bool, file_names: Sequence[str] | None,
+           rng: np.random.Generator | None, monochrome1: bool) -> list[Path]:
+    """write_series for one volume, or (Enhanced MR, ``echo_times`` given) the echoes of one."""
+    volume = volumes[0]
     rng = rng if rng is not None else np.random.default_rng()
     ts = UID(str(transfer_syntax))
     if ts not in SUPPORTED_TRANSFER_SYNTAXES:
@@ -120,12 +193,20 @@ def write_series(
                          "OpenJPEG's 5 wavelet levels do not fit; use RLE Lossless")
     _check_tags(tags)
     array, affine = np.asarray(volume.array), volume.affine
+    if echo_times is not None:  # the echoes of one Enhanced MR file: one array, echo after echo along k
+        array = np.concatenate([np.asarray(v.array) for v in volumes], axis=2)
     if not np.all(np.isfinite(array)):
         raise InputError("volume has NaN or infinite values; DICOM stores finite integers only")
+    n_slices = volume.shape[2]
     if np.linalg.det(affine[:3, :3]) < 0:
         flip = np.eye(4)
-        flip[2, 2], flip[2, 3] = -1.0, array.shape[2] - 1
-        array, affine = array[:, :, ::-1], affine @ flip
+        flip[2, 2], flip[2, 3] = -1.0, n_slices - 1
+        # each echo's slices reversed in place (one echo: simply k reversed)
+        reverse = np.arange(array.shape[2]).reshape(-1, n_slices)[:, ::-1].ravel()
+        array, affine = (array[:, :, ::-1] if echo_times is None else array[:, :, reverse]), affine @ flip
+    if monochrome1:  # each echo over its own range, as a reader inverts each volume
+        array = np.concatenate([float(a.max()) + float(a.min()) - a.astype(np.float64)
+                                for a in np.split(array, array.shape[2] // n_slices, axis=2)], axis=2)
     if not is_dicom_representable(affine):
         raise InputError("volume affine has non-orthogonal voxel axes; DICOM slices cannot store a skewed grid")
     n_files = 1 if enhanced else array.shape[2]
@@ -140,12 +221,14 @@ def write_series(
     uid = lambda: generate_uid(entropy_srcs=[str(int(rng.integers(0, 2**63)))])  # noqa: E731
 
     base = _base_dataset(tags, uid, stored.dtype == np.int16)
+    if monochrome1:
+        base.PhotometricInterpretation = "MONOCHROME1"
     base.Rows, base.Columns = stored.shape[1], stored.shape[0]
     base.ImageOrientationPatient = _ds(iop)
     out = Path(out_dir)
     paths = [out / name for name in file_names]
     if enhanced:
-        ds = _enhanced(base, tags, stored, slope, intercept, spacing, slice_gap, origin, step, uid)
+        ds = _enhanced(base, tags, stored, slope, intercept, spacing, slice_gap, origin, step, uid, echo_times)
         _save(ds, paths[0], ts, np.ascontiguousarray(stored.transpose(2, 1, 0)))  # K, rows=J, cols=I
         return paths
     base.PixelSpacing = _ds(spacing)
@@ -288,8 +371,13 @@ def _set(ds: Dataset, key: str, value: Any) -> None:
 
 
 def _enhanced(base: Dataset, tags: Mapping[str, Any], stored: np.ndarray, slope: float, intercept: float,
-              spacing: list[float], slice_gap: float, origin: np.ndarray, step: np.ndarray, uid: Any) -> Dataset:
-    """Enhanced MR: geometry and rescale live in shared / per-frame functional groups."""
+              spacing: list[float], slice_gap: float, origin: np.ndarray, step: np.ndarray, uid: Any,
+              echo_times: list[float] | None = None) -> Dataset:
+    """Enhanced MR: geometry and rescale live in shared / per-frame functional groups.
+
+    With ``echo_times``, ``stored`` holds the echoes one after the other along
+    k and each frame gets its own EffectiveEchoTime and echo dimension index.
+    """
     ds = base
     ds.SOPClassUID = EnhancedMRImageStorage
     ds.SOPInstanceUID = uid()
@@ -324,16 +412,24 @@ def _enhanced(base: Dataset, tags: Mapping[str, Any], stored: np.ndarray, slope:
                                             DiffusionDirectionality="ISOTROPIC")]
     ds.SharedFunctionalGroupsSequence = [shared]
     frames = []
+    n_slices = stored.shape[2] // len(echo_times) if echo_times else stored.shape[2]
     for k in range(stored.shape[2]):
         frame = Dataset()
-        frame.PlanePositionSequence = [_item(ImagePositionPatient=_ds((origin + k * step).tolist()))]
-        frame.FrameContentSequence = [_item(StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[k + 1])]
+        z, echo = k % n_slices, k // n_slices
+        frame.PlanePositionSequence = [_item(ImagePositionPatient=_ds((origin + z * step).tolist()))]
+        index = [z + 1] if not echo_times else [z + 1, echo + 1]
+        frame.FrameContentSequence = [_item(StackID="1", InStackPositionNumber=z + 1, DimensionIndexValues=index)]
+        if echo_times:
+            frame.MREchoSequence = [_item(EffectiveEchoTime=float(echo_times[echo]))]
         frames.append(frame)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
     organisation = uid()
     ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organisation)]
     ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=organisation, DimensionIndexPointer=0x00209057,
                                        FunctionalGroupPointer=0x00209111)]
+    if echo_times:  # EffectiveEchoTime (0018,9082) in MREchoSequence (0018,9114)
+        ds.DimensionIndexSequence.append(_item(DimensionOrganizationUID=organisation,
+                                               DimensionIndexPointer=0x00189082, FunctionalGroupPointer=0x00189114))
     return ds
 
 

@@ -17,12 +17,20 @@ data_app = typer.Typer(help="Register and inspect site data; synthesise hospital
 # --------------------------------------------------------------------------- index
 @data_app.command("index")
 def index_command(
-    dicom_root: Path = typer.Argument(..., help="Folder of DICOM files, searched recursively; names do not matter."),
+    dicom_root: Path = typer.Argument(..., help="Folder of DICOM files, flat or nested, searched recursively (names "
+                                      "do not matter; a DICOMDIR in it is followed); or a DICOMDIR file; or a BIDS "
+                                      "dataset."),
     reports: Path = typer.Option(..., "--reports",
                                  help="reports.csv: accession_number,study_instance_uid,findings,impression."),
     out: Path = typer.Option(..., "--out", help="Catalog folder: catalog.sqlite, cache/, site.salt (made if needed)."),
-    labels: Path | None = typer.Option(None, "--labels", help="labels.csv: series_instance_uid,findings,age,sex,mask."),
+    labels: Path | None = typer.Option(None, "--labels", help="labels.csv: series_instance_uid,findings,age,sex,mask "
+                                       "(mask: a NIfTI file on any grid or a DICOM SEG file)."),
     nifti: Path | None = typer.Option(None, "--nifti", help="Folder of .nii/.nii.gz series to index as well."),
+    bids: Path | None = typer.Option(None, "--bids", help="BIDS dataset to index as well: the anat and dwi images "
+                                     "of sub-* (and ses-*) folders, with their JSON sidecars and participants.tsv. "
+                                     "Series ids (labels.csv) are image names without extension, e.g. "
+                                     "sub-01_ses-01_T1w; studies (reports.csv) are sub-01/ses-01, or sub-01 "
+                                     "without sessions."),
     preset: str = typer.Option("tiny", "--preset", help="Config preset whose data.preprocess settings apply."),
     file: Path | None = typer.Option(None, "--file", "-f", help="User YAML merged over the preset."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. data.preprocess.cache_dtype=float32"),
@@ -31,6 +39,10 @@ def index_command(
 
     Unchanged files are not read again; an interrupted run leaves the catalog as it was.
     Every input that cannot be used is listed with its reason.
+
+    DICOM_ROOT is the export as the PACS wrote it: a folder, flat or nested (a
+    DICOMDIR in it is followed), a DICOMDIR file, or a BIDS dataset. DICOM SEG
+    files among the DICOM files give the lesion mask of the series they reference.
 
     Exit codes: 0 = everything indexed; 3 = index completed but some inputs were
     skipped (listed); 2 = user error (bad arguments, missing folder, unreadable
@@ -42,7 +54,8 @@ def index_command(
     cfg = load_config(preset, file, overrides or [])
     err = Console(stderr=True)
     with _RichProgress(err) as progress:
-        result = index_site(dicom_root, reports, out, labels=labels, nifti=nifti, cfg=cfg, progress=progress)
+        result = index_site(dicom_root, reports, out, labels=labels, nifti=nifti, bids=bids, cfg=cfg,
+                            progress=progress)
     console = Console()
     table = Table(title=f"Indexed into {out}", show_header=False)
     for name, value in (

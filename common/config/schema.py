@@ -70,9 +70,38 @@ class CatalogConfig:
 
 
 @dataclass
+class IndexConfig:
+    """Which volumes of a hospital export `fedmri data index` keeps (fedmri.data.selection).
+
+    Every volume left out is listed with its reason and the setting that keeps it.
+    """
+
+    # Localizers / scouts (ImageType LOCALIZER, or a description such as "scout",
+    # "localizer", "survey", "3-plane loc"): a few low-resolution slices in several
+    # planes, taken only to plan the real series.
+    skip_localizers: bool = True
+    # Reformats, projections and screen captures (ImageType MPR, MIP, MinIP,
+    # PROJECTION IMAGE, REFORMATTED, SCREEN SHOT): recomputed from an acquired
+    # series that is indexed anyway. Derived maps such as ADC and DWI traces stay.
+    skip_derived: bool = True
+    # Phase and field-map images (ImageType P / PHASE / FIELD_MAP) when the magnitude
+    # image of the same series, or of the same protocol in the study, exists: phase
+    # wraps and carries no anatomy a foundation model should learn from.
+    skip_phase: bool = True
+    # Volumes with fewer slices than this are skipped: a single slice (or a
+    # handful) gives a 3D crop nothing to see across slices.
+    min_slices: int = 5
+    # A series that splits into more volumes than this (fMRI, perfusion, DTI with
+    # dozens of directions) keeps only its first ones, in key order: near-identical
+    # volumes would otherwise outweigh every other series of the patient. 0 = all.
+    max_volumes_per_series: int = 16
+
+
+@dataclass
 class DataConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 @dataclass

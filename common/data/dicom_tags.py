@@ -3,7 +3,8 @@
 :mod:`fedmri.data.metadata` works on plain mappings keyed by classic DICOM
 keywords; Enhanced MR keeps the same facts in functional groups under other
 names (EffectiveEchoTime, InversionTimes, EchoPulseSequence). This module
-translates, so the metadata rules see one vocabulary.
+translates, so the metadata rules see one vocabulary; classic files without
+DiffusionBValue get the vendor's private b-value (:mod:`fedmri.data.vendor_tags`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import PersonName
 
+from fedmri.data.vendor_tags import b_value
+
 __all__ = ["collect_tags", "frame_group"]
 
 _TOP = (
@@ -22,7 +25,7 @@ _TOP = (
     "PatientBirthDate", "StudyDate", "Modality", "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength",
     "SeriesDescription", "StudyDescription", "ProtocolName", "SequenceName", "BodyPartExamined",
     "ScanningSequence", "SequenceVariant", "ImageType", "EchoTime", "RepetitionTime", "InversionTime",
-    "DiffusionBValue", "ContrastBolusAgent", "TemporalPositionIdentifier", "TriggerTime",
+    "DiffusionBValue", "ContrastBolusAgent", "TemporalPositionIdentifier", "TriggerTime", "AcquisitionNumber",
 )
 # Enhanced MR: (functional group sequence, keyword inside it, classic keyword)
 _GROUPS = (
@@ -33,8 +36,6 @@ _GROUPS = (
     ("FrameContentSequence", "TemporalPositionIndex", "TemporalPositionIdentifier"),
     ("MRImageFrameTypeSequence", "FrameType", "ImageType"),
 )
-# Vendor b-value tags for classic files without DiffusionBValue (Siemens, GE, Philips).
-_PRIVATE_B = {"siemens": (0x0019, 0x100C), "ge": (0x0043, 0x1039), "philips": (0x2001, 0x1003)}
 
 
 def plain(value: Any) -> Any:
@@ -101,23 +102,8 @@ def collect_tags(ds: Dataset, frame: int | None = None) -> dict[str, Any]:
         agents = ds.get("ContrastBolusAgentSequence")
         if "ContrastBolusAgent" not in tags and agents:
             tags["ContrastBolusAgent"] = str(agents[0].get("CodeMeaning", "") or "")
-    if "DiffusionBValue" not in tags:
-        vendor = str(ds.get("Manufacturer", "") or "").lower()
-        for name, tag in _PRIVATE_B.items():
-            if (vendor.startswith(name) if name == "ge" else name in vendor) and tag in ds:
-                tags["DiffusionBValue"] = _private_b(ds[tag].value)
+    if tags.get("DiffusionBValue") in (None, ""):
+        b = b_value(ds)  # classic files: the vendor's private tags (Siemens, GE, Philips)
+        if b is not None:
+            tags["DiffusionBValue"] = b
     return tags
-
-
-def _private_b(value: Any) -> float | None:
-    if isinstance(value, bytes):  # implicit VR without the private dictionary: raw "1000 " text
-        value = value.decode("ascii", "replace").strip("\x00 ").split("\\")[0]
-    value = plain(value)
-    if isinstance(value, list):
-        value = value[0] if value else None
-    try:
-        b = float(value)
-    except (TypeError, ValueError):
-        return None
-    # GE adds 1e9 to the b-value in slop_int_6 on some software versions.
-    return b % 1e9 if b >= 1e9 else b

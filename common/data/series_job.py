@@ -18,8 +18,9 @@ from typing import Any
 from fedmri import __version__
 from fedmri.data.catalog_db import pseudonym
 from fedmri.data.dicom import DicomHeader, Skipped, load_series
+from fedmri.data.masks import load_mask
 from fedmri.data.nifti import load_nifti
-from fedmri.data.preprocess import PreprocessSettings, Preprocessor, VolumeCache, cache_key, check_same_grid
+from fedmri.data.preprocess import PreprocessSettings, Preprocessor, VolumeCache, cache_key
 from fedmri.data.site_inputs import LabelRow
 from fedmri.data.volume import Volume
 from fedmri.errors import InputError
@@ -111,7 +112,9 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
 
     outcome = SeriesOutcome(None, loaded=True)
     try:
-        volume = load_series(job.paths) if job.kind == "dicom" else load_nifti(job.paths[0])
+        # A DICOM job may be one volume of a series ("UID#b1000"): the loader picks its images.
+        volume = (load_series(job.paths, volume=job.uid.partition("#")[2]) if job.kind == "dicom"
+                  else load_nifti(job.paths[0]))
     except InputError as exc:
         outcome.failure = Skipped(job.where, f"{exc} [series {job.uid}, {len(job.paths)} file(s)]")
         return outcome
@@ -178,15 +181,17 @@ def _unchanged(existing: Mapping[str, Any], job: SeriesJob, settings: Preprocess
 
 
 def _load_mask(volume: Volume, label: LabelRow | None, job: SeriesJob, skipped: list[Skipped]) -> Volume | None:
+    """The label's mask (NIfTI or DICOM SEG, any grid) on the series' grid, or ``None`` with the reason listed."""
     if label is None or label.mask is None:
         return None
     try:
-        mask = load_nifti(label.mask)
-        check_same_grid(volume, mask)
-        return mask
-    except Exception as exc:  # noqa: BLE001 - a bad mask costs the mask, not the series
+        return load_mask(label.mask, volume, job.uid)
+    except InputError as exc:  # a bad mask costs the mask, not the series
         skipped.append(Skipped(str(label.mask), f"mask for series {job.uid} not used: {exc}"))
-        return None
+    except Exception as exc:  # noqa: BLE001 - nor does one the readers choke on
+        skipped.append(Skipped(str(label.mask), f"mask for series {job.uid} not used: cannot be read "
+                                                f"({type(exc).__name__}: {exc}); please report this file to fedmri"))
+    return None
 
 
 def _label_columns(label: LabelRow | None, meta: Mapping[str, Any], mask_stat: str | None) -> dict[str, Any]:
@@ -194,7 +199,8 @@ def _label_columns(label: LabelRow | None, meta: Mapping[str, Any], mask_stat: s
     age = label.age if label is not None and label.age is not None else meta.get("patient_age")
     sex = label.sex if label is not None and label.sex is not None else meta.get("patient_sex")
     return {
-        "label_findings": json.dumps(list(label.findings)) if label is not None else None,
+        "label_findings": json.dumps(list(label.findings)) if label is not None and label.findings is not None
+        else None,
         "age": float(age) if age is not None else None,
         "sex": sex,
         "mask_source": str(label.mask) if label is not None and label.mask is not None else None,

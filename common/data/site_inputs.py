@@ -15,7 +15,7 @@ import csv
 import io
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedmri.data.dicom import Skipped
@@ -42,19 +42,35 @@ class ReportRow:
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One series' labels; ``None`` where the file leaves a value empty.
+    """One series' labels; ``None`` where the source leaves a value empty.
 
     Attributes:
-        findings: codes from :data:`FINDING_CODES`, empty for "no finding".
-        mask: absolute path of the NIfTI mask, checked to exist.
+        line: the labels.csv line; 0 for labels the data itself gives (a DICOM
+            SEG in the DICOM folder, a BIDS participants.tsv).
+        findings: codes from :data:`FINDING_CODES`, empty for "no finding";
+            ``None`` when the source says nothing about findings.
+        mask: absolute path of the mask, checked to exist: a NIfTI file on any
+            grid or a DICOM SEG (see :mod:`fedmri.data.masks`).
     """
 
     line: int
     series_instance_uid: str
-    findings: tuple[str, ...]
+    findings: tuple[str, ...] | None
     age: float | None
     sex: str | None
     mask: Path | None
+
+
+def merge_labels(first: LabelRow | None, second: LabelRow) -> LabelRow:
+    """``first``'s values where it has them, ``second``'s elsewhere.
+
+    The indexer passes the labels.csv row first, so what the site admin wrote
+    wins over what the data says (participants.tsv, a SEG found beside the images).
+    """
+    if first is None:
+        return second
+    return replace(first, **{name: getattr(second, name) for name in ("findings", "age", "sex", "mask")
+                             if getattr(first, name) is None})
 
 
 def _rows(path: Path, required: tuple[str, ...], what: str) -> Iterator[tuple[int, dict[str, str] | str]]:
@@ -150,8 +166,9 @@ def read_labels(path: str | Path) -> tuple[list[LabelRow], list[Skipped]]:
     """Read ``labels.csv`` (columns ``series_instance_uid,findings,age,sex,mask``).
 
     ``findings`` is a ``;``-separated list of :data:`FINDING_CODES` (empty = no
-    finding); ``age`` in years; ``sex`` M/F/O; ``mask`` a NIfTI path relative to
-    the CSV's folder. A row with any bad value is skipped whole, with every
+    finding); ``age`` in years; ``sex`` M/F/O; ``mask`` a path relative to the
+    CSV's folder: a NIfTI mask (on the series' grid or any other: it is resampled)
+    or a DICOM SEG file. A row with any bad value is skipped whole, with every
     problem named, so no series is trained on half-checked labels.
 
     Args:

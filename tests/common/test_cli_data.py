@@ -130,3 +130,61 @@ def test_synth_bad_argument_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
     assert code == 2
     assert "sites" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()  # nothing written
+
+
+def _dicomdir_export(root: Path) -> Path:
+    """One small series burnt as a CD would be: DICOMDIR plus PT/ST/SE/IM folders (pydicom's FileSet)."""
+    import numpy as np
+    from pydicom.fileset import FileSet
+
+    from fedmri.data.volume import Volume
+    from fedmri.simulations.dicom_writer import write_series
+
+    array = np.round(np.random.default_rng(0).uniform(50, 900, (16, 14, 8))).astype(np.float32)
+    paths = write_series(root / "export", Volume(array, np.diag([-1.2, -1.1, 3.0, 1.0])), {
+        "PatientID": "PCD", "PatientName": "Doe^Jane", "StudyInstanceUID": "1.2.826.0.9", "StudyID": "1",
+        "SeriesInstanceUID": "1.2.826.0.9.1", "StudyDate": "20240101", "StudyTime": "120000", "SeriesNumber": 1,
+        "AccessionNumber": "ACD", "SeriesDescription": "t2_tse_tra"}, rng=np.random.default_rng(0))
+    file_set = FileSet()
+    for path in paths:
+        file_set.add(path)
+    file_set.write(root / "cd")
+    return root / "cd" / "DICOMDIR"
+
+
+def test_index_accepts_a_dicomdir_and_a_bids_dataset(tmp_path: Path, monkeypatch, capsys) -> None:
+    reports = tmp_path / "reports.csv"
+    reports.write_text("accession_number,study_instance_uid,findings,impression\n")
+    dicomdir = _dicomdir_export(tmp_path)
+    code, out, err = run(monkeypatch, capsys, "data", "index", str(dicomdir), "--reports", str(reports),
+                         "--out", str(tmp_path / "cat1"), SMALL)
+    assert code == 0, out + err
+    import nibabel as nib
+    import numpy as np
+
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).uniform(0, 9, (12, 12, 8)).astype(np.float32), np.eye(4)),
+             bids / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz")
+    code, out, err = run(monkeypatch, capsys, "data", "index", str(tmp_path / "cd"), "--bids", str(bids),
+                         "--reports", str(reports), "--out", str(tmp_path / "cat2"), SMALL)
+    assert code == 0, out + err
+    code, out, _ = run(monkeypatch, capsys, "data", "show", str(tmp_path / "cat2"), "--json")
+    doc = json.loads(out)
+    assert doc["n_series"] == 2 and doc["by_sequence"] == {"FLAIR": 1, "T2": 1}
+
+
+@pytest.mark.parametrize("case", ["not_bids", "not_dicomdir"])
+def test_index_refuses_a_wrong_bids_or_dicomdir_with_exit_2(case: str, sites, tmp_path: Path, monkeypatch,
+                                                            capsys) -> None:
+    good, _ = sites
+    cat = tmp_path / "cat"
+    base = ["data", "index", str(good.dicom), "--reports", str(good.reports), "--out", str(cat), SMALL]
+    assert run(monkeypatch, capsys, *base)[0] == 0
+    before = _dump(cat)
+    args = base + ["--bids", str(good.dicom)] if case == "not_bids" else ["data", "index", str(good.reports)] + base[3:]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    assert ("dataset_description.json" if case == "not_bids" else "DICOMDIR") in err
+    assert _dump(cat) == before

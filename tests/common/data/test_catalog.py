@@ -45,7 +45,10 @@ def site(tmp_path: Path):
 
 def test_acceptance_mixed_folder(bad_site, tmp_path: Path) -> None:
     site, bad = bad_site
-    result = index_site(site.dicom, site.reports, tmp_path / "cat", labels=site.labels, cfg=CFG)
+    # MR_truncated is a single slice: with data.index.min_slices at its default it would be listed as too
+    # thin before its pixels are read; at 1 the indexer must report the truncation itself.
+    cfg = load_config("tiny", overrides=["data.preprocess.target_shape=[16,16,8]", "data.index.min_slices=1"])
+    result = index_site(site.dicom, site.reports, tmp_path / "cat", labels=site.labels, cfg=cfg)
     assert result.exit_code == 3
     assert result.n_series == len(site.series_uids) == 6
     reasons = {s.path: s.reason for s in result.skipped}
