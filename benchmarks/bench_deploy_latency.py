@@ -30,43 +30,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import textwrap
-import threading
-import time
 from pathlib import Path
 
-import _tests_path  # noqa: F401 -- tests/ on sys.path: the shared test helpers
+from _deploy import Deployment, boot_folder
 
-sys.path.insert(0, str(Path(_tests_path.TESTS) / "e2e"))
-from deploy_helpers import FEDMRI, Daemon, free_port, stop_all, write_site  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CONNECTED = r"connected to the SuperLink at .* as node \d+"
 # The micro preset's overrides, spelled out: older trees measured with --tree lack the preset.
 MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
          "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32", "ssl.warmup_fraction=0"]
-IDENTITY = re.compile(r"fedmri: site \d+ is ")
-ROUND = re.compile(r"fedmri: pretrain round 1/1 done in ([\d.]+) s")
-
-# Imported first by every Python process started with this folder on PYTHONPATH: the
-# installed editable finder then maps the fedmri packages to FEDMRI_TREE's folders.
-_SITECUSTOMIZE = textwrap.dedent("""
-    import os, sys
-    _tree = os.environ.get("FEDMRI_TREE")
-    if _tree:
-        for _name, _mod in list(sys.modules.items()):
-            if _name.startswith("__editable___fedmri"):
-                _home = _mod.MAPPING["fedmri"].rsplit("/", 1)[0]
-                for _k, _v in list(_mod.MAPPING.items()):
-                    _mod.MAPPING[_k] = _tree + _v[len(_home):]
-                for _k, _v in list(_mod.NAMESPACES.items()):
-                    _mod.NAMESPACES[_k] = [_tree + p[len(_home):] for p in _v]
-""")
+PATTERNS = {"identity": r"fedmri: site \d+ is ", "round": r"fedmri: pretrain round 1/1 done in ([\d.]+) s"}
 
 
 def _site(root: Path) -> Path:
@@ -82,77 +56,21 @@ def _site(root: Path) -> Path:
     return catalog
 
 
-class Deployment:
-    """A SuperLink and one SuperNode of ``tree`` (empty: the installed fedmri), started by fedmri's commands."""
-
-    def __init__(self, root: Path, tree: str, catalog: Path, boot: Path) -> None:
-        from fedmri.certs import init_authority
-
-        self.root, self.tree = root, tree
-        self.env = os.environ | {"PYTHONPATH": str(boot), "FEDMRI_TREE": tree}
-        certs = root / "certs"
-        init_authority(certs, ["localhost", "127.0.0.1"], ["site-01"])
-        port = free_port()
-        self.state = root / "state"
-        self.daemons: list[Daemon] = []
-        os.environ.update(self.env)  # Daemon passes the environment on; restored in stop()
-        try:
-            self.daemons.append(Daemon(["server", "start", "--certs", str(certs), "--state", str(self.state),
-                                        "--host", "127.0.0.1", "--port", str(port)], root / "server.log"))
-            self.daemons[0].wait_for(r"SuperLink ready at https://", 120)
-            site = write_site(root / "site-01", "site-01", f"127.0.0.1:{port}", certs / "ca.crt",
-                              certs / "site-01.key", free_port(), catalog)
-            self.daemons.append(Daemon(["client", "start", "--site", str(site)], root / "site-01.log"))
-            self.daemons[1].wait_for(CONNECTED, 120)
-        except BaseException:
-            self.stop()
-            raise
-
-    def run(self, name: str, timeout: float = 600) -> dict[str, float]:
-        """One `fedmri run --stream`; the seconds to the site's identity, the round's and the run's."""
-        config = self.root / f"{name}.yaml"
-        config.write_text(textwrap.dedent(f"""
-            name: {name}
-            preset: tiny
-            overrides: {MICRO}
-            min_sites: 1
-            wait_for_sites_s: 60
-            stages: [{{name: pretrain, rounds: 1, local_steps: 1}}]
-        """))
-        seen: dict[str, float] = {}
-        lines: list[str] = []
-        start = time.perf_counter()
-        proc = subprocess.Popen([*FEDMRI, "run", "--config", str(config), "--state", str(self.state), "--stream"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-        def read() -> None:
-            for line in proc.stdout:
-                lines.append(line)
-                now = time.perf_counter() - start
-                if "identity" not in seen and IDENTITY.search(line):
-                    seen["identity"] = now
-                if (match := ROUND.search(line)) is not None:
-                    seen["round"] = float(match.group(1))
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            raise RuntimeError(f"{name}: `fedmri run` still running after {timeout} s:\n{''.join(lines)[-3000:]}")
-        reader.join(10)
-        seen["run"] = time.perf_counter() - start
-        if code != 0 or "identity" not in seen or "round" not in seen:
-            raise RuntimeError(f"{name} ({self.tree or 'this tree'}): exit {code}, found {sorted(seen)}:\n"
-                               f"{''.join(lines)[-3000:]}")
-        return seen
-
-    def stop(self) -> None:
-        stop_all(self.daemons)
-        for key in ("PYTHONPATH", "FEDMRI_TREE"):
-            os.environ.pop(key, None)
+def _run(deployment: Deployment, name: str) -> dict[str, float]:
+    config = deployment.root / f"{name}.yaml"
+    config.write_text(textwrap.dedent(f"""
+        name: {name}
+        preset: tiny
+        overrides: {MICRO}
+        min_sites: 1
+        wait_for_sites_s: 60
+        stages: [{{name: pretrain, rounds: 1, local_steps: 1}}]
+    """))
+    code, seen, output = deployment.run(config, patterns=PATTERNS)
+    if code != 0 or "identity" not in seen or "round" not in seen:
+        raise RuntimeError(f"{name} ({deployment.tree or 'this tree'}): exit {code}, found {sorted(seen)}:\n"
+                           f"{output[-3000:]}")
+    return seen
 
 
 def main() -> None:
@@ -163,9 +81,7 @@ def main() -> None:
     trees = ["", *([str(Path(args.tree).resolve())] if args.tree else [])]
     with tempfile.TemporaryDirectory(prefix="fedmri-deploy-") as tmp:
         root = Path(tmp)
-        boot = root / "boot"
-        boot.mkdir()
-        (boot / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+        boot = boot_folder(root)
         print("[data] synthesising and indexing one hospital ...", flush=True)
         catalog = _site(root / "data")
         times: dict[str, list[dict[str, float]]] = {t: [] for t in trees}
@@ -173,10 +89,10 @@ def main() -> None:
         try:
             for i, tree in enumerate(trees):
                 print(f"[deploy] starting {tree or 'this tree'} ...", flush=True)
-                deployments[tree] = Deployment(root / f"tree{i}", tree, catalog, boot)
+                deployments[tree] = Deployment(root / f"tree{i}", [catalog], tree, boot)
             for r in range(args.repeats):
                 for i, tree in enumerate(trees):
-                    result = deployments[tree].run(f"latency-{r}")
+                    result = _run(deployments[tree], f"latency-{r}")
                     times[tree].append(result)
                     print(f"[run] {tree or 'this tree'} #{r + 1}: identity {result['identity']:.1f} s, round "
                           f"{result['round']:.1f} s, run {result['run']:.1f} s", flush=True)

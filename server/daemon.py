@@ -52,6 +52,9 @@ from fedmri.flower_cli import (
 )
 
 DEFAULT_PORT = 9092
+STORES = ("disk", "memory")
+# flwr's name for its Python in-memory LinkState and ObjectStore (flwr.supercore.constant).
+IN_MEMORY_STORE = ":flwr-in-memory:"
 DEFAULT_FEDERATION = "fedmri"
 SITES_FILE = "sites.json"
 # How long the SuperLink may take to open its port (imports dominate: ~3 s here).
@@ -76,6 +79,10 @@ class ServerSettings:
     federation: str = DEFAULT_FEDERATION
     # Plain HTTP without TLS or node authentication: local tests only.
     insecure: bool = False
+    # Where the SuperLink keeps its state and message payloads: "disk" (STATE/state.db,
+    # SQLite) or "memory" (Flower's in-memory store; runs and node registrations are
+    # gone after a restart, and fedmri registers the certs folder's keys again at start).
+    store: str = "disk"
 
 
 def flwr_home(state: str | Path) -> Path:
@@ -126,7 +133,7 @@ def superlink_command(settings: ServerSettings) -> list[str]:
     state = settings.state.expanduser().resolve()
     command = [flower_executable("flower-superlink"),
                "--host", settings.host, "--port", str(settings.port),
-               "--database", str(state / "state.db"),
+               "--database", str(state / "state.db") if settings.store == "disk" else IN_MEMORY_STORE,
                "--disable-runtime-dependency-installation",
                # fedmri starts and supervises the ServerApp launcher itself (launcher_command).
                "--isolation", "process"]
@@ -247,6 +254,8 @@ def serve(settings: ServerSettings) -> int:
         The exit code for the ``fedmri server start`` process.
     """
     state = settings.state.expanduser().resolve()
+    if settings.store not in STORES:
+        raise InputError(f"--store {settings.store!r} is not one of {', '.join(STORES)}")
     if settings.insecure:
         _say("WARNING: --insecure: plain HTTP without TLS and without SuperNode authentication; "
              "anyone who reaches the port can join and read the traffic. Use only for local tests.")

@@ -20,6 +20,8 @@ def start_command(
                              "(flwr 1.42 serves all three on one port)."),
     federation: str = typer.Option("fedmri", "--federation", help="Connection name written to STATE/flwr/config.toml."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication: local tests only."),
+    store: str = typer.Option("disk", "--store", help="Where the SuperLink keeps runs, registrations and message "
+                              "payloads: disk (STATE/state.db) or memory (lost on restart; see docs/deployment.md)."),
 ) -> None:
     """Run the SuperLink in the foreground; register every site key in --certs once it is up.
 
@@ -28,7 +30,7 @@ def start_command(
     from fedmri.server.daemon import ServerSettings, serve
 
     raise typer.Exit(serve(ServerSettings(certs=certs, state=state, host=host, port=port,
-                                          federation=federation, insecure=insecure)))
+                                          federation=federation, insecure=insecure, store=store)))
 
 
 @server_app.command("register")

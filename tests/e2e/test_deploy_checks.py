@@ -87,7 +87,20 @@ def test_server_start_checks_certs(certs: Path, tmp_path: Path) -> None:
     # The certificate names localhost and 127.0.0.1, not the address asked for.
     _user_error(fedmri_cli("server", "start", "--certs", str(certs), "--state", state, "--host", "10.9.9.9"),
                 "10.9.9.9", "--san")
+    _user_error(fedmri_cli("server", "start", "--certs", str(certs), "--state", state, "--store", "tape"),
+                "--store 'tape' is not one of disk, memory")
     assert not (tmp_path / "state").exists()  # nothing was started or written
+
+
+def test_the_store_chooses_where_the_superlink_keeps_its_state(certs: Path, tmp_path: Path) -> None:
+    from fedmri.server.daemon import IN_MEMORY_STORE, ServerSettings, superlink_command
+
+    def database(store: str) -> str:
+        command = superlink_command(ServerSettings(tmp_path / "state", certs, store=store))
+        return command[command.index("--database") + 1]
+
+    assert database("disk") == str((tmp_path / "state" / "state.db").resolve())
+    assert database("memory") == IN_MEMORY_STORE
 
 
 def test_run_needs_a_started_server_and_a_valid_config(tmp_path: Path) -> None:

@@ -1,0 +1,145 @@
+"""A base-size deployment on localhost, run several times in a row: does every run complete?
+
+Issue 18 found that a `base` deployment (2 sites, pretrain then heads) failed 2 runs in 4:
+with ``fedmri server start``'s SuperLink keeping its state in SQLite (``--database
+STATE/state.db``), flwr 1.42 stores every message's payload there too, and under the 892 MB
+pretrain messages requests waited past SQLite's 5 s busy timeout (``database is locked``).
+
+This script starts a SuperLink and N SuperNodes as docs/deployment.md does (TLS, node keys),
+with ``--store disk`` (SQLite) or ``--store memory`` (Flower's in-memory store), and submits
+the same `base` federation ``--runs`` times. Per run it prints: exit status, wall time, the
+cause of a failure, the SuperLink's peak RSS, and the state folder's size after the run.
+
+    python benchmarks/bench_deploy_base.py --store disk --runs 3
+    python benchmarks/bench_deploy_base.py --store memory --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+
+from _deploy import Deployment, boot_folder
+
+MB = 1e6
+PATTERNS = {"round1": r"fedmri: pretrain round 1/1 done in ([\d.]+) s", "heads": r"fedmri: heads round 1/1 done in ([\d.]+) s",
+            "cause": r"cause: (.*)$", "locked": r"(database is locked)"}
+
+
+def _sites(root: Path, n: int, series: int, preset: str) -> list[Path]:
+    from fedmri.config import load_config
+    from fedmri.data.indexer import index_site
+    from fedmri.simulations.synth import generate_site
+
+    cfg = load_config(preset)
+    catalogs = []
+    for i in range(n):
+        hospital, catalog = root / f"hospital-{i + 1}", root / f"catalog-{i + 1}"
+        generate_site(hospital, site_index=i + 1, seed=0, preset="tiny", series_per_site=series)
+        index_site(hospital / "dicom", hospital / "reports.csv", catalog, labels=hospital / "labels.csv", cfg=cfg)
+        catalogs.append(catalog)
+    return catalogs
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PeakSampler(threading.Thread):
+    """Peak RSS per role (superlink, serverapp, clientapp...) of a deployment's processes."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        super().__init__(daemon=True)
+        self.deployment, self.stop_event = deployment, threading.Event()
+        self.peak: dict[str, float] = {}
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.5):
+            for role, pids in self.deployment.processes().items():
+                for pid in pids:
+                    self.peak[role] = max(self.peak.get(role, 0.0), _rss_mb(pid))
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=("disk", "memory"), default="disk")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--series", type=int, default=8, help="series per site")
+    parser.add_argument("--keep", default="", help="keep the data and deployment in this folder")
+    parser.add_argument("--tree", default="", help="deploy another fedmri checkout instead (disk store: "
+                        "older trees have no --store)")
+    args = parser.parse_args()
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedmri-base-"))
+    try:
+        print(f"[data] {args.sites} sites x {args.series} series for {args.preset} ...", flush=True)
+        catalogs = _sites(tmp / "data", args.sites, args.series, args.preset)
+        tree = str(Path(args.tree).resolve()) if args.tree else ""
+        deployment = Deployment(tmp / f"deploy-{args.store}", catalogs, tree=tree, boot=boot_folder(tmp),
+                                server_args=[] if tree else ["--store", args.store])
+        rows = []
+        try:
+            for r in range(args.runs):
+                config = deployment.root / f"run-{r}.yaml"
+                config.write_text(textwrap.dedent(f"""
+                    name: base-{r}
+                    preset: {args.preset}
+                    min_sites: {args.sites}
+                    wait_for_sites_s: 120
+                    round_timeout_s: 1800
+                    export: false
+                    overrides: ["ssl.warmup_fraction=0"]
+                    stages:
+                      - {{name: pretrain, rounds: 1, local_steps: 1}}
+                      - {{name: heads, rounds: 1, local_steps: 1}}
+                """))
+                sampler = PeakSampler(deployment)
+                sampler.start()
+                code, seen, output = deployment.run(config, timeout=3600, patterns=PATTERNS)
+                sampler.stop_event.set()
+                sampler.join()
+                state_mb = _folder_mb(deployment.state)
+                db = deployment.state / "state.db"
+                row = {"run": r + 1, "code": code, "wall": seen["run"], "pretrain": seen.get("round1"),
+                       "heads": seen.get("heads"), "locked": "locked" in seen or "database is locked" in output,
+                       "cause": output.split("cause: ", 1)[1].splitlines()[0] if "cause: " in output else "",
+                       "peak": dict(sampler.peak), "state_mb": state_mb,
+                       "db_mb": db.stat().st_size / MB if db.exists() else 0.0}
+                rows.append(row)
+                print(f"[run {r + 1}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
+                      f"{row['heads']} s; locked: {row['locked']}; {row['cause']}; peak RSS MB "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["peak"].items()))
+                      + f"; state folder {state_mb:.0f} MB (state.db {row['db_mb']:.0f} MB)", flush=True)
+                if code != 0:
+                    (tmp / f"run-{r + 1}-{args.store}.log").write_text(output)
+        finally:
+            deployment.stop()
+        done = sum(r["code"] == 0 for r in rows)
+        walls = [r["wall"] for r in rows if r["code"] == 0]
+        print(f"\n{args.tree or 'this tree'}, --store {args.store}: {done} of {len(rows)} runs completed"
+              + (f"; median wall {statistics.median(walls):.0f} s" if walls else ""))
+        print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
