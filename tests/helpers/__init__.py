@@ -8,4 +8,5 @@ Importable as ``helpers`` everywhere under tests/: pyproject.toml puts tests/ on
 - :mod:`helpers.identity`: ``server_identity()``, the task identity Flower's ServerApp runtime sets.
 - :mod:`helpers.site_factory`: ``make_site``, a tiny hospital on disk for catalog, CLI and dataset tests.
 - :mod:`helpers.dcm2niix`: the cases and measures that compare load_series with dcm2niix.
+- :mod:`helpers.geometry`: RAS direction matrices of the DICOM acquisition planes (axial ... oblique).
 """

@@ -40,11 +40,12 @@ from fedmri.data.dicom import SeriesError, group_series, load_series, scan_folde
 from fedmri.data.volume import Volume
 from fedmri.simulations.dicom_writer import write_multi_echo, write_series
 
+from helpers.geometry import PLANES
+
 NIBABEL_DATA = Path(nib.__file__).parent / "nicom" / "tests" / "data"
 SHAPE = (20, 14, 7)  # synthetic series: non-square, so an i/j swap shows
 SPACING = (0.7, 0.9, 2.5)
 ECHO_TIMES = (12.0, 30.0, 48.0)
-LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def find_dcm2niix() -> str | None:
@@ -183,28 +184,6 @@ class Case:
     parts: tuple[str, ...] = ("",)
     options: tuple[str, ...] = ()
     affine_tol: float = 1e-4
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-def _from_iop(row: list[float], col: list[float]) -> np.ndarray:
-    """RAS direction matrix of a DICOM stack with this ImageOrientationPatient."""
-    r, c = np.array(row, dtype=float), np.array(col, dtype=float)
-    return LPS @ np.stack([r, c, np.cross(r, c)], axis=1)
-
-
-PLANES = {
-    "axial": _from_iop([1, 0, 0], [0, 1, 0]),
-    "sagittal": _from_iop([0, 1, 0], [0, 0, -1]),
-    "coronal": _from_iop([1, 0, 0], [0, 0, -1]),
-    "oblique": _rotation(0, 20) @ _rotation(1, 20) @ _from_iop([1, 0, 0], [0, 1, 0]),  # 20 deg about two axes
-}
 
 
 def synthetic_volume(plane: str, seed: int) -> Volume:

@@ -7,7 +7,6 @@ GetArrayFromImage returns (k, j, i).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +17,10 @@ import SimpleITK as sitk
 from fedmri.data import Volume, find_files, load_series
 from fedmri.simulations.dicom_writer import write_series
 
-LPS = np.diag([-1.0, -1.0, 1.0])
+from helpers.geometry import LPS, PLANES
+
 SHAPE = (20, 14, 7)  # non-square, so an i/j swap shows
 SPACING = (0.7, 0.9, 2.5)
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-def _from_iop(row: list[float], col: list[float]) -> np.ndarray:
-    """RAS direction matrix of a DICOM stack with this ImageOrientationPatient."""
-    r, c = np.array(row, dtype=float), np.array(col, dtype=float)
-    return LPS @ np.stack([r, c, np.cross(r, c)], axis=1)
-
-
-PLANES = {
-    "axial": _from_iop([1, 0, 0], [0, 1, 0]),
-    "sagittal": _from_iop([0, 1, 0], [0, 0, -1]),
-    "coronal": _from_iop([1, 0, 0], [0, 0, -1]),
-    # 20 degrees about two axes
-    "oblique": _rotation(0, 20) @ _rotation(1, 20) @ _from_iop([1, 0, 0], [0, 1, 0]),
-}
 
 
 def _volume(direction: np.ndarray, seed: int) -> Volume:

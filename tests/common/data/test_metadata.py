@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -18,6 +16,8 @@ from fedmri.data.metadata import (
     parse_age,
     series_metadata,
 )
+
+from helpers.geometry import rotation
 
 FAMILY_CASES = [
     # descriptions, several vendors' styles
@@ -144,14 +144,6 @@ def test_sex(raw: str | None, sex: str | None) -> None:
     assert normalise_sex(raw) == sex
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 @pytest.mark.parametrize(("columns", "axis", "tilt", "plane"), [
     ([[1, 0, 0], [0, 1, 0]], 0, 0, "axial"),
     ([[0, 1, 0], [0, 0, 1]], 0, 0, "sagittal"),
@@ -165,7 +157,7 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
 def test_plane(columns: list, axis: int, tilt: float, plane: str) -> None:
     affine = np.eye(4)
     i, j = (np.array(c, dtype=float) for c in columns)
-    affine[:3, :3] = _rotation(axis, tilt) @ np.stack([i, j, np.cross(i, j)], axis=1) @ np.diag([0.5, 0.7, 3.0])
+    affine[:3, :3] = rotation(axis, tilt) @ np.stack([i, j, np.cross(i, j)], axis=1) @ np.diag([0.5, 0.7, 3.0])
     assert infer_plane(affine) == plane
 
 
