@@ -15,7 +15,8 @@ start none.
 
 State folder layout::
 
-    STATE/state.db         the SuperLink's database (runs, nodes, registered keys)
+    STATE/state.db         with --store disk only: the SuperLink's database (runs, nodes,
+                           registered keys, message payloads until delivered)
     STATE/flwr/config.toml Flower CLI connections ([superlink.<federation>]); FLWR_HOME
     STATE/flwr/apps/       app bundles the SuperLink installed
     STATE/sites.json       node id -> site name, for the keys registered from here
@@ -79,10 +80,11 @@ class ServerSettings:
     federation: str = DEFAULT_FEDERATION
     # Plain HTTP without TLS or node authentication: local tests only.
     insecure: bool = False
-    # Where the SuperLink keeps its state and message payloads: "disk" (STATE/state.db,
-    # SQLite) or "memory" (Flower's in-memory store; runs and node registrations are
-    # gone after a restart, and fedmri registers the certs folder's keys again at start).
-    store: str = "disk"
+    # Where the SuperLink keeps its state and message payloads: "memory" (Flower's
+    # in-memory store; runs and node registrations are gone after a restart, and
+    # fedmri registers the certs folder's keys again at start) or "disk" (SQLite in
+    # STATE/state.db, whose 5 s lock wait large payloads can exceed: docs/deployment.md).
+    store: str = "memory"
 
 
 def flwr_home(state: str | Path) -> Path:

@@ -20,8 +20,9 @@ def start_command(
                              "(flwr 1.42 serves all three on one port)."),
     federation: str = typer.Option("fedmri", "--federation", help="Connection name written to STATE/flwr/config.toml."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication: local tests only."),
-    store: str = typer.Option("disk", "--store", help="Where the SuperLink keeps runs, registrations and message "
-                              "payloads: disk (STATE/state.db) or memory (lost on restart; see docs/deployment.md)."),
+    store: str = typer.Option("memory", "--store", help="Where the SuperLink keeps runs, registrations and message "
+                              "payloads: memory (lost on restart) or disk (STATE/state.db, SQLite); see "
+                              "docs/deployment.md."),
 ) -> None:
     """Run the SuperLink in the foreground; register every site key in --certs once it is up.
 
