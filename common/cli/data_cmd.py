@@ -9,7 +9,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
 from rich.table import Table
+from rich.text import Text
 
 data_app = typer.Typer(help="Register and inspect site data; synthesise hospitals.", no_args_is_help=True)
 
@@ -33,12 +35,17 @@ def index_command(
                                      "without sessions."),
     preset: str = typer.Option("tiny", "--preset", help="Config preset whose data.preprocess settings apply."),
     file: Path | None = typer.Option(None, "--file", "-f", help="User YAML merged over the preset."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes that read headers and preprocess series; "
+                                "0 = one per usable CPU core (at most 8) when there are enough new files or series "
+                                "to pay for starting them; 1 = none. Each holds one series in memory; the catalog "
+                                "does not depend on it."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. data.preprocess.cache_dtype=float32"),
 ) -> None:
     """Register a site's MR series, reports and labels in its catalog (incremental, all or nothing).
 
     Unchanged files are not read again; an interrupted run leaves the catalog as it was.
-    Every input that cannot be used is listed with its reason.
+    Every input that cannot be used is listed with its reason. Headers and series
+    are read on every CPU core (--workers); one process writes the catalog.
 
     DICOM_ROOT is the export as the PACS wrote it: a folder, flat or nested (a
     DICOMDIR in it is followed), a DICOMDIR file, or a BIDS dataset. DICOM SEG
@@ -55,12 +62,14 @@ def index_command(
     err = Console(stderr=True)
     with _RichProgress(err) as progress:
         result = index_site(dicom_root, reports, out, labels=labels, nifti=nifti, bids=bids, cfg=cfg,
-                            progress=progress)
+                            progress=progress, workers=workers)
     console = Console()
     table = Table(title=f"Indexed into {out}", show_header=False)
+    series_s = result.seconds.get("series", 0.0)
     for name, value in (
         ("series in catalog", result.n_series),
         ("series read (new or changed)", result.n_loaded),
+        ("series read per second", f"{result.n_loaded / series_s:.1f}" if result.n_loaded and series_s else "-"),
         ("series preprocessed (cache misses)", result.n_preprocessed),
         ("files seen / headers read", f"{result.n_files} / {result.n_headers_read}"),
         ("inputs skipped", len(result.skipped)),
@@ -73,7 +82,7 @@ def index_command(
 
 
 class _RichProgress:
-    """Rich bars on stderr for the indexer's stages (files scanned, series processed)."""
+    """Rich bars on stderr for the indexer's stages (files scanned, series processed), with their rate."""
 
     _LABELS = {"files": "files scanned", "series": "series processed"}
 
@@ -81,7 +90,7 @@ class _RichProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=console)
+                                  _RateColumn(), TimeElapsedColumn(), console=console)
         self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _RichProgress:
@@ -96,6 +105,14 @@ class _RichProgress:
 
     def advance(self, stage: str) -> None:
         self._progress.advance(self._tasks[stage])
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second of a bar ("12.3/s"): rich's own estimate over the last 30 s, the mean once done."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f}/s" if speed is not None else "     -/s", style="progress.data.speed")
 
 
 def _skipped_table(skipped: Sequence[Any]) -> Table:
@@ -119,30 +136,25 @@ def show_command(
     sequence, body_region, vendor, split) and per skipped input (path, reason).
     Shapes and spacings are the series as acquired. Exit code 2 if there is no catalog.
     """
-    from fedmri.data.catalog_db import open_catalog, series_rows, skipped_rows, summary
+    from fedmri.data.catalog_db import open_catalog, show_document
+    from fedmri.data.dicom import Skipped
 
     conn = open_catalog(catalog_dir)
     try:
-        counts, rows, skipped = summary(conn), series_rows(conn), skipped_rows(conn)
+        document = show_document(conn)
     finally:
         conn.close()
     if as_json:
-        document = {
-            **counts,
-            "series": [{"id": r["id"], "shape": r["shape"], "spacing": r["spacing"], "sequence": r["sequence"],
-                        "body_region": r["body_region"], "vendor": r["vendor"], "split": r["split"]} for r in rows],
-            "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
-        }
         typer.echo(json.dumps(document, indent=2))
         return
     console = Console()
-    console.print(f"[bold]{catalog_dir}[/]: {counts['n_series']} series, {counts['n_patients']} patients")
+    console.print(f"[bold]{catalog_dir}[/]: {document['n_series']} series, {document['n_patients']} patients")
     for title, key in (("Sequence", "by_sequence"), ("Body region", "by_body_region"), ("Vendor", "by_vendor"),
                        ("Split", "by_split")):
-        console.print(_count_table(title, counts[key]))
-    console.print(_count_table("Label coverage", counts["coverage"], of=counts["n_series"]))
-    if skipped:
-        console.print(_skipped_table(skipped))
+        console.print(_count_table(title, document[key]))
+    console.print(_count_table("Label coverage", document["coverage"], of=document["n_series"]))
+    if document["skipped"]:
+        console.print(_skipped_table([Skipped(**s) for s in document["skipped"]]))
 
 
 def _count_table(title: str, counts: Mapping[str, int], of: int | None = None) -> Table:
@@ -152,6 +164,50 @@ def _count_table(title: str, counts: Mapping[str, int], of: int | None = None) -
     for name, value in counts.items():
         table.add_row(name, f"{value} / {of}" if of is not None else str(value))
     return table
+
+
+# --------------------------------------------------------------------------- audit
+@data_app.command("audit")
+def audit_command(
+    catalog_dir: Path = typer.Argument(..., help="Catalog folder written by `fedmri data index`."),
+) -> None:
+    """List where the catalog keeps identifiers, and check that nothing shown or sent carries them.
+
+    Identifiers (UIDs, accession numbers, paths, report text, dates) stay in the
+    catalog at the site. The audit looks for every one of them in what `fedmri
+    data show` (and --json) prints and in what the site sends the coordinator
+    (search replies, sample metadata), and checks that series are named there
+    only by their salted pseudonyms. Findings name the field, never the value.
+
+    Exit codes: 0 = clean; 1 = a finding (listed); 2 = no catalog there.
+    """
+    from fedmri.data.audit import audit_catalog
+
+    report = audit_catalog(catalog_dir)
+    console = Console()
+    table = Table(title=f"Identifiers at rest in {catalog_dir}")
+    for col in ("table.column", "holds", "what", "values"):
+        table.add_column(col, justify="right" if col == "values" else "left")
+    for c in report.columns:
+        if c.holds != "none":
+            table.add_row(f"{c.table}.{c.column}", c.holds, c.what, str(c.n_values))
+    console.print(table)
+    console.print(f"{sum(c.holds == 'none' for c in report.columns)} other columns hold no identifier.")
+    for surface, n in report.checked.items():
+        console.print(f"checked {surface}: {n} strings")
+    for surface, n in report.site_only.items():
+        console.print(f"site only, not checked: {surface}: {n} (keep `data show` output at the site)")
+    if report.findings:
+        found = Table(title=f"Findings ({len(report.findings)})", title_style="bold red")
+        found.add_column("where", overflow="fold")
+        found.add_column("problem", overflow="fold")
+        for finding in report.findings:
+            found.add_row(finding.where, finding.problem)
+        console.print(found)
+    else:
+        console.print("[green]clean[/]: no identifier in what is shown or sent; series and study ids are the "
+                      "site's salted pseudonyms")
+    raise typer.Exit(report.exit_code)
 
 
 # --------------------------------------------------------------------------- synth

@@ -260,3 +260,18 @@ def summary(conn: sqlite3.Connection) -> dict[str, Any]:
         "n_skipped": conn.execute("SELECT COUNT(*) FROM skipped").fetchone()[0],
         "last_index": {**dict(last), "settings": json.loads(last["settings"])} if last is not None else None,
     }
+
+
+def show_document(conn: sqlite3.Connection) -> dict[str, Any]:
+    """What ``fedmri data show --json`` prints: :func:`summary`, one entry per series and per skipped input.
+
+    Series are named by their pseudonymous id only. Skipped inputs keep their
+    path and reason: that list is the site admin's, for fixing the export.
+    """
+    return {
+        **summary(conn),
+        "series": [{"id": r["id"], "shape": r["shape"], "spacing": r["spacing"], "sequence": r["sequence"],
+                    "body_region": r["body_region"], "vendor": r["vendor"], "split": r["split"]}
+                   for r in series_rows(conn)],
+        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped_rows(conn)],
+    }

@@ -9,9 +9,13 @@ The catalog mirrors the inputs of the latest run: a series no longer found (or
 no longer readable) leaves it, and the reason is listed.
 
 Test-only hook: with ``FEDMRI_TEST_HANG_AFTER_SERIES=N`` in the environment, the
-run prints ``fedmri-test-hook: hanging after N series`` on stderr after the N-th
-series it reads and then sleeps, so a test can kill it mid-transaction at a
-known point. Never set it in production.
+run prints ``fedmri-test-hook: hanging after N series`` (and its workers'
+process ids) on stderr after the N-th series it reads and then sleeps, so a
+test can kill it mid-transaction at a known point. Never set it in production.
+
+With ``workers`` > 1, headers and series are read by worker processes
+(:mod:`fedmri.data.index_pool`); their results are used in the order of a
+one-process run, and every catalog write stays in this process.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from omegaconf import DictConfig
 from fedmri import __version__
 from fedmri.config import load_config
 from fedmri.data.catalog_db import (
-    CACHE_DIR,
     assign_splits,
     check_split_fractions,
     load_or_create_salt,
@@ -40,10 +43,11 @@ from fedmri.data.catalog_db import (
 from fedmri.data.bids import BidsScan, apply_meta, is_bids_dataset, scan_bids
 from fedmri.data.dicom import DicomHeader, Skipped, SkipInput, find_files, group_series, read_header
 from fedmri.data.dicomdir import DICOMDIR_NAME, is_dicomdir, read_dicomdir, select_listed
+from fedmri.data.index_pool import IndexPool
 from fedmri.data.masks import SegHeader, read_seg_header
-from fedmri.data.preprocess import PreprocessSettings, Preprocessor, VolumeCache
+from fedmri.data.preprocess import PreprocessSettings
 from fedmri.data.selection import SelectionSettings
-from fedmri.data.series_job import SeriesJob, SeriesOutcome, process_job
+from fedmri.data.series_job import SeriesJob, process_job, reuse_outcome
 from fedmri.data.site_inputs import LabelRow, ReportRow, merge_labels, read_labels, read_reports
 from fedmri.errors import InputError
 
@@ -52,6 +56,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Bump when _read_file gives another answer for the same file, so cached headers and skip
 # reasons of the files table are read again once (2: DICOM SEG and DICOMDIR recognised).
 SCAN_VERSION = 2
+# With workers=0 (auto), the least work worth starting worker processes for: a header read costs
+# ~1.5 ms and a series ~0.1 s of one core, the start one import of torch and MONAI (~3-8 s).
+_AUTO_MIN_FILES = 4000
+_AUTO_MIN_SERIES = 64
 # What the files table may say of a file found in each role ("kind" column).
 _STORED_KINDS = {"dicom": ("dicom", "seg", "dicomdir"), "nifti": ("nifti",)}
 
@@ -83,6 +91,7 @@ class IndexResult:
         n_headers_read: files whose header was read (new or changed files).
         bytes_loaded: bytes of the source files of the series read.
         skipped: every input not used, with its reason.
+        seconds: wall time of the ``"files"`` (scan) and ``"series"`` (read, preprocess) stages.
     """
 
     catalog_dir: Path
@@ -93,6 +102,7 @@ class IndexResult:
     n_preprocessed: int = 0
     bytes_loaded: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -110,6 +120,7 @@ def index_site(
     bids: str | Path | None = None,
     cfg: DictConfig | None = None,
     progress: IndexProgress | None = None,
+    workers: int = 1,
 ) -> IndexResult:
     """Index a site's DICOM (NIfTI, BIDS) series with their reports and labels.
 
@@ -131,6 +142,10 @@ def index_site(
             image names without extension, e.g. ``sub-01_ses-01_T1w``.
         cfg: resolved config (``data.preprocess``, ``data.catalog``); default: the ``tiny`` preset.
         progress: optional progress sink.
+        workers: processes that read headers and series; 1 = this process only;
+            0 = one per usable CPU core (at most 8) once there are enough files
+            or series to pay for starting them (``fedmri data index``'s default).
+            The results do not depend on it.
 
     Returns:
         What was done, including every skipped input.
@@ -139,6 +154,7 @@ def index_site(
         InputError / ConfigError: bad arguments or unreadable CSV; nothing is changed.
     """
     cfg = cfg if cfg is not None else load_config("tiny")
+    pool = IndexPool(workers)
     settings = PreprocessSettings.from_config(cfg.data.preprocess)
     selection = SelectionSettings.from_config(cfg.data.index)
     fractions = check_split_fractions(cfg.data.catalog.split_fractions)
@@ -172,7 +188,7 @@ def index_site(
             raise InputError(f"catalog {out} is busy ({exc}); is another `fedmri data index` running on it?") from None
         try:
             label_masks = [row.mask for row in label_rows if row.mask is not None]
-            jobs, segs = _scan(conn, dicom_root, nifti, out, result, skipped, progress, selection,
+            jobs, segs = _scan(conn, dicom_root, nifti, out, result, skipped, progress, selection, pool,
                                bids=bids, label_masks=label_masks)
             found = scan_bids(bids, _files_outside(bids, [out], label_masks)) if bids is not None else BidsScan()
             jobs, collisions = _unique_ids(jobs + found.jobs)
@@ -183,7 +199,7 @@ def index_site(
             for row in found.labels:
                 by_uid[row.series_instance_uid] = merge_labels(by_uid.get(row.series_instance_uid), row)
             attached, seg_skips = _attach_segs(segs, by_uid, {job.uid for job in jobs})
-            indexed = _process(conn, jobs, out, settings, salt, by_uid, found.meta, result, skipped, progress)
+            indexed = _process(conn, jobs, out, settings, salt, by_uid, found.meta, result, skipped, progress, pool)
             skipped += seg_skips + [Skipped(path, f"DICOM SEG of series {uid}, which is not in the catalog "
                                                   "(skipped above)") for uid, path in attached.items()
                                     if uid not in indexed]
@@ -198,6 +214,7 @@ def index_site(
             conn.execute("ROLLBACK")
             raise
     finally:
+        pool.close()
         conn.close()
     return result
 
@@ -207,7 +224,7 @@ def _now() -> str:
 
 
 def _scan(conn: Any, dicom_root: Path, nifti: Path | None, out: Path, result: IndexResult,
-          skipped: list[Skipped], progress: IndexProgress, selection: SelectionSettings, *,
+          skipped: list[Skipped], progress: IndexProgress, selection: SelectionSettings, pool: IndexPool, *,
           bids: Path | None = None, label_masks: Iterable[Path] = ()) -> tuple[list[SeriesJob], list[SegHeader]]:
     """Stat every file, read the headers of new or changed ones, group into series jobs.
 
@@ -236,12 +253,9 @@ def _scan(conn: Any, dicom_root: Path, nifti: Path | None, out: Path, result: In
     to_read, unlisted, missing = select_listed(others, file_sets)
     skipped += unlisted + missing
     todo = [(p, "dicom") for p in to_read] + [(p, "nifti") for p in nifti_files]
-    progress.start("files", len(todo))
-    for path, role in todo:
-        progress.advance("files")
-        got = _read_cached(conn, known.get(str(path)), path, role, result, seen, skipped)
-        if got is not None:
-            read.append(got)
+    started = time.perf_counter()
+    read += _read_all(conn, known, todo, result, seen, skipped, progress, pool)
+    result.seconds["files"] = time.perf_counter() - started
     headers: list[DicomHeader] = []
     nifti_jobs: list[SeriesJob] = []
     segs: list[SegHeader] = []
@@ -277,9 +291,9 @@ def _read_cached(conn: Any, row: Any, path: Path, role: str, result: IndexResult
         skipped.append(Skipped(key, f"cannot stat file: {exc.strerror}"))
         return None
     seen.add(key)
-    if row is not None and (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns) \
-            and row["kind"] in _STORED_KINDS[role]:
-        kind, header, reason = row["kind"], (json.loads(row["header"]) if row["header"] else None), row["skip_reason"]
+    stored = _stored(row, st, role)
+    if stored is not None:
+        kind, header, reason = stored
     else:
         kind, header, reason = _read_file(path, role)
         result.n_headers_read += 1
@@ -289,6 +303,58 @@ def _read_cached(conn: Any, row: Any, path: Path, role: str, result: IndexResult
         skipped.append(Skipped(key, reason))
         return None
     return kind, header
+
+
+def _read_all(conn: Any, known: Mapping[str, Any], todo: list[tuple[Path, str]], result: IndexResult,
+              seen: set[str], skipped: list[Skipped], progress: IndexProgress,
+              pool: IndexPool) -> list[tuple[str, dict[str, Any]]]:
+    """:func:`_read_cached` over ``todo`` (``(path, role)``), the new or changed files read by ``pool``.
+
+    Results, files-table writes and skip reasons come in ``todo`` order, whatever the pool's size.
+    """
+    progress.start("files", len(todo))
+    found: list[tuple[os.stat_result | str, Any]] = []  # (stat or why not, stored answer or None)
+    fresh: list[tuple[Path, str]] = []
+    for path, role in todo:
+        try:
+            st = path.stat()
+        except OSError as exc:  # removed or unreadable between the listing and now
+            found.append((f"cannot stat file: {exc.strerror}", None))
+            continue
+        stored = _stored(known.get(str(path)), st, role)
+        found.append((st, stored))
+        if stored is None:
+            fresh.append((path, role))
+    reads = pool.map(_read_file, fresh, chunksize=max(1, min(64, len(fresh) // (8 * pool.workers))),
+                     auto_min=_AUTO_MIN_FILES)
+    used = []
+    for (path, _role), (st, stored) in zip(todo, found, strict=True):
+        progress.advance("files")
+        key = str(path)
+        if isinstance(st, str):
+            skipped.append(Skipped(key, st))
+            continue
+        seen.add(key)
+        if stored is None:
+            stored = next(reads)
+            result.n_headers_read += 1
+            kind, header, reason = stored
+            conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                         (key, st.st_size, st.st_mtime_ns, kind, json.dumps(header) if header else None, reason))
+        kind, header, reason = stored
+        if reason is not None:
+            skipped.append(Skipped(key, reason))
+        else:
+            used.append((kind, header))
+    return used
+
+
+def _stored(row: Any, st: os.stat_result, role: str) -> tuple[str, dict[str, Any] | None, str | None] | None:
+    """``(kind, header, skip reason)`` from the files table when the file is unchanged since; else ``None``."""
+    if row is None or (row["size"], row["mtime_ns"]) != (st.st_size, st.st_mtime_ns) \
+            or row["kind"] not in _STORED_KINDS[role]:
+        return None
+    return row["kind"], (json.loads(row["header"]) if row["header"] else None), row["skip_reason"]
 
 
 def _files_outside(root: Path, folders: list[Path], files: Iterable[Path] = ()) -> list[Path]:
@@ -330,25 +396,31 @@ def _read_file(path: Path, role: str) -> tuple[str, dict[str, Any] | None, str |
 
 def _process(conn: Any, jobs: list[SeriesJob], out: Path, settings: PreprocessSettings,
              salt: bytes, labels: Mapping[str, LabelRow], extra_meta: Mapping[str, Mapping[str, Any]],
-             result: IndexResult, skipped: list[Skipped], progress: IndexProgress) -> set[str]:
+             result: IndexResult, skipped: list[Skipped], progress: IndexProgress, pool: IndexPool) -> set[str]:
     """Bring every series row up to date; returns the series UIDs now in the catalog.
 
     ``labels`` are by series id; ``extra_meta`` is metadata found beside a
-    series' files (BIDS sidecars), laid over what its files say.
+    series' files (BIDS sidecars), laid over what its files say. Series that
+    changed are read by ``pool``; rows are written here, in series id order.
     """
+    started = time.perf_counter()
     existing = {r["series_uid"]: r for r in conn.execute("SELECT * FROM series")}
     failed = {r["series_uid"]: r for r in conn.execute("SELECT * FROM failed_series")}
     conn.execute("DELETE FROM failed_series")
-    cache = VolumeCache(out / CACHE_DIR)
-    preprocessor = Preprocessor(settings)
     hang_after = int(os.environ.get(HANG_ENV, "0") or 0)
     indexed: set[str] = set()
     progress.start("series", len(jobs))
-    for job in sorted(jobs, key=lambda j: j.uid):
-        # A labels.csv row names a series; it applies to every volume split from it (``UID#...``).
-        label = labels.get(job.uid) or labels.get(job.uid.partition("#")[0])
-        outcome: SeriesOutcome = process_job(job, existing.get(job.uid), failed.get(job.uid), label,
-                                             settings, salt, cache, preprocessor, out)
+    jobs = sorted(jobs, key=lambda j: j.uid)
+    # A labels.csv row names a series; it applies to every volume split from it (``UID#...``).
+    job_labels = [labels.get(job.uid) or labels.get(job.uid.partition("#")[0]) for job in jobs]
+    reused = [reuse_outcome(job, existing.get(job.uid), failed.get(job.uid), label, settings, out)
+              for job, label in zip(jobs, job_labels, strict=True)]
+    loaded = pool.map(process_job, [(job, label, settings, salt, out) for job, label, outcome
+                                    in zip(jobs, job_labels, reused, strict=True) if outcome is None],
+                      auto_min=_AUTO_MIN_SERIES)
+    for job, outcome in zip(jobs, reused, strict=True):
+        if outcome is None:
+            outcome = next(loaded)
         skipped += outcome.skipped
         if outcome.row is not None and job.uid in extra_meta:
             outcome.row = apply_meta(outcome.row, extra_meta[job.uid])
@@ -364,10 +436,13 @@ def _process(conn: Any, jobs: list[SeriesJob], out: Path, settings: PreprocessSe
         result.bytes_loaded += job.n_bytes if outcome.loaded else 0
         progress.advance("series")
         if outcome.loaded and hang_after and result.n_loaded == hang_after:
-            print(f"fedmri-test-hook: hanging after {hang_after} series", file=sys.stderr, flush=True)
+            workers = " ".join(map(str, pool.worker_pids())) or "none"
+            print(f"fedmri-test-hook: hanging after {hang_after} series (worker pids: {workers})", file=sys.stderr,
+                  flush=True)
             time.sleep(3600)
     gone = [(uid,) for uid in existing if uid not in indexed]
     conn.executemany("DELETE FROM series WHERE series_uid = ?", gone)
+    result.seconds["series"] = time.perf_counter() - started
     return indexed
 
 

@@ -2,6 +2,8 @@
 
 Kept apart from :mod:`fedmri.data.indexer` (which owns the scan, the transaction
 and the joins) so each stays one job. No SQL here: the indexer writes the row.
+:func:`reuse_outcome` (a few ``stat`` calls) runs in the indexer's process;
+:func:`process_job` (decode, resample, write the cache entry) in its workers.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from fedmri import __version__
-from fedmri.data.catalog_db import pseudonym
+from fedmri.data.catalog_db import CACHE_DIR, pseudonym
 from fedmri.data.dicom import DicomHeader, Skipped, load_series
 from fedmri.data.masks import load_mask
 from fedmri.data.nifti import load_nifti
@@ -81,10 +84,12 @@ class SeriesOutcome:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapping[str, Any] | None,
-                label: LabelRow | None, settings: PreprocessSettings, salt: bytes,
-                cache: VolumeCache, preprocessor: Preprocessor, catalog_dir: Path) -> SeriesOutcome:
-    """Bring one series' row up to date, reading files only when something changed.
+def reuse_outcome(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapping[str, Any] | None,
+                  label: LabelRow | None, settings: PreprocessSettings, catalog_dir: Path) -> SeriesOutcome | None:
+    """The series' outcome without reading it, when nothing it depends on changed; else ``None``.
+
+    Cheap (a few ``stat`` calls): the indexer runs it in its own process and
+    hands only the series that return ``None`` to :func:`process_job`.
 
     Args:
         job: the series' files.
@@ -92,14 +97,7 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
         failed: its ``failed_series`` row if it failed before; unchanged, it is not read again.
         label: its labels.csv row, if any.
         settings: preprocessing settings of this run.
-        salt: the site's HMAC key.
-        cache: the volume cache; misses are preprocessed and written.
-        preprocessor: built once per run from ``settings``.
         catalog_dir: the catalog folder (cache paths are stored relative to it).
-
-    Returns:
-        The new row, whether the series was read and preprocessed, and any
-        inputs skipped (the series itself, or only its mask).
     """
     mask_stat = _stat_json(label.mask) if label is not None and label.mask is not None else None
     if existing is not None and _unchanged(existing, job, settings, mask_stat, label, catalog_dir):
@@ -109,7 +107,30 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
         return SeriesOutcome(row)
     if failed is not None and (failed["files_digest"], failed["reader"]) == (job.digest, __version__):
         return SeriesOutcome(None, failure=Skipped(failed["path"], failed["reason"]))
+    return None
 
+
+def process_job(job: SeriesJob, label: LabelRow | None, settings: PreprocessSettings, salt: bytes,
+                catalog_dir: Path) -> SeriesOutcome:
+    """Read one series, preprocess it into the cache (on a miss) and build its catalog row.
+
+    The per-series work of an index run: pure but for the cache entry it writes
+    (content addressed, written atomically), so the indexer runs it in worker
+    processes (:mod:`fedmri.data.index_pool`) and writes the rows itself.
+
+    Args:
+        job: the series' files.
+        label: its labels.csv row, if any.
+        settings: preprocessing settings of this run.
+        salt: the site's HMAC key.
+        catalog_dir: the catalog folder; the cache is its ``cache/``.
+
+    Returns:
+        The new row, whether the series was preprocessed, and any inputs
+        skipped (the series itself, or only its mask).
+    """
+    mask_stat = _stat_json(label.mask) if label is not None and label.mask is not None else None
+    cache, preprocessor = _tools(settings, catalog_dir)
     outcome = SeriesOutcome(None, loaded=True)
     try:
         # A DICOM job may be one volume of a series ("UID#b1000"): the loader picks its images.
@@ -169,6 +190,12 @@ def process_job(job: SeriesJob, existing: Mapping[str, Any] | None, failed: Mapp
         "indexed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return outcome
+
+
+@lru_cache(maxsize=4)
+def _tools(settings: PreprocessSettings, catalog_dir: Path) -> tuple[VolumeCache, Preprocessor]:
+    """The cache and the preprocessor of a run, built once per process."""
+    return VolumeCache(catalog_dir / CACHE_DIR), Preprocessor(settings)
 
 
 def _unchanged(existing: Mapping[str, Any], job: SeriesJob, settings: PreprocessSettings, mask_stat: str | None,
