@@ -138,6 +138,23 @@ def _death_signal_setter() -> Callable[[], None] | None:
     return hook
 
 
+def _spawn(command: Sequence[str], env: Mapping[str, str], cwd: str | Path | None) -> subprocess.Popen[str]:
+    """Start a daemon child in its own process group, output piped line by line; SIGTERM if this process dies."""
+    return subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace", process_group=0,
+                            preexec_fn=_death_signal_setter())
+
+
+def _echo(proc: subprocess.Popen[str], watch: Callable[[str], None] | None = None) -> None:
+    """Copy the child's output to this process's stdout as it comes, each line also to ``watch``."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if watch is not None:
+            watch(line)
+
+
 class ForegroundChild:
     """One child process run as if it were this command.
 
@@ -161,14 +178,10 @@ class ForegroundChild:
 
     def start(self) -> None:
         """Start the child in its own process group and forward signals to that group."""
-        self.proc = subprocess.Popen(
-            self.command, env=self._env, cwd=self._cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            errors="replace", process_group=0, preexec_fn=_death_signal_setter(),
-        )
+        self.proc = _spawn(self.command, self._env, self._cwd)
         for sig in _FORWARDED:
             signal.signal(sig, self._forward)
-        self._reader = threading.Thread(target=self._echo, daemon=True)
+        self._reader = threading.Thread(target=_echo, args=(self.proc, self._watch), daemon=True)
         self._reader.start()
 
     @property
@@ -179,14 +192,6 @@ class ForegroundChild:
     def signalled(self) -> bool:
         """Whether the user asked this command to stop (so the child's exit is expected)."""
         return self._signalled is not None
-
-    def _echo(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if self._watch is not None:
-                self._watch(line)
 
     def _forward(self, signum: int, _frame: object) -> None:
         first = self._signalled is None
@@ -252,17 +257,8 @@ class SupervisedChild:
 
     def start(self) -> None:
         """Start it in its own process group, its output echoed; it gets SIGTERM if this process dies."""
-        self.proc = subprocess.Popen(self.command, env=self._env, cwd=self._cwd, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     errors="replace", process_group=0, preexec_fn=_death_signal_setter())
-        threading.Thread(target=self._echo, args=(self.proc,), daemon=True).start()
-
-    @staticmethod
-    def _echo(proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        self.proc = _spawn(self.command, self._env, self._cwd)
+        threading.Thread(target=_echo, args=(self.proc,), daemon=True).start()
 
     def check(self) -> bool:
         """Restart it if it has exited; False when it exited once too often (the caller gives up)."""
