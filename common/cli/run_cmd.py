@@ -146,7 +146,7 @@ def run_command(
     runs = flwr_json(["ls", name, "--run-id", run_id], home).get("runs", [])
     status = runs[0].get("status", "unknown") if runs else "unknown"
     typer.echo(f"run {run_id}: {status}")
-    if status != "finished:completed":
+    if status != "finished:completed":  # also a run the stream stopped following before it ended
         cause = run_failure_cause(run_id, run_dir, flwr_log(run_id, name, home))
         if cause:
             typer.echo(f"run {run_id} cause: {cause}")
@@ -156,6 +156,16 @@ def run_command(
 
 # The last line of a Python traceback: the exception's type and message.
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt)\w*)(?::\s*(.*))?$")
+# What the ServerApp logs when a pipeline fails (fedmri.server.app.run_pipeline).
+_FAILED_LINE = re.compile(r"fedmri: run \S+ failed: (.*)$")
+# A Flower log line's colour codes and level prefix.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL = re.compile(r"^(?:\S+\s+)?(?:ERROR|INFO|WARNING|DEBUG)\s*:\s*")
+
+
+def ended_badly(status: object) -> bool:
+    """Whether a Flower run status says the run ended without completing (failed, stopped)."""
+    return str(status).startswith("finished:") and status != "finished:completed"
 
 
 def flwr_log(run_id: str, federation: str, home: Path, timeout: float = 60) -> str:
@@ -180,21 +190,24 @@ def run_failure_cause(run_id: str, run_dir: Path | None, log_text: str = "") -> 
         log_text: The run's Flower log, searched when the run folder says nothing
             (a failure before the pipeline started, or a ServerApp that was killed).
     """
-    state = _read_state(run_dir / "state.json") if run_dir is not None else None
-    if state and state.get("status") == "failed" and state.get("error") and str(state.get("run_id", run_id)) == run_id:
-        return str(state["error"])
+    recorded = _recorded_cause(_read_state(run_dir / "state.json") if run_dir is not None else None, run_id)
+    if recorded is not None:
+        return recorded
     found = None
     for raw in log_text.splitlines():
-        line = _ANSI.sub("", raw).strip()
-        line = re.sub(r"^(?:\S+\s+)?(?:ERROR|INFO|WARNING|DEBUG)\s*:\s*", "", line)
-        if (match := re.search(r"fedmri: run \S+ failed: (.*)$", line)) is not None:
+        line = _LEVEL.sub("", _ANSI.sub("", raw).strip())
+        if (match := _FAILED_LINE.search(line)) is not None:
             return match.group(1)
-        if (match := _EXCEPTION_LINE.match(line)) is not None:
+        if _EXCEPTION_LINE.match(line) is not None:
             found = line
     return found
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+def _recorded_cause(state: dict[str, Any] | None, run_id: str) -> str | None:
+    """The cause a failed pipeline wrote into its run folder's state.json, if that state is ``run_id``'s."""
+    if state and state.get("status") == "failed" and state.get("error") and str(state.get("run_id", run_id)) == run_id:
+        return str(state["error"])
+    return None
 
 
 def with_resume(text: str) -> str:
@@ -283,11 +296,10 @@ def collect_status(federation: str | None, state: Path | None, runs_dir: Path | 
             run_dir = next((d for d, st in folders.items() if st and str(st.get("run_id")) == run_id), None)
         pipeline = _read_state(run_dir / "state.json") if run_dir is not None else None
         folders.pop(run_dir, None)
-        failed = str(run.get("status", "")).startswith("finished:") and run.get("status") != "finished:completed"
         report["runs"].append({"run_id": run_id, "status": run.get("status"), "elapsed_s": run.get("elapsed"),
                                "name": record.get("name") or (run_dir.name if run_dir else None),
                                "run_dir": str(run_dir) if run_dir else None, "pipeline": pipeline,
-                               "cause": run_failure_cause(run_id, run_dir) if failed else None})
+                               "cause": _recorded_cause(pipeline, run_id) if ended_badly(run.get("status")) else None})
     report["run_folders"] = {str(d): st for d, st in folders.items()}
     run_dirs = [run["run_dir"] for run in report["runs"] if run["run_dir"]] + list(report["run_folders"])
     report["privacy"] = {d: p for d in run_dirs if (p := _read_state(Path(d) / "privacy.json")) is not None}
@@ -343,7 +355,7 @@ def status_command(
         if run.get("cause"):
             console.print(f"run {run['run_id']} ({run['name'] or '?'}) {run['status']}: {run['cause']}",
                           highlight=False, markup=False)
-        elif str(run["status"]).startswith("finished:") and run["status"] != "finished:completed":
+        elif ended_badly(run["status"]):
             console.print(f"run {run['run_id']} ({run['name'] or '?'}) {run['status']}: see "
                           f"`flwr log {run['run_id']} {report['federation']} --show`", highlight=False, markup=False)
     for folder, summary in report["privacy"].items():
