@@ -29,7 +29,6 @@ from torch import Tensor
 from fedmri.client.trainers.context import (
     DeclineError,
     RequestError,
-    config_value,
     check_state_keys,
     configure_torch,
     parse_run_config,
