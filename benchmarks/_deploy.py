@@ -4,7 +4,7 @@ timed line by line.
 
 A deployment can run another checkout of fedmri (``tree``): every process it starts (daemons,
 Flower's SuperLink, SuperNode, launcher, ServerApp and ClientApp processes) then imports that
-tree's fedmri, through a ``sitecustomize`` that points the installed editable finder at it.
+tree's fedmri (:func:`_harness.tree_env`).
 """
 
 from __future__ import annotations
@@ -13,41 +13,18 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import _tests_path  # noqa: F401 -- tests/ on sys.path: the shared test helpers
+from _harness import tree_env
 
 sys.path.insert(0, str(Path(_tests_path.TESTS) / "e2e"))
-from deploy_helpers import FEDMRI, Daemon, free_port, process_tree, stop_all, write_site  # noqa: E402
+from deploy_helpers import FEDMRI, Daemon, cmdline, free_port, process_tree, stop_all, write_site  # noqa: E402
 
 CONNECTED = r"connected to the SuperLink at .* as node \d+"
-
-# Imported first by every Python process started with its folder on PYTHONPATH.
-SITECUSTOMIZE = textwrap.dedent("""
-    import os, sys
-    _tree = os.environ.get("FEDMRI_TREE")
-    if _tree:
-        for _name, _mod in list(sys.modules.items()):
-            if _name.startswith("__editable___fedmri"):
-                _home = _mod.MAPPING["fedmri"].rsplit("/", 1)[0]
-                for _k, _v in list(_mod.MAPPING.items()):
-                    _mod.MAPPING[_k] = _tree + _v[len(_home):]
-                for _k, _v in list(_mod.NAMESPACES.items()):
-                    _mod.NAMESPACES[_k] = [_tree + p[len(_home):] for p in _v]
-""")
-
-
-def boot_folder(root: Path) -> Path:
-    """A folder holding the ``sitecustomize`` that ``Deployment(tree=...)`` puts on PYTHONPATH."""
-    boot = root / "boot"
-    boot.mkdir(parents=True, exist_ok=True)
-    (boot / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return boot
-
 
 class Deployment:
     """A SuperLink and one SuperNode per catalog, of ``tree`` (empty: the installed fedmri).
@@ -55,7 +32,7 @@ class Deployment:
     Args:
         root: Folder for certificates, state and logs.
         catalogs: One indexed catalog per site (``site-01``, ``site-02``, ...).
-        tree: Another fedmri checkout; needs ``boot`` (:func:`boot_folder`).
+        tree: Another fedmri checkout; needs ``boot`` (:func:`_harness.boot_folder`).
         server_args: Extra arguments of ``fedmri server start``.
     """
 
@@ -64,34 +41,29 @@ class Deployment:
         from fedmri.certs import init_authority
 
         self.root, self.tree = root, tree
-        self.env = dict(os.environ) | ({"PYTHONPATH": str(boot), "FEDMRI_TREE": tree} if tree else {})
+        self.env = dict(os.environ) | (tree_env(tree, boot) if tree else {})
         names = [f"site-{i + 1:02d}" for i in range(len(catalogs))]
         certs = root / "certs"
         init_authority(certs, ["localhost", "127.0.0.1"], names)
         port = free_port()
         self.state = root / "state"
         self.daemons: list[Daemon] = []
-        saved = dict(os.environ)
-        os.environ.update(self.env)  # Daemon passes this process's environment on
         try:
             self.server = Daemon(["server", "start", "--certs", str(certs), "--state", str(self.state), "--host",
-                                  "127.0.0.1", "--port", str(port), *server_args], root / "server.log")
+                                  "127.0.0.1", "--port", str(port), *server_args], root / "server.log", self.env)
             self.daemons.append(self.server)
             self.server.wait_for(r"SuperLink ready at https://", 120)
             self.sites = []
             for name, catalog in zip(names, catalogs, strict=True):
                 site = write_site(root / name, name, f"127.0.0.1:{port}", certs / "ca.crt", certs / f"{name}.key",
                                   free_port(), catalog)
-                self.sites.append(Daemon(["client", "start", "--site", str(site)], root / f"{name}.log"))
+                self.sites.append(Daemon(["client", "start", "--site", str(site)], root / f"{name}.log", self.env))
                 self.daemons.append(self.sites[-1])
             for site in self.sites:
                 site.wait_for(CONNECTED, 120)
         except BaseException:
             self.stop()
             raise
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
     def run(self, config: Path, timeout: float = 600,
             patterns: dict[str, str] | None = None) -> tuple[int, dict[str, float], str]:
@@ -135,10 +107,7 @@ class Deployment:
         roles: dict[str, list[int]] = {}
         for daemon in self.daemons:
             for pid in process_tree(daemon.proc.pid):
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
+                cmd = cmdline(pid)
                 for role, needle in (("superlink", "flower-superlink"), ("launcher", "flower-superexec"),
                                      ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),
                                      ("clientapp", "flwr-clientapp")):

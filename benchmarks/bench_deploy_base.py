@@ -25,7 +25,8 @@ import textwrap
 import threading
 from pathlib import Path
 
-from _deploy import Deployment, boot_folder
+from _deploy import Deployment
+from _harness import boot_folder
 
 MB = 1e6
 PATTERNS = {"round1": r"fedmri: pretrain round 1/1 done in ([\d.]+) s", "heads": r"fedmri: heads round 1/1 done in ([\d.]+) s",
@@ -33,18 +34,13 @@ PATTERNS = {"round1": r"fedmri: pretrain round 1/1 done in ([\d.]+) s", "heads":
 
 
 def _sites(root: Path, n: int, series: int, preset: str) -> list[Path]:
+    """``n`` synthetic hospitals of ``series`` series each, indexed for ``preset``; their catalogs."""
     from fedmri.config import load_config
-    from fedmri.data.indexer import index_site
-    from fedmri.simulations.synth import generate_site
+    from fedmri.simulations.runner import synthesise_site
 
     cfg = load_config(preset)
-    catalogs = []
-    for i in range(n):
-        hospital, catalog = root / f"hospital-{i + 1}", root / f"catalog-{i + 1}"
-        generate_site(hospital, site_index=i + 1, seed=0, preset="tiny", series_per_site=series)
-        index_site(hospital / "dicom", hospital / "reports.csv", catalog, labels=hospital / "labels.csv", cfg=cfg)
-        catalogs.append(catalog)
-    return catalogs
+    return [synthesise_site(cfg, root, f"site-{i:02d}", i, 0, lambda _: None, "tiny", series).catalog
+            for i in range(1, n + 1)]
 
 
 def _rss_mb(pid: int) -> float:
@@ -92,8 +88,9 @@ def main() -> None:
         print(f"[data] {args.sites} sites x {args.series} series for {args.preset} ...", flush=True)
         catalogs = _sites(tmp / "data", args.sites, args.series, args.preset)
         tree = str(Path(args.tree).resolve()) if args.tree else ""
-        deployment = Deployment(tmp / f"deploy-{args.store}", catalogs, tree=tree, boot=boot_folder(tmp),
-                                server_args=[] if tree else ["--store", args.store])
+        store = "disk" if tree else args.store  # an older tree has no --store: its SuperLink uses SQLite
+        deployment = Deployment(tmp / f"deploy-{store}", catalogs, tree=tree, boot=boot_folder(tmp),
+                                server_args=[] if tree else ["--store", store])
         rows = []
         try:
             for r in range(args.runs):
@@ -128,12 +125,12 @@ def main() -> None:
                       + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["peak"].items()))
                       + f"; state folder {state_mb:.0f} MB (state.db {row['db_mb']:.0f} MB)", flush=True)
                 if code != 0:
-                    (tmp / f"run-{r + 1}-{args.store}.log").write_text(output)
+                    (tmp / f"run-{r + 1}-{store}.log").write_text(output)
         finally:
             deployment.stop()
         done = sum(r["code"] == 0 for r in rows)
         walls = [r["wall"] for r in rows if r["code"] == 0]
-        print(f"\n{args.tree or 'this tree'}, --store {args.store}: {done} of {len(rows)} runs completed"
+        print(f"\n{args.tree or 'this tree'}, --store {store}: {done} of {len(rows)} runs completed"
               + (f"; median wall {statistics.median(walls):.0f} s" if walls else ""))
         print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:

@@ -35,7 +35,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from _deploy import Deployment, boot_folder
+from _deploy import Deployment
+from _harness import boot_folder
 
 # The micro preset's overrides, spelled out: older trees measured with --tree lack the preset.
 MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
@@ -44,16 +45,11 @@ PATTERNS = {"identity": r"fedmri: site \d+ is ", "round": r"fedmri: pretrain rou
 
 
 def _site(root: Path) -> Path:
-    """One synthetic hospital (12 series), indexed for the micro preset."""
+    """One synthetic hospital (12 series), indexed for the micro preset; its catalog."""
     from fedmri.config import load_config
-    from fedmri.data.indexer import index_site
-    from fedmri.simulations.synth import generate_site
+    from fedmri.simulations.runner import synthesise_site
 
-    hospital, catalog = root / "hospital", root / "catalog"
-    generate_site(hospital, site_index=1, seed=0, preset="tiny", series_per_site=12)
-    index_site(hospital / "dicom", hospital / "reports.csv", catalog, labels=hospital / "labels.csv",
-               cfg=load_config("tiny"))
-    return catalog
+    return synthesise_site(load_config("tiny"), root, "site-01", 1, 0, lambda _: None, "tiny", 12).catalog
 
 
 def _run(deployment: Deployment, name: str) -> dict[str, float]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,25 +30,13 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import boot_folder, tree_env
+
 MICRO = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "ssl.head_hidden_dim=64",
          "ssl.head_bottleneck_dim=16", "ssl.local_crops_number=2", "align.embed_dim=32"]
 
-# Runs in the child: make `fedmri` the tree's own folders, whatever is installed.
-_BOOT = textwrap.dedent("""
-    import sys, time
-    T0 = time.perf_counter()
-    TREE = {tree!r}
-    if TREE:
-        import importlib.util
-        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()
-                            and "editable" not in getattr(f, "__module__", "")]
-        spec = importlib.util.spec_from_file_location("fedmri", TREE + "/common/__init__.py",
-                                                      submodule_search_locations=[TREE + "/common", TREE])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["fedmri"] = mod
-        spec.loader.exec_module(mod)
-""")
+# Starts every child's code; another tree's fedmri comes from its environment (_harness.tree_env).
+_BOOT = "import sys, time\nT0 = time.perf_counter()\n"
 
 _CASES = {
     "python": "pass",
@@ -87,24 +76,21 @@ def _site(root: Path) -> str:
     from omegaconf import OmegaConf
 
     from fedmri.config import load_config
-    from fedmri.data.indexer import index_site
-    from fedmri.simulations.synth import generate_site
+    from fedmri.simulations.runner import synthesise_site
 
-    hospital = root / "hospital"
-    generate_site(hospital, site_index=1, seed=0, preset="tiny", series_per_site=8)
-    index_site(hospital / "dicom", hospital / "reports.csv", root / "catalog", labels=hospital / "labels.csv",
-               cfg=load_config("tiny"))
+    catalog = synthesise_site(load_config("tiny"), root, "site-01", 1, 0, lambda _: None, "tiny", 8).catalog
     site = root / "site.yaml"
-    site.write_text(OmegaConf.to_yaml(OmegaConf.create({"name": "site-01", "catalog": str(root / "catalog"),
+    site.write_text(OmegaConf.to_yaml(OmegaConf.create({"name": "site-01", "catalog": str(catalog),
                                                         "threads": 1, "batch_size": 2})))
     return str(site)
 
 
-def _run(case: str, tree: str, site: str) -> float:
+def _run(case: str, tree: str, site: str, boot: Path) -> float:
     body = textwrap.dedent(_CASES[case].format(site=site, micro=MICRO))
-    code = _BOOT.format(tree=tree) + body + "\nprint('T', time.perf_counter() - T0)\n"
+    code = _BOOT + body + "\nprint('T', time.perf_counter() - T0)\n"
+    env = os.environ | (tree_env(tree, boot) if tree else {})
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - t
     if out.returncode != 0:
         raise SystemExit(f"{case} failed in {tree or 'the installed tree'}:\n{out.stderr[-2000:]}")
@@ -119,12 +105,12 @@ def main() -> None:
     args = parser.parse_args()
     trees = ["", *[str(Path(t).resolve()) for t in args.tree]]
     with tempfile.TemporaryDirectory(prefix="fedmri-startup-") as tmp:
-        site = _site(Path(tmp))
+        site, boot = _site(Path(tmp)), boot_folder(Path(tmp))
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.repeats):  # interleaved, so load drifts hit every case alike
             for tree in trees:
                 for case in _CASES:
-                    times.setdefault((tree, case), []).append(_run(case, tree, site))
+                    times.setdefault((tree, case), []).append(_run(case, tree, site, boot))
     medians = {f"{tree or 'this tree'} | {case}": statistics.median(v) for (tree, case), v in times.items()}
     print(f"median of {args.repeats} fresh processes each, seconds of wall time (2-core machine: noisy)\n")
     print(f"{'tree':<24} {'case':<16} {'median s':>9} {'- torch+flwr':>13}")

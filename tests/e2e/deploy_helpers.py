@@ -112,11 +112,11 @@ def fedmri_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = No
 class Daemon:
     """A long-lived fedmri command (``server start``, ``client start``) in its own process group."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = log.open("w")
         self.proc = subprocess.Popen([*FEDMRI, *args], stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         self.tree: dict[int, int] = {}
 
     @property
