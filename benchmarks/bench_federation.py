@@ -110,13 +110,31 @@ def write_site_files(folder: Path, catalogs: list[tuple[str, Path]], n: int, thr
 
 # ------------------------------------------------------------------ one session
 class _TimedGrid:
-    """A grid that adds the time of each ``send_and_receive`` to ``sink`` (identity queries apart)."""
+    """A grid that adds to ``sink`` the time of each exchange: ``send_and_receive`` (the identity
+    queries) or, for the pipeline's rounds, from ``push_messages`` to the pull that brings the last reply."""
 
     def __init__(self, grid: Any, sink: Any) -> None:
         self.grid, self.sink = grid, sink
+        self._pushed: tuple[float, set[str]] | None = None
 
     def get_node_ids(self) -> Any:
         return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Any) -> Any:
+        t = time.perf_counter()
+        ids = list(self.grid.push_messages(messages))
+        self._pushed = (t, {i for i in ids if i})
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(self.grid.pull_messages(message_ids))
+        if self._pushed is not None:
+            started, pending = self._pushed
+            pending.difference_update(r.metadata.reply_to_message_id for r in replies)
+            if not pending:
+                self.sink()["send"] += time.perf_counter() - started
+                self._pushed = None
+        return replies
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
         messages = list(messages)
@@ -210,6 +228,7 @@ class TreeSampler(threading.Thread):
         self.stop = threading.Event()
         self.seen: dict[int, psutil.Process] = {}
         self.peak_rss = self.peak_pss = 0
+        self.peak_driver_rss = 0  # the session process alone: the coordinator (ServerApp and SuperLink state)
         self.max_procs = 0
         self.cpu_s = 0.0  # this thread's own CPU time: what sampling takes from the 2 cores
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, user + system CPU s at its last sample)
@@ -232,6 +251,8 @@ class TreeSampler(threading.Thread):
                 except psutil.Error:
                     continue
                 rss, pss = rss + mem.rss, pss + (mem.pss if full else 0)
+                if p.pid == self.root.pid:
+                    self.peak_driver_rss = max(self.peak_driver_rss, mem.rss)
             self.peak_rss = max(self.peak_rss, rss)
             if full:
                 self.peak_pss = max(self.peak_pss, pss)
@@ -306,7 +327,7 @@ def run_session(spec: dict[str, Any]) -> dict[str, Any]:
         left = leftover(sampler.seen, sampler.root.pid)
         shutil.rmtree(spec["ray_tmp"], ignore_errors=True)
     result |= {"label": spec["label"], "process_s": time.perf_counter() - start, "peak_rss": sampler.peak_rss,
-               "peak_pss": sampler.peak_pss, "max_procs": sampler.max_procs, "procs_seen": len(sampler.seen),
+               "peak_driver_rss": sampler.peak_driver_rss, "peak_pss": sampler.peak_pss, "max_procs": sampler.max_procs, "procs_seen": len(sampler.seen),
                "sampler_cpu_s": sampler.cpu_s, "load": (load_before, os.getloadavg()[0]),
                "cpu": sampler.cpu_by_role(), "leftover": left}
     print(f"[run] {spec['label']}: {result['total_s']:.1f} s in the engine, {result['process_s']:.1f} s with "
@@ -316,11 +337,14 @@ def run_session(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def federation_spec(name: str, run_root: Path, preset: str, overrides: list[str], rounds: int,
-                    steps: dict[str, int], n_sites: int) -> dict[str, Any]:
+                    steps: dict[str, int], n_sites: int, stages: list[str] | tuple[str, ...] = STAGES,
+                    strategy: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "preset": preset, "overrides": overrides, "run_root": str(run_root), "export": False,
-            # Every site in every round (no sampling); the run waits until all have registered.
-            "min_sites": n_sites, "wait_for_sites_s": 120,
-            "stages": [{"name": s, "rounds": rounds, "local_steps": steps[s]} for s in STAGES]}
+            # Every site in every round (no sampling); the run waits until all have registered
+            # (200 Ray-simulated sites take a while to register).
+            "min_sites": n_sites, "wait_for_sites_s": 600,
+            "stages": [{"name": s, "rounds": rounds, "local_steps": steps[s]} | ({"strategy": strategy} if strategy else {})
+                       for s in stages]}
 
 
 # --------------------------------------------------------------- analysis
@@ -481,41 +505,53 @@ def part_bytes(args: argparse.Namespace, overhead: dict[str, dict[str, dict[str,
 
 def part_scale(args: argparse.Namespace, catalogs: dict[str, list[tuple[str, Path]]], work: Path) -> dict:
     results = {}
+    preset, stages = args.scale_preset, args.scale_stages
     for n in args.sites:
-        files = write_site_files(work / "sites" / f"micro-{n}", catalogs["tiny"], n, threads=1, batch_size=args.batch)
-        spec = {"label": f"micro {n} sites", "engine": "ray", "cpus_per_site": 1.0,
+        files = write_site_files(work / "sites" / f"{preset}-{n}", catalogs[_catalog_preset(preset)], n, threads=1,
+                                 batch_size=args.batch)
+        spec = {"label": f"{preset} {n} sites", "engine": "ray", "cpus_per_site": 1.0,
                 "site_files": [str(f) for f in files],
-                # The micro preset (tiny shrunk to a 2-block, 32-wide encoder): a round of many sites stays cheap.
-                "federation": federation_spec(f"scale-{n}", work / "runs", "micro", [], args.scale_rounds,
-                                              {s: 1 for s in STAGES}, n)}
+                # micro (tiny shrunk to a 2-block, 32-wide encoder) keeps a round of many sites cheap;
+                # small shows the coordinator's memory with updates of real size (131 MB each).
+                "federation": federation_spec(f"scale-{n}", work / "runs", preset, [], args.scale_rounds,
+                                              {s: 1 for s in stages}, n, stages=stages,
+                                              strategy={"name": args.scale_strategy})}
         results[n] = run_session(spec)
 
     def summary(n: int) -> dict[str, float]:
-        med = {s: stage_medians(results[n], s) for s in STAGES}
-        mean = {k: sum(med[s][k] for s in STAGES) / len(STAGES) for k in ("wall", "sum_compute", "server")}
-        return {"pretrain": med["pretrain"]["wall"], "align": med["align"]["wall"], **mean,
-                "per_site": mean["wall"] / n, "compute_per_site": mean["sum_compute"] / n}
+        med = {s: stage_medians(results[n], s) for s in stages}
+        mean = {k: sum(med[s][k] for s in stages) / len(stages) for k in ("wall", "sum_compute", "server")}
+        return {s: med[s]["wall"] for s in stages} | {
+            **mean, "per_site": mean["wall"] / n, "compute_per_site": mean["sum_compute"] / n}
 
     base_n = args.sites[0]
     base, base_r = summary(base_n), results[base_n]
     rows = []
     for n, r in results.items():
         m = summary(n)
-        rows.append([str(n), f"{m['pretrain']:.2f}", f"{m['align']:.2f}", f"{m['wall']:.2f}",
+        rows.append([str(n), *(f"{m[s]:.2f}" for s in stages), f"{m['wall']:.2f}",
                      ratio(m["wall"], base["wall"]), f"{m['per_site']:.3f}", ratio(m["per_site"], base["per_site"]),
                      f"{m['compute_per_site']:.3f}", f"{m['server']:.3f}", f"{r['startup_s']:.1f}",
+                     f"{r['peak_driver_rss'] / MB:.0f}", ratio(r["peak_driver_rss"], base_r["peak_driver_rss"]),
                      f"{r['peak_rss'] / MB:.0f}", ratio(r["peak_rss"], base_r["peak_rss"]),
                      f"{r['peak_pss'] / MB:.0f}", ratio(r["peak_pss"], base_r["peak_pss"]), str(r["max_procs"]),
                      str(len(r["leftover"])),
                      "/".join(f"{r['cpu'].get(k, 0.0):.0f}" for k in ("driver", "workers", "ray daemons")),
                      f"{r['load'][0]:.1f}->{r['load'][1]:.1f}"])
-    table(f"3. Many sites: micro model, 1 local step, Ray with 1 CPU and 1 thread per site (2 sites at once); "
-          f"medians over {args.scale_rounds} rounds; wall = mean of the two stages; ratios against {base_n} sites; "
-          "compute = Σ site handler time / sites; server = validate+aggregate+other+ckpt per round",
-          ["sites", "pretrain s", "align s", "wall s", "ratio", "s/site", "ratio", "compute s/site", "server s",
-           "startup s", "peak RSS MB", "ratio", "peak PSS MB", "ratio", "procs", "left over",
+    table(f"3. Many sites: {preset} model, {args.scale_strategy}, 1 local step, Ray with 1 CPU and 1 thread per site "
+          f"(2 sites at once); medians over {args.scale_rounds} rounds; wall = mean of the stages; ratios against "
+          f"{base_n} sites; compute = Σ site handler time / sites; server = validate+aggregate+other+ckpt per round; "
+          "coordinator = the driver process (ServerApp, SuperLink state); tree = driver, Ray daemons and workers",
+          ["sites", *(f"{s} s" for s in stages), "wall s", "ratio", "s/site", "ratio", "compute s/site", "server s",
+           "startup s", "coordinator peak RSS MB", "ratio", "tree peak RSS MB", "ratio", "peak PSS MB", "ratio",
+           "procs", "left over",
            "CPU s driver/workers/daemons", "load avg"], rows)
     return results
+
+
+def _catalog_preset(preset: str) -> str:
+    """The preset whose indexed catalogs a preset trains on (micro is tiny's volumes)."""
+    return "tiny" if preset == "micro" else preset
 
 
 def main() -> None:
@@ -536,6 +572,10 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=12, help="series per synthetic site")
     parser.add_argument("--sites", default="3,20,50", help="site counts of part 3; the first is the baseline")
     parser.add_argument("--scale-rounds", type=int, default=3, help="rounds per stage in part 3")
+    parser.add_argument("--scale-preset", default="micro", choices=["micro", "tiny", "small"],
+                        help="encoder preset of part 3 (small: updates of 131 MB, the coordinator-memory check)")
+    parser.add_argument("--scale-strategy", default="fedavg", help="aggregation strategy of part 3 (e.g. fedtrimmedavg)")
+    parser.add_argument("--scale-stages", default="pretrain,align", help="stages of part 3")
     parser.add_argument("--ckpt-repeats", type=int, default=3, help="checkpoint writes timed per preset in part 2")
     args = parser.parse_args()
     if args.quick:
@@ -545,6 +585,7 @@ def main() -> None:
     args.rounds, args.steps = ({k: int(v) for k, v in (item.split("=") for item in text.split(","))}
                                for text in (args.rounds, args.steps))
     args.sites = [int(n) for n in args.sites.split(",")]
+    args.scale_stages = args.scale_stages.split(",")
     args.byte_presets = ["tiny", "small", "base"]
     parts = set(args.parts.split(","))
 
@@ -558,7 +599,8 @@ def main() -> None:
           f"work folder {work}")
     results: dict[str, Any] = {}
     try:
-        need = ["tiny"] + (["small"] if "overhead" in parts and "small" in args.presets else [])
+        need = ["tiny"] + (["small"] if ("overhead" in parts and "small" in args.presets)
+                           or ("scale" in parts and _catalog_preset(args.scale_preset) == "small") else [])
         catalogs = prepare_catalogs(work / "data", need, args.series) if parts & {"overhead", "scale"} else {}
         overhead = part_overhead(args, catalogs, work, cpus, threads) if "overhead" in parts else {}
         results["overhead"] = overhead

@@ -2,8 +2,8 @@
 
 Each round goes to its own folder ``ckpt/round-NNNN/`` and only then does the
 ``ckpt/LATEST`` pointer move to it (an atomic rename), so a server killed at
-any moment leaves the last complete round intact. The two newest rounds are
-kept.
+any moment leaves the last complete round intact. The newest ``keep`` rounds
+are kept (the federation's ``keep_checkpoints``, default 2).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(ckpt_dir: Path, server_round: int, state: dict[str, torch.Tensor],
-                    strategy_arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+                    strategy_arrays: dict[str, np.ndarray], meta: dict[str, Any], *, keep: int = KEEP) -> Path:
     """Write one complete round and point ``LATEST`` at it.
 
     Args:
@@ -43,7 +43,10 @@ def save_checkpoint(ckpt_dir: Path, server_round: int, state: dict[str, torch.Te
         state: Every global tensor (wire keys).
         strategy_arrays: Server-optimiser state (e.g. FedAdam moments), may be empty.
         meta: JSON-able: stage index, round in stage, strategy scalars, RNG state, history.
+        keep: How many of the newest rounds to keep (>= 1); older ones are deleted.
     """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (resume needs the last round), got {keep}")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"round-{server_round:04d}"
     tmp = ckpt_dir / f".round-{server_round:04d}.tmp"
@@ -56,7 +59,7 @@ def save_checkpoint(ckpt_dir: Path, server_round: int, state: dict[str, torch.Te
     os.replace(tmp, final)
     _write_text_atomic(ckpt_dir / "LATEST", final.name + "\n")
     rounds = sorted(p for p in ckpt_dir.glob("round-*") if p.is_dir())
-    for old in rounds[:-KEEP]:
+    for old in rounds[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -121,6 +121,11 @@ class FederationConfig:
     # An update whose distance from the global weights exceeds this many times
     # the round's median distance is rejected (strategies.validation).
     norm_bound_factor: float = 10.0
+    # Megabytes of a round's site updates the coordinator holds in memory; the rest wait in
+    # the run folder (updates-*/, removed after the round) until the round aggregates them.
+    update_memory_mb: float = 1024.0
+    # Complete rounds kept in <run>/ckpt, the newest ones (resume needs 1).
+    keep_checkpoints: int = 2
     # Folder holding run folders.
     run_root: str = "runs"
     # Continue from the last complete round in <run_root>/<name>.
@@ -176,6 +181,12 @@ def check_federation(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: stages is empty; name at least one of {', '.join(stage_registry.names())}")
     if cfg.min_sites < 1 or not 0 < cfg.fraction <= 1:
         raise ConfigError(f"{where}: min_sites must be >= 1 and fraction in (0, 1]")
+    if not cfg.update_memory_mb >= 0:
+        raise ConfigError(f"{where}: update_memory_mb must be >= 0 (0 spills every update to disk), "
+                          f"got {cfg.update_memory_mb}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"{where}: keep_checkpoints must be >= 1 (resume needs the last round), "
+                          f"got {cfg.keep_checkpoints}")
     for i, stage in enumerate(cfg.stages):
         if stage.name not in stage_registry.names():
             raise ConfigError(f"{where}: stages[{i}].name {stage.name!r} is not one of "

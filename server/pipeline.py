@@ -1,27 +1,30 @@
 """The coordinator's staged pipeline: rounds of pretrain -> align -> heads -> evaluate.
 
-Plain Python over a Flower ``Grid`` (anything with ``get_node_ids()`` and
-``send_and_receive(messages, timeout=...)``), so tests drive it in-process and
-the ServerApp only reads its context and calls :meth:`Pipeline.run`.
+Plain Python over a Flower ``Grid`` (:class:`~fedmri.server.exchange.GridLike`),
+so tests drive it in-process and the ServerApp only reads its context and calls
+:meth:`Pipeline.run_all`.
 
 Per round: sample sites, send the stage's down groups and the round's
-hyperparameters (schedules evaluated here), collect replies, record declines
-and failures, validate updates (strategies.validation), aggregate the accepted
-ones (strategies), move the server-side teacher, write metrics and a
-checkpoint. A round with fewer than ``min_sites`` useful replies leaves the
-weights as they were; the run goes on.
+hyperparameters (schedules evaluated here), then take the replies one by one as
+they arrive (:func:`~fedmri.server.exchange.exchange`): record declines and
+failures, check each update and store it in bounded memory
+(:class:`~fedmri.strategies.updates.RoundUpdates`), and release the reply. After
+the last reply: the round's norm bound, the aggregate of the accepted updates
+(strategies), the server-side teacher, metrics and a checkpoint. A round with
+fewer than ``min_sites`` useful replies leaves the weights as they were; the run
+goes on.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
+import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,54 +43,16 @@ from fedmri.protocol import (
     PROTOCOL_VERSION,
     VERSIONS_KEY,
     TrainRequest,
-    reply_status,
 )
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, load_federation, run_config
+from fedmri.server.exchange import GridLike, ReplyBook, exchange
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary
 from fedmri.server.recorder import Recorder, RoundOutcome
 from fedmri.server.rundir import RunDir
-from fedmri.strategies import build_aggregator, validate_replies
+from fedmri.strategies import build_aggregator
 from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
-
-
-class GridLike(Protocol):
-    def get_node_ids(self) -> Any: ...
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any: ...
-
-
-@dataclass
-class Replies:
-    """A round's replies sorted by what the sites did (:func:`classify_replies`)."""
-
-    useful: list[Message] = field(default_factory=list)
-    # (node, "failed" or "declined", reason), in the order the replies came.
-    problems: list[tuple[int, str, str]] = field(default_factory=list)
-
-
-def classify_replies(messages: Sequence[Message], replies: Iterable[Message], timeout_s: float) -> Replies:
-    """Sort replies into useful ones, declines and failures; a site that sent nothing failed.
-
-    An error the SuperLink makes for a site (e.g. "Node Unavailable") comes from the
-    SuperLink itself: the site is found by the message the error answers.
-    """
-    sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
-    out = Replies()
-    answered = set()
-    for reply in replies:
-        node = sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
-        answered.add(node)
-        if reply.has_error():
-            out.problems.append((node, "failed", reply.error.reason))
-            continue
-        declined, reason = reply_status(reply.content)
-        if declined:
-            out.problems.append((node, "declined", reason))
-            continue
-        out.useful.append(reply)
-    for node in sorted({int(m.metadata.dst_node_id) for m in messages} - answered):
-        out.problems.append((node, "failed", f"no reply within {timeout_s:.0f} s"))
-    return out
+from fedmri.strategies.updates import RoundUpdates, memory_bytes_from_mb
 
 
 class SiteRegistry:
@@ -127,15 +92,8 @@ class SiteRegistry:
 
 
 def _nbytes(record: ArrayRecord) -> int:
-    return int(sum(record[k].numpy().nbytes for k in record.keys()))
-
-
-def _digest(record: ArrayRecord) -> str:
-    h = hashlib.sha256()
-    for k in sorted(record.keys()):
-        h.update(k.encode())
-        h.update(record[k].numpy().tobytes())
-    return h.hexdigest()
+    """The bytes of the record's arrays, from their shapes (without deserialising them)."""
+    return int(sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize for array in record.values()))
 
 
 class Pipeline:
@@ -177,6 +135,8 @@ class Pipeline:
     def _start_or_resume(self) -> tuple[int, int, int]:
         """(stage index, next round in that stage, global rounds done)."""
         self.run.write_configs(self.fed, self.cfg)
+        for stale in self.run.path.glob("updates-*"):  # a killed round's spilled updates
+            shutil.rmtree(stale, ignore_errors=True)
         ckpt = load_checkpoint(self.run.ckpt) if self.fed.resume else None
         if ckpt is None:
             if self.fed.resume:
@@ -289,68 +249,77 @@ class Pipeline:
         log(INFO, "fedmri: %s round %d/%d (global %d): %d sites, %.1f MB down each", stage.name, rnd,
             stage.rounds, server_round, len(sampled), down_bytes / 1e6)
         t0 = time.monotonic()
-        replies = list(grid.send_and_receive(messages, timeout=float(self.fed.round_timeout_s)))
-        wall = time.monotonic() - t0
-
-        out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
-        sorted_replies = classify_replies(messages, replies, float(self.fed.round_timeout_s))
-        useful = sorted_replies.useful
-        out.problems = list(sorted_replies.problems)
-
-        if not spec.trains:
-            accepted = useful
-        else:
-            current = wire.to_record(wire.select(self.state, groups.up))
-            # Under central site DP, clipping bounds each site; rejecting relative to the other
-            # sites' norms would let one site's data decide whether another site counts.
-            factor = math.inf if stage.site_dp.mode == "central" else float(self.fed.norm_bound_factor)
-            t = time.perf_counter()
-            accepted, rejected = validate_replies(current, useful, factor)
-            out.timings["validate"] = time.perf_counter() - t
-            out.problems += [(int(node), "rejected", reason) for node, reason in rejected.items()]
-        metrics_by_node = {}
-        for reply in accepted:
-            node = int(reply.metadata.src_node_id)
-            m = {k: float(v) for k, v in reply.content.metric_records.get(METRICS_KEY, {}).items()
-                 if isinstance(v, (int, float))}
-            metrics_by_node[node] = m
-            up = reply.content.array_records.get(ARRAYS_KEY)
-            out.replies.append((node, m, _nbytes(up) if up is not None else 0))
-        out.accepted = sorted(metrics_by_node)
-
-        # An evaluation is worth recording from any site that had data for it;
-        # an update needs min_sites contributors.
-        need = self._min_sites(stage_i) if spec.trains else 1
-        if len(accepted) >= need:
-            out.aggregated = aggregate_metrics(list(metrics_by_node.values()))
-            if spec.trains:
-                # Aggregation order must not depend on node ids (they change
-                # when a site restarts): order by content.
-                accepted = sorted(accepted, key=lambda r: _digest(r.content.array_records[ARRAYS_KEY]))
-                t = time.perf_counter()
-                new, own = self.aggregators[stage_i].aggregate(server_round, current, accepted)
-                out.timings["aggregate"] = time.perf_counter() - t
-                self.state.update(wire.from_record(new))
-                # The sites' metrics are averaged above; keep what the aggregator adds of its own
-                # (central site DP's noise std and clip count).
-                reported = {k for m in metrics_by_node.values() for k in m}
-                out.aggregated |= {k: float(v) for k, v in own.items() if k not in reported}
-                if spec.after_aggregate is not None:
-                    spec.after_aggregate(self.state, request, stage)
-                out.updated = True
-                if stage.site_dp.mode == "central":
-                    self.aggregators[stage_i].account(len(sampled) / len(nodes))
-                    out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators,
-                                                                               float(stage.site_dp.delta)),
-                                       "site-dp-delta": float(stage.site_dp.delta)}
-        else:
-            log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
-                len(accepted), need, "weights unchanged" if spec.trains else "nothing to report")
+        book = ReplyBook(messages, float(self.fed.round_timeout_s))
+        # Training replies are checked, stored and released one by one (strategies.updates): the
+        # coordinator never holds a round's replies at once.
+        current = wire.to_record(wire.select(self.state, groups.up)) if spec.trains else None
+        updates = (RoundUpdates(current, memory_bytes=memory_bytes_from_mb(float(self.fed.update_memory_mb)),
+                                spill_dir=self.run.path) if current is not None else None)
+        with contextlib.ExitStack() as cleanup:
+            if updates is not None:
+                cleanup.callback(updates.close)
+            metrics_by_node: dict[int, dict[str, float]] = {}
+            for reply in exchange(grid, messages, float(self.fed.round_timeout_s)):
+                node = book.take(reply)
+                if node is None:
+                    continue
+                up = reply.content.array_records.get(ARRAYS_KEY)
+                nbytes = _nbytes(up) if up is not None else 0
+                if updates is not None:
+                    t = time.perf_counter()
+                    reason = updates.offer(reply)
+                    out.timings["validate"] = out.timings.get("validate", 0.0) + time.perf_counter() - t
+                    if reason is not None:
+                        log(WARNING, "Rejected the update of site %s: %s", node, reason)
+                        continue
+                metrics = reply.content.metric_records.get(METRICS_KEY, {})
+                metrics_by_node[node] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                out.replies.append((node, metrics_by_node[node], nbytes))
+                del reply, up
+            wall = time.monotonic() - t0
+            out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
+            out.problems = book.finish()
+            if updates is not None:
+                # Under central site DP, clipping bounds each site; rejecting relative to the other
+                # sites' norms would let one site's data decide whether another site counts.
+                factor = math.inf if stage.site_dp.mode == "central" else float(self.fed.norm_bound_factor)
+                for node, reason in updates.reject_outliers(factor).items():
+                    log(WARNING, "Rejected the update of site %s: %s", node, reason)
+                out.problems += [(node, "rejected", reason) for node, reason in updates.rejected.items()]
+                out.updates_in_memory, out.updates_spilled = updates.peak_count, updates.spilled
+                metrics_by_node = {n: m for n, m in metrics_by_node.items() if n not in updates.rejected}
+                out.replies = [r for r in out.replies if r[0] not in updates.rejected]
+            out.accepted = sorted(metrics_by_node)
+            # An evaluation is worth recording from any site that had data for it;
+            # an update needs min_sites contributors.
+            need = self._min_sites(stage_i) if spec.trains else 1
+            if len(metrics_by_node) >= need:
+                out.aggregated = aggregate_metrics(list(metrics_by_node.values()))
+                if updates is not None and current is not None:
+                    t = time.perf_counter()
+                    new, own = self.aggregators[stage_i].aggregate(server_round, current, updates)
+                    out.timings["aggregate"] = time.perf_counter() - t
+                    self.state.update(wire.from_record(new))
+                    # The sites' metrics are averaged above; keep what the aggregator adds of its own
+                    # (central site DP's noise std and clip count).
+                    reported = {k for m in metrics_by_node.values() for k in m}
+                    out.aggregated |= {k: float(v) for k, v in own.items() if k not in reported}
+                    if spec.after_aggregate is not None:
+                        spec.after_aggregate(self.state, request, stage)
+                    out.updated = True
+                    if stage.site_dp.mode == "central":
+                        self.aggregators[stage_i].account(len(sampled) / len(nodes))
+                        out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators,
+                                                                                   float(stage.site_dp.delta)),
+                                           "site-dp-delta": float(stage.site_dp.delta)}
+            else:
+                log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
+                    len(metrics_by_node), need, "weights unchanged" if spec.trains else "nothing to report")
         self.recorder.record(out)
         shown = {k: v for k, v in out.aggregated.items() if k.endswith("loss") or k in ("t2i_r5", "i2t_r5")}
         log(INFO, "fedmri: %s round %d/%d done in %.0f s: %s%s", stage.name, rnd, stage.rounds, wall,
             ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items())) or "no metrics",
-            f" ({len(accepted)} sites" + (f", {len(out.declined)} declined" if out.declined else "")
+            f" ({len(out.accepted)} sites" + (f", {len(out.declined)} declined" if out.declined else "")
             + (f", {len(out.failed)} failed" if out.failed else "")
             + (f", {len(out.rejected)} rejected" if out.rejected else "") + ")")
         out.timings["round"] = time.perf_counter() - started
@@ -385,11 +354,10 @@ class Pipeline:
             a, s = agg.state_dict()
             arrays |= {f"{i}/{k}": v for k, v in a.items()}
             scalars.append(s)
-        save_checkpoint(self.run.ckpt, server_round, self.state, arrays, {
-            "stage_index": stage_i, "stage": self.fed.stages[stage_i].name, "round": rnd,
-            "rng": self.rng.bit_generator.state, "strategies": scalars, "history": self.history,
-            "sites_seen": sorted(self.sites_seen),
-        })
+        meta = {"stage_index": stage_i, "stage": self.fed.stages[stage_i].name, "round": rnd,
+                "rng": self.rng.bit_generator.state, "strategies": scalars, "history": self.history,
+                "sites_seen": sorted(self.sites_seen)}
+        save_checkpoint(self.run.ckpt, server_round, self.state, arrays, meta, keep=int(self.fed.keep_checkpoints))
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -41,6 +41,10 @@ class RoundOutcome:
     bytes_down: int = 0
     wall_s: float = 0.0
     replied_at: float = 0.0
+    # Updates held in memory at most at once, and updates that waited on disk (strategies.updates).
+    # Not written to the run folder.
+    updates_in_memory: int = 0
+    updates_spilled: int = 0
 
     def _by_status(self, status: str) -> dict[int, str]:
         return {node: reason for node, s, reason in self.problems if s == status}

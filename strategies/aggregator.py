@@ -1,9 +1,14 @@
-"""One stage's aggregation: a Flower strategy's ``aggregate_train`` on the replies that passed validation.
+"""One stage's aggregation: a Flower strategy's arithmetic on the updates that passed validation.
 
 The pipeline owns the rounds (sampling, sending, validation, checkpoints); an
-:class:`Aggregator` owns what Flower's strategy needs around its maths: a copy of
-the replies it may consume (FedMedian and FedTrimmedAvg pop arrays out of them),
-metrics cut to the keys every site sent (Flower refuses the round otherwise), the
+:class:`Aggregator` owns the maths of the stage's Flower strategy, applied to the
+round's updates as :class:`~fedmri.strategies.updates.RoundUpdates` keeps them
+(one update or one block of coordinates in memory at a time, in content order):
+FedAvg and FedProx as a streamed weighted mean, FedMedian and FedTrimmedAvg
+block by block, the FedOpt family as Flower's own ``aggregate_train`` on the
+streamed mean. Each step is Flower's, so the result is bit-identical to
+Flower's ``aggregate_train`` on the list of replies. Around the maths: metrics
+cut to the keys every site sent (Flower refuses the round otherwise), the
 starting point of the FedOpt family, dtypes kept as shipped, and the strategy's
 state for checkpoints.
 """
@@ -16,13 +21,16 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fedmri.errors import ConfigError
-from fedmri.strategies.validation import ARRAYS_KEY, METRICS_KEY
+from fedmri.strategies.trimmed_avg import TrimmedAvg
+from fedmri.strategies.updates import RoundUpdates, coordinatewise, weighted_mean
+from fedmri.strategies.validation import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 
 ClientConfig = dict[str, int | float | str]
 
@@ -52,31 +60,66 @@ class Aggregator:
         self.strategy.summary()
 
     def aggregate(self, server_round: int, current: ArrayRecord,
-                  replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
-        """The new global values of the parameters the replies carry.
+                  replies: RoundUpdates | list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """The new global values of the parameters the updates carry.
 
         Args:
             server_round: The round, for Flower's log lines. (FedAdam's bias correction
                 counts the steps this aggregator has taken instead, see :class:`AdaptiveAggregator`.)
             current: The parameters shipped this round.
-            replies: The replies that :func:`~fedmri.strategies.validate_replies` accepted;
-                they are not modified.
+            replies: The round's kept updates (:class:`~fedmri.strategies.updates.RoundUpdates`,
+                the pipeline's streamed form), or the replies that
+                :func:`~fedmri.strategies.validate_replies` accepted; neither is modified.
 
         Returns:
-            The aggregate of the keys of ``current`` that the replies carry, in ``current``'s
+            The aggregate of the keys of ``current`` that the updates carry, in ``current``'s
             order and dtypes, and Flower's num-examples-weighted mean of their metrics. With
-            no reply, ``current`` unchanged and empty metrics (a FedOpt strategy takes no step).
+            no update, ``current`` unchanged and empty metrics (a FedOpt strategy takes no step).
         """
-        replies = [msg for msg in replies if msg.has_content()]
-        if not replies:
+        if isinstance(replies, list):
+            with RoundUpdates.from_replies(current, replies) as updates:
+                return self.aggregate(server_round, current, updates)
+        if not len(replies):
             log(WARNING, "Round %d: no update to aggregate; the %d shipped parameters stay as they were",
                 server_round, len(current))
             return ArrayRecord(dict(current.items())), MetricRecord()
-        keys = _shared_keys(current, replies)
-        flower_round = self._before_aggregate(server_round, current, keys)
-        arrays, metrics = self.strategy.aggregate_train(flower_round, _flower_view(replies))
-        assert arrays is not None and metrics is not None, "Flower returns None only for no replies"
-        return _cast_like(current, keys, arrays), metrics
+        missing = [key for key in replies.keys if key not in current]
+        if missing:
+            raise ValueError(f"updates carry {missing[0]!r}, which was not shipped: pass replies through "
+                             "validate_replies first")
+        flower_round = self._before_aggregate(server_round, current, replies.keys)
+        arrays = self._combine(flower_round, replies)
+        return cast_like(current, replies.keys, arrays), self.mean_metrics(replies)
+
+    def _combine(self, server_round: int, updates: RoundUpdates) -> dict[str, np.ndarray]:
+        """The strategy's arithmetic on the kept updates, as Flower's ``aggregate_train`` does it."""
+        if isinstance(self.strategy, FedMedian):
+            return coordinatewise(updates, lambda stack: np.median(stack, axis=0))
+        if isinstance(self.strategy, FedTrimmedAvg):
+            beta = self.strategy.beta
+            if isinstance(self.strategy, TrimmedAvg):
+                self.strategy.warn_if_trims_nothing(server_round, len(updates))
+            return coordinatewise(updates, lambda stack: trim_mean(stack, beta))
+        return weighted_mean(updates)
+
+    def mean_metrics(self, updates: RoundUpdates, *, equal_weights: bool = False) -> MetricRecord:
+        """Flower's weighted mean of the updates' metrics, over the keys every site sent.
+
+        Args:
+            updates: The round's kept updates.
+            equal_weights: Weigh every site 1 instead of its num-examples (central site DP).
+        """
+        accepted = updates.accepted
+        if not accepted:
+            return MetricRecord()
+        keys = set.intersection(*(set(u.metrics.keys()) for u in accepted))
+        dropped = sorted(set().union(*(u.metrics.keys() for u in accepted)) - keys)
+        if dropped:
+            log(WARNING, "Metrics not sent by every site are left out of the mean: %s", ", ".join(dropped))
+        records = [RecordDict({METRICS_KEY: MetricRecord({key: u.metrics[key] for key in u.metrics if key in keys}
+                                                         | ({NUM_EXAMPLES: 1} if equal_weights else {}))})
+                   for u in accepted]
+        return self.strategy.train_metrics_aggr_fn(records, self.strategy.weighted_by_key)
 
     def _before_aggregate(self, server_round: int, current: ArrayRecord, keys: list[str]) -> int:
         """Hook: tell the strategy what it must know of ``current``; returns the round to hand it."""
@@ -130,6 +173,18 @@ class AdaptiveAggregator(Aggregator):
         self.steps += 1
         return self.steps
 
+    def _combine(self, server_round: int, updates: RoundUpdates) -> dict[str, np.ndarray]:
+        """Flower's FedOpt step on the streamed mean: its ``aggregate_train`` given one reply that
+        carries the mean (FedAvg of one reply is that reply exactly, ``x * (w / w)``)."""
+        mean = weighted_mean(updates)
+        total = sum(u.weight for u in updates.accepted)
+        reply = Message(RecordDict({ARRAYS_KEY: ArrayRecord({key: Array(value) for key, value in mean.items()}),
+                                    METRICS_KEY: MetricRecord({NUM_EXAMPLES: total})}), dst_node_id=0,
+                        message_type=MessageType.TRAIN)
+        arrays, _ = self.strategy.aggregate_train(server_round, [_as_reply(reply)])
+        assert arrays is not None, "Flower returns None only for no replies"
+        return {key: arrays[key].numpy() for key in arrays.keys()}
+
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The moments ``m_t``, ``v_t`` (none before the first step); the name and step count."""
         arrays = {f"{name}/{key}": np.array(value, copy=True)
@@ -154,39 +209,15 @@ class AdaptiveAggregator(Aggregator):
         self.steps = steps
 
 
-def _shared_keys(current: ArrayRecord, replies: list[Message]) -> list[str]:
-    """The parameter names every reply carries, in ``current``'s order."""
-    names = set(replies[0].content[ARRAYS_KEY].keys())
-    for msg in replies[1:]:
-        if set(msg.content[ARRAYS_KEY].keys()) != names:
-            raise ValueError(f"site {msg.metadata.src_node_id} sent other parameter names than site "
-                             f"{replies[0].metadata.src_node_id}: pass replies through validate_replies first")
-    keys = [key for key in current.keys() if key in names]
-    if len(keys) != len(names):
-        raise ValueError(f"replies carry {sorted(names - set(keys))[0]!r}, which was not shipped: "
-                         "pass replies through validate_replies first")
-    return keys
+def _as_reply(msg: Message) -> Message:
+    """``msg`` with the metadata of a site's reply, which Flower's strategies check for."""
+    metadata = copy.copy(msg.metadata)
+    metadata.__dict__["_reply_to_message_id"] = "streamed-mean"
+    return Message(content=msg.content, metadata=metadata)
 
 
-def _flower_view(replies: list[Message]) -> list[Message]:
-    """Copies holding just what Flower aggregates: the arrays and the metrics every site sent."""
-    metric_keys = set.intersection(*(set(msg.content[METRICS_KEY].keys()) for msg in replies))
-    dropped = sorted(set().union(*(msg.content[METRICS_KEY].keys() for msg in replies)) - metric_keys)
-    if dropped:
-        log(WARNING, "Metrics not sent by every site are left out of the mean: %s", ", ".join(dropped))
-    views = []
-    for msg in replies:
-        metrics = msg.content[METRICS_KEY]
-        content = RecordDict({ARRAYS_KEY: ArrayRecord(dict(msg.content[ARRAYS_KEY].items())),
-                              METRICS_KEY: MetricRecord({key: metrics[key] for key in metrics if key in metric_keys})})
-        # Metadata, not reply_to: this is the site's reply, re-wrapped, and needs no runtime identity.
-        views.append(Message(content=content, metadata=copy.copy(msg.metadata)))
-    return views
-
-
-def _cast_like(current: ArrayRecord, keys: list[str], arrays: ArrayRecord) -> ArrayRecord:
+def cast_like(current: ArrayRecord, keys: list[str], arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """``arrays`` in ``current``'s key order and dtypes (FedAdam's step comes back as float64)."""
-    assert set(arrays.keys()) == set(keys), "Flower aggregates exactly the keys it was given"
+    assert set(arrays) == set(keys), "the strategy aggregates exactly the keys it was given"
     # np.asarray, not np.ascontiguousarray: that one turns a 0-d parameter (logit_scale) into shape (1,).
-    return ArrayRecord({key: Array(np.asarray(arrays[key].numpy(), dtype=np.dtype(current[key].dtype)))
-                        for key in keys})
+    return ArrayRecord({key: Array(np.asarray(arrays[key], dtype=np.dtype(current[key].dtype))) for key in keys})

@@ -21,21 +21,20 @@ what it got, cannot skip integer arrays, leaves a 0-d parameter such as
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
 from fedmri.accounting import rdp_epsilon
 from fedmri.errors import ConfigError
-from fedmri.strategies.aggregator import Aggregator
-from fedmri.strategies.validation import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
+from fedmri.strategies.aggregator import Aggregator, cast_like
+from fedmri.strategies.updates import RoundUpdates, Update, weighted_mean
 
 # Aggregators whose result is the (weighted) mean of the replies, so the equal-weight
 # mean of clipped updates plus z C / m noise is the accounted Gaussian mechanism.
@@ -70,23 +69,35 @@ def clip_update(current: ArrayRecord, reply_arrays: ArrayRecord, clip_norm: floa
         ValueError: ``clip_norm`` is not > 0, a key is missing on either side, a shape or dtype
             differs, or the delta is not finite (pass replies through ``validate_replies`` first).
     """
+    _check_same_layout(current, reply_arrays)
+    clipped, norm = clip_arrays({key: current[key].numpy() for key in current.keys()},
+                                {key: reply_arrays[key].numpy() for key in reply_arrays.keys()}, clip_norm)
+    if norm <= clip_norm:
+        return ArrayRecord({key: reply_arrays[key] for key in current.keys()}), norm
+    return ArrayRecord({key: Array(np.asarray(value)) for key, value in clipped.items()}), norm
+
+
+def clip_arrays(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray],
+                clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """:func:`clip_update` on arrays already read: the clipped arrays in ``current``'s key order, and the norm.
+
+    ``update`` must have ``current``'s keys, shapes and dtypes (validated replies do).
+    """
     if not _is_number(clip_norm) or not clip_norm > 0:
         raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}")
-    _check_same_layout(current, reply_arrays)
-    floating = [key for key in current.keys() if np.issubdtype(np.dtype(current[key].dtype), np.floating)]
-    start = {key: current[key].numpy().astype(np.float64) for key in floating}
+    floating = [key for key in current if np.issubdtype(current[key].dtype, np.floating)]
+    start = {key: current[key].astype(np.float64) for key in floating}
     # np.asarray: a 0-d difference is a NumPy scalar, which clip_inputs_inplace could not scale in place.
-    deltas = [np.asarray(reply_arrays[key].numpy() - start[key]) for key in floating]
+    deltas = [np.asarray(update[key] - start[key]) for key in floating]
     norm = get_norm(deltas) if deltas else 0.0
     if not math.isfinite(norm):
         raise ValueError(f"the update's delta norm is {norm}: pass replies through validate_replies first")
     if norm <= clip_norm:
-        return ArrayRecord({key: reply_arrays[key] for key in current.keys()}), norm
+        return {key: update[key] for key in current}, norm
     clip_inputs_inplace(deltas, clip_norm)  # FlatClip: scales every delta by clip_norm / norm
     clipped = dict(zip(floating, deltas, strict=True))
-    out = {key: Array(np.asarray(start[key] + clipped[key], dtype=np.dtype(current[key].dtype)))
-           if key in clipped else reply_arrays[key] for key in current.keys()}
-    return ArrayRecord(out), norm
+    return {key: np.asarray(start[key] + clipped[key], dtype=current[key].dtype) if key in clipped else update[key]
+            for key in current}, norm
 
 
 class CentralSiteDP:
@@ -152,33 +163,41 @@ class CentralSiteDP:
         self.aggregator.summary()
 
     def aggregate(self, server_round: int, current: ArrayRecord,
-                  replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
-        """The noisy equal-weight mean of the clipped updates; replies are not modified.
+                  replies: RoundUpdates | list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """The noisy equal-weight mean of the clipped updates; the updates are not modified.
+
+        Args:
+            server_round: The round, for the log line.
+            current: The parameters shipped this round.
+            replies: The round's kept updates, or a list of accepted replies.
 
         Returns:
-            The new values of the keys the replies carry, in ``current``'s dtypes, and the
+            The new values of the keys the updates carry, in ``current``'s dtypes, and the
             equal-weight mean of the sites' metrics plus ``site-dp-noise-std`` and
             ``site-dp-clipped`` (how many of the ``m`` updates were clipped). With no
-            reply, what the aggregator returns (``current`` unchanged, nothing released).
+            update, what the aggregator returns (``current`` unchanged, nothing released).
         """
-        replies = [msg for msg in replies if msg.has_content()]
-        if not replies:
+        if isinstance(replies, list):
+            with RoundUpdates.from_replies(current, replies) as updates:
+                return self.aggregate(server_round, current, updates)
+        if not len(replies):
             return self.aggregator.aggregate(server_round, current, replies)
-        views, norms = [], []
-        for msg in replies:
-            arrays = msg.content[ARRAYS_KEY]
-            expected = ArrayRecord({key: current[key] for key in arrays.keys() if key in current})
-            clipped, norm = clip_update(expected, arrays, self.clip_norm)
-            metrics = MetricRecord(dict(msg.content[METRICS_KEY].items()) | {NUM_EXAMPLES: 1})
-            content = RecordDict({ARRAYS_KEY: clipped, METRICS_KEY: metrics})
-            views.append(Message(content=content, metadata=copy.copy(msg.metadata)))
+        start = {key: current[key].numpy() for key in replies.keys}
+        norms: list[float] = []
+
+        def clip(_: Update, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            clipped, norm = clip_arrays(start, arrays, self.clip_norm)
             norms.append(norm)
-        mean, metrics = self.aggregator.aggregate(server_round, current, views)
-        std = compute_stdv(self.noise_multiplier, self.clip_norm, len(views))
+            return clipped
+
+        m = len(replies)
+        mean = cast_like(current, replies.keys, weighted_mean(replies, weights=[1.0] * m, transform=clip))
+        metrics = self.aggregator.mean_metrics(replies, equal_weights=True)
+        std = compute_stdv(self.noise_multiplier, self.clip_norm, m)
         noisy = {key: Array(_add_noise(mean[key].numpy(), std, self.rng)) for key in mean.keys()}
         clipped_count = sum(norm > self.clip_norm for norm in norms)
         log(INFO, "Round %d: central site DP clipped %d of %d updates to %g and added noise of std %.4g",
-            server_round, clipped_count, len(views), self.clip_norm, std)
+            server_round, clipped_count, m, self.clip_norm, std)
         metrics["site-dp-noise-std"] = std
         metrics["site-dp-clipped"] = clipped_count
         return ArrayRecord(noisy), metrics

@@ -28,12 +28,16 @@ class TrimmedAvg(FedTrimmedAvg):
         if beta == 0.0:
             log(WARNING, "FedTrimmedAvg with beta=0 trims nothing: every round is an unweighted mean")
 
+    def warn_if_trims_nothing(self, server_round: int, n_replies: int) -> None:
+        """Log a warning when ``int(beta * n_replies)`` is 0: the round is a plain mean."""
+        if self.beta > 0 and n_replies and int(self.beta * n_replies) == 0:
+            log(WARNING, "Round %d: FedTrimmedAvg beta=%g trims nothing from %d replies (it needs %d): "
+                "this round is an unweighted mean", server_round, self.beta, n_replies,
+                math.ceil(1 / self.beta))
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's trimmed mean, after a warning when ``int(beta * len(replies))`` is 0."""
         replies = list(replies)
-        if self.beta > 0 and replies and int(self.beta * len(replies)) == 0:
-            log(WARNING, "Round %d: FedTrimmedAvg beta=%g trims nothing from %d replies (it needs %d): "
-                "this round is an unweighted mean", server_round, self.beta, len(replies),
-                math.ceil(1 / self.beta))
+        self.warn_if_trims_nothing(server_round, len(replies))
         return super().aggregate_train(server_round, replies)

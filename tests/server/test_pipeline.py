@@ -120,13 +120,32 @@ def test_bad_update_is_rejected_and_the_round_goes_on(tmp_path: Path, federation
 
 @pytest.mark.slow
 def test_a_site_that_never_answers_is_left_out(tmp_path: Path, federation_sites: list) -> None:
-    fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 1, "local_steps": 1}])
+    # The round waits round_timeout_s for the silent site.
+    fed = _fed(tmp_path, [{"name": "pretrain", "rounds": 1, "local_steps": 1}], round_timeout_s=3)
     pipeline = Pipeline(fed)
     drop = lambda n, reply: None if n == 102 and reply.metadata.message_type == "train" else reply  # noqa: E731
     pipeline.run_all(_grid(federation_sites, drop))
     outcome = pipeline.outcomes[0]
     assert list(outcome.failed) == [102] and "no reply" in outcome.failed[102]
     assert outcome.accepted == [101, 103] and outcome.updated
+
+
+@pytest.mark.slow
+def test_updates_spilled_to_disk_give_the_weights_of_updates_kept_in_memory(tmp_path: Path,
+                                                                            federation_sites: list) -> None:
+    stages = [{"name": "pretrain", "rounds": 2, "local_steps": 1}]
+    kept = Pipeline(_fed(tmp_path / "a", stages))
+    kept.run_all(_grid(federation_sites))
+    spilled = Pipeline(_fed(tmp_path / "b", stages, update_memory_mb=0))
+    seen: list[list[str]] = []
+    # During the round the spilled updates are on disk in the run folder; after it, gone.
+    spilled.on_round_end = lambda outcome: seen.append(sorted(p.name for p in spilled.run.path.glob("updates-*")))
+    spilled.run_all(_grid(federation_sites))
+    assert [(o.updates_in_memory, o.updates_spilled) for o in kept.outcomes] == [(3, 0), (3, 0)]
+    assert [(o.updates_in_memory, o.updates_spilled) for o in spilled.outcomes] == [(0, 3), (0, 3)]
+    assert seen == [[], []]
+    for key, value in kept.state.items():
+        assert torch.equal(value, spilled.state[key]), key
 
 
 @pytest.mark.slow
