@@ -6,6 +6,10 @@ global model. The site file comes from the SuperNode's node config
 (``site-config``) or, in simulation, from the local JSON map that
 ``FEDMRI_SIM_SITES`` names (partition id -> site file): never from the server.
 
+The down groups a request leaves out, naming them by digest, come from the site's
+cache (:mod:`fedmri.client.group_cache`); a site whose cache lacks one declines with
+``status.missing-groups`` and the coordinator sends every group in the same round.
+
 A request the site will not run gets a decline: ``num-examples`` 0,
 ``declined`` 1 and a one-line ``status.reason``. An unexpected exception in a
 trainer is logged here with its traceback and declined with a generic reason
@@ -30,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 from fedmri import __version__
 from fedmri import stages as stage_registry
+from fedmri.client.group_cache import GroupCache, MissingGroupsError, resolve_down
 from fedmri.client.policy import allowed_metrics, check_request
 from fedmri.client.privacy.dp_sgd import noise_generator
 from fedmri.client.privacy.gate import PrivacyGate
@@ -40,13 +45,16 @@ from fedmri.client.trainers import DeclineError, RequestError, TrainRequest, con
 from fedmri.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    DIGESTS_KEY,
     METRICS_KEY,
+    MISSING_GROUPS,
     PROTOCOL_VERSION,
     SEARCH_TASK,
     SIM_SITES_ENV,
+    STATUS_KEY,
     VERSIONS_KEY,
 )
-from fedmri.wire import from_record, groups_in, to_record
+from fedmri.wire import from_record, group_digests, groups_in, to_record
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -124,11 +132,17 @@ def _handle(msg: Message, context: Context) -> Message:
             raise DeclineError(reason)
         run_cfg = parse_run_config(request.fedmri_config)
         arrays = msg.content[ARRAYS_KEY]
-        state = from_record(arrays)
         down = spec.groups(run_cfg).down
+        state = resolve_down(from_record(arrays), msg.content.config_records.get(DIGESTS_KEY), down,
+                             GroupCache.of_site(site))
         if sorted(groups_in(state)) != sorted(down):
             raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")
         up, metrics = _train(site, run_cfg, state, request, msg)
+    except MissingGroupsError as exc:
+        log.info("%s: %s", stage, exc)
+        reply = decline(msg, str(exc))
+        reply.content[STATUS_KEY][MISSING_GROUPS] = exc.groups
+        return reply
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
         return decline(msg, str(exc))
@@ -146,13 +160,14 @@ def _handle(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _inputs_digest(msg: Message) -> str:
-    """SHA-256 of the request's config and arrays: what a retry of the same round repeats exactly."""
+def _inputs_digest(msg: Message, state: dict) -> str:
+    """SHA-256 of the request's config and down groups: what a retry of the same round repeats exactly,
+    whichever groups came from the site's cache."""
     h = hashlib.sha256()
     for key, value in sorted(msg.content[CONFIG_KEY].items()):
         h.update(f"{key}={value!r}\x1f".encode())
-    for key, array in msg.content[ARRAYS_KEY].items():
-        h.update(key.encode() + b"\x1f" + array.data)
+    for group, digest in sorted(group_digests(state).items()):
+        h.update(f"{group}={digest}\x1f".encode())
     return h.hexdigest()
 
 
@@ -164,7 +179,7 @@ def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest, msg: Mes
     """
     private = request.dp or request.site_dp == "local"
     # Only the ledger needs the digest: hashing every tensor is skipped for rounds without DP.
-    gate = PrivacyGate(site, request, inputs=_inputs_digest(msg)) if private else None
+    gate = PrivacyGate(site, request, inputs=_inputs_digest(msg, state)) if private else None
     site_level = gate.plan_site_level() if request.site_dp == "local" else None  # declines over budget
     up, metrics = stage_registry.get(request.stage).train(site, run_cfg, state, request, privacy=gate)
     if gate is None:

@@ -7,10 +7,15 @@ parse is the site's trust boundary (docs/architecture.md): nothing in a request
 reaches a trainer unchecked. A key on the wire is its field name in kebab case
 (``weight_decay`` -> ``weight-decay``).
 
+A request also names the digest of every down group (``digests``); its ``arrays``
+may leave out the groups the site already holds, which the site then takes from
+its cache (``fedmri.server.downlink``, ``fedmri.client.group_cache``).
+
 A reply carries the site's update in ``arrays`` (training stages), aggregate
 metrics in ``metrics``, and, when the site will not run the request, a
 ``status`` record with ``declined`` and a one-line ``reason``
-(:func:`reply_status`).
+(:func:`reply_status`); a site whose cache lacks a named group adds
+:data:`MISSING_GROUPS` to that record.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from fedmri.wire import ENCODER, PROJECTIONS
 
 # Bumped whenever the content of a message changes shape; a site whose
 # protocol differs from the server's declines work with a reason.
-PROTOCOL_VERSION = 1
+# 2: a request's ``arrays`` may leave out the down groups its ``digests`` record names
+# (the site takes them from its cache); a site on 1 would decline those requests.
+PROTOCOL_VERSION = 2
 
 # Records of a message's RecordDict.
 ARRAYS_KEY = "arrays"  # ArrayRecord: the weights going down, the site's update coming up
@@ -36,6 +43,10 @@ CONFIG_KEY = "config"  # ConfigRecord: the request (TrainRequest.to_config)
 METRICS_KEY = "metrics"  # MetricRecord: num-examples and the site's aggregate metrics
 STATUS_KEY = "status"  # ConfigRecord of a declined request: declined, reason
 VERSIONS_KEY = "versions"  # ConfigRecord answering the coordinator's query: versions and site name
+DIGESTS_KEY = "digests"  # ConfigRecord of a request: down group -> fedmri.wire.group_digest, every down group
+# Key of a decline's ``status`` record: the groups the request named by digest that the site's cache
+# lacks; the coordinator sends that site every down group in full, in the same round (fedmri.server.downlink).
+MISSING_GROUPS = "missing-groups"
 NUM_EXAMPLES = "num-examples"  # the aggregation weight, as Flower's strategies expect
 
 # Site-level DP: off, local (the site clips and noises its update) or central (the coordinator does).

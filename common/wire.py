@@ -28,6 +28,7 @@ else (no names of patients, no per-sample values) is ever put in one.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,29 @@ def select(state: Mapping[str, Tensor], groups: Iterable[str]) -> State:
 def groups_in(state: Mapping[str, Tensor]) -> list[str]:
     """Groups present in ``state``, in first-seen order."""
     return list(dict.fromkeys(group_of(k) for k in state))
+
+
+def group_digest(entries: Mapping[str, Tensor]) -> str:
+    """SHA-256 of wire entries as they travel: every key, shape and float32 bytes, in key order.
+
+    A request names each down group by the digest of its entries
+    (``fedmri.protocol.DIGESTS_KEY``); a site's cache (``fedmri.client.group_cache``)
+    checks what it stores and reads against it.
+    """
+    h = hashlib.sha256()
+    for key in sorted(entries):
+        t = entries[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}\x1f{list(t.shape)}\x1e".encode())
+        h.update(t.numpy())
+    return h.hexdigest()
+
+
+def group_digests(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """group -> :func:`group_digest` of its entries, for every group in ``state`` (first-seen order)."""
+    by_group: dict[str, dict[str, Tensor]] = {}
+    for k, v in state.items():
+        by_group.setdefault(group_of(k), {})[k] = v
+    return {g: group_digest(entries) for g, entries in by_group.items()}
 
 
 def module_state(prefix: str, module: nn.Module, *, only_trainable: bool = False) -> State:

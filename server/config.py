@@ -132,6 +132,9 @@ class FederationConfig:
     resume: bool = False
     # Export the encoder (safetensors + JSON) into the run folder at the end.
     export: bool = True
+    # Send each site only the parameter groups whose digest it has not acknowledged; it takes
+    # the rest from its cache (server/downlink.py). false: every down group every round (debugging).
+    group_cache: bool = True
     stages: list[StageConfig] = field(default_factory=_default_stages)
 
 

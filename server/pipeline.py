@@ -38,7 +38,6 @@ from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
 from fedmri.protocol import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     METRICS_KEY,
     PROTOCOL_VERSION,
     VERSIONS_KEY,
@@ -46,6 +45,7 @@ from fedmri.protocol import (
 )
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, load_federation, run_config
+from fedmri.server.downlink import Downlink
 from fedmri.server.exchange import GridLike, ReplyBook, exchange
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary
 from fedmri.server.recorder import Recorder, RoundOutcome
@@ -128,6 +128,7 @@ class Pipeline:
         self.eval_sites = None if eval_sites is None else set(eval_sites)
         self.init_state = init_state
         self.sites = SiteRegistry()
+        self.downlink = Downlink(enabled=bool(fed.group_cache))
         self.recorder = Recorder(self.run, self.site)
         self.on_round_end = on_round_end
 
@@ -239,13 +240,13 @@ class Pipeline:
         self.sites_seen.update(self.site(n) for n in nodes)
         sampled = self._sample(nodes, stage_i)
         out = RoundOutcome(stage.name, rnd, server_round, sampled)
-        down = wire.to_record(wire.select(self.state, groups.down))
-        down_bytes = _nbytes(down)
         request = self.round_request(stage_i, rnd, server_round)
-        config = ConfigRecord(request.to_config())
-        messages = [Message(RecordDict({ARRAYS_KEY: down, CONFIG_KEY: config}), dst_node_id=n,
-                            message_type=spec.message_type)
-                    for n in sampled]
+        # Each site gets the down groups it has not acknowledged (server/downlink.py).
+        downlink = self.downlink.start(self.state, groups.down, ConfigRecord(request.to_config()),
+                                       spec.message_type, sampled, self.site)
+        messages, down_bytes = downlink.messages, max(downlink.bytes_sent.values(), default=0)
+        out.bytes_down_by_node = downlink.bytes_sent  # the same dict: a resend adds to it
+        grid = downlink.bound(grid)  # a site that lacks a group it acknowledged gets every group again
         log(INFO, "fedmri: %s round %d/%d (global %d): %d sites, %.1f MB down each", stage.name, rnd,
             stage.rounds, server_round, len(sampled), down_bytes / 1e6)
         t0 = time.monotonic()

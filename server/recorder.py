@@ -41,10 +41,17 @@ class RoundOutcome:
     bytes_down: int = 0
     wall_s: float = 0.0
     replied_at: float = 0.0
+    # node -> bytes sent down to it when sites got different amounts (server/downlink.py: only the
+    # groups a site lacks, and a resend); a node not in it got ``bytes_down``.
+    bytes_down_by_node: dict[int, int] = field(default_factory=dict)
     # Updates held in memory at most at once, and updates that waited on disk (strategies.updates).
     # Not written to the run folder.
     updates_in_memory: int = 0
     updates_spilled: int = 0
+
+    def sent_to(self, node: int) -> int:
+        """Bytes sent down to ``node`` this round."""
+        return self.bytes_down_by_node.get(node, self.bytes_down)
 
     def _by_status(self, status: str) -> dict[int, str]:
         return {node: reason for node, s, reason in self.problems if s == status}
@@ -85,14 +92,14 @@ class Recorder:
                 "time": round(out.replied_at, 3)}
         rows = [base | {"site": self.site_name(node), "node": node, "status": status, "reason": reason}
                 for node, status, reason in out.problems]
-        rows += [base | {"site": self.site_name(node), "node": node, "status": "ok", "bytes-down": out.bytes_down,
+        rows += [base | {"site": self.site_name(node), "node": node, "status": "ok", "bytes-down": out.sent_to(node),
                          "bytes-up": up} | metrics for node, metrics, up in out.replies]
         trains = stage_registry.get(out.stage).trains
         client_wall = max((m.get("wall-time-s", 0.0) for _, m, _ in out.replies), default=0.0)
         status = "aggregated" if out.updated or not trains and out.aggregated else "skipped"
         agg_row = base | {"site": "all", "status": status, "sites": len(out.replies), "wall-time-s": out.wall_s,
                           "overhead-s": max(0.0, out.wall_s - client_wall),
-                          "bytes-down": out.bytes_down * len(out.sampled)}
+                          "bytes-down": sum(out.sent_to(n) for n in out.sampled)}
         return rows + [out.aggregated | agg_row]  # the round's own wall time, not the sites' mean
 
     def record(self, out: RoundOutcome) -> None:

@@ -45,7 +45,7 @@ RECORDS = {"query": {"versions": ConfigRecord},
            "train": {"arrays": ArrayRecord, "metrics": MetricRecord, "status": ConfigRecord},
            "evaluate": {"metrics": MetricRecord, "status": ConfigRecord}}
 CONFIG_KEYS = {"versions": {"fedmri_version": str, "protocol_version": int, "site_name": str},
-               "status": {"declined": bool, "reason": str}}
+               "status": {"declined": bool, "reason": str, "missing-groups": list}}  # missing-groups: wire group names
 # Far above the ~25 aggregate metrics a stage reports, far below one value per sample of a
 # real site; per-sample values as a list are refused outright.
 MAX_METRICS = 40
