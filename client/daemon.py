@@ -9,7 +9,9 @@ the server are never trusted.
 
 When the SuperNode fails for a reason a site admin can fix (the SuperLink's
 certificate is not signed by the given CA; the coordinator has not registered
-this site's key), the daemon ends with one line that says so.
+this site's key), the daemon ends with one line that says so. While it runs, it
+stops the ClientApp processes of runs that have ended
+(:class:`~fedmri.client.reaper.ClientAppReaper`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import re
 import stat
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fedmri.client.reaper import ClientAppReaper
 from fedmri.client.site import load_site
 from fedmri.errors import FedmriError, InputError
 from fedmri.flower_cli import ForegroundChild, child_env, flower_executable
@@ -117,13 +121,15 @@ def prepare(site_file: str | Path, *, insecure: bool = False, state: str | Path 
 
 
 class _Watcher:
-    """Reads the SuperNode's output for failures a site admin can fix."""
+    """Reads the SuperNode's output for failures a site admin can fix, and passes it to the reaper."""
 
-    def __init__(self, launch: SupernodeLaunch) -> None:
+    def __init__(self, launch: SupernodeLaunch, reaper: ClientAppReaper) -> None:
         self.launch = launch
+        self.reaper = reaper
         self.cause: str | None = None
 
     def __call__(self, line: str) -> None:
+        self.reaper.line(line)
         server = self.launch.site.server
         if (match := _CONNECTED.search(line)) is not None:
             _say(f"site {self.launch.site.name} connected to the SuperLink at {server.address} "
@@ -150,11 +156,14 @@ def serve(launch: SupernodeLaunch) -> int:
     for warning in launch.warnings:
         _say(warning)
     launch.flwr_home.mkdir(parents=True, exist_ok=True)
-    watcher = _Watcher(launch)
+    reaper = ClientAppReaper(say=_say)
+    watcher = _Watcher(launch, reaper)
     child = ForegroundChild(launch.command, env=child_env({"FLWR_HOME": str(launch.flwr_home)}),
                             cwd=launch.site_file.parent, watch=watcher)
     _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
     child.start()
+    assert child.proc is not None
+    threading.Thread(target=reaper.watch, args=(child.proc.pid, lambda: child.alive), daemon=True).start()
     code = child.wait()
     if child.signalled:
         _say(f"SuperNode stopped (exit {code})")

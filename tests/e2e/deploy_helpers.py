@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -253,3 +254,89 @@ def stop_all(daemons: list[Daemon]) -> None:
         daemon.terminate()
     for daemon in reversed(daemons):
         daemon.stop()
+
+
+def processes_named(root: int, text: str) -> dict[int, str]:
+    """Process id -> command line of each process in ``root``'s tree whose command line holds ``text``."""
+    return {pid: line for pid in process_tree(root) if text in (line := cmdline(pid))}
+
+
+class Relay:
+    """A TCP relay on localhost in front of a server: a site's network link that a test can stall.
+
+    The site connects to :attr:`address` instead of the server; bytes pass unchanged,
+    so TLS and node authentication stay end to end (the server certificate names
+    127.0.0.1). :meth:`hold` keeps what the site sends (``up``) or what the server
+    answers (``down``) in the relay instead of passing it on, as a congested link
+    would; letting a direction go passes on, in order, what was kept.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server((host, 0))
+        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._held = {"up": False, "down": False}
+        # Per direction: (destination socket, bytes kept for it) in arrival order.
+        self._kept: dict[str, list[tuple[socket.socket, bytes]]] = {"up": [], "down": []}
+        self.kept_bytes = {"up": 0, "down": 0}  # kept since the direction was last held
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, *, up: bool, down: bool) -> None:
+        """Set which directions are held; a direction let go first passes on what it kept."""
+        with self._lock:
+            for direction, value in (("up", up), ("down", down)):
+                if value and not self._held[direction]:
+                    self.kept_bytes[direction] = 0
+                if not value:
+                    for dst, data in self._kept[direction]:
+                        try:
+                            dst.sendall(data)
+                        except OSError:
+                            pass  # that connection is gone
+                    self._kept[direction].clear()
+                self._held[direction] = value
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                site, _ = self._listener.accept()
+                server = socket.create_connection(self._target)
+            except OSError:
+                return
+            with self._lock:
+                self._sockets += [site, server]
+            threading.Thread(target=self._pump, args=(site, server, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, site, "down"), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            with self._lock:
+                if not data:
+                    for sock in (src, dst):
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    return
+                if self._held[direction]:
+                    self._kept[direction].append((dst, data))
+                    self.kept_bytes[direction] += len(data)
+                    continue
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
