@@ -8,7 +8,11 @@ pretrain messages requests waited past SQLite's 5 s busy timeout (``database is 
 This script starts a SuperLink and N SuperNodes as docs/deployment.md does (TLS, node keys),
 with ``--store disk`` (SQLite) or ``--store memory`` (Flower's in-memory store), and submits
 the same `base` federation ``--runs`` times. Per run it prints: exit status, wall time, the
-cause of a failure, the SuperLink's peak RSS, and the state folder's size after the run.
+cause of a failure, the peak RSS of each kind of process, the seconds from ``fedmri run`` to the
+first ClientApp process, and the state folder's size after the run. Per round (from the run's
+``metrics.jsonl``): wall time from sending to the last reply, the slowest site's own work (its
+ClientApp handler time, ``wall-time-s``), the overhead between them, and the bytes each site
+received and sent. At the end, a table of the medians over the completed runs.
 
     python benchmarks/bench_deploy_base.py --store disk --runs 3
     python benchmarks/bench_deploy_base.py --store memory --runs 3
@@ -17,12 +21,14 @@ cause of a failure, the SuperLink's peak RSS, and the state folder's size after 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import tempfile
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 from _deploy import Deployment
@@ -60,12 +66,29 @@ class PeakSampler(threading.Thread):
         super().__init__(daemon=True)
         self.deployment, self.stop_event = deployment, threading.Event()
         self.peak: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.first_seen: dict[str, float] = {}  # role -> seconds from start() to its first process
 
     def run(self) -> None:
-        while not self.stop_event.wait(0.5):
+        while not self.stop_event.wait(0.25):
             for role, pids in self.deployment.processes().items():
+                self.first_seen.setdefault(role, time.perf_counter() - self.started)
                 for pid in pids:
                     self.peak[role] = max(self.peak.get(role, 0.0), _rss_mb(pid))
+
+
+def _rounds(metrics: Path) -> list[dict[str, float | str]]:
+    """Per round of a run: wall, slowest site's work, overhead, bytes per site both ways."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    out = []
+    for agg in (r for r in rows if r.get("site") == "all"):
+        sites = [r for r in rows if r["server_round"] == agg["server_round"] and r.get("status") == "ok"]
+        slowest = max((r.get("wall-time-s", 0.0) for r in sites), default=0.0)
+        out.append({"stage": agg["stage"], "wall": agg["wall-time-s"], "slowest": slowest,
+                    "overhead": agg["wall-time-s"] - slowest,
+                    "down_mb": max((r.get("bytes-down", 0) for r in sites), default=0) / MB,
+                    "up_mb": max((r.get("bytes-up", 0) for r in sites), default=0) / MB})
+    return out
 
 
 def _folder_mb(path: Path) -> float:
@@ -108,7 +131,7 @@ def main() -> None:
                       - {{name: heads, rounds: 1, local_steps: 1}}
                 """))
                 sampler = PeakSampler(deployment)
-                sampler.start()
+                sampler.start()  # its clock starts with `fedmri run`
                 code, seen, output = deployment.run(config, timeout=3600, patterns=PATTERNS)
                 sampler.stop_event.set()
                 sampler.join()
@@ -118,12 +141,19 @@ def main() -> None:
                        "heads": seen.get("heads"), "locked": "locked" in seen or "database is locked" in output,
                        "cause": output.split("cause: ", 1)[1].splitlines()[0] if "cause: " in output else "",
                        "peak": dict(sampler.peak), "state_mb": state_mb,
+                       "first_clientapp": sampler.first_seen.get("clientapp"),
+                       "rounds": _rounds(deployment.state / "runs" / f"base-{r}" / "metrics.jsonl"),
                        "db_mb": db.stat().st_size / MB if db.exists() else 0.0}
                 rows.append(row)
                 print(f"[run {r + 1}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
                       f"{row['heads']} s; locked: {row['locked']}; {row['cause']}; peak RSS MB "
                       + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["peak"].items()))
-                      + f"; state folder {state_mb:.0f} MB (state.db {row['db_mb']:.0f} MB)", flush=True)
+                      + f"; state folder {state_mb:.0f} MB (state.db {row['db_mb']:.0f} MB); first ClientApp after "
+                      + (f"{row['first_clientapp']:.1f} s" if row["first_clientapp"] is not None else "-"), flush=True)
+                for rnd in row["rounds"]:
+                    print(f"         {rnd['stage']}: wall {rnd['wall']:.1f} s, slowest site {rnd['slowest']:.1f} s, "
+                          f"overhead {rnd['overhead']:.1f} s, {rnd['down_mb']:.1f} MB down / {rnd['up_mb']:.1f} MB "
+                          "up per site", flush=True)
                 if code != 0:
                     (tmp / f"run-{r + 1}-{store}.log").write_text(output)
         finally:
@@ -132,10 +162,33 @@ def main() -> None:
         walls = [r["wall"] for r in rows if r["code"] == 0]
         print(f"\n{args.tree or 'this tree'}, --store {store}: {done} of {len(rows)} runs completed"
               + (f"; median wall {statistics.median(walls):.0f} s" if walls else ""))
+        _summary([r for r in rows if r["code"] == 0])
         print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _summary(rows: list[dict]) -> None:
+    """Medians over the completed runs, as a Markdown table (RESULTS.md)."""
+    if not rows:
+        return
+    med = statistics.median
+    print("\n| round | wall s | slowest site s | overhead s | MB down / up per site |\n| --- | --- | --- | --- | --- |")
+    for stage in dict.fromkeys(r["stage"] for row in rows for r in row["rounds"]):
+        rounds = [r for row in rows for r in row["rounds"] if r["stage"] == stage]
+        print(f"| {stage} | {med(r['wall'] for r in rounds):.1f} | {med(r['slowest'] for r in rounds):.1f} | "
+              f"{med(r['overhead'] for r in rounds):.1f} (range {min(r['overhead'] for r in rounds):.1f}–"
+              f"{max(r['overhead'] for r in rounds):.1f}) | {med(r['down_mb'] for r in rounds):.1f} / "
+              f"{med(r['up_mb'] for r in rounds):.1f} |")
+    roles = sorted({k for row in rows for k in row["peak"]})
+    print("\n| process | peak RSS MB (median of runs) |\n| --- | --- |")
+    for role in roles:
+        print(f"| {role} | {med(row['peak'].get(role, 0.0) for row in rows):.0f} |")
+    firsts = [row["first_clientapp"] for row in rows if row["first_clientapp"] is not None]
+    print(f"\nfirst ClientApp after `fedmri run`: median {med(firsts):.1f} s" if firsts else "")
+    print(f"run wall: median {med(r['wall'] for r in rows):.0f} s; state folder after the run: median "
+          f"{med(r['state_mb'] for r in rows):.0f} MB")
 
 
 if __name__ == "__main__":

@@ -332,7 +332,8 @@ def run_session(spec: dict[str, Any]) -> dict[str, Any]:
                "cpu": sampler.cpu_by_role(), "leftover": left}
     print(f"[run] {spec['label']}: {result['total_s']:.1f} s in the engine, {result['process_s']:.1f} s with "
           f"process start; {len(sampler.seen)} processes, {len(result['leftover'])} left over; load average "
-          f"{result['load'][0]:.1f} -> {result['load'][1]:.1f}", flush=True)
+          f"{result['load'][0]:.1f} -> {result['load'][1]:.1f}; peak RSS MB: coordinator "
+          f"{result['peak_driver_rss'] / MB:.0f}, tree {result['peak_rss'] / MB:.0f}", flush=True)
     return result
 
 
@@ -343,6 +344,8 @@ def federation_spec(name: str, run_root: Path, preset: str, overrides: list[str]
             # Every site in every round (no sampling); the run waits until all have registered
             # (200 Ray-simulated sites take a while to register).
             "min_sites": n_sites, "wait_for_sites_s": 600,
+            # 200 small sites on 2 cores take about half an hour per round.
+            "round_timeout_s": 7200,
             "stages": [{"name": s, "rounds": rounds, "local_steps": steps[s]} | ({"strategy": strategy} if strategy else {})
                        for s in stages]}
 
@@ -356,7 +359,9 @@ def per_round(result: dict[str, Any]) -> list[dict[str, Any]]:
         sites = [r for r in rows if r["server_round"] == agg["server_round"] and r["status"] == "ok"]
         compute = [r["wall-time-s"] for r in sites]
         t = result["server"][agg["server_round"]]
-        wall = t["send"]  # send_and_receive of the round's train messages, timed around the grid
+        # From pushing the round's train messages to the last reply, timed around the grid; a round
+        # that ran into round_timeout_s never saw its last reply: the pipeline's own wall, then.
+        wall = t.get("send", agg["wall-time-s"])
         out.append({
             "stage": agg["stage"], "round": agg["round"], "sites": len(sites), "wall": wall,
             "sum_compute": sum(compute), "max_compute": max(compute, default=0.0),
@@ -513,7 +518,7 @@ def part_scale(args: argparse.Namespace, catalogs: dict[str, list[tuple[str, Pat
                 "site_files": [str(f) for f in files],
                 # micro (tiny shrunk to a 2-block, 32-wide encoder) keeps a round of many sites cheap;
                 # small shows the coordinator's memory with updates of real size (131 MB each).
-                "federation": federation_spec(f"scale-{n}", work / "runs", preset, [], args.scale_rounds,
+                "federation": federation_spec(f"scale-{n}", work / "runs", preset, args.scale_overrides, args.scale_rounds,
                                               {s: 1 for s in stages}, n, stages=stages,
                                               strategy={"name": args.scale_strategy})}
         results[n] = run_session(spec)
@@ -576,6 +581,8 @@ def main() -> None:
                         help="encoder preset of part 3 (small: updates of 131 MB, the coordinator-memory check)")
     parser.add_argument("--scale-strategy", default="fedavg", help="aggregation strategy of part 3 (e.g. fedtrimmedavg)")
     parser.add_argument("--scale-stages", default="pretrain,align", help="stages of part 3")
+    parser.add_argument("--scale-overrides", default="", help="comma-separated config overrides of part 3, e.g. "
+                        "ssl.local_crops_number=1 (less compute per site, the same parameters on the wire)")
     parser.add_argument("--ckpt-repeats", type=int, default=3, help="checkpoint writes timed per preset in part 2")
     args = parser.parse_args()
     if args.quick:
@@ -586,6 +593,7 @@ def main() -> None:
                                for text in (args.rounds, args.steps))
     args.sites = [int(n) for n in args.sites.split(",")]
     args.scale_stages = args.scale_stages.split(",")
+    args.scale_overrides = [o for o in args.scale_overrides.split(",") if o]
     args.byte_presets = ["tiny", "small", "base"]
     parts = set(args.parts.split(","))
 
