@@ -172,3 +172,18 @@ def test_two_replies_from_one_site_and_keys_that_were_not_shipped_are_refused(ma
     short = ArrayRecord({key: Array(value) for key, value in _current().items() if key != "head/w"})
     with RoundUpdates(short) as updates:
         assert "unexpected key 'head/w'" in updates.offer(make_reply(6, _current()))
+
+
+def test_the_median_of_many_spilled_updates_keeps_few_files_open(make_reply, record, tmp_path) -> None:
+    resource = pytest.importorskip("resource")
+    current = {f"encoder/blocks.{i}.w": np.full((3, 2), float(i), dtype=np.float32) for i in range(30)}
+    replies = [make_reply(100 + n, {k: v + np.float32(n) for k, v in current.items()}) for n in range(20)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # 20 updates x 30 arrays would be 600 memory maps at once, each one a file descriptor.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    try:
+        with RoundUpdates.from_replies(record(current), replies, memory_bytes=0, spill_dir=tmp_path) as updates:
+            arrays, _ = build_aggregator({"name": "fedmedian"}).aggregate(1, record(current), updates)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert np.array_equal(arrays["encoder/blocks.7.w"].numpy(), np.full((3, 2), 7 + 9.5, dtype=np.float32))
