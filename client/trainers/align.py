@@ -35,6 +35,7 @@ from fedmri.client.trainers.context import (
 )
 from fedmri.client.trainers.optim import RunningMean, decay_groups, finish_round, local_step, round_optimizer
 from fedmri.client.trainers.data import site_dataset
+from fedmri.client.trainers.speed import Speed
 from fedmri.data.dataset import SeriesDataset
 from fedmri.errors import InputError
 from fedmri.text import TextTower, build_text_tower, prepare_report
@@ -93,6 +94,11 @@ def series_image(sample: dict[str, Any], seed: int) -> Tensor:
     return sample["image"]  # 1, X, Y, Z
 
 
+def stack_images(images: list[Tensor]) -> Tensor:
+    """The loader's collate: a batch's volumes as one (B, 1, X, Y, Z) tensor."""
+    return torch.stack(images)  # B, 1, X, Y, Z
+
+
 def site_aligned_model(run_cfg: DictConfig, state_down: State, device: torch.device) -> AlignedModel:
     """The run's aligned model with the round's weights, on ``device``, in train mode.
 
@@ -113,7 +119,7 @@ def run_align(
 
     Args:
         site_cfg: The site file (:func:`fedmri.client.site.load_site`).
-        run_cfg: The run's resolved config (model and align sections).
+        run_cfg: The run's resolved config (model and align sections; train: precision, compile).
         state_down: Wire tensors of the align down groups.
         request: The round's request; uses ``local_steps``, ``lr``,
             ``weight_decay``, ``proximal_mu``, and the ``dp`` fields: with ``dp``
@@ -141,6 +147,7 @@ def run_align(
 
         require_dp_align(run_cfg, f"align round {request.round}")
     device = site_device(site_cfg)
+    speed = Speed.for_round(run_cfg.train, device, "align", private=request.dp)
     dataset = site_dataset(site_cfg, "train")
     reports, owner = report_pairs(dataset)
     series_of = [[i for i, r in enumerate(owner) if r == u] for u in range(len(reports))]
@@ -155,6 +162,7 @@ def run_align(
     seed = round_seed(request, site_cfg.name)
     with seeded(seed, device):
         model = site_aligned_model(run_cfg, state_down, device)
+        speed.compile_modules([model.image_encoder])
         objective = build_align_objective(run_cfg).to(device)
         rng = np.random.default_rng(derive_seed(seed, "batches"))
         unit_batches = balanced_batches(len(reports), batch_size, request.local_steps, rng)
@@ -164,15 +172,17 @@ def run_align(
         optimizer, proximal = round_optimizer(decay_groups(model.named_parameters()), model.named_parameters(),
                                               request)
         means = RunningMean()
-        loader = load_batches(dataset, series_batches, series_image, seed, site_cfg.num_workers)
+        loader = load_batches(dataset, series_batches, series_image, seed, site_cfg.num_workers, stack_images,
+                              speed.pin_memory)
         for units, images in zip(unit_batches, loader):
-            images = torch.stack(images).to(device)  # B, 1, X, Y, Z
-            if pooled is not None:
-                out = model(images, text_pooled=pooled[units])
-            else:
-                tokens = model.text_tower.tokenize([reports[u] for u in units])
-                out = model(images, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-            losses = objective(out)
+            images = images.to(device, non_blocking=True)  # B, 1, X, Y, Z
+            with speed.autocast():
+                if pooled is not None:
+                    out = model(images, text_pooled=pooled[units])
+                else:
+                    tokens = model.text_tower.tokenize([reports[u] for u in units])
+                    out = model(images, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+                losses = objective(out)
             total = sum(losses.values())
             named = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(total.detach())}
             means.add(local_step(optimizer, total, named, proximal))

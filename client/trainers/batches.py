@@ -69,8 +69,10 @@ def load_batches(
     transform: Callable[[dict[str, Any], int], Any],
     seed: int,
     num_workers: int = 0,
-) -> Iterator[list[Any]]:
-    """Yield ``[transform(sample, seed_k) for k in batch]`` for each batch, in order.
+    collate: Callable[[list[Any]], Any] = list,
+    pin_memory: bool = False,
+) -> Iterator[Any]:
+    """Yield ``collate([transform(sample, seed_k) for k in batch])`` for each batch, in order.
 
     Args:
         dataset: The site's samples.
@@ -79,11 +81,17 @@ def load_batches(
             seeds its randomness (augmentation) for that one draw.
         seed: The round's seed, from which every draw's seed derives.
         num_workers: DataLoader workers (0 loads in this process).
+        collate: Joins a batch's draws (in the workers); default: the list itself.
+            It must draw nothing at random: the draws' seeds are all there is.
+        pin_memory: Put each collated batch in page-locked memory (for a CUDA
+            device: the copy then runs asynchronously with ``non_blocking=True``).
+            Only tensors made by ``collate`` benefit; a list of draws stacked
+            later is pageable again.
     """
     flat = [i for b in batches for i in b]
     seeds = [derive_seed(seed, "draw", k) % 2**32 for k in range(len(flat))]
     starts = np.cumsum([0, *(len(b) for b in batches)])
     positions = [list(range(a, b)) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
     loader = DataLoader(_Draws(dataset, flat, seeds, transform), batch_sampler=positions,
-                        num_workers=num_workers, collate_fn=list)
+                        num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory)
     yield from loader

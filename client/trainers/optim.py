@@ -117,11 +117,22 @@ def finite_state(state: Mapping[str, Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
-def round_optimizer(param_groups: Any, named_parameters: Iterable[tuple[str, nn.Parameter]],
+def adamw(param_groups: list[dict[str, Any]]) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; the fused kernel when every parameter is on a CUDA device.
+
+    The fused step is one kernel launch for all tensors instead of several per
+    tensor list. Elsewhere torch's default (foreach) runs, as CPU sites always have.
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(param_groups, fused=True if on_cuda else None)
+
+
+def round_optimizer(param_groups: list[dict[str, Any]], named_parameters: Iterable[tuple[str, nn.Parameter]],
                     request: Any) -> tuple[torch.optim.AdamW, Proximal]:
-    """AdamW over ``param_groups`` at the round's ``lr`` and ``weight_decay``, and FedProx's term
-    (``request.proximal_mu``) around the parameters as they came down."""
-    optimizer = torch.optim.AdamW(param_groups)
+    """AdamW (:func:`adamw`) over ``param_groups`` at the round's ``lr`` and ``weight_decay``, and
+    FedProx's term (``request.proximal_mu``) around the parameters as they came down."""
+    optimizer = adamw(param_groups)
     set_rates(optimizer, request.lr, request.weight_decay)
     return optimizer, Proximal(named_parameters, request.proximal_mu)
 

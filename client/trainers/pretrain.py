@@ -30,7 +30,8 @@ from fedmri.client.trainers.context import (
 )
 from fedmri.client.trainers.optim import RunningMean, finish_round, local_step, round_optimizer
 from fedmri.client.trainers.data import site_dataset
-from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop
+from fedmri.client.trainers.speed import Speed
+from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop, sample_masks
 from fedmri.wire import State, load_ssl_state, select, ssl_state, stage_groups
 
 
@@ -44,6 +45,15 @@ class MultiCropTransform:
     def __call__(self, sample: dict[str, Any], seed: int) -> dict[str, Any]:
         crops = self.augment.set_random_state(seed=seed)(sample["image"])
         return {"crops": crops, "image": sample["image"]} if self.keep_image else {"crops": crops}
+
+
+def stack_crops(draws: list[dict[str, Any]]) -> dict[str, Tensor | None]:
+    """The loader's collate: a batch's views stacked crop-major, ``masks`` None.
+
+    The masks are drawn afterwards in the training process, from the round's one
+    mask generator, so they do not depend on which worker stacked the batch.
+    """
+    return collate_multicrop([d["crops"] for d in draws])
 
 
 def min_ssl_batch(run_cfg: DictConfig) -> int:
@@ -90,7 +100,7 @@ def run_pretrain(
 
     Args:
         site_cfg: The site file (:func:`fedmri.client.site.load_site`).
-        run_cfg: The run's resolved config (model and ssl sections).
+        run_cfg: The run's resolved config (model and ssl sections; train: precision, compile).
         state_down: Wire tensors of the pretrain down groups (student, teacher, centres).
         request: The round's request; uses ``local_steps``, ``lr``,
             ``weight_decay``, ``teacher_temp``, ``teacher_momentum``, ``proximal_mu``,
@@ -114,6 +124,7 @@ def run_pretrain(
     if request.stage != "pretrain":
         raise ValueError(f"run_pretrain got a {request.stage!r} request")
     device = site_device(site_cfg)
+    speed = Speed.for_round(run_cfg.train, device, "pretrain", private=request.dp)
     dataset = site_dataset(site_cfg, "train")
     if request.dp:
         return _run_private(site_cfg, run_cfg, state_down, request, privacy, dataset, device)
@@ -127,6 +138,7 @@ def run_pretrain(
     s = run_cfg.ssl
     with seeded(seed, device):
         meta = build_ssl_model(run_cfg, state_down, "pretrain").to(device).train()
+        speed.compile_modules([meta.student["backbone"], meta.teacher["backbone"]])
         masker = build_mask_generator(run_cfg) if meta.ibot_loss is not None else None
         mask_rng = np.random.default_rng(derive_seed(seed, "masks"))
         batches = balanced_batches(len(dataset), batch_size, request.local_steps,
@@ -134,11 +146,15 @@ def run_pretrain(
         optimizer, proximal = round_optimizer(meta.param_groups(), meta.student.named_parameters(), request)
         params = [p for p in meta.student.parameters() if p.requires_grad]
         means = RunningMean()
-        for samples in load_batches(dataset, batches, MultiCropTransform(run_cfg), seed, site_cfg.num_workers):
-            crops = collate_multicrop([x["crops"] for x in samples], masker, s.mask_sample_probability,
-                                      s.mask_ratio_min_max, mask_rng)
+        loader = load_batches(dataset, batches, MultiCropTransform(run_cfg), seed, site_cfg.num_workers,
+                              stack_crops, speed.pin_memory)
+        for crops in loader:
+            if masker is not None:
+                crops["masks"] = sample_masks(len(crops["global_crops"]), masker, s.mask_sample_probability,
+                                              s.mask_ratio_min_max, mask_rng)
             crops = to_device(crops, device)
-            losses = meta(crops, crops["masks"], request.teacher_temp)
+            with speed.autocast():
+                losses = meta(crops, crops["masks"], request.teacher_temp)
             named = local_step(optimizer, sum(losses.values()), named_ssl_losses(losses), proximal,
                                (params, s.clip_grad) if s.clip_grad > 0 else None)
             meta.update_teacher(request.teacher_momentum)

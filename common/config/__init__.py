@@ -9,6 +9,7 @@ from fedmri.config.schema import (
     HeadsConfig,
     ModelConfig,
     PreprocessConfig,
+    TrainConfig,
 )
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "HeadsConfig",
     "ModelConfig",
     "PreprocessConfig",
+    "TrainConfig",
     "list_presets",
     "load_config",
     "parse_overrides",

@@ -326,6 +326,28 @@ class SSLConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How a site runs its local steps on its own hardware (docs/architecture.md, "GPU sites").
+
+    The coordinator sets these for the run; ``auto`` lets each site pick what
+    its device does best. DP-SGD rounds ignore both (fp32, eager): see
+    :mod:`fedmri.client.trainers.speed`.
+    """
+
+    # Forward and loss precision of the pretrain and align steps: "auto" (bf16
+    # autocast on a CUDA GPU with bf16 tensor cores, compute capability >= 8.0;
+    # fp32 on a CPU or an older GPU), "fp32", or "bf16" (forced, also on a CPU,
+    # where it is slower: for tests). Weights, optimizer state and the losses'
+    # softmaxes stay fp32 either way; bf16 has fp32's exponent range, so no loss
+    # scaling is needed.
+    precision: str = "auto"
+    # torch.compile the image encoder(s) of each round. Off by default: a round
+    # builds a fresh model and may pay the compile time again (benchmarks/
+    # gpu_check.sh measures it) for a few dozen local steps.
+    compile: bool = False
+
+
+@dataclass
 class FedmriConfig:
     """The root of every fedmri configuration."""
 
@@ -338,3 +360,4 @@ class FedmriConfig:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -39,13 +39,17 @@ class ClipLoss(nn.Module):
                 image->text columns.
 
         Returns:
-            ``(logits_per_image (B, B+Q), logits_per_text (B, B))``.
+            ``(logits_per_image (B, B+Q), logits_per_text (B, B))``, float32.
         """
-        logits_per_image = logit_scale * image_features @ text_features.T  # B, B
-        logits_per_text = logits_per_image.T  # B, B
-        if text_queue is not None and text_queue.shape[0] > 0:
-            extra = logit_scale * image_features @ text_queue.detach().T  # B, Q
-            logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # B, B+Q
+        # fp32 even under autocast: a bf16 cosine is off by up to 2^-9, which a logit scale
+        # of up to 100 turns into ~0.2 of error in every logit.
+        with torch.autocast(image_features.device.type, enabled=False):
+            image_features, text_features = image_features.float(), text_features.float()
+            logits_per_image = logit_scale.float() * image_features @ text_features.T  # B, B
+            logits_per_text = logits_per_image.T  # B, B
+            if text_queue is not None and text_queue.shape[0] > 0:
+                extra = logit_scale.float() * image_features @ text_queue.detach().float().T  # B, Q
+                logits_per_image = torch.cat([logits_per_image, extra], dim=1)  # B, B+Q
         return logits_per_image, logits_per_text
 
     def forward(

@@ -39,8 +39,11 @@ class KoLeoLoss(nn.Module):
         """Loss for embeddings ``x`` of shape (B, D), B >= 2."""
         if x.ndim != 2 or x.shape[0] < 2:
             raise ValueError(f"KoLeo needs (B, D) embeddings with B >= 2, got {tuple(x.shape)}")
-        x = F.normalize(x.float(), dim=-1, eps=self.eps)
-        with torch.no_grad():
-            nn_idx = self.nearest_neighbours(x)
-        distances = F.pairwise_distance(x, x[nn_idx], eps=self.eps)  # B
-        return -torch.log(distances + self.eps).mean()
+        # fp32 even under autocast: neighbours a few 1e-3 apart are what KoLeo pushes apart,
+        # and bf16 rounds at that scale (and would pick the wrong neighbour).
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1, eps=self.eps)
+            with torch.no_grad():
+                nn_idx = self.nearest_neighbours(x)
+            distances = F.pairwise_distance(x, x[nn_idx], eps=self.eps)  # B
+            return -torch.log(distances + self.eps).mean()

@@ -41,14 +41,17 @@ class SigLipLoss(nn.Module):
                 negative columns.
 
         Returns:
-            Logits (B, B+Q); row i, column i is the matching pair.
+            Logits (B, B+Q), float32; row i, column i is the matching pair.
         """
-        texts = text_features
-        if text_queue is not None and text_queue.shape[0] > 0:
-            texts = torch.cat([text_features, text_queue.detach()], dim=0)  # B+Q, E
-        logits = logit_scale * image_features @ texts.T  # B, B+Q
-        if logit_bias is not None:
-            logits = logits + logit_bias
+        # fp32 even under autocast: a bf16 cosine is off by up to 2^-9, which the logit scale
+        # multiplies into every logit.
+        with torch.autocast(image_features.device.type, enabled=False):
+            texts = text_features.float()
+            if text_queue is not None and text_queue.shape[0] > 0:
+                texts = torch.cat([texts, text_queue.detach().float()], dim=0)  # B+Q, E
+            logits = logit_scale.float() * image_features.float() @ texts.T  # B, B+Q
+            if logit_bias is not None:
+                logits = logits + logit_bias.float()
         return logits
 
     def forward(
