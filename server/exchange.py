@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flwr.app import Message
@@ -55,15 +54,6 @@ def exchange(grid: GridLike, messages: Sequence[Message], timeout_s: float) -> I
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
 
-@dataclass
-class Replies:
-    """A round's replies sorted by what the sites did (:func:`classify_replies`)."""
-
-    useful: list[Message] = field(default_factory=list)
-    # (node, "failed" or "declined", reason), in the order the replies came.
-    problems: list[tuple[int, str, str]] = field(default_factory=list)
-
-
 class ReplyBook:
     """Sorts a round's replies as they come: useful, declined, failed; at the end, who sent nothing.
 
@@ -98,13 +88,3 @@ class ReplyBook:
         self.answered |= self.nodes
         return self.problems
 
-
-def classify_replies(messages: Sequence[Message], replies: Iterable[Message], timeout_s: float) -> Replies:
-    """Sort replies into useful ones, declines and failures; a site that sent nothing failed."""
-    book = ReplyBook(messages, timeout_s)
-    out = Replies()
-    for reply in replies:
-        if book.take(reply) is not None:
-            out.useful.append(reply)
-    out.problems = book.finish()
-    return out

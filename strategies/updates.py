@@ -133,7 +133,7 @@ class RoundUpdates:
         digest = hashlib.sha256()
         for key in sorted(arrays):
             digest.update(key.encode())
-            digest.update(arrays[key].tobytes())
+            digest.update(np.ascontiguousarray(arrays[key]).data)  # the bytes, without a copy
         nbytes = sum(int(arrays[key].nbytes) for key in self.keys)
         update = Update(node, float(metrics[NUM_EXAMPLES]), metrics, digest.hexdigest(),
                         _delta_norm(self.current, arrays), nbytes)

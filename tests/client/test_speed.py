@@ -149,28 +149,21 @@ def test_bf16_pretrain_steps_keep_fp32_weights_and_learn_as_fp32_does() -> None:
     assert {b.dtype for b in meta.buffers()} == {torch.float32}
 
 
-def test_a_bf16_pretrain_round_returns_finite_fp32_weights_near_the_fp32_loss(
-        site_file, initial, request_values, run_yaml) -> None:
+@pytest.mark.parametrize(("trainer", "stage", "losses"), [
+    (run_pretrain, "pretrain", ("dino_loss", "ibot_loss", "koleo_loss", "loss")),
+    (run_align, "align", ("align_loss",)),
+], ids=["pretrain", "align"])
+def test_a_bf16_round_returns_finite_fp32_weights_near_the_fp32_loss(
+        trainer, stage, losses, site_file, initial, request_values, run_yaml) -> None:
     # One step: its loss is taken on the weights as they came down, so only rounding differs.
-    up32, m32 = _round(run_pretrain, site_file, initial, request_values, "pretrain", run_yaml, local_steps=1)
-    up16, m16 = _round(run_pretrain, site_file, initial, request_values, "pretrain", run_yaml,
+    up32, m32 = _round(trainer, site_file, initial, request_values, stage, run_yaml, local_steps=1)
+    up16, m16 = _round(trainer, site_file, initial, request_values, stage, run_yaml,
                        {"precision": "bf16"}, local_steps=1)
     assert list(up16) == list(up32)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in up16.values())
-    assert m16["loss"] != m32["loss"]  # the trainer ran under autocast
-    for key in ("dino_loss", "ibot_loss", "koleo_loss", "loss"):
+    assert m16[losses[-1]] != m32[losses[-1]]  # the trainer ran under autocast
+    for key in losses:
         assert abs(m16[key] - m32[key]) <= BF16_LOSS_MARGIN * abs(m32[key]), (key, m16, m32)
-
-
-def test_a_bf16_align_round_returns_finite_fp32_weights_near_the_fp32_loss(
-        site_file, initial, request_values, run_yaml) -> None:
-    up32, m32 = _round(run_align, site_file, initial, request_values, "align", run_yaml, local_steps=1)
-    up16, m16 = _round(run_align, site_file, initial, request_values, "align", run_yaml,
-                       {"precision": "bf16"}, local_steps=1)
-    assert list(up16) == list(up32)
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in up16.values())
-    assert m16["align_loss"] != m32["align_loss"]
-    assert abs(m16["align_loss"] - m32["align_loss"]) <= BF16_LOSS_MARGIN * abs(m32["align_loss"]), (m16, m32)
 
 
 def test_a_private_round_ignores_bf16_and_compile(site_file, initial, request_values, run_yaml, tmp_path) -> None:
