@@ -14,8 +14,15 @@ first ClientApp process, and the state folder's size after the run. Per round (f
 ClientApp handler time, ``wall-time-s``), the overhead between them, and the bytes each site
 received and sent. At the end, a table of the medians over the completed runs.
 
+``--trace`` sets ``FEDMRI_TRACE`` (:mod:`fedmri.trace`) for every process and breaks each round
+down: building the messages, pushing them to the SuperLink, each site's ClientApp starting
+(process start after the push: the SuperNode pulling the message and launching the process),
+its imports, receiving the message, its inputs (site file, weights from the wire), training,
+its reply's arrays, the reply's way back to the coordinator, and aggregating.
+
     python benchmarks/bench_deploy_base.py --store disk --runs 3
     python benchmarks/bench_deploy_base.py --store memory --runs 3
+    python benchmarks/bench_deploy_base.py --store memory --runs 1 --trace
 """
 
 from __future__ import annotations
@@ -91,6 +98,59 @@ def _rounds(metrics: Path) -> list[dict[str, float | str]]:
     return out
 
 
+PHASES = ("build", "push", "to clientapp start", "clientapp imports", "message in", "inputs", "train",
+          "reply arrays", "reply back", "aggregate")
+
+
+def _breakdown(trace: Path) -> list[dict[str, float | str]]:
+    """Per round: seconds of each phase (PHASES); per-site phases are the slowest site's."""
+    if not trace.is_file():
+        return []
+    events = sorted((json.loads(line) for line in trace.read_text().splitlines() if line.strip()),
+                    key=lambda e: e["t"])
+    started = {e["pid"]: e["started"] for e in events if e["event"] == "clientapp-imported"}
+    imported = {e["pid"]: e["t"] for e in events if e["event"] == "clientapp-imported"}
+    out = []
+    for start in (e for e in events if e["event"] == "round-start"):
+        done = next((e for e in events if e["event"] == "round-done" and e["t"] > start["t"]), None)
+        if done is None:
+            continue
+        inside = [e for e in events if start["t"] <= e["t"] <= done["t"]]
+        first = {name: next((e for e in inside if e["event"] == name), None)
+                 for name in ("messages-built", "push-start", "push-done")}
+        if None in first.values():
+            continue
+        row: dict[str, float | str] = {"stage": start["stage"],
+                                       "build": first["messages-built"]["t"] - start["t"],
+                                       "push": first["push-done"]["t"] - first["push-start"]["t"]}
+        sites: dict[int, dict[str, float]] = {}
+        for e in inside:
+            if "node" in e and e["event"] != "reply":
+                sites.setdefault(e["node"], {})[e["event"]] = e["t"]
+                sites[e["node"]].setdefault("pid", e["pid"])
+            elif e["event"] == "reply":
+                sites.setdefault(e["node"], {})["reply"] = e["t"]
+        last_reply = max((s.get("reply", 0.0) for s in sites.values()), default=done["t"])
+        for node, s in sites.items():
+            pid = s.get("pid")
+            if pid not in started or "handler-end" not in s or "reply" not in s:
+                continue
+            phases = {"to clientapp start": started[pid] - first["push-done"]["t"],
+                      "clientapp imports": imported[pid] - started[pid],
+                      "message in": s["handler-start"] - imported[pid],
+                      "inputs": s.get("handler-inputs", s["handler-start"]) - s["handler-start"],
+                      "train": s.get("handler-trained", s["handler-end"]) - s.get("handler-inputs", s["handler-start"]),
+                      "reply arrays": s["handler-end"] - s.get("handler-trained", s["handler-end"]),
+                      "reply back": s["reply"] - s["handler-end"]}
+            print(f"           node {node}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+                  + (f", offered after {s['offered'] - s['reply']:.1f}" if "offered" in s else ""), flush=True)
+            for k, v in phases.items():  # negative: the ClientApp started before the last message was pushed
+                row[k] = max(float(row[k]), v) if k in row else v
+        row["aggregate"] = done["t"] - last_reply
+        out.append(row)
+    return out
+
+
 def _folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / MB
 
@@ -103,6 +163,7 @@ def main() -> None:
     parser.add_argument("--preset", default="base")
     parser.add_argument("--series", type=int, default=8, help="series per site")
     parser.add_argument("--keep", default="", help="keep the data and deployment in this folder")
+    parser.add_argument("--trace", action="store_true", help="break each round down (FEDMRI_TRACE)")
     parser.add_argument("--tree", default="", help="deploy another fedmri checkout instead (disk store: "
                         "older trees have no --store)")
     args = parser.parse_args()
@@ -112,6 +173,9 @@ def main() -> None:
         catalogs = _sites(tmp / "data", args.sites, args.series, args.preset)
         tree = str(Path(args.tree).resolve()) if args.tree else ""
         store = "disk" if tree else args.store  # an older tree has no --store: its SuperLink uses SQLite
+        trace = tmp / "trace.jsonl"
+        if args.trace:  # every process the deployment starts inherits it
+            os.environ["FEDMRI_TRACE"] = str(trace)
         deployment = Deployment(tmp / f"deploy-{store}", catalogs, tree=tree, boot=boot_folder(tmp),
                                 server_args=[] if tree else ["--store", store])
         rows = []
@@ -130,6 +194,7 @@ def main() -> None:
                       - {{name: pretrain, rounds: 1, local_steps: 1}}
                       - {{name: heads, rounds: 1, local_steps: 1}}
                 """))
+                trace.unlink(missing_ok=True)
                 sampler = PeakSampler(deployment)
                 sampler.start()  # its clock starts with `fedmri run`
                 code, seen, output = deployment.run(config, timeout=3600, patterns=PATTERNS)
@@ -143,7 +208,8 @@ def main() -> None:
                        "peak": dict(sampler.peak), "state_mb": state_mb,
                        "first_clientapp": sampler.first_seen.get("clientapp"),
                        "rounds": _rounds(deployment.state / "runs" / f"base-{r}" / "metrics.jsonl"),
-                       "db_mb": db.stat().st_size / MB if db.exists() else 0.0}
+                       "db_mb": db.stat().st_size / MB if db.exists() else 0.0,
+                       "breakdown": _breakdown(trace)}
                 rows.append(row)
                 print(f"[run {r + 1}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
                       f"{row['heads']} s; locked: {row['locked']}; {row['cause']}; peak RSS MB "
@@ -154,6 +220,9 @@ def main() -> None:
                     print(f"         {rnd['stage']}: wall {rnd['wall']:.1f} s, slowest site {rnd['slowest']:.1f} s, "
                           f"overhead {rnd['overhead']:.1f} s, {rnd['down_mb']:.1f} MB down / {rnd['up_mb']:.1f} MB "
                           "up per site", flush=True)
+                for rnd in row["breakdown"]:
+                    print(f"         {rnd['stage']} breakdown s: "
+                          + ", ".join(f"{k} {rnd[k]:.1f}" for k in PHASES if k in rnd), flush=True)
                 if code != 0:
                     (tmp / f"run-{r + 1}-{store}.log").write_text(output)
         finally:
@@ -185,6 +254,12 @@ def _summary(rows: list[dict]) -> None:
     print("\n| process | peak RSS MB (median of runs) |\n| --- | --- |")
     for role in roles:
         print(f"| {role} | {med(row['peak'].get(role, 0.0) for row in rows):.0f} |")
+    staged = [r for row in rows for r in row.get("breakdown", [])]
+    if staged:
+        print("\n| round | " + " | ".join(PHASES) + " |\n| --- |" + " --- |" * len(PHASES))
+        for stage in dict.fromkeys(r["stage"] for r in staged):
+            rounds = [r for r in staged if r["stage"] == stage]
+            print(f"| {stage} | " + " | ".join(f"{med(float(r.get(k, 0.0)) for r in rounds):.1f}" for k in PHASES) + " |")
     firsts = [row["first_clientapp"] for row in rows if row["first_clientapp"] is not None]
     print(f"\nfirst ClientApp after `fedmri run`: median {med(firsts):.1f} s" if firsts else "")
     print(f"run wall: median {med(r['wall'] for r in rows):.0f} s; state folder after the run: median "

@@ -32,7 +32,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmri import __version__
+from fedmri import __version__, trace
 from fedmri import stages as stage_registry
 from fedmri.client.group_cache import GroupCache, MissingGroupsError, resolve_down
 from fedmri.client.policy import allowed_metrics, check_request
@@ -58,6 +58,7 @@ from fedmri.wire import from_record, group_digests, groups_in, to_record
 
 app = ClientApp()
 log = logging.getLogger(__name__)
+trace.event("clientapp-imported", started=trace.process_started())
 
 
 @app.query()
@@ -118,6 +119,7 @@ def _site_file(context: Context) -> str:
 
 def _handle(msg: Message, context: Context) -> Message:
     start, stage = time.perf_counter(), "request"
+    trace.event("handler-start", node=int(context.node_id))
     try:
         if CONFIG_KEY not in msg.content or ARRAYS_KEY not in msg.content:
             raise RequestError(f"the message lacks its {CONFIG_KEY!r} or {ARRAYS_KEY!r} record")
@@ -137,7 +139,9 @@ def _handle(msg: Message, context: Context) -> Message:
                              GroupCache.of_site(site))
         if sorted(groups_in(state)) != sorted(down):
             raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")
+        trace.event("handler-inputs", node=int(context.node_id))
         up, metrics = _train(site, run_cfg, state, request, msg)
+        trace.event("handler-trained", node=int(context.node_id))
     except MissingGroupsError as exc:
         log.info("%s: %s", stage, exc)
         reply = decline(msg, str(exc))
@@ -157,6 +161,7 @@ def _handle(msg: Message, context: Context) -> Message:
         sent = content[ARRAYS_KEY].count_bytes()
     content[METRICS_KEY] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
                                        "bytes-received": arrays.count_bytes(), "bytes-sent": sent})
+    trace.event("handler-end", node=int(context.node_id), bytes_sent=sent)
     return Message(content, reply_to=msg)
 
 

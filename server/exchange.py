@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from flwr.app import Message
 
+from fedmri import trace
 from fedmri.protocol import reply_status
 
 POLL_S = (0.1, 1.0)  # first and longest pause between pulls while no reply comes
@@ -39,13 +40,19 @@ def exchange(grid: GridLike, messages: Sequence[Message], timeout_s: float) -> I
     A message the SuperLink does not accept (Flower logs why) gets no reply; the caller's
     :class:`ReplyBook` then counts that site as failed.
     """
+    trace.event("push-start", messages=len(messages))
     pending = dict.fromkeys(mid for mid in grid.push_messages(messages) if mid)  # push order
+    trace.event("push-done", messages=len(pending))
     deadline = time.monotonic() + timeout_s
     pause = POLL_S[0]
     while pending:
+        asked = time.time()
         replies = list(grid.pull_messages(list(pending)))
+        if replies:
+            trace.event("pulled", replies=len(replies), seconds=time.time() - asked)
         for reply in replies:
             pending.pop(reply.metadata.reply_to_message_id, None)
+            trace.event("reply", node=int(reply.metadata.src_node_id))
         pause = POLL_S[0] if replies else min(POLL_S[1], pause * 1.5)
         while replies:  # hand each reply over and drop it: the caller keeps what it needs
             yield replies.pop(0)

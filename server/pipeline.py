@@ -33,7 +33,7 @@ from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 
 from fedmri import stages as stage_registry
-from fedmri import wire
+from fedmri import trace, wire
 from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
 from fedmri.protocol import (
@@ -241,12 +241,14 @@ class Pipeline:
         sampled = self._sample(nodes, stage_i)
         out = RoundOutcome(stage.name, rnd, server_round, sampled)
         request = self.round_request(stage_i, rnd, server_round)
+        trace.event("round-start", stage=stage.name, round=rnd)
         # Each site gets the down groups it has not acknowledged (server/downlink.py).
         downlink = self.downlink.start(self.state, groups.down, ConfigRecord(request.to_config()),
                                        spec.message_type, sampled, self.site)
         messages, down_bytes = downlink.messages, max(downlink.bytes_sent.values(), default=0)
         out.bytes_down_by_node = downlink.bytes_sent  # the same dict: a resend adds to it
         grid = downlink.bound(grid)  # a site that lacks a group it acknowledged gets every group again
+        trace.event("messages-built", stage=stage.name, round=rnd, bytes=down_bytes)
         log(INFO, "fedmri: %s round %d/%d (global %d): %d sites, %.1f MB down each", stage.name, rnd,
             stage.rounds, server_round, len(sampled), down_bytes / 1e6)
         t0 = time.monotonic()
@@ -270,6 +272,7 @@ class Pipeline:
                     t = time.perf_counter()
                     reason = updates.offer(reply)
                     out.timings["validate"] = out.timings.get("validate", 0.0) + time.perf_counter() - t
+                    trace.event("offered", node=node, seconds=time.perf_counter() - t)
                     if reason is not None:
                         log(WARNING, "Rejected the update of site %s: %s", node, reason)
                         continue
@@ -316,6 +319,7 @@ class Pipeline:
             else:
                 log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
                     len(metrics_by_node), need, "weights unchanged" if spec.trains else "nothing to report")
+        trace.event("round-done", stage=stage.name, round=rnd)
         self.recorder.record(out)
         shown = {k: v for k, v in out.aggregated.items() if k.endswith("loss") or k in ("t2i_r5", "i2t_r5")}
         log(INFO, "fedmri: %s round %d/%d done in %.0f s: %s%s", stage.name, rnd, stage.rounds, wall,
