@@ -164,20 +164,20 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=8, help="series per site")
     parser.add_argument("--keep", default="", help="keep the data and deployment in this folder")
     parser.add_argument("--trace", action="store_true", help="break each round down (FEDMRI_TRACE)")
-    parser.add_argument("--tree", default="", help="deploy another fedmri checkout instead (disk store: "
-                        "older trees have no --store)")
+    parser.add_argument("--tree", default="", help="deploy another fedmri checkout instead (with --store "
+                        "disk for trees that have no --store)")
     args = parser.parse_args()
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedmri-base-"))
     try:
         print(f"[data] {args.sites} sites x {args.series} series for {args.preset} ...", flush=True)
         catalogs = _sites(tmp / "data", args.sites, args.series, args.preset)
         tree = str(Path(args.tree).resolve()) if args.tree else ""
-        store = "disk" if tree else args.store  # an older tree has no --store: its SuperLink uses SQLite
+        store = args.store  # a tree older than 3721207 has no --store: its SuperLink uses SQLite (--store disk)
         trace = tmp / "trace.jsonl"
         if args.trace:  # every process the deployment starts inherits it
             os.environ["FEDMRI_TRACE"] = str(trace)
         deployment = Deployment(tmp / f"deploy-{store}", catalogs, tree=tree, boot=boot_folder(tmp),
-                                server_args=[] if tree else ["--store", store])
+                                server_args=[] if tree and store == "disk" else ["--store", store])
         rows = []
         try:
             for r in range(args.runs):
