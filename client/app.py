@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmri import __version__, trace
@@ -48,6 +48,7 @@ from fedmri.protocol import (
     DIGESTS_KEY,
     METRICS_KEY,
     MISSING_GROUPS,
+    NUM_EXAMPLES,
     PROTOCOL_VERSION,
     SEARCH_TASK,
     SIM_SITES_ENV,
@@ -77,6 +78,38 @@ def query(msg: Message, context: Context) -> Message:
     except Exception:  # noqa: BLE001 -- the coordinator then names the site by its node id
         log.warning("no site name for the coordinator's query", exc_info=True)
     return Message(RecordDict({VERSIONS_KEY: reply}), reply_to=msg)
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: this round's public keys (:mod:`fedmri.client.secagg`)."""
+    return _secagg_step(msg, context, "handle_keys")
+
+
+@app.query("secagg_shares")
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 2: encrypted shares of this site's secrets for its neighbours."""
+    return _secagg_step(msg, context, "handle_shares")
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 4: the shares that remove the masks of the sum, once per round."""
+    return _secagg_step(msg, context, "handle_unmask")
+
+
+def _secagg_step(msg: Message, context: Context, step: str) -> Message:
+    from fedmri.client import secagg
+
+    try:
+        return getattr(secagg, step)(msg, context)
+    except DeclineError as exc:
+        log.warning("declined secure aggregation %s: %s", step, exc)
+        return decline(msg, str(exc))
+    except Exception as exc:  # noqa: BLE001 -- see the module docstring
+        log.exception("secure aggregation %s failed at this site", step)
+        return decline(msg, f"secure aggregation failed at the site ({type(exc).__name__}); the site's log has "
+                            "the details")
 
 
 @app.train()
@@ -142,6 +175,10 @@ def _handle(msg: Message, context: Context) -> Message:
         trace.event("handler-inputs", node=int(context.node_id))
         up, metrics = _train(site, run_cfg, state, request, msg)
         trace.event("handler-trained", node=int(context.node_id))
+        if request.secagg:  # only masked ring elements leave: the coordinator can read the sum alone
+            from fedmri.client.secagg import mask_update
+
+            masked = mask_update(context, msg, request, up, state, float(metrics[NUM_EXAMPLES]))
     except MissingGroupsError as exc:
         log.info("%s: %s", stage, exc)
         reply = decline(msg, str(exc))
@@ -157,7 +194,8 @@ def _handle(msg: Message, context: Context) -> Message:
     content = RecordDict()
     sent = 0
     if spec.trains:
-        content[ARRAYS_KEY] = to_record(up)
+        content[ARRAYS_KEY] = to_record(up) if not request.secagg else ArrayRecord(
+            {k: Array(v) for k, v in masked.items()})
         sent = content[ARRAYS_KEY].count_bytes()
     content[METRICS_KEY] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
                                        "bytes-received": arrays.count_bytes(), "bytes-sent": sent})

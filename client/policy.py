@@ -42,7 +42,15 @@ def privacy_required(site_cfg: Any, request: TrainRequest) -> str | None:
     return policy_reason(site_cfg, request)
 
 
-RULES: list[Rule] = [stage_allowed, local_steps_within_limit, privacy_required]
+def secure_aggregation_required(site_cfg: Any, request: TrainRequest) -> str | None:
+    """Training only under secure aggregation when ``policy.secure_aggregation``."""
+    if request.trains and bool(site_cfg.policy.get("secure_aggregation", False)) and not request.secagg:
+        return ("this site's policy requires secure aggregation (policy.secure_aggregation); the federation's "
+                f"{request.stage} stage does not use it (secure_aggregation.enabled)")
+    return None
+
+
+RULES: list[Rule] = [stage_allowed, local_steps_within_limit, privacy_required, secure_aggregation_required]
 
 # Numbers the coordinator needs to aggregate and account: they leave whatever ``policy.metrics`` says.
 PROTOCOL_METRICS = ("num-examples", "steps", "declined", "wall-time-s", "bytes-received", "bytes-sent", "dp-*",

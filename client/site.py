@@ -25,6 +25,7 @@ Example::
         epsilon_total: 8.0           # ε over all runs, counted in the privacy ledger
         epsilon_per_run: 4.0
         delta: 1.0e-5
+      secure_aggregation: false      # true: train only when the coordinator sees just the sum
 
 Relative paths are resolved against the folder holding ``site.yaml``.
 """
@@ -100,6 +101,9 @@ class SitePolicy:
     # dp-*) always go, since the coordinator needs them to aggregate and account.
     metrics: list[str] = field(default_factory=lambda: ["*"])
     dp: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # Training rounds must use secure aggregation (the coordinator sees only the sum of
+    # the sites' updates); a request without it is declined.
+    secure_aggregation: bool = False
 
 
 @dataclass

@@ -35,7 +35,8 @@ from fedmri.wire import ENCODER, PROJECTIONS
 # protocol differs from the server's declines work with a reason.
 # 2: a request's ``arrays`` may leave out the down groups its ``digests`` record names
 # (the site takes them from its cache); a site on 1 would decline those requests.
-PROTOCOL_VERSION = 2
+# 3: secure aggregation (``secagg`` requests, the ``query.secagg_*`` messages, masked replies).
+PROTOCOL_VERSION = 3
 
 # Records of a message's RecordDict.
 ARRAYS_KEY = "arrays"  # ArrayRecord: the weights going down, the site's update coming up
@@ -48,6 +49,10 @@ DIGESTS_KEY = "digests"  # ConfigRecord of a request: down group -> fedmri.wire.
 # lacks; the coordinator sends that site every down group in full, in the same round (fedmri.server.downlink).
 MISSING_GROUPS = "missing-groups"
 NUM_EXAMPLES = "num-examples"  # the aggregation weight, as Flower's strategies expect
+# Secure aggregation (fedmri.secagg, fedmri.client.secagg): the ConfigRecord of its messages,
+# and the message types of its extra steps within a training round.
+SECAGG_KEY = "secagg"
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"
 
 # Site-level DP: off, local (the site clips and noises its update) or central (the coordinator does).
 SITE_DP_MODES = ("off", "local", "central")
@@ -160,6 +165,12 @@ class TrainRequest:
     # Site-level DP noise multiplier z (noise std z * clip) and update clipping norm.
     site_dp_noise_multiplier: float = 0.0
     site_dp_clip_norm: float = 0.0
+    # Secure aggregation (fedmri.secagg): the site clips its update to this L2 norm, weights it by
+    # its example count capped at secagg_max_weight, encodes it at secagg_scale and masks it.
+    secagg: bool = False
+    secagg_clip_norm: float = 0.0
+    secagg_max_weight: float = 0.0
+    secagg_scale: float = 0.0
 
     @property
     def trains(self) -> bool:
@@ -253,6 +264,13 @@ class TrainRequest:
                                    f"not {self.stage}")
             if not (self.site_dp_clip_norm > 0 and self.site_dp_noise_multiplier > 0):
                 raise RequestError("site-dp needs site-dp-clip-norm > 0 and site-dp-noise-multiplier > 0")
+        if self.secagg:
+            if not self.trains:
+                raise RequestError(f"secagg is for training stages, not {self.stage}")
+            if self.site_dp == "central":
+                raise RequestError("secagg hides each site's update, so central site-dp cannot clip it")
+            if not (self.secagg_clip_norm > 0 and self.secagg_max_weight >= 1 and self.secagg_scale >= 1):
+                raise RequestError("secagg needs secagg-clip-norm > 0, secagg-max-weight >= 1 and secagg-scale >= 1")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,24 @@ class SiteDPConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """SecAgg+ (fedmri.secagg): the coordinator learns only the sum of the sites' updates."""
+
+    # Mask every site's update of this training stage (fedavg, fedprox, fedadam, fedyogi).
+    enabled: bool = False
+    # Most L2 norm of one site's update: each site clips to it before masking (it replaces the
+    # coordinator's norm bound, which cannot see single updates). Pick it above the usual norm.
+    clip_norm: float = 10.0
+    # A site's weight (its example count) is capped at this; with clip_norm and the number of
+    # sites it sets the fixed-point scale that keeps the 32-bit sum from overflowing.
+    max_weight: float = 10000.0
+    # Neighbours per site in SecAgg+'s graph; 0 = every other site (SecAgg).
+    neighbours: int = 0
+    # Fraction of a site's share holders whose shares rebuild its secrets; at least a majority.
+    threshold: float = 0.5
+
+
+@dataclass
 class StageConfig:
     """One stage of the pipeline."""
 
@@ -90,6 +108,7 @@ class StageConfig:
     split: str = "val"
     dp: SampleDPConfig = field(default_factory=SampleDPConfig)
     site_dp: SiteDPConfig = field(default_factory=SiteDPConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
 def _default_stages() -> list[StageConfig]:
@@ -212,6 +231,7 @@ def check_federation(cfg: DictConfig, where: str) -> None:
 
 def _check_dp(stage: DictConfig, where: str) -> None:
     dp, site = stage.dp, stage.site_dp
+    _check_secagg(stage, where)
     training = stage_registry.get(stage.name).trains
     trained = ", ".join(stage_registry.names(trains=True))
     if dp.enabled:
@@ -233,6 +253,27 @@ def _check_dp(stage: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}: central site_dp adds its noise to the mean of the clipped updates, so it "
                               f"needs strategy fedavg or fedprox, not {stage.strategy.get('name')!r}; or use "
                               "site_dp mode local")
+
+
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+def _check_secagg(stage: DictConfig, where: str) -> None:
+    sec = stage.secure_aggregation
+    if not sec.enabled:
+        return
+    if not stage_registry.get(stage.name).trains:
+        raise ConfigError(f"{where}: secure_aggregation is for the training stages "
+                          f"({', '.join(stage_registry.names(trains=True))})")
+    if stage.strategy.get("name") not in SECAGG_STRATEGIES:
+        raise ConfigError(f"{where}: secure aggregation gives the coordinator only the sum of the updates, so the "
+                          f"strategy must be one of {', '.join(SECAGG_STRATEGIES)}, not {stage.strategy.get('name')!r}")
+    if stage.site_dp.mode == "central":
+        raise ConfigError(f"{where}: central site_dp clips each site's update at the coordinator, which secure "
+                          "aggregation hides; use site_dp mode local")
+    if not (sec.clip_norm > 0 and sec.max_weight >= 1 and sec.neighbours >= 0 and 0 <= sec.threshold <= 1):
+        raise ConfigError(f"{where}: secure_aggregation needs clip_norm > 0, max_weight >= 1, neighbours >= 0 and "
+                          "threshold in [0, 1]")
 
 
 def dp_request(stage: DictConfig) -> dict[str, Any]:

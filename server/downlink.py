@@ -62,7 +62,8 @@ class Downlink:
         self.misses: dict[str, int] = {}
 
     def start(self, state: Mapping[str, Tensor], groups: Sequence[str], config: ConfigRecord, message_type: str,
-              nodes: Iterable[int], site_name: Callable[[int], str]) -> RoundDownlink:
+              nodes: Iterable[int], site_name: Callable[[int], str],
+              extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None) -> RoundDownlink:
         """One round's messages: ``groups`` of ``state`` and the request ``config`` to each node.
 
         Args:
@@ -73,8 +74,9 @@ class Downlink:
             message_type: The stage's Flower message type.
             nodes: The sampled sites.
             site_name: node id -> site name.
+            extras: node id -> more records for that node's messages (secure aggregation's shares).
         """
-        return RoundDownlink(self, wire.select(state, groups), config, message_type, list(nodes), site_name)
+        return RoundDownlink(self, wire.select(state, groups), config, message_type, list(nodes), site_name, extras)
 
     def lacks(self, site: str, digests: Mapping[str, str]) -> list[str]:
         """The groups of ``digests`` whose digest ``site`` has not acknowledged."""
@@ -107,8 +109,10 @@ class RoundDownlink:
     """
 
     def __init__(self, downlink: Downlink, entries: dict[str, Tensor], config: ConfigRecord, message_type: str,
-                 nodes: list[int], site_name: Callable[[int], str]) -> None:
+                 nodes: list[int], site_name: Callable[[int], str],
+                 extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None) -> None:
         self.downlink = downlink
+        self.extras = extras
         self.entries = entries
         self.config = config
         self.message_type = message_type
@@ -145,6 +149,8 @@ class RoundDownlink:
         content = RecordDict({ARRAYS_KEY: self._record(sending), CONFIG_KEY: self.config})
         if self.digests:
             content[DIGESTS_KEY] = ConfigRecord(dict(self.digests))
+        for key, record in (self.extras(node) if self.extras is not None else {}).items():
+            content[key] = record
         if len(sending) == len(self.groups):
             self._full.add(node)
         self.bytes_sent[node] = self.bytes_sent.get(node, 0) + sum(self._group_bytes[g] for g in sending)

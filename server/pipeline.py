@@ -18,6 +18,7 @@ goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,9 +37,11 @@ from fedmri import stages as stage_registry
 from fedmri import trace, wire
 from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
+from fedmri.secagg import SecAggError, quantisation_bound
 from fedmri.protocol import (
     ARRAYS_KEY,
     METRICS_KEY,
+    NUM_EXAMPLES,
     PROTOCOL_VERSION,
     VERSIONS_KEY,
     TrainRequest,
@@ -50,7 +53,9 @@ from fedmri.server.exchange import GridLike, ReplyBook, exchange
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary
 from fedmri.server.recorder import Recorder, RoundOutcome
 from fedmri.server.rundir import RunDir
+from fedmri.server.secagg import SecureRound, secure_round
 from fedmri.strategies import build_aggregator
+from fedmri.strategies.secagg import SecureSum
 from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
 from fedmri.strategies.updates import RoundUpdates, memory_bytes_from_mb
 
@@ -217,6 +222,35 @@ class Pipeline:
                             run_name=str(self.fed.name), fedmri_config=OmegaConf.to_yaml(self.cfg),
                             local_steps=int(stage.local_steps), stage_rounds=int(stage.rounds), **fields)
 
+    def _unmask(self, grid: GridLike, stage_i: int, secure: SecureRound, total: SecureSum, updates: RoundUpdates,
+                metrics_by_node: dict[int, dict[str, float]],
+                out: RoundOutcome) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+        """The masks off the round's sum; its mean becomes the round's one update. Returns the metrics of
+        the sites whose input counted (none when the sum cannot be recovered: the weights then stay)
+        and the round's secure aggregation metrics."""
+        stage = self.fed.stages[stage_i]
+        if len(total.sent) < self._min_sites(stage_i):
+            out.problems += [p for p in secure.problems if p not in out.problems]
+            return {}, {}
+        try:
+            secure.unmask(grid, total)
+            mean, weight = total.mean(secure.scale)
+            expected = sum(round(min(metrics_by_node[n][NUM_EXAMPLES], secure.max_weight)) for n in total.sent)
+            if weight != expected:
+                raise SecAggError(f"secure aggregation: the unmasked weight {weight} is not the sites' {expected}")
+        except SecAggError as exc:
+            log(WARNING, "fedmri: %s round: %s; weights unchanged", stage.name, exc)
+            out.problems += [(n, "failed", str(exc)) for n in total.sent]
+            return {}, {}
+        finally:
+            out.problems += [p for p in secure.problems if p not in out.problems]
+        current = updates.current
+        updates.add(0, {k: (current[k].astype(np.float64) + mean[k]).astype(current[k].dtype) for k in mean},
+                    MetricRecord({NUM_EXAMPLES: weight}))
+        bound = quantisation_bound(len(secure.nodes), secure.scale, weight)
+        return ({n: m for n, m in metrics_by_node.items() if n in total.sent},
+                {"secagg-sites": float(len(total.sent)), "secagg-quantisation-bound": bound})
+
     def _spec(self, stage_i: int) -> stage_registry.StageSpec:
         return stage_registry.get(self.fed.stages[stage_i].name)
 
@@ -242,9 +276,23 @@ class Pipeline:
         out = RoundOutcome(stage.name, rnd, server_round, sampled)
         request = self.round_request(stage_i, rnd, server_round)
         trace.event("round-start", stage=stage.name, round=rnd)
+        secure, training = None, sampled
+        if spec.trains and stage.secure_aggregation.enabled:
+            # Keys and shares first (server/secagg.py): only the sites that shared theirs train.
+            secure = secure_round(stage.secure_aggregation, f"{self.fed.name}/{server_round}", sampled,
+                                  int(self.rng.integers(2**31)), float(self.fed.round_timeout_s))
+            request = dataclasses.replace(request, secagg=True, secagg_scale=secure.scale,
+                                          secagg_clip_norm=float(stage.secure_aggregation.clip_norm),
+                                          secagg_max_weight=float(stage.secure_aggregation.max_weight))
+            try:
+                training = secure.setup(grid)
+            except SecAggError as exc:
+                log(WARNING, "fedmri: %s round %d: %s", stage.name, rnd, exc)
+                training = []
         # Each site gets the down groups it has not acknowledged (server/downlink.py).
         downlink = self.downlink.start(self.state, groups.down, ConfigRecord(request.to_config()),
-                                       spec.message_type, sampled, self.site)
+                                       spec.message_type, training, self.site,
+                                       extras=secure.extras if secure is not None else None)
         messages, down_bytes = downlink.messages, max(downlink.bytes_sent.values(), default=0)
         out.bytes_down_by_node = downlink.bytes_sent  # the same dict: a resend adds to it
         grid = downlink.bound(grid)  # a site that lacks a group it acknowledged gets every group again
@@ -258,6 +306,10 @@ class Pipeline:
         current = wire.to_record(wire.select(self.state, groups.up)) if spec.trains else None
         updates = (RoundUpdates(current, memory_bytes=memory_bytes_from_mb(float(self.fed.update_memory_mb)),
                                 spill_dir=self.run.path) if current is not None else None)
+        total = (SecureSum({k: tuple(a.shape) for k, a in current.items()}, secure.context)
+                 if secure is not None and current is not None else None)
+        masked_rejects: dict[int, str] = {}
+        secure_metrics: dict[str, float] = {}
         with contextlib.ExitStack() as cleanup:
             if updates is not None:
                 cleanup.callback(updates.close)
@@ -268,7 +320,13 @@ class Pipeline:
                     continue
                 up = reply.content.array_records.get(ARRAYS_KEY)
                 nbytes = _nbytes(up) if up is not None else 0
-                if updates is not None:
+                if total is not None:  # masked: into the running sum, nothing of the site's own kept
+                    reason = total.add(node, {k: a.numpy() for k, a in up.items()}) if up is not None else "no arrays"
+                    if reason is not None:
+                        log(WARNING, "Rejected the masked update of site %s: %s", node, reason)
+                        masked_rejects[node] = reason
+                        continue
+                elif updates is not None:
                     t = time.perf_counter()
                     reason = updates.offer(reply)
                     out.timings["validate"] = out.timings.get("validate", 0.0) + time.perf_counter() - t
@@ -282,8 +340,12 @@ class Pipeline:
                 del reply, up
             wall = time.monotonic() - t0
             out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
-            out.problems = book.finish()
-            if updates is not None:
+            out.problems = book.finish() + (secure.problems if secure is not None else [])
+            out.problems += [(node, "rejected", reason) for node, reason in masked_rejects.items()]
+            if total is not None and secure is not None and updates is not None:
+                metrics_by_node, secure_metrics = self._unmask(grid, stage_i, secure, total, updates,
+                                                               metrics_by_node, out)
+            elif updates is not None:
                 # Under central site DP, clipping bounds each site; rejecting relative to the other
                 # sites' norms would let one site's data decide whether another site counts.
                 factor = math.inf if stage.site_dp.mode == "central" else float(self.fed.norm_bound_factor)
@@ -298,7 +360,7 @@ class Pipeline:
             # an update needs min_sites contributors.
             need = self._min_sites(stage_i) if spec.trains else 1
             if len(metrics_by_node) >= need:
-                out.aggregated = aggregate_metrics(list(metrics_by_node.values()))
+                out.aggregated = aggregate_metrics(list(metrics_by_node.values())) | secure_metrics
                 if updates is not None and current is not None:
                     t = time.perf_counter()
                     new, own = self.aggregators[stage_i].aggregate(server_round, current, updates)
