@@ -133,13 +133,15 @@ def resolve_down(received: State, digests: Mapping[str, Any] | None, down: Seque
                  cache: GroupCache) -> State:
     """A request's down groups: those it carries, checked against their digests, and the others from ``cache``.
 
-    Received groups are stored in the cache once every group is found, so what the
-    site trains on is what it keeps.
+    Received groups that the request names are stored in the cache once every group is
+    found, so what the site trains on is what it keeps; a group it carries without naming
+    changes every round (pretraining's), so it is neither hashed nor kept.
 
     Args:
         received: The request's ``arrays``, as wire tensors.
-        digests: The request's ``digests`` record (group -> SHA-256); None when the
-            coordinator named none, and then ``received`` is every group.
+        digests: The request's ``digests`` record (group -> SHA-256) of the groups the
+            round leaves unchanged; None when the coordinator named none, and then
+            ``received`` is every group.
         down: The stage's down groups under the run's config.
         cache: The site's cache.
 
@@ -147,29 +149,31 @@ def resolve_down(received: State, digests: Mapping[str, Any] | None, down: Seque
         Every down group's entries, in the order of ``down``.
 
     Raises:
-        RequestError: Digests of other groups than ``down``, a received group that is not
-            among them or does not match its digest.
+        RequestError: Digests of other groups than ``down``, a named group that does not
+            match its digest, or a group neither carried nor named.
         MissingGroupsError: Named groups that neither came nor are in the cache.
     """
     if digests is None:
         return received
     named = {str(g): d for g, d in digests.items()}
-    if sorted(named) != sorted(down):
+    if not set(named) <= set(down):
         raise RequestError(f"the request names digests of {sorted(named)}, the stage sends {sorted(down)}")
     for group, digest in named.items():
         if not isinstance(digest, str):
             raise RequestError(f"the digest of {group!r} must be a string")
         cache.path(group, digest)  # checks both as file names
     came = {g: select(received, [g]) for g in groups_in(received)}
-    for group, entries in came.items():
-        if group not in named:
-            raise RequestError(f"the request carries {group!r}, which its digests do not name")
-        if group_digest(entries) != named[group]:
+    for group, entries in came.items():  # a group the request does not name changes every round: not kept
+        if group not in down:
+            raise RequestError(f"the request carries {group!r}, which the stage does not send")
+        if group in named and group_digest(entries) != named[group]:
             raise RequestError(f"group {group!r} does not match its digest: the message was altered on the way")
     state: State = {}
     missing = []
     for group in down:
         entries = came.get(group)
+        if entries is None and group not in named:
+            raise RequestError(f"the request neither carries nor names group {group!r}")
         if entries is None:
             entries = cache.get(group, named[group])
         if entries is None:
@@ -179,7 +183,8 @@ def resolve_down(received: State, digests: Mapping[str, Any] | None, down: Seque
     if missing:
         raise MissingGroupsError(missing)
     for group, entries in came.items():
-        cache.put(group, named[group], entries)
+        if group in named:
+            cache.put(group, named[group], entries)
     return state
 
 

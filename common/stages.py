@@ -34,6 +34,8 @@ from fedmri.wire import (
     LOGIT_SCALE,
     PROJECTIONS,
     SSL_GROUPS,
+    TEACHER,
+    TEACHER_HEAD,
     TEXT,
     StageGroups,
     State,
@@ -142,7 +144,7 @@ def get(name: str) -> StageSpec:
 
 # --------------------------------------------------------------- the stages
 def _pretrain_groups(cfg: Any) -> StageGroups:
-    return StageGroups(down=SSL_GROUPS, up=(ENCODER, DINO_HEAD, CENTER))
+    return StageGroups(down=SSL_GROUPS, up=(ENCODER, DINO_HEAD, CENTER), moves=(TEACHER, TEACHER_HEAD))
 
 
 def _pretrain_values(r: RoundInputs) -> dict[str, Any]:

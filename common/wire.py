@@ -188,10 +188,22 @@ def load_align_state(model: Any, state: Mapping[str, Tensor]) -> None:
 
 @dataclass(frozen=True)
 class StageGroups:
-    """Which groups a stage sends to the sites (``down``) and takes back (``up``)."""
+    """Which groups a stage sends to the sites (``down``) and takes back (``up``).
+
+    ``moves`` are down groups that the coordinator changes after a round besides the
+    ``up`` ones (pretraining's teacher, an EMA of the aggregated student). What is
+    left, :attr:`kept`, stays as it is after the round: only those groups are worth
+    a site's cache (fedmri.server.downlink, fedmri.client.group_cache).
+    """
 
     down: tuple[str, ...]
     up: tuple[str, ...]
+    moves: tuple[str, ...] = ()
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """The down groups a round leaves unchanged."""
+        return tuple(g for g in self.down if g not in self.up and g not in self.moves)
 
 
 def stage_groups(stage: str, cfg: Any) -> StageGroups:

@@ -1,9 +1,10 @@
 """Send each site only the parameter groups it lacks: the coordinator's side of the group cache.
 
-A request names the digest of every down group (:func:`fedmri.wire.group_digest`) in its
-``digests`` record (:data:`fedmri.protocol.DIGESTS_KEY`); its ``arrays`` carry only the
-groups whose digest that site has not acknowledged, and the site takes the others from its
-cache (:mod:`fedmri.client.group_cache`). A site acknowledges the digests of a request by a
+A request names the digest of every down group that the round leaves unchanged
+(:attr:`fedmri.wire.StageGroups.kept`; :func:`fedmri.wire.group_digest`) in its ``digests``
+record (:data:`fedmri.protocol.DIGESTS_KEY`); its ``arrays`` carry the other groups and
+those named groups whose digest that site has not acknowledged, and the site takes the
+rest from its cache (:mod:`fedmri.client.group_cache`). A site acknowledges the digests of a request by a
 successful reply to it (no error, no decline). The coordinator remembers them per site
 name, since node ids change when a site reconnects, and keeps nothing of it in the
 checkpoint: after a resume every site gets every group once.
@@ -23,9 +24,11 @@ Per round the pipeline calls :meth:`Downlink.start` and sends ``messages``; then
 - a receive loop of its own hands every reply to ``round.on_reply`` and, when that returns a
   message, pushes it and waits for its reply instead.
 
-Pretraining gains nothing: every down group changes every round (the teacher by the
-coordinator's EMA, the rest by aggregation). After alignment the frozen encoder goes once,
-and a heads, evaluate or search round sends the groups that changed and 64-character digests.
+Pretraining names no digest: every down group changes every round (the teacher by the
+coordinator's EMA, the rest by aggregation), so neither side hashes its 892 MB (``base``) for
+a digest nor does the site write them to its cache. After alignment the frozen encoder goes
+once, and a heads, evaluate or search round sends the groups that changed and 64-character
+digests.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class Downlink:
 
     def start(self, state: Mapping[str, Tensor], groups: Sequence[str], config: ConfigRecord, message_type: str,
               nodes: Iterable[int], site_name: Callable[[int], str],
-              extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None) -> RoundDownlink:
+              extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None,
+              cached: Sequence[str] | None = None) -> RoundDownlink:
         """One round's messages: ``groups`` of ``state`` and the request ``config`` to each node.
 
         Args:
@@ -75,8 +79,10 @@ class Downlink:
             nodes: The sampled sites.
             site_name: node id -> site name.
             extras: node id -> more records for that node's messages (secure aggregation's shares).
+            cached: The groups to name by digest (the round leaves them unchanged); None: all.
         """
-        return RoundDownlink(self, wire.select(state, groups), config, message_type, list(nodes), site_name, extras)
+        return RoundDownlink(self, wire.select(state, groups), config, message_type, list(nodes), site_name, extras,
+                             cached)
 
     def lacks(self, site: str, digests: Mapping[str, str]) -> list[str]:
         """The groups of ``digests`` whose digest ``site`` has not acknowledged."""
@@ -110,7 +116,8 @@ class RoundDownlink:
 
     def __init__(self, downlink: Downlink, entries: dict[str, Tensor], config: ConfigRecord, message_type: str,
                  nodes: list[int], site_name: Callable[[int], str],
-                 extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None) -> None:
+                 extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None,
+                 cached: Sequence[str] | None = None) -> None:
         self.downlink = downlink
         self.extras = extras
         self.entries = entries
@@ -118,7 +125,8 @@ class RoundDownlink:
         self.message_type = message_type
         self.site_name = site_name
         self.groups = wire.groups_in(entries)
-        self.digests = wire.group_digests(entries) if downlink.enabled else {}
+        named = [g for g in self.groups if cached is None or g in cached]
+        self.digests = wire.group_digests(wire.select(entries, named)) if downlink.enabled and named else {}
         self.bytes_sent: dict[int, int] = {}
         self.sent: list[Message] = []
         self._group_bytes = {g: 0 for g in self.groups}
@@ -127,8 +135,9 @@ class RoundDownlink:
         self._group_records: dict[str, ArrayRecord] = {}
         self._records: dict[tuple[str, ...], ArrayRecord] = {}
         self._full: set[int] = set()
-        self.messages = [self._send(n, self.downlink.lacks(site_name(n), self.digests) if self.digests
-                                    else self.groups) for n in nodes]
+        unnamed = [g for g in self.groups if g not in self.digests]
+        self.messages = [self._send(n, [*unnamed, *self.downlink.lacks(site_name(n), self.digests)]
+                                    if self.digests else self.groups) for n in nodes]
 
     def _record(self, groups: tuple[str, ...]) -> ArrayRecord:
         # One record per set of groups, built from one copy of each group: sites that lack the

@@ -292,7 +292,7 @@ class Pipeline:
         # Each site gets the down groups it has not acknowledged (server/downlink.py).
         downlink = self.downlink.start(self.state, groups.down, ConfigRecord(request.to_config()),
                                        spec.message_type, training, self.site,
-                                       extras=secure.extras if secure is not None else None)
+                                       extras=secure.extras if secure is not None else None, cached=groups.kept)
         messages, down_bytes = downlink.messages, max(downlink.bytes_sent.values(), default=0)
         out.bytes_down_by_node = downlink.bytes_sent  # the same dict: a resend adds to it
         grid = downlink.bound(grid)  # a site that lacks a group it acknowledged gets every group again

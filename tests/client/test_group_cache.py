@@ -126,7 +126,8 @@ def test_a_group_neither_sent_nor_cached_is_missing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("change", "match"), [
     ("tampered", "does not match its digest"),
     ("other-groups", "names digests of"),
-    ("unnamed", "which its digests do not name"),
+    ("foreign", "which the stage does not send"),
+    ("neither", "neither carries nor names group 'encoder'"),
     ("not-a-string", "must be a string"),
 ])
 def test_requests_whose_digests_do_not_fit_are_refused(tmp_path: Path, change: str, match: str) -> None:
@@ -137,8 +138,11 @@ def test_requests_whose_digests_do_not_fit_are_refused(tmp_path: Path, change: s
         received[f"{HEAD}/w"] = received[f"{HEAD}/w"] + 1
     elif change == "other-groups":
         digests["text"] = digests[ENC]
-    elif change == "unnamed":
+    elif change == "foreign":
         received["text/w"] = torch.zeros(1)
+    elif change == "neither":
+        digests = {HEAD: digests[HEAD]}
+        received = select(state, [HEAD])
     else:
         digests[ENC] = 7
     with pytest.raises(RequestError, match=match):
@@ -185,3 +189,12 @@ def test_the_site_declines_what_it_lacks_and_evaluates_the_same_from_its_cache(
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert dict(app(_message(values, initial, others), context).content["status"])[MISSING_GROUPS] == [ENC]
+
+
+def test_groups_the_request_does_not_name_are_used_but_neither_hashed_nor_kept(tmp_path: Path) -> None:
+    # Pretraining's groups change every round: the coordinator names none of them.
+    state, cache = _state(), GroupCache(tmp_path)
+    named = {HEAD: group_digests(state)[HEAD]}
+    resolved = resolve_down(state, named, [ENC, HEAD], cache)
+    assert all(torch.equal(resolved[k], state[k]) for k in state)
+    assert (tmp_path / HEAD).exists() and not (tmp_path / ENC).exists()

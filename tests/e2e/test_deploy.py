@@ -255,6 +255,8 @@ def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federa
                                                   daemons: list[Daemon], tmp_path: Path) -> None:
     """Three sites, min_sites 2: the third site's SuperNode, with the ClientApp it started
     for round 1, is killed (SIGKILL, no goodbye) and the run goes on with the other two.
+    The rounds run under secure aggregation: the dead site had shared its keys, and the
+    survivors' shares of its mask key recover the sum of their two updates.
 
     What Flower 1.42 does then (measured here, and read in flwr's linkstate): nothing
     at once. The SuperLink keeps a node online until its heartbeat lapses: online
@@ -278,8 +280,11 @@ def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federa
     spare = Daemon(["client", "start", "--site", str(federation.sites[SPARE])], tmp_path / f"{SPARE}.log")
     daemons.append(spare)
     spare.wait_for(CONNECTED, 90)
+    # Under secure aggregation: the killed site shared its keys and masked with the others, so
+    # the two survivors' shares of its mask key must take its pairwise masks off their sum.
     run, _, run_dir = _start_run(federation, daemons, tmp_path, "e2e-kill",
-                                 [{"name": "pretrain", "rounds": 2, "local_steps": 5}],
+                                 [{"name": "pretrain", "rounds": 2, "local_steps": 5,
+                                   "secure_aggregation": {"enabled": True}}],
                                  round_timeout_s=timeout, export=False)
     # Round 1 is under way at the site: its SuperNode took the train message and the
     # ClientApp process for it has started (its first log line).
@@ -296,6 +301,7 @@ def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federa
     assert any("Node Unavailable" in r["reason"] for r in rows if r["server_round"] == 1 and r["status"] == "failed")
     first, second = _aggregate(rows, 1), _aggregate(rows, 2)
     assert first["status"] == "aggregated" and first["sites"] == 2
+    assert first["secagg-sites"] == 2 and _aggregate(rows, 2)["secagg-sites"] == 2
     # Flower's error reply, not the timeout, ended round 1. (The round's wall time is
     # overhead + slowest site: the "all" row's own wall-time-s holds the sites' mean.)
     wall = first["overhead-s"] + max(r["wall-time-s"] for r in rows if r["server_round"] == 1 and r["status"] == "ok")

@@ -250,6 +250,15 @@ def test_heads_and_evaluate_rounds_after_the_first_send_no_encoder(runs: dict) -
         if stage in ("heads", "evaluate") and msg.content.config_records["config"]["round"] == 2 \
                 and int(msg.metadata.dst_node_id) != WIPED:
             assert ENC not in _groups(msg)
+    # Pretraining and alignment change every group they send: no digests, nothing cached. Heads
+    # names only the frozen encoder, evaluation everything.
+    for msg in runs["grid"].sent:
+        stage = msg.content.config_records["config"].get("stage") if "config" in msg.content else None
+        named = set(msg.content[DIGESTS_KEY]) if DIGESTS_KEY in msg.content else set()
+        if stage in ("pretrain", "align"):
+            assert not named, stage
+        elif stage == "heads":
+            assert named == {ENC}
     # What the metrics say is what went: per site, and the round's sum.
     rows = [json.loads(line) for line in (runs["root"] / "cache-True" / "metrics.jsonl").read_text().splitlines()]
     heads_2 = [r for r in rows if r["stage"] == "heads" and r["round"] == 2]
