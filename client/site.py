@@ -25,6 +25,7 @@ Example::
         epsilon_total: 8.0           # ε over all runs, counted in the privacy ledger
         epsilon_per_run: 4.0
         delta: 1.0e-5
+        unit: patient                # ε per patient (all its series clipped as one); series: per series
       secure_aggregation: false      # true: train only when the coordinator sees just the sum
 
 Relative paths are resolved against the folder holding ``site.yaml``.
@@ -40,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedmri import stages as stage_registry
+from fedmri.client.privacy.ledger import UNITS
 from fedmri.errors import ConfigError, InputError
 
 # Besides the pipeline's stages (fedmri.stages), a site can answer federated
@@ -85,6 +87,11 @@ class PrivacyPolicy:
     # The privacy ledger (SQLite); null = privacy-ledger.sqlite in the catalog folder.
     # Back it up with the catalog: deleting it forgets the privacy already spent.
     ledger: str | None = None
+    # What DP-SGD protects: "patient" samples patients and clips the sum of each patient's
+    # gradients as one, so ε holds for a patient whatever their number of series; "series"
+    # clips each series (each image-report pair in alignment) alone, so a patient with k
+    # series is protected only as a group of k.
+    unit: str = "patient"
 
 
 @dataclass
@@ -164,6 +171,9 @@ def load_site(path: str | Path, overrides: list[str] | None = None) -> DictConfi
             raise ConfigError(f"site file {path}: policy.dp.{key} must be > 0 or null (no limit), got {dp[key]}")
     if not 0 < dp.delta < 1:
         raise ConfigError(f"site file {path}: policy.dp.delta must be in (0, 1), got {dp.delta}")
+    if dp.unit not in UNITS:
+        raise ConfigError(f"site file {path}: policy.dp.unit must be one of {', '.join(UNITS)} (patient: ε per "
+                          f"patient, series: per series or image-report pair), got {dp.unit!r}")
     base = path.parent
     cfg.catalog = _absolute(base, cfg.catalog)
     cfg.extra_catalogs = [_absolute(base, c) for c in cfg.extra_catalogs]

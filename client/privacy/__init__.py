@@ -7,6 +7,7 @@ reads the ledger without them; computing ε loads them on first use.
 from fedmri.accounting import ACCOUNTANT, rdp_accountant, rdp_epsilon
 from fedmri.client.privacy.ledger import (
     LEDGER_FILE,
+    UNITS,
     LedgerConflictError,
     LedgerEntry,
     LedgerError,
@@ -18,5 +19,5 @@ from fedmri.client.privacy.ledger import (
 
 __all__ = [
     "ACCOUNTANT", "LEDGER_FILE", "LedgerConflictError", "LedgerEntry", "LedgerError", "LedgerSummary",
-    "PrivacyLedger", "StageSpend", "default_ledger_path", "rdp_accountant", "rdp_epsilon",
+    "PrivacyLedger", "StageSpend", "UNITS", "default_ledger_path", "rdp_accountant", "rdp_epsilon",
 ]

@@ -1,4 +1,4 @@
-"""Sample-level DP-SGD for objectives whose per-sample term spans several forward inputs.
+"""Sample-level and patient-level DP-SGD for objectives whose per-sample term spans several forward inputs.
 
 fedmri's SSL batches put 2 global + N local crops of each scan into one forward
 pass, so Opacus' per-sample gradients (one per row of the batch) would be per
@@ -14,12 +14,21 @@ batch size under Poisson sampling, so the sampled batch size leaks nothing.
 The guarantee holds only when the objective is a sum of per-sample terms, each
 depending on one private sample: centering must be a frozen buffer during the
 step, and batch-coupled terms (KoLeo, in-batch contrastive negatives) are out.
+
+The private unit may hold several samples: a patient with k series. Clipping
+each series to C would let that patient move the sum by k·C, so it would be
+protected only as a group of k. At the patient level (``units`` of
+:func:`clip_and_noise`) the Poisson sampling draws units (:func:`unit_batches`:
+a drawn patient brings all its samples), the per-sample gradients of each
+unit's samples are summed into one vector and that sum is clipped to C: one
+patient moves the noised sum by at most C whatever its number of series, which
+is the sensitivity the RDP accountant assumes, at the unit-level rate q.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -87,20 +96,24 @@ def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequen
 
 
 def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_multiplier: float,
-                   generator: torch.Generator | None, expected_batch_size: int) -> dict[str, Tensor]:
-    """Clip each sample's gradient to ``max_grad_norm``, sum, add Gaussian noise, average.
+                   generator: torch.Generator | None, expected_batch_size: float,
+                   units: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """Clip each unit's gradient to ``max_grad_norm``, sum, add Gaussian noise, average.
 
     Abadi et al. 2016 (Algorithm 1) with Opacus' ``DPOptimizer`` conventions: the clipping
     norm is taken over all parameters jointly, the factor is ``min(1, C / (‖g‖ + 1e-6))``,
     the noise is N(0, (σ·C)²) per coordinate, and the sum is divided by the expected
-    batch size ``q·n`` (not the sampled one), as Opacus does under Poisson sampling.
+    batch size ``q·n`` in units (not the sampled one), as Opacus does under Poisson sampling.
 
     Args:
         per_sample: Name -> ``(B, *shape)`` per-sample gradients (B may be 0).
         max_grad_norm: Clipping norm C > 0.
         noise_multiplier: σ ≥ 0; 0 gives clipping alone (no privacy).
         generator: Source of the noise (on the gradients' device); None uses the global one.
-        expected_batch_size: ``sample_rate * dataset_size`` > 0.
+        expected_batch_size: ``sample_rate * units at the site`` > 0 (patients under patient-level DP).
+        units: For each of the B samples, its private unit's position in the batch (0..U-1,
+            e.g. from :func:`unit_batches`); the samples of one unit are summed before the
+            clipping, so one unit moves the sum by at most C. None: every sample is its own unit.
 
     Returns:
         Name -> ``shape``: the privatised mean gradient.
@@ -114,10 +127,12 @@ def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_mu
     sizes = {g.shape[0] for g in per_sample.values()}
     if len(sizes) > 1:
         raise ValueError(f"per-sample gradients disagree on the number of samples: {sorted(sizes)}")
+    if units is not None:
+        per_sample = sum_per_unit(per_sample, units)
     # reshape with explicit sizes: flatten(1) fails on scalar parameters' (B,) grads, reshape(B, -1) on B = 0.
     squares = [g.reshape(g.shape[0], math.prod(g.shape[1:])).pow(2).sum(1) for g in per_sample.values()]
-    norms = torch.stack(squares).sum(0).sqrt()  # B
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # B
+    norms = torch.stack(squares).sum(0).sqrt()  # U
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # U
     std = noise_multiplier * max_grad_norm
     out: dict[str, Tensor] = {}
     for name, g in per_sample.items():
@@ -126,6 +141,64 @@ def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_mu
             summed = summed + torch.normal(0.0, std, summed.shape, generator=generator,
                                            device=summed.device, dtype=summed.dtype)
         out[name] = summed / expected_batch_size
+    return out
+
+
+def sum_per_unit(per_sample: dict[str, Tensor], units: Sequence[int]) -> dict[str, Tensor]:
+    """Name -> ``(U, *shape)``: the per-sample gradients summed over each unit's samples.
+
+    Args:
+        per_sample: Name -> ``(B, *shape)``.
+        units: For each sample, its unit's position, an integer >= 0; U is the largest + 1. A
+            position no sample has gives a zero row, which adds nothing after clipping (a drawn
+            patient whose samples were all left out, e.g. without labels).
+
+    Raises:
+        ValueError: ``units`` of another length than B, or a negative position.
+    """
+    owners = [int(u) for u in units]
+    if any(u < 0 for u in owners):
+        raise ValueError(f"units must be positions >= 0 in the batch, got {min(owners)}")
+    count = max(owners, default=-1) + 1
+    out = {}
+    for name, g in per_sample.items():
+        if g.shape[0] != len(owners):
+            raise ValueError(f"{len(owners)} units given for {g.shape[0]} per-sample gradients of {name}")
+        index = torch.tensor(owners, dtype=torch.long, device=g.device)
+        out[name] = g.new_zeros((count, *g.shape[1:])).index_add_(0, index, g)
+    return out
+
+
+def unit_members(keys: Sequence[Hashable]) -> list[list[int]]:
+    """The samples of each private unit: indices grouped by ``keys``, units in first-seen order.
+
+    ``keys`` holds each sample's unit key, e.g. its pseudonymous patient id (patient-level DP),
+    or ``range(n)`` for one unit per sample.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    return list(members.values())
+
+
+def unit_batches(members: Sequence[Sequence[int]], sample_rate: float, steps: int,
+                 seed: int) -> list[tuple[list[int], list[int]]]:
+    """``steps`` Poisson batches of units, each as ``(samples, units)`` for :func:`clip_and_noise`.
+
+    Each unit joins a step independently with probability ``sample_rate`` (the rate the
+    accountant composes) and brings all of its samples: ``samples`` lists them, unit after
+    unit, and ``units`` gives each one its unit's position in the step. With one sample per
+    unit the draws are those of :func:`poisson_batches` for the same seed.
+
+    Args:
+        members: The sample indices of each unit (:func:`unit_members`).
+        sample_rate, steps, seed: As in :func:`poisson_batches`.
+    """
+    out = []
+    for batch in poisson_batches(len(members), sample_rate, steps, seed):
+        samples = [i for u in batch for i in members[u]]
+        units = [k for k, u in enumerate(batch) for _ in members[u]]
+        out.append((samples, units))
     return out
 
 
@@ -156,8 +229,9 @@ def noise_generator(seed: int, device: torch.device) -> torch.Generator:
 def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], *, max_grad_norm: float,
             noise_multiplier: float, expected_batch_size: float, generator: torch.Generator | None,
             per_sample_decomposable: bool, vectorized: bool = False,
-            extra_grad: Callable[[], dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
-    """One DP-SGD gradient: per-sample grads, clipping, noise; written to each param's ``.grad``.
+            extra_grad: Callable[[], dict[str, Tensor]] | None = None,
+            units: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """One DP-SGD gradient: per-sample grads, clipping per unit, noise; written to each param's ``.grad``.
 
     Any torch optimizer can then ``step()``. An empty batch still gets noise, as the
     accounting assumes.
@@ -169,13 +243,14 @@ def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], 
             sample only; False raises (see :func:`require_decomposable`).
         extra_grad: A gradient of a data-independent term (FedProx's), by parameter name,
             added after the noise: post-processing, it costs no privacy.
+        units: Each sample's unit in the batch (patient-level DP), as in :func:`clip_and_noise`.
 
     Returns:
         Name -> the privatised gradient (without ``extra_grad``).
     """
     require_decomposable(per_sample_decomposable)
     grads = clip_and_noise(per_sample_grads(loss_fn, params, samples, vectorized), max_grad_norm,
-                           noise_multiplier, generator, expected_batch_size)
+                           noise_multiplier, generator, expected_batch_size, units)
     extra = extra_grad() if extra_grad is not None else {}
     for name, p in params.items():
         p.grad = (grads[name] + extra[name] if name in extra else grads[name]).to(p.dtype)

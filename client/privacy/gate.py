@@ -2,9 +2,21 @@
 
 The coordinator asks for DP in the round's config (``dp``, noise or target ε,
 clipping norm; ``site-dp`` for site-level DP); the site decides the rest from
-what only it knows: its δ, its budget, the number of private units (series
-for pretraining, image-report pairs for alignment) and its batch size, which
-give the Poisson sampling rate ``q = batch_size / n``.
+what only it knows: its δ, its budget, its private unit (``policy.dp.unit``),
+the samples the stage trains on (series; image-report pairs in alignment)
+with each one's patient, and its batch size.
+
+The private unit is the patient by default: the Poisson sampling draws
+patients, a drawn patient brings all its samples, and the gradients of one
+patient's samples are summed and clipped as one vector
+(:func:`fedmri.client.privacy.dp_sgd.clip_and_noise`), so ε is per patient
+whatever its number of series. With ``unit: series`` each sample is its own
+unit (a patient with k series is protected as a group of k). Either way the
+rate is ``q = batch_size / samples``, so a step loads ``batch_size`` samples
+on average, as the site sized it for its hardware; per patient that is
+``batch_size · patients / samples`` expected patients per step, the divisor of
+the noisy sum. The patient keys stay in the site's process: only q, σ, the
+steps and the unit (``dp-unit-patient``) are reported.
 
 Order in one round (:mod:`fedmri.client.app` and the trainers):
 
@@ -27,11 +39,19 @@ counts it once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmri.client.privacy.ledger import LedgerConflictError, LedgerEntry, PrivacyLedger, default_ledger_path
+from fedmri.client.privacy.ledger import (
+    LedgerConflictError,
+    LedgerEntry,
+    PrivacyLedger,
+    check_unit,
+    default_ledger_path,
+)
 from fedmri.client.trainers.context import DeclineError, TrainRequest, derive_seed
+from fedmri.errors import ConfigError
 
 # Ledger stage label of local site-level DP (its own row beside the stage's DP-SGD row).
 SITE_LEVEL_SUFFIX = ":site-level"
@@ -43,13 +63,13 @@ class DPPlan:
 
     # σ: noise std is σ * clipping norm.
     noise_multiplier: float
-    # q: each unit joins a step's batch independently with this probability.
+    # q: each unit (patient, or series/pair) joins a step's batch independently with this probability.
     sample_rate: float
     steps: int
     # Clipping norm C (per sample for DP-SGD, of the whole update for site-level DP).
     max_grad_norm: float
     delta: float
-    # n: private units at the site (series, or distinct report pairs).
+    # n: private units at the site (patients, or series / report pairs under unit "series").
     units: int
     # Secret seed of the Poisson batches and the noise (see the module docstring).
     seed: int = field(repr=False)
@@ -57,6 +77,10 @@ class DPPlan:
     # (adding or removing a sample adds or removes one clipped term), 2 for a whole
     # site's clipped update (with and without one sample, both anywhere in the C-ball).
     sensitivity: float = 1.0
+    # What one unit is: "patient" or "series" (one series, or one image-report pair in alignment).
+    unit: str = "series"
+    # The trainer's sample indices of each unit (stays at the site); () for site-level DP.
+    members: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def accounted_noise(self) -> float:
@@ -65,8 +89,18 @@ class DPPlan:
 
     @property
     def expected_batch_size(self) -> float:
-        """q * n, the divisor of the noisy gradient sum (Opacus' convention under Poisson sampling)."""
+        """q * n, the divisor of the noisy gradient sum (Opacus' convention under Poisson sampling), in units."""
         return self.sample_rate * self.units
+
+    @property
+    def samples(self) -> int:
+        """Series (or pairs) at the site: the units' members, or the units when each is one sample."""
+        return sum(len(m) for m in self.members) if self.members else self.units
+
+    @property
+    def expected_samples(self) -> float:
+        """Samples a step sees on average, q * samples: the round's ``num-examples`` per step."""
+        return self.sample_rate * self.samples
 
 
 def policy_reason(site_cfg: Any, request: TrainRequest) -> str | None:
@@ -108,32 +142,60 @@ class PrivacyGate:
         self.ledger_path = ledger_path or default_ledger_path(site_cfg)
         self.dp = site_cfg.policy.dp
         self.plans: dict[str, DPPlan] = {}
+        # The unit of every round of this run in the ledger, once recorded ("mixed" if they differ).
+        self.run_unit: str | None = None
 
     @property
     def delta(self) -> float:
         return float(self.dp.delta)
 
+    @property
+    def unit(self) -> str:
+        """The site's private unit, ``policy.dp.unit`` (``"patient"`` when the site object has none).
+
+        Raises:
+            ConfigError: Another value than ``"patient"`` or ``"series"``.
+        """
+        unit = getattr(self.dp, "unit", "patient")
+        try:
+            return check_unit(unit)
+        except ValueError:
+            raise ConfigError(f"policy.dp.unit must be patient or series, got {unit!r}") from None
+
     def seed(self, what: str) -> int:
         r = self.request
         return derive_seed(site_secret(self.site_cfg), r.seed, r.run_name, r.stage, r.round, what)
 
-    def plan(self, units: int, batch_size: int) -> DPPlan:
-        """The round's DP-SGD plan for ``units`` private units at ``batch_size``; checks the budget.
+    def plan(self, patients: Sequence[Hashable], batch_size: int) -> DPPlan:
+        """The round's DP-SGD plan for the stage's samples at ``batch_size``; checks the budget.
+
+        Args:
+            patients: Each sample's patient key (pseudonymous id), in the order the trainer
+                indexes its samples; under ``unit: patient`` the samples of one key form one unit
+                (:attr:`DPPlan.members`), under ``unit: series`` only their number counts.
+            batch_size: The expected number of samples per step (the site's ``batch_size``):
+                ``q = batch_size / samples``, capped at 1.
 
         Raises:
-            DeclineError: Too few units, or the round would pass a budget of ``policy.dp``.
+            DeclineError: No samples, or the round would pass a budget of ``policy.dp``.
         """
+        from fedmri.client.privacy.dp_sgd import unit_members
+
         r = self.request
         if not r.dp:
             raise ValueError("plan() is for requests with dp")
-        if units < 1 or batch_size < 1:
+        keys = list(patients)
+        if not keys or batch_size < 1:
             raise DeclineError(f"{r.stage} under DP needs at least one private unit and batch size >= 1")
-        rate = min(1.0, batch_size / units)
+        unit = self.unit
+        members = unit_members(keys if unit == "patient" else range(len(keys)))
+        rate = min(1.0, batch_size / len(keys))
         if r.dp_noise_multiplier is not None:
             sigma = float(r.dp_noise_multiplier)
         else:
             sigma = _noise_for(float(r.dp_target_epsilon), self.delta, rate, r.local_steps * r.stage_rounds)
-        plan = DPPlan(sigma, rate, r.local_steps, float(r.dp_max_grad_norm), self.delta, units, self.seed("dp-sgd"))
+        plan = DPPlan(sigma, rate, r.local_steps, float(r.dp_max_grad_norm), self.delta, len(members),
+                      self.seed("dp-sgd"), unit=unit, members=tuple(tuple(m) for m in members))
         self._check(r.stage, plan)
         self.plans[r.stage] = plan
         return plan
@@ -144,10 +206,11 @@ class PrivacyGate:
         A bound on the whole site's update bounds any one sample's part in it (by 2C:
         the updates with and without the sample both lie in the C-ball), so the ledger
         composes it with the site's DP-SGD rounds as a sample-level guarantee at noise z/2.
+        The same holds for a whole patient, so it is recorded under the site's unit.
         """
         r = self.request
         plan = DPPlan(float(r.site_dp_noise_multiplier), 1.0, 1, float(r.site_dp_clip_norm), self.delta, 1,
-                      self.seed("site-dp"), sensitivity=2.0)
+                      self.seed("site-dp"), sensitivity=2.0, unit=self.unit)
         self._check(r.stage + SITE_LEVEL_SUFFIX, plan)
         self.plans[r.stage + SITE_LEVEL_SUFFIX] = plan
         return plan
@@ -162,15 +225,16 @@ class PrivacyGate:
                     r.run_name, plan.accounted_noise, plan.sample_rate, plan.steps, plan.delta,
                     None if total is None else float(total), None if per_run is None else float(per_run),
                     stage=stage, round=r.round, extra=[(p.accounted_noise, p.sample_rate, p.steps)
-                                                       for _, p in pending], inputs=self.inputs)
+                                                       for _, p in pending], inputs=self.inputs, unit=plan.unit)
             except LedgerConflictError:
                 raise DeclineError(f"run {r.run_name!r} {stage} round {r.round} was already spent at this site "
                                    "from other weights or numbers; give each run a new name") from None
         if exceeds:
             raise DeclineError(
-                f"privacy budget: this {stage} round (noise {plan.noise_multiplier:.3g}, q {plan.sample_rate:.3g}, "
-                f"{plan.steps} steps) would take the site to ε {eps_total:.3g} in total and {eps_run:.3g} in this "
-                f"run at δ {plan.delta:g}; its budget is {_limit(total)} in total and {_limit(per_run)} per run")
+                f"privacy budget: this {stage} round (noise {plan.noise_multiplier:.3g}, q {plan.sample_rate:.3g} "
+                f"per {plan.unit}, {plan.steps} steps) would take the site to ε {eps_total:.3g} in total and "
+                f"{eps_run:.3g} in this run at δ {plan.delta:g}; its budget is {_limit(total)} in total and "
+                f"{_limit(per_run)} per run")
 
     def record(self) -> list[LedgerEntry]:
         """Write every planned mechanism to the ledger (call before the update leaves)."""
@@ -179,15 +243,23 @@ class PrivacyGate:
         with PrivacyLedger(self.ledger_path) as ledger:
             for stage, p in self.plans.items():
                 out.append(ledger.record_round(r.run_name, stage, r.round, p.accounted_noise, p.sample_rate,
-                                               p.steps, p.delta, self.inputs))
+                                               p.steps, p.delta, self.inputs, unit=p.unit))
+            self.run_unit = ledger.unit(r.run_name)
         return out
 
     def metrics(self, entries: list[LedgerEntry]) -> dict[str, float]:
-        """Aggregate numbers the coordinator shows: the mechanism and the ε after the round."""
+        """Aggregate numbers the coordinator shows: the mechanism, its unit and the ε after the round.
+
+        ``dp-unit-patient`` is 1.0 when the run's ε is per patient (every round of the run at
+        this site was patient-level) and 0.0 when it is per series (per pair in alignment):
+        metrics are numbers, and no patient key is in them.
+        """
         if not entries:
             return {}
         last = entries[-1]
-        out = {"dp-epsilon-run": last.epsilon_run, "dp-epsilon-total": last.epsilon_total, "dp-delta": last.delta}
+        run_unit = self.run_unit or ("patient" if all(e.unit == "patient" for e in entries) else "series")
+        out = {"dp-epsilon-run": last.epsilon_run, "dp-epsilon-total": last.epsilon_total, "dp-delta": last.delta,
+               "dp-unit-patient": float(run_unit == "patient")}
         plan = self.plans.get(self.request.stage)
         if plan is not None:
             out |= {"dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,

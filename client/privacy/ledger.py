@@ -2,7 +2,16 @@
 
 One row per (run, stage, round) holds what the accountant needs, the noise
 multiplier, sampling rate and number of DP-SGD steps, with the δ and the ε
-that followed. ε is never carried forward from a stored value: each new row
+that followed, and the private unit the round protected (``unit``:
+``"patient"``, the sampling rate being per patient and a patient's whole
+gradient clipped as one; or ``"series"``, one series or one image-report
+pair). The accountant composes the same triples whatever the unit, so a
+row's ε is per patient when every row it composes is patient-level; ledgers
+written before the column existed are upgraded in place and their rows read
+``"series"``, the only unit fedmri had then. A history mixing both units
+protects a patient with one series (and one report) at the composed ε, since
+for that patient the two units coincide; a patient with k series only as a
+group of k in the series-level rows. ε is never carried forward from a stored value: each new row
 recomputes it with Opacus' RDP accountant from the complete history of
 triples in the file, so a restarted client continues exactly where the killed
 one stopped. Two ε are kept per row:
@@ -47,15 +56,21 @@ from fedmri.errors import FedmriError, InputError
 LEDGER_FILE = "privacy-ledger.sqlite"
 # Written into the SQLite header, so another database given as a ledger is refused.
 _APPLICATION_ID = 0x664D5249  # "fMRI"
-_VERSION = 1
+# 2 added the `unit` column; a format-1 file is upgraded when opened (_upgrade).
+_VERSION = 2
 _COLUMNS = ("run", "stage", "round", "noise_multiplier", "sample_rate", "steps", "delta",
-            "epsilon_run", "epsilon_total", "accountant", "timestamp", "inputs")
+            "epsilon_run", "epsilon_total", "accountant", "timestamp", "inputs", "unit")
+# What a round can protect: a patient (all its series or pairs as one clipped term), or one series
+# (one image-report pair in alignment). Format-1 rows are "series": fedmri had no other unit then.
+UNITS = ("patient", "series")
+_UNIT_COLUMN = "unit TEXT NOT NULL DEFAULT 'series'"
 _SCHEMA = """CREATE TABLE rounds (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- record order
     run TEXT NOT NULL, stage TEXT NOT NULL, round INTEGER NOT NULL,
     noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL, delta REAL NOT NULL,
     epsilon_run REAL NOT NULL, epsilon_total REAL NOT NULL, accountant TEXT NOT NULL, timestamp TEXT NOT NULL,
     inputs TEXT NOT NULL DEFAULT '',  -- digest of what the round started from ('' = not given)
+    unit TEXT NOT NULL DEFAULT 'series',  -- the private unit: 'patient' or 'series'
     UNIQUE (run, stage, round))"""
 
 
@@ -87,6 +102,8 @@ class LedgerEntry:
     timestamp: str
     # Digest of the round's inputs (weights and request) that a retry must repeat; '' = not given.
     inputs: str = ""
+    # What the round protected: "patient" (q per patient, a patient's gradient clipped as one) or "series".
+    unit: str = "series"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +121,8 @@ class StageSpend:
     epsilon_run: float
     delta: float
     last_update: str
+    # The private unit of the stage's last round.
+    unit: str = "series"
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,7 @@ class PrivacyLedger:
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._empty = False  # a brand-new file opened read-only: no table to read
+        self._legacy = False  # a format-1 file that could not be upgraded (read-only): its rows are "series"
         with self._guard():
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         try:
@@ -176,9 +196,27 @@ class PrivacyLedger:
         if app_id != _APPLICATION_ID:
             raise LedgerError(f"{self.path} is not a fedmri privacy ledger (another SQLite database); "
                               "give the ledger's path with --ledger")
-        if version != _VERSION:
+        if version == 1:
+            self._upgrade()
+        elif version != _VERSION:
             raise LedgerError(f"{self.path} is a privacy ledger of format {version}; this fedmri reads "
-                              f"format {_VERSION}: upgrade fedmri")
+                              f"formats 1 to {_VERSION}: upgrade fedmri")
+
+    def _upgrade(self) -> None:
+        """Format 1 -> 2: add the ``unit`` column, ``'series'`` for every stored row, in one transaction.
+
+        A file that cannot be written (read-only copy, ``fedmri client privacy`` on a backup) is read
+        as it is, its rows as ``"series"``; the next write needs the upgrade and raises.
+        """
+        try:
+            with self._transaction():
+                if self._conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded meanwhile
+                    self._conn.execute(f"ALTER TABLE rounds ADD COLUMN {_UNIT_COLUMN}")
+                    self._conn.execute(f"PRAGMA user_version={_VERSION}")
+        except LedgerError as exc:
+            if "readonly" not in str(exc):
+                raise
+            self._legacy = True
 
     def close(self) -> None:
         self._conn.close()
@@ -195,7 +233,8 @@ class PrivacyLedger:
             return []
         where, args = ("WHERE run = ?", (str(run),)) if run is not None else ("", ())
         with self._guard():
-            rows = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM rounds {where} ORDER BY seq", args)
+            columns = [("'series' AS unit" if self._legacy and c == "unit" else c) for c in _COLUMNS]
+            rows = self._conn.execute(f"SELECT {', '.join(columns)} FROM rounds {where} ORDER BY seq", args)
             return [LedgerEntry(**dict(row)) for row in rows]
 
     def history(self, run: str | None = None, stage: str | None = None) -> list[Step]:
@@ -207,10 +246,17 @@ class PrivacyLedger:
         """ε at ``delta``, recomputed from the stored history (all runs, one run, or one run's stage)."""
         return rdp_epsilon(self.history(run, stage), _check_delta(delta))
 
+    def unit(self, run: str | None = None) -> str | None:
+        """The private unit of the stored rounds (all runs, or ``run``'s): ``"patient"`` or ``"series"``
+        when they agree, ``"mixed"`` when they do not (see the module docstring), None without rounds."""
+        units = {e.unit for e in self.entries(run)}
+        return None if not units else units.pop() if len(units) == 1 else "mixed"
+
     def would_exceed(self, run: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                      budget_total: float | None, budget_run: float | None, *,
                      stage: str | None = None, round: int | None = None,
-                     extra: list[Step] | tuple[Step, ...] = (), inputs: str = "") -> tuple[bool, float, float]:
+                     extra: list[Step] | tuple[Step, ...] = (), inputs: str = "",
+                     unit: str = "series") -> tuple[bool, float, float]:
         """Whether one more round would take the site past a budget; records nothing.
 
         Args:
@@ -219,7 +265,7 @@ class PrivacyLedger:
             budget_run: Most ε for ``run``; None for no limit.
             stage, round: Give both to let a retry of a recorded round cost nothing.
             extra: Other mechanisms of the same run planned alongside, not recorded yet.
-            inputs: As in :meth:`record_round`.
+            inputs, unit: As in :meth:`record_round`.
 
         Returns:
             ``(exceeds, epsilon_total, epsilon_run)`` after the round; ``exceeds`` when
@@ -228,12 +274,12 @@ class PrivacyLedger:
         Raises:
             ValueError: A value out of range. LedgerConflictError: see :meth:`record_round`.
         """
-        step, run = _check_step(noise_multiplier, sample_rate, steps), str(run)
+        step, run, unit = _check_step(noise_multiplier, sample_rate, steps), str(run), check_unit(unit)
         _check_delta(delta)
         budgets = [_check_budget(budget_total, "budget_total"), _check_budget(budget_run, "budget_run")]
         everything, mine = self.history(), self.history(run)
         if stage is None or round is None or self._existing(*_check_key(run, stage, round), step, delta,
-                                                            inputs) is None:
+                                                            inputs, unit) is None:
             everything, mine = everything + [step], mine + [step]
         pending = [_check_step(*e) for e in extra]
         everything, mine = everything + pending, mine + pending
@@ -242,8 +288,14 @@ class PrivacyLedger:
         return exceeds, eps_total, eps_run
 
     def record_round(self, run: str, stage: str, round: int, noise_multiplier: float, sample_rate: float,
-                     steps: int, delta: float, inputs: str = "") -> LedgerEntry:
+                     steps: int, delta: float, inputs: str = "", *, unit: str = "series") -> LedgerEntry:
         """Record a private round that ran, in one durable transaction; call before its update leaves.
+
+        Args:
+            run, stage, round: The key of the round.
+            noise_multiplier, sample_rate, steps, delta: The mechanism, ``sample_rate`` per ``unit``.
+            inputs: Digest of the weights and request the round started from (see the module docstring).
+            unit: What the round protected: ``"patient"`` or ``"series"`` (default: format 1's only unit).
 
         Returns:
             The new row, or the stored one when this (run, stage, round) is already
@@ -255,15 +307,16 @@ class PrivacyLedger:
             LedgerError: The file cannot be written.
         """
         run, stage, round = _check_key(run, stage, round)
-        step, delta = _check_step(noise_multiplier, sample_rate, steps), _check_delta(delta)
+        step, delta, unit = _check_step(noise_multiplier, sample_rate, steps), _check_delta(delta), check_unit(unit)
         with self._transaction():
-            existing = self._existing(run, stage, round, step, delta, inputs)
+            existing = self._existing(run, stage, round, step, delta, inputs, unit)
             if existing is not None:
                 return existing
             everything, mine = self.history(), self.history(run)
             entry = LedgerEntry(run, stage, round, *step, delta, epsilon_run=rdp_epsilon(mine + [step], delta),
                                 epsilon_total=rdp_epsilon(everything + [step], delta), accountant=ACCOUNTANT,
-                                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), inputs=str(inputs))
+                                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), inputs=str(inputs),
+                                unit=unit)
             row = entry.to_dict()
             self._conn.execute(f"INSERT INTO rounds ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(row))})",
                                tuple(row[c] for c in _COLUMNS))
@@ -276,14 +329,15 @@ class PrivacyLedger:
         for e in entries:
             groups.setdefault((e.run, e.stage), []).append(e)
         stages = [StageSpend(run, stage, len(rows), sum(r.steps for r in rows), rows[-1].epsilon_run,
-                             rows[-1].delta, rows[-1].timestamp) for (run, stage), rows in groups.items()]
+                             rows[-1].delta, rows[-1].timestamp, rows[-1].unit)
+                  for (run, stage), rows in groups.items()]
         last = entries[-1] if entries else None
         return LedgerSummary(stages, runs=len({e.run for e in entries}), rounds=len(entries),
                              epsilon_total=last.epsilon_total if last else 0.0,
                              delta=last.delta if last else None, last_update=last.timestamp if last else None)
 
     def _existing(self, run: str, stage: str, round: int, step: Step, delta: float,
-                  inputs: str = "") -> LedgerEntry | None:
+                  inputs: str = "", unit: str = "series") -> LedgerEntry | None:
         """The stored row of this key if its numbers and inputs match; raises if they differ."""
         for e in self.entries(run):
             if (e.stage, e.round) == (stage, round):
@@ -291,12 +345,13 @@ class PrivacyLedger:
                     raise LedgerConflictError(
                         f"run {run!r} stage {stage!r} round {round} is already recorded from other weights or "
                         "another request: the run name was reused; a new run needs a new name")
-                if (e.noise_multiplier, e.sample_rate, e.steps, e.delta) == (*step, delta):
+                if (e.noise_multiplier, e.sample_rate, e.steps, e.delta, e.unit) == (*step, delta, unit):
                     return e
                 raise LedgerConflictError(
                     f"run {run!r} stage {stage!r} round {round} is already recorded with noise "
-                    f"{e.noise_multiplier}, sample rate {e.sample_rate}, {e.steps} steps, delta {e.delta}; "
-                    f"not {step[0]}, {step[1]}, {step[2]}, {delta}: a retry must repeat the same round")
+                    f"{e.noise_multiplier}, sample rate {e.sample_rate}, {e.steps} steps, delta {e.delta}, "
+                    f"unit {e.unit}; not {step[0]}, {step[1]}, {step[2]}, {delta}, {unit}: a retry must repeat "
+                    "the same round")
         return None
 
     @contextlib.contextmanager
@@ -317,6 +372,17 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"cannot use the privacy ledger {self.path}: {exc}; if the file is damaged, "
                               "restore it from a backup (deleting it forgets the privacy already spent)") from None
+
+
+def check_unit(unit: str) -> str:
+    """``unit`` if it is one of :data:`UNITS`.
+
+    Raises:
+        ValueError: Any other value, naming the choices.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"the private unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    return str(unit)
 
 
 def _is_blank(conn: sqlite3.Connection) -> bool:

@@ -193,20 +193,23 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
                  privacy: Any, dataset: Any, reports: list[str], series_of: list[list[int]],
                  device: torch.device) -> tuple[State, dict[str, float]]:
     """One round of DP-SGD alignment on fixed negatives (see :mod:`fedmri.client.trainers.align_dp`)."""
-    from fedmri.client.trainers.align_dp import PairTexts, dp_align_loop
+    from fedmri.client.trainers.align_dp import PairTexts, dp_align_loop, private_pairs
+    from fedmri.client.trainers.data import patient_keys
 
     if not reports:
         raise DeclineError("align needs image-report pairs in the site's train split")
-    plan = require_gate(privacy, request).plan(len(reports), min(int(site_cfg.batch_size), len(reports)))
+    gate = require_gate(privacy, request)
+    pairs = private_pairs(series_of, patient_keys(dataset), gate.unit)
+    plan = gate.plan(pairs.patient, min(int(site_cfg.batch_size), len(pairs)))
     with seeded(plan.seed, device):
         model = site_aligned_model(run_cfg, state_down, device)
         texts = PairTexts(model, run_cfg, reports, device)
         optimizer, proximal = round_optimizer(decay_groups(model.named_parameters()), model.named_parameters(),
                                               request)
-        metrics = dp_align_loop(model, dataset, series_of, texts, plan, device, optimizer, proximal,
+        metrics = dp_align_loop(model, dataset, pairs, texts, plan, device, optimizer, proximal,
                                 int(run_cfg.align.queue_size), site_cfg.num_workers)
     # The expected number of pairs seen: the sampled one would tell the Poisson draws.
-    return _finish(model, run_cfg, metrics, round(plan.steps * plan.expected_batch_size), plan.steps)
+    return _finish(model, run_cfg, metrics, round(plan.steps * plan.expected_samples), plan.steps)
 
 
 def _finish(model: AlignedModel, run_cfg: DictConfig, metrics: dict[str, float], examples: int,

@@ -32,3 +32,16 @@ def site_dataset(site_cfg: DictConfig, split: str) -> SeriesDataset | PooledData
     if not extra:
         return SeriesDataset(site_cfg.catalog, split)
     return PooledDataset([SeriesDataset(c, split) for c in [site_cfg.catalog, *extra]])
+
+
+def patient_keys(dataset: SeriesDataset | PooledDataset) -> list[str]:
+    """Each series' patient, in dataset order: the unit of patient-level DP-SGD.
+
+    The catalog's pseudonymous patient ids; pooled catalogs are told apart by their
+    folder, since two sites may hold the same pseudonym. They are used at the site only
+    (to group a patient's series): none of them is in an update or a metric.
+    """
+    parts = getattr(dataset, "parts", None)
+    if parts is None:
+        return [str(row["meta"]["patient_id"]) for row in dataset.rows]
+    return [f"{part.catalog_dir}|{row['meta']['patient_id']}" for part in parts for row in part.rows]

@@ -8,8 +8,9 @@ few small matrix products, and only the head groups (``head.<task>``) go back.
 
 All tasks train together: the step's loss is the sum over tasks of each task's
 mean loss over the series whose label is known (:mod:`fedmri.heads.tasks`).
-Under DP-SGD the private unit is one series, whose term is the sum over
-tasks of its masked losses: a sum of per-sample terms, clipped per series.
+Under DP-SGD a series' term is the sum over tasks of its masked losses: a
+sum of per-sample terms, clipped per patient (the sum of the patient's
+series' gradients, ``policy.dp.unit: patient``) or per series (``series``).
 The dense tasks (segmentation, anomaly: lesion masks on cached patch tokens)
 join the same steps through :mod:`fedmri.client.trainers.heads_dense`.
 """
@@ -37,7 +38,7 @@ from fedmri.client.trainers.context import (
     seeded,
     site_device,
 )
-from fedmri.client.trainers.data import site_dataset
+from fedmri.client.trainers.data import patient_keys, site_dataset
 from fedmri.client.trainers.heads_dense import DenseData, cache_options, dense_data, lesion_rows
 from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, finish_round, local_step, round_optimizer
 from fedmri.heads.dense import dense_tasks
@@ -183,7 +184,7 @@ def run_heads(
                            f"({', '.join(tasks)}{hint})")
     batch_size = min(int(site_cfg.batch_size), n)
     if request.dp:
-        plan = require_gate(privacy, request).plan(n, batch_size)
+        plan = require_gate(privacy, request).plan(patient_keys(dataset), batch_size)
         seed = plan.seed
     else:
         seed = round_seed(request, site_cfg.name)
@@ -198,7 +199,7 @@ def run_heads(
                                               request)
         if request.dp:
             means = _dp_steps(heads, features, targets, plan, optimizer, proximal, dense)
-            examples, steps = round(plan.steps * plan.expected_batch_size), plan.steps
+            examples, steps = round(plan.steps * plan.expected_samples), plan.steps
         else:
             batches = balanced_batches(n, batch_size, request.local_steps,
                                        np.random.default_rng(derive_seed(seed, "batches")))
@@ -245,9 +246,8 @@ def series_loss(heads: nn.ModuleDict, tasks: Sequence[str]) -> Any:
 
 def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: Any, optimizer: torch.optim.Optimizer,
               proximal: Proximal, dense: DenseData | None) -> dict[str, float]:
-    """``plan.steps`` DP-SGD steps on Poisson batches of series; the mean of each named loss over steps."""
-    from fedmri.client.privacy.dp_sgd import dp_step
-    from fedmri.client.privacy.dp_sgd import noise_generator, poisson_batches
+    """``plan.steps`` DP-SGD steps on Poisson batches of ``plan``'s units; the mean of each named loss over steps."""
+    from fedmri.client.privacy.dp_sgd import dp_step, noise_generator, unit_batches
 
     tasks = list(targets)
     params = {n: p for n, p in heads.named_parameters() if p.requires_grad}
@@ -266,16 +266,20 @@ def _dp_steps(heads: nn.ModuleDict, features: Tensor, targets: Targets, plan: An
         loss_fn = dense.series_loss(heads, loss_fn, seen)
     generator = noise_generator(plan.seed, features.device)
     means = RunningMean()
-    for batch in poisson_batches(features.shape[0], plan.sample_rate, plan.steps, plan.seed):
+    if plan.samples != features.shape[0]:
+        raise ValueError(f"the plan counts {plan.samples} series, the features {features.shape[0]}")
+    for batch, units in unit_batches(plan.members, plan.sample_rate, plan.steps, plan.seed):
         # A series with no label has a zero term: leaving it out changes no sum (and a term needs a graph).
+        # A drawn patient left with no series gives a zero row in sum_per_unit, which adds nothing.
         members = [i for i in batch if labelled[i]]
+        owners = [u for i, u in zip(batch, units) if labelled[i]]
         samples = [(features[i], *(targets[t][0][i] for t in tasks), known[i]) for i in members]
         if dense is not None:
             samples = [(s, int(dense.slot[i])) for s, i in zip(samples, members)]
         # Each series' term is its own masked task losses: a sum of per-sample terms.
         dp_step(loss_fn, params, samples, max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
                 expected_batch_size=plan.expected_batch_size, generator=generator, per_sample_decomposable=True,
-                vectorized=vectorized, extra_grad=proximal.named_gradients)
+                vectorized=vectorized, extra_grad=proximal.named_gradients, units=owners)
         optimizer.step()
         if batch:
             idx = torch.tensor(batch, device=features.device)

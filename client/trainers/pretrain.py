@@ -29,7 +29,7 @@ from fedmri.client.trainers.context import (
     site_device,
 )
 from fedmri.client.trainers.optim import RunningMean, finish_round, local_step, round_optimizer
-from fedmri.client.trainers.data import site_dataset
+from fedmri.client.trainers.data import patient_keys, site_dataset
 from fedmri.client.trainers.speed import Speed
 from fedmri.ssl import SSLMetaArch, build_mask_generator, build_multicrop, collate_multicrop, sample_masks
 from fedmri.wire import State, load_ssl_state, select, ssl_state, stage_groups
@@ -169,7 +169,7 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
 
     if len(dataset) < 1:
         raise DeclineError("pretrain needs at least 1 series in the site's train split")
-    plan = require_gate(privacy, request).plan(len(dataset), min(int(site_cfg.batch_size), len(dataset)))
+    plan = require_gate(privacy, request).plan(patient_keys(dataset), min(int(site_cfg.batch_size), len(dataset)))
     with seeded(plan.seed, device):
         meta = build_ssl_model(run_cfg, state_down, "pretrain").to(device).train()
         make_private(meta)
@@ -177,7 +177,7 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
         metrics = dp_pretrain_loop(meta, dataset, run_cfg, request, plan, device, optimizer, proximal,
                                    site_cfg.num_workers)
     # The expected number of series seen: the sampled one would tell the Poisson draws.
-    return _finish(meta, run_cfg, metrics, round(plan.steps * plan.expected_batch_size), plan.steps)
+    return _finish(meta, run_cfg, metrics, round(plan.steps * plan.expected_samples), plan.steps)
 
 
 def _finish(meta: SSLMetaArch, run_cfg: DictConfig, metrics: dict[str, float], examples: int,
