@@ -38,6 +38,8 @@ from fedmri.secagg import (
     add_mask,
     agree,
     clip_l2,
+    distributed_bound,
+    distributed_noise_std,
     encode,
     fernet_key,
     generate_keypair,
@@ -151,8 +153,15 @@ def mask_update(context: Context, msg: Message, request: TrainRequest, up: Mappi
     state["share-src"], state["share-b"], state["share-sk"] = share_src, share_b, share_sk
 
     deltas = {k: (up[k].detach().double() - base[k].detach().double()).numpy() for k in up}
-    clipped, _ = clip_l2(deltas, request.secagg_clip_norm)
-    n = float(min(weight, request.secagg_max_weight))
+    distributed = request.site_dp == "distributed"
+    clip = request.site_dp_clip_norm if distributed else request.secagg_clip_norm
+    clipped, _ = clip_l2(deltas, clip)
+    n = 1.0 if distributed else float(min(weight, request.secagg_max_weight))  # site-level DP: equal weights
+    if distributed:  # this site's share of the sum's noise, from the OS: the run seed would let it be replayed
+        std = distributed_noise_std(clip, request.site_dp_noise_multiplier, request.site_dp_sites)
+        bound = distributed_bound(clip, request.site_dp_noise_multiplier, request.site_dp_sites)
+        noise = np.random.default_rng()
+        clipped = {k: np.clip(v + noise.normal(0.0, std, size=v.shape), -bound, bound) for k, v in clipped.items()}
     rng = np.random.default_rng([request.seed, request.server_round, me])  # rounding only: reproducible runs
     vectors = {k: encode(n * v, request.secagg_scale, rng) for k, v in clipped.items()}
     vectors[WEIGHT_KEY] = np.array([int(round(n))], dtype=np.int64).astype(np.uint32)

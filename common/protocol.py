@@ -55,7 +55,8 @@ SECAGG_KEY = "secagg"
 SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"
 
 # Site-level DP: off, local (the site clips and noises its update) or central (the coordinator does).
-SITE_DP_MODES = ("off", "local", "central")
+# distributed: each site adds its share of the noise to its update under secure aggregation.
+SITE_DP_MODES = ("off", "local", "central", "distributed")
 # Catalog splits a request may name.
 SPLITS = ("train", "val", "test")
 # The simulation's map from partition id to site file (never set in a deployment).
@@ -171,6 +172,8 @@ class TrainRequest:
     secagg_clip_norm: float = 0.0
     secagg_max_weight: float = 0.0
     secagg_scale: float = 0.0
+    # Distributed site-level DP: the number of sites m whose noise shares make up the sum's noise.
+    site_dp_sites: int = 0
 
     @property
     def trains(self) -> bool:
@@ -269,6 +272,8 @@ class TrainRequest:
                 raise RequestError(f"secagg is for training stages, not {self.stage}")
             if self.site_dp == "central":
                 raise RequestError("secagg hides each site's update, so central site-dp cannot clip it")
+        if self.site_dp == "distributed" and not (self.secagg and self.site_dp_sites >= 1):
+            raise RequestError("site-dp distributed needs secagg and site-dp-sites >= 1")
             if not (self.secagg_clip_norm > 0 and self.secagg_max_weight >= 1 and self.secagg_scale >= 1):
                 raise RequestError("secagg needs secagg-clip-norm > 0, secagg-max-weight >= 1 and secagg-scale >= 1")
 

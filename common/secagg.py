@@ -150,6 +150,21 @@ def fixed_point_scale(sites: int, max_weight: float, clip_norm: float) -> float:
     return float(scale)
 
 
+def distributed_noise_std(clip_norm: float, noise_multiplier: float, sites: int) -> float:
+    """One site's share of distributed DP noise: ``z C / sqrt(m)``, so ``m`` shares sum to ``N(0, (z C)^2)``."""
+    return noise_multiplier * clip_norm / math.sqrt(sites)
+
+
+def distributed_bound(clip_norm: float, noise_multiplier: float, sites: int) -> float:
+    """The coordinate range a site's clipped and noised update is encoded in: ``C`` plus 8 noise stds.
+
+    A clipped update's coordinates are within ``C``; Gaussian noise passes 8 of its stds
+    with probability below 1.3e-15 per coordinate, and a site clamps the rare coordinate
+    that does (the one departure from the Gaussian mechanism, stated in the README).
+    """
+    return clip_norm + 8.0 * distributed_noise_std(clip_norm, noise_multiplier, sites)
+
+
 def quantisation_bound(sites: int, scale: float, total_weight: float) -> float:
     """Largest error of one coordinate of the unmasked weighted mean against the exact one."""
     return sites / (scale * total_weight)

@@ -37,7 +37,7 @@ from fedmri.errors import ConfigError, InputError
 from fedmri import stages as stage_registry
 
 
-SITE_DP_MODES = ("off", "central", "local")
+SITE_DP_MODES = ("off", "central", "local", "distributed")
 
 
 @dataclass
@@ -60,7 +60,9 @@ class SiteDPConfig:
 
     # off | central (the coordinator clips and adds noise to the aggregate: protects
     # sites from whoever receives the model) | local (each site clips and noises its
-    # own update before it leaves: also protects it from the coordinator).
+    # own update before it leaves: also protects it from the coordinator) | distributed
+    # (under secure_aggregation each site adds its share z C / sqrt(m) of the noise, so the
+    # sum the coordinator sees carries central DP's noise z C).
     mode: str = "off"
     # Noise multiplier z: noise std z * clip_norm (central: on the sum of the updates).
     noise_multiplier: float = 1.0
@@ -249,9 +251,12 @@ def _check_dp(stage: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}: site_dp is for the training stages ({trained})")
         if not (site.noise_multiplier > 0 and site.clip_norm > 0 and 0 < site.delta < 1):
             raise ConfigError(f"{where}: site_dp needs noise_multiplier > 0, clip_norm > 0 and delta in (0, 1)")
-        if site.mode == "central" and stage.strategy.get("name") not in ("fedavg", "fedprox"):
-            raise ConfigError(f"{where}: central site_dp adds its noise to the mean of the clipped updates, so it "
-                              f"needs strategy fedavg or fedprox, not {stage.strategy.get('name')!r}; or use "
+        if site.mode == "distributed" and not stage.secure_aggregation.enabled:
+            raise ConfigError(f"{where}: distributed site_dp adds the noise in shares that only sum to central DP's "
+                              "noise under secure aggregation; set secure_aggregation.enabled: true")
+        if site.mode in ("central", "distributed") and stage.strategy.get("name") not in ("fedavg", "fedprox"):
+            raise ConfigError(f"{where}: {site.mode} site_dp adds its noise to the mean of the clipped updates, so "
+                              f"it needs strategy fedavg or fedprox, not {stage.strategy.get('name')!r}; or use "
                               "site_dp mode local")
 
 

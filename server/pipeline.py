@@ -37,7 +37,7 @@ from fedmri import stages as stage_registry
 from fedmri import trace, wire
 from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
-from fedmri.secagg import SecAggError, quantisation_bound
+from fedmri.secagg import SecAggError, distributed_bound, quantisation_bound
 from fedmri.protocol import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -56,7 +56,7 @@ from fedmri.server.rundir import RunDir
 from fedmri.server.secagg import SecureRound, secure_round
 from fedmri.strategies import build_aggregator
 from fedmri.strategies.secagg import SecureSum
-from fedmri.strategies.site_dp import CentralSiteDP, run_central_epsilon
+from fedmri.strategies.site_dp import CentralSiteDP, DistributedSiteDP, run_central_epsilon
 from fedmri.strategies.updates import RoundUpdates, memory_bytes_from_mb
 
 
@@ -281,9 +281,14 @@ class Pipeline:
             # Keys and shares first (server/secagg.py): only the sites that shared theirs train.
             secure = secure_round(stage.secure_aggregation, f"{self.fed.name}/{server_round}", sampled,
                                   int(self.rng.integers(2**31)), float(self.fed.round_timeout_s))
+            sites = 0
+            if stage.site_dp.mode == "distributed":  # equal weights, and room in the ring for the noise
+                sites, secure.max_weight = len(sampled), 1.0
+                secure.clip_norm = distributed_bound(float(stage.site_dp.clip_norm),
+                                                     float(stage.site_dp.noise_multiplier), sites)
             request = dataclasses.replace(request, secagg=True, secagg_scale=secure.scale,
                                           secagg_clip_norm=float(stage.secure_aggregation.clip_norm),
-                                          secagg_max_weight=float(stage.secure_aggregation.max_weight))
+                                          secagg_max_weight=secure.max_weight, site_dp_sites=sites)
             try:
                 training = secure.setup(grid)
             except SecAggError as exc:
@@ -373,6 +378,13 @@ class Pipeline:
                     if spec.after_aggregate is not None:
                         spec.after_aggregate(self.state, request, stage)
                     out.updated = True
+                    if stage.site_dp.mode == "distributed":
+                        z_eff = self.aggregators[stage_i].account(len(sampled) / len(nodes), len(metrics_by_node),
+                                                                  len(sampled))
+                        out.aggregated |= {"site-dp-noise-multiplier": z_eff, "site-dp-distributed": 1.0,
+                                           "site-dp-epsilon": run_central_epsilon(self.aggregators,
+                                                                                   float(stage.site_dp.delta)),
+                                           "site-dp-delta": float(stage.site_dp.delta)}
                     if stage.site_dp.mode == "central":
                         self.aggregators[stage_i].account(len(sampled) / len(nodes))
                         out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators,
@@ -487,7 +499,9 @@ def export_encoder(fed: DictConfig, state: dict[str, torch.Tensor], history: lis
 
 
 def _aggregator(stage: DictConfig, aggregator: Any) -> Any:
-    """The stage's aggregator, wrapped for central site-level DP when the stage asks for it."""
+    """The stage's aggregator, wrapped for central or distributed site-level DP when the stage asks for it."""
+    if stage.site_dp.mode == "distributed":
+        return DistributedSiteDP(aggregator, float(stage.site_dp.noise_multiplier))
     if stage.site_dp.mode != "central":
         return aggregator
     # Noise from the OS, never from the run seed: every site knows that seed, and the

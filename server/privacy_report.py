@@ -3,7 +3,10 @@
 A site's "ok" row of a pretrain/align round carries what the site's privacy
 ledger recorded for it (``dp-epsilon-run``: the site's ε in this run after the
 round, every stage composed; ``dp-epsilon-total``: over all runs; ``dp-delta``;
-the DP-SGD and local site-level DP parameters). The aggregated row (site "all")
+the DP-SGD and local site-level DP parameters; ``dp-unit-patient``, 1.0 when
+that ε is per patient and 0.0 when per series, per image-report pair in
+alignment; rows of a fedmri without the key are per series, the only unit it
+had). The aggregated row (site "all")
 carries the coordinator's central site-level ε (``site-dp-epsilon`` at
 ``site-dp-delta``). A site that sent an update without these numbers gave no
 guarantee for it, so its ε for the run is reported as infinite (None in JSON).
@@ -23,6 +26,8 @@ _BUDGET = "privacy budget"
 _MECHANISM = {"dp-noise-multiplier": "noise_multiplier", "dp-sample-rate": "sample_rate", "dp-steps": "steps",
               "dp-max-grad-norm": "max_grad_norm", "site-dp-noise-multiplier": "site_noise_multiplier",
               "site-dp-clip-norm": "site_clip_norm"}
+# What one unit of a site's DP-SGD ε is, as the report and the model card say it.
+UNIT_TEXT = {"patient": "per patient", "series": "per series (per image-report pair in alignment)"}
 
 
 def privacy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -33,12 +38,14 @@ def privacy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"dp_used", "stages", "sites": {site: {"dp", "epsilon_run", "epsilon_total",
-        "delta", "unprotected_rounds", "mechanisms", "stages": {stage: {"rounds",
-        "rounds_dp", "epsilon_run", "delta", "noise_multiplier", ...}},
+        "delta", "unit", "unprotected_rounds", "mechanisms", "stages": {stage: {"rounds",
+        "rounds_dp", "epsilon_run", "delta", "unit", "noise_multiplier", ...}},
         "declined_for_budget": [...]}}, "central": {stage: {"epsilon", "delta",
         "rounds"}}, "central_epsilon", "central_delta"}``. Stage ε values are
         cumulative over the run (after that stage); mechanism values are those of
-        the stage's last private round. A site that sent no update has ε 0.
+        the stage's last private round. ``unit`` is ``"patient"`` or ``"series"``
+        (None without DP), as the site's last private round reported it for the
+        run. A site that sent no update has ε 0.
     """
     rows = sorted((r for r in rows if _trains(r)),
                   key=lambda r: (r.get("server_round", 0), str(r.get("site"))))
@@ -48,27 +55,31 @@ def privacy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         if r.get("site") == "all":  # its dp-* keys are means over sites; only the central ε is its own
             if _num(r.get("site-dp-epsilon")) is not None:
-                c = central.setdefault(r["stage"], {"epsilon": None, "delta": None, "rounds": 0})
+                c = central.setdefault(r["stage"], {"epsilon": None, "delta": None, "rounds": 0,
+                                                    "distributed": False})
                 c.update(epsilon=float(r["site-dp-epsilon"]), delta=_num(r.get("site-dp-delta")),
-                         rounds=c["rounds"] + 1)
+                         rounds=c["rounds"] + 1, distributed=c["distributed"] or bool(r.get("site-dp-distributed")))
             continue
         site = sites.setdefault(str(r.get("site")), {"dp": False, "epsilon_run": None, "epsilon_total": None,
-                                                     "delta": None, "unprotected_rounds": 0, "mechanisms": [],
+                                                     "delta": None, "unit": None, "unprotected_rounds": 0,
+                                                     "mechanisms": [],
                                                      "stages": {}, "declined_for_budget": []})
         if r.get("status") == "declined" and str(r.get("reason", "")).startswith(_BUDGET):
             site["declined_for_budget"].append({k: r.get(k) for k in ("stage", "round", "server_round", "reason")})
         if r.get("status") != "ok":
             continue
         stage = site["stages"].setdefault(r["stage"], {"rounds": 0, "rounds_dp": 0, "epsilon_run": None,
-                                                       "delta": None} | dict.fromkeys(_MECHANISM.values()))
+                                                       "delta": None, "unit": None}
+                                          | dict.fromkeys(_MECHANISM.values()))
         stage["rounds"] += 1
         if _num(r.get("dp-epsilon-run")) is None:  # no DP, or an unbounded ε
             continue
         stage["rounds_dp"] += 1
-        stage.update(epsilon_run=float(r["dp-epsilon-run"]), delta=_num(r.get("dp-delta")),
+        unit = "patient" if _num(r.get("dp-unit-patient")) == 1.0 else "series"
+        stage.update(epsilon_run=float(r["dp-epsilon-run"]), delta=_num(r.get("dp-delta")), unit=unit,
                      **{name: _num(r.get(key)) for key, name in _MECHANISM.items()})
         site.update(dp=True, epsilon_run=float(r["dp-epsilon-run"]), epsilon_total=_num(r.get("dp-epsilon-total")),
-                    delta=_num(r.get("dp-delta")))
+                    delta=_num(r.get("dp-delta")), unit=unit)
         for mechanism, key in (("dp-sgd", "dp-noise-multiplier"), ("local-site-dp", "site-dp-noise-multiplier")):
             if _num(r.get(key)) is not None and mechanism not in site["mechanisms"]:
                 site["mechanisms"].append(mechanism)
@@ -84,7 +95,8 @@ def privacy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     last = central[list(central)[-1]] if central else {"epsilon": None, "delta": None}
     return {"dp_used": any(s["dp"] for s in sites.values()) or bool(central), "stages": stages,
             "sites": dict(sorted(sites.items())), "central": central,
-            "central_epsilon": last["epsilon"], "central_delta": last["delta"]}
+            "central_epsilon": last["epsilon"], "central_delta": last["delta"],
+            "central_distributed": any(c.get("distributed") for c in central.values())}
 
 
 def _num(value: Any) -> float | None:
@@ -112,13 +124,25 @@ def guarantee(summary: dict[str, Any]) -> str:
     mechanisms = {m for s in summary["sites"].values() for m in s["mechanisms"]}
     parts = []
     if "dp-sgd" in mechanisms:
-        parts.append("sample-level (ε, δ)-DP per image series (pretrain) or image-report pair (align) at each "
-                     "site, ε per site as listed (DP-SGD, RDP accountant)")
+        private = {name: s.get("unit") or "series" for name, s in summary["sites"].items()
+                   if "dp-sgd" in s["mechanisms"]}
+        for unit in ("patient", "series"):
+            names = [name for name, u in private.items() if u == unit]
+            if not names:
+                continue
+            level = "patient-level" if unit == "patient" else "sample-level"
+            where = "each site" if len(names) == len(private) else ", ".join(names)
+            parts.append(f"{level} (ε, δ)-DP {UNIT_TEXT[unit]} at {where}, ε per site as listed "
+                         "(DP-SGD, RDP accountant)")
     if "local-site-dp" in mechanisms:
         parts.append("site-level (ε, δ)-DP of each site's updates, noised at the site before they leave (local)")
     if summary["central_epsilon"] is not None:
+        how = ("noised by the sites in shares under secure aggregation (distributed; the coordinator sees only the "
+               "noised sum, and sites that collude with it can remove their own shares)"
+               if summary.get("central_distributed") else
+               "noised by the coordinator (central; trusts the coordinator)")
         parts.append(f"site-level ({summary['central_epsilon']:.3g}, {_cell(summary['central_delta'], 'g')})-DP of the "
-                     "released model per site, noised by the coordinator (central; trusts the coordinator)")
+                     f"released model per site, {how}")
     open_sites = [name for name, s in summary["sites"].items() if s["epsilon_run"] is None]
     if open_sites:
         parts.append(f"no sample-level guarantee for {', '.join(open_sites)} (updates sent without DP)")
@@ -133,6 +157,7 @@ def status_lines(summary: dict[str, Any]) -> list[str]:
                               for stage, v in _in_order(summary, s["stages"]))
         per_stage = per_stage or "sent no update"
         delta = f" at δ {s['delta']:g}" if s["delta"] is not None else ""
+        delta += f", per {s['unit']}" if s.get("unit") else ""
         n = len(s["declined_for_budget"])
         declined = f"; {n} round(s) declined for budget" if n else ""
         lines.append(f"ε spent: {name} {_eps(s['epsilon_run'])} ({per_stage}){delta}{declined}")
@@ -147,15 +172,19 @@ def privacy_markdown(summary: dict[str, Any]) -> str:
     if not summary["dp_used"]:
         return "# Privacy\n\nNo differential privacy in this run: no site and no aggregate was noised.\n"
     out = ["# Privacy", "", guarantee(summary) + ".", "",
-           "| site | stage | ε this run (after stage) | δ | σ | q | steps | C | site-DP σ | DP rounds / rounds |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| site | stage | ε this run (after stage) | δ | σ | q | steps | C | site-DP σ | DP rounds / rounds "
+           "| unit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["sites"].items():
         for stage, v in _in_order(summary, s["stages"]):
             out.append(f"| {name} | {stage} | {_eps(v['epsilon_run'])} | {_cell(v['delta'], 'g')} | "
                        f"{_cell(v['noise_multiplier'])} | {_cell(v['sample_rate'])} | {_cell(v['steps'], '.0f')} | "
                        f"{_cell(v['max_grad_norm'])} | {_cell(v['site_noise_multiplier'])} | "
-                       f"{v['rounds_dp']} / {v['rounds']} |")
-    out += ["", "| site | ε this run | ε all runs | δ |", "|---|---|---|---|"]
+                       f"{v['rounds_dp']} / {v['rounds']} | {v.get('unit') or '–'} |")
+    out += ["", "q is the rate at which a unit joins a step: a patient, who brings all their series and "
+            "image-report pairs and whose gradients are clipped as one (unit patient), or one series, one pair "
+            "in alignment (unit series).", ""]
+    out += ["| site | ε this run | ε all runs | δ |", "|---|---|---|---|"]
     out += [f"| {name} | {_eps(s['epsilon_run'])} | {'∞' if s['epsilon_run'] is None else _cell(s['epsilon_total'])}"
             f" | {_cell(s['delta'], 'g')} |" for name, s in summary["sites"].items()]
     out += ["", "## Central site-level DP", ""]
@@ -231,9 +260,12 @@ def write_privacy_report(run_dir: Path, rows: list[dict[str, Any]]) -> list[Path
 
 
 def model_card_privacy(summary: dict[str, Any]) -> dict[str, Any]:
-    """The model card's ``extra["privacy"]``: ε per site for this run at δ, central ε, mechanisms, guarantee."""
-    sites = {name: {"epsilon": s["epsilon_run"], "delta": s["delta"], "mechanisms": s["mechanisms"],
-                    "stages": {stage: {k: v[k] for k in ("epsilon_run", "rounds_dp", *_MECHANISM.values())}
+    """The model card's ``extra["privacy"]``: ε per site for this run at δ and its unit, central ε, mechanisms,
+    guarantee."""
+    sites = {name: {"epsilon": s["epsilon_run"], "delta": s["delta"], "unit": s.get("unit"),
+                    "mechanisms": s["mechanisms"],
+                    "stages": {stage: {k: v.get(k) for k in ("epsilon_run", "rounds_dp", "unit",
+                                                             *_MECHANISM.values())}
                                for stage, v in s["stages"].items()}}
              for name, s in summary["sites"].items()}
     return {"dp": summary["dp_used"], "guarantee": guarantee(summary), "sites": sites,

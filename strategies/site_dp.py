@@ -254,10 +254,72 @@ def central_epsilon(history: Iterable[tuple[float, float, int]], delta: float) -
     return rdp_epsilon(steps, delta)
 
 
+class DistributedSiteDP:
+    """The accounting of distributed site-level DP: the sites add the noise, the coordinator counts it.
+
+    Under secure aggregation each of the ``m`` sites a round expects adds
+    ``N(0, (z C)^2 / m)`` to its clipped update, so the sum the coordinator unmasks
+    carries ``N(0, m' (z C)^2 / m)`` when ``m'`` of them contributed: the Gaussian
+    mechanism on the sum at noise multiplier ``z sqrt(m' / m)``. Fewer contributors
+    mean less noise, and sites that collude with the coordinator can take their own
+    shares out: with ``c`` of them, ``z sqrt((m' - c) / m)`` (the README's threat
+    model). The aggregation itself is the wrapped aggregator's: the mean of the
+    secure sum, whose equal weights the sites set.
+
+    Args:
+        aggregator: What ``build_aggregator`` made for ``fedavg`` or ``fedprox``.
+        noise_multiplier: ``z`` > 0 of the whole sum.
+    """
+
+    def __init__(self, aggregator: Aggregator, noise_multiplier: float) -> None:
+        if aggregator.name not in CENTRAL_DP_STRATEGIES:
+            raise ConfigError(f"distributed site DP works with {' or '.join(CENTRAL_DP_STRATEGIES)}, not "
+                              f"{aggregator.name!r}")
+        self.aggregator = aggregator
+        self.name = aggregator.name
+        self.noise_multiplier = float(noise_multiplier)
+        self.released: list[tuple[float, float]] = []  # (effective noise multiplier, sample rate) per round
+
+    def account(self, sample_rate: float, contributed: int, expected: int) -> float:
+        """Count one released round; returns its effective noise multiplier ``z sqrt(m' / m)``."""
+        effective = self.noise_multiplier * math.sqrt(min(contributed, expected) / expected)
+        self.released.append((effective, float(sample_rate)))
+        return effective
+
+    def steps(self) -> list[tuple[float, float, int]]:
+        """The released rounds as (noise multiplier, sample rate, 1) steps of the sampled Gaussian mechanism."""
+        return [(z, q, 1) for z, q in self.released]
+
+    def client_config(self) -> dict[str, int | float | str]:
+        return self.aggregator.client_config()
+
+    def summary(self) -> None:
+        log(INFO, "Distributed site DP: noise multiplier %g on the sum, added by the sites in shares",
+            self.noise_multiplier)
+        self.aggregator.summary()
+
+    def aggregate(self, server_round: int, current: ArrayRecord,
+                  replies: RoundUpdates | list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        return self.aggregator.aggregate(server_round, current, replies)
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = self.aggregator.state_dict()
+        return arrays, {**meta, _DISTRIBUTED: [list(r) for r in self.released]}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        meta = dict(meta)
+        self.released = [(float(z), float(q)) for z, q in meta.pop(_DISTRIBUTED, [])]
+        self.aggregator.load_state_dict(arrays, meta)
+
+
+_DISTRIBUTED = "distributed-dp-released"
+
+
 def run_central_epsilon(aggregators: Iterable[Any], delta: float) -> float:
-    """ε at ``delta`` of every round that the run's :class:`CentralSiteDP` aggregators released, in stage order."""
-    return central_epsilon([step for agg in aggregators if isinstance(agg, CentralSiteDP) for step in agg.steps()],
-                           delta)
+    """ε at ``delta`` of every round that the run's :class:`CentralSiteDP` and :class:`DistributedSiteDP`
+    aggregators released, in stage order."""
+    return central_epsilon([step for agg in aggregators if isinstance(agg, (CentralSiteDP, DistributedSiteDP))
+                            for step in agg.steps()], delta)
 
 
 def _add_noise(mean: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:

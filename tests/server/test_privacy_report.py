@@ -142,8 +142,8 @@ def test_status_shows_privacy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert report["privacy"][str(run)]["sites"]["site-01"]["epsilon_run"] == 2.31
     run_cmd.status_command(federation=None, state=None, runs=tmp_path, as_json=False)
     out = capsys.readouterr().out
-    assert "ε spent: site-01 2.31 (pretrain 1.9, align 2.31) at δ 1e-05" in out
-    assert "site-02 2 (pretrain 1.5, align 2) at δ 1e-05; 1 round(s) declined for budget" in out
+    assert "ε spent: site-01 2.31 (pretrain 1.9, align 2.31) at δ 1e-05, per series" in out
+    assert "site-02 2 (pretrain 1.5, align 2) at δ 1e-05, per series; 1 round(s) declined for budget" in out
     assert "central site-level ε 1.2 at δ 1e-05" in out
 
 
@@ -156,3 +156,39 @@ def test_heads_rounds_count_their_privacy_spend() -> None:
     one = s["sites"]["site-01"]
     assert one["epsilon_run"] == 2.9 and one["stages"]["heads"]["rounds_dp"] == 1
     assert s["sites"]["site-02"]["stages"]["heads"]["rounds_dp"] == 0  # an update without DP, reported as such
+
+
+def test_the_report_states_the_private_unit(tmp_path: Path) -> None:
+    """dp-unit-patient 1.0: ε per patient; 0.0 or absent (an older site): per series, per pair in alignment."""
+    rows = dp_rows()
+    for r in rows:
+        if r["site"] in ("site-01", "site-02") and r["status"] == "ok":
+            r["dp-unit-patient"] = 1.0
+    s = privacy_summary(rows)
+    assert [s["sites"][name]["unit"] for name in ("site-01", "site-02", "site-03")] == ["patient", "patient", "series"]
+    assert s["sites"]["site-01"]["stages"]["align"]["unit"] == "patient"
+    card = model_card_privacy(s)
+    assert "patient-level (ε, δ)-DP per patient at site-01, site-02" in card["guarantee"]
+    assert "sample-level (ε, δ)-DP per series (per image-report pair in alignment) at site-03" in card["guarantee"]
+    assert card["sites"]["site-01"]["unit"] == "patient" and card["sites"]["site-03"]["unit"] == "series"
+    assert card["sites"]["site-01"]["stages"]["pretrain"]["unit"] == "patient"
+    write_privacy_report(tmp_path, rows)
+    md = (tmp_path / "privacy.md").read_text()
+    assert "| site-01 | pretrain | 1.9 | 1e-05 | 1.1 | 0.01 | 20 | 1 | – | 2 / 2 | patient |" in md
+    assert "| site-03 | align | 1.6 |" in md and "| 1 / 1 | series |" in md
+    assert json.loads((tmp_path / "privacy.json").read_text())["sites"]["site-02"]["unit"] == "patient"
+    assert any(line.startswith("ε spent: site-01 2.31") and line.endswith("per patient") for line in status_lines(s))
+    everyone = [r | {"dp-unit-patient": 1.0} if r["status"] == "ok" else r for r in rows]
+    assert model_card_privacy(privacy_summary(everyone))["guarantee"].startswith(
+        "patient-level (ε, δ)-DP per patient at each site")
+
+
+def test_distributed_site_dp_is_not_called_central_in_the_guarantee() -> None:
+    from fedmri.server.privacy_report import guarantee
+
+    central = guarantee(privacy_summary(dp_rows()))
+    rows = [r | ({"site-dp-distributed": 1.0} if r.get("site") == "all" else {}) for r in dp_rows()]
+    distributed = guarantee(privacy_summary(rows))
+    assert "noised by the coordinator" in central and "distributed" not in central
+    assert "noised by the sites in shares under secure aggregation" in distributed
+    assert "trusts the coordinator" not in distributed

@@ -164,3 +164,33 @@ def test_secure_aggregation_needs_a_sum_strategy_and_no_central_site_dp(tmp_path
         _fed(tmp_path, stage | {"site_dp": {"mode": "central"}}, False)
     with pytest.raises(ConfigError, match="training stages"):
         _fed(tmp_path, {"name": "evaluate", "secure_aggregation": SECURE}, False)
+
+
+def _distributed(z: float) -> dict:
+    return {"name": "pretrain", "rounds": 1, "local_steps": 1,
+            "site_dp": {"mode": "distributed", "noise_multiplier": z, "clip_norm": 0.05}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropped", [set(), {105}], ids=["all", "one-dropped"])
+def test_distributed_dp_sums_the_sites_noise_shares_to_the_stated_noise(tmp_path: Path, federation_sites: list,
+                                                                       dropped: set) -> None:
+    # The same clipped updates (training is seeded) under noise z = 1 and a negligible one: their
+    # difference is the noise of the mean, std z C / sqrt(m m') for m' of m sites contributing.
+    noisy, _ = _run(tmp_path / "z1", federation_sites, _distributed(1.0), True, _drop(dropped, "train"))
+    quiet, _ = _run(tmp_path / "z0", federation_sites, _distributed(1e-6), True, _drop(dropped, "train"))
+    m, contributed = 5, 5 - len(dropped)
+    diff = torch.cat([(a.double() - b.double()).ravel() for a, b in
+                      zip(_up(noisy, "pretrain").values(), _up(quiet, "pretrain").values(), strict=True)])
+    expected = 1.0 * 0.05 / (m * contributed) ** 0.5
+    assert diff.numel() > 100_000
+    assert abs(float(diff.std()) / expected - 1) < 0.05, (float(diff.std()), expected)
+    assert abs(float(diff.mean())) < 5 * expected / diff.numel() ** 0.5
+    row = noisy.outcomes[0].aggregated
+    assert row["site-dp-noise-multiplier"] == pytest.approx((contributed / m) ** 0.5)
+    assert 0 < row["site-dp-epsilon"] < float("inf") and row["secagg-sites"] == contributed
+
+
+def test_distributed_dp_needs_secure_aggregation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="secure_aggregation.enabled"):
+        _fed(tmp_path, _distributed(1.0), False)
