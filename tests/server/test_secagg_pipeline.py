@@ -48,6 +48,18 @@ def _run(tmp_path: Path, sites: list, stage: dict, secure: bool, tamper=None, **
     return pipeline, grid
 
 
+PRETRAIN = {"name": "pretrain", "rounds": 1, "local_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def five(tmp_path_factory: pytest.TempPathFactory, federation_sites: list, module_server_identity: None) -> dict:
+    """One plain and one secure pretrain round of all five sites, shared by the tests below."""
+    root = tmp_path_factory.mktemp("secagg-five")
+    plain, _ = _run(root / "plain", federation_sites, PRETRAIN, secure=False)
+    secure, grid = _run(root / "secure", federation_sites, PRETRAIN, secure=True)
+    return {"plain": plain, "secure": secure, "grid": grid}
+
+
 def _up(pipeline: Pipeline, stage: str) -> dict[str, torch.Tensor]:
     return wire.select(pipeline.state, wire.stage_groups(stage, pipeline.cfg).up)
 
@@ -71,12 +83,15 @@ def _drop(nodes: set[int], message_type: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [{"name": "pretrain", "rounds": 1, "local_steps": 1},
-                                   {"name": "heads", "rounds": 1, "local_steps": 2}], ids=["pretrain", "heads"])
+@pytest.mark.parametrize("stage", [PRETRAIN, {"name": "heads", "rounds": 1, "local_steps": 2}],
+                         ids=["pretrain", "heads"])
 def test_secure_aggregate_is_fedavg_within_the_quantisation_bound(tmp_path: Path, federation_sites: list,
-                                                                  stage: dict) -> None:
-    plain, _ = _run(tmp_path / "plain", federation_sites, stage, secure=False)
-    secure, grid = _run(tmp_path / "secure", federation_sites, stage, secure=True)
+                                                                  five: dict, stage: dict) -> None:
+    if stage is PRETRAIN:
+        plain, secure, grid = five["plain"], five["secure"], five["grid"]
+    else:
+        plain, _ = _run(tmp_path / "plain", federation_sites, stage, secure=False)
+        secure, grid = _run(tmp_path / "secure", federation_sites, stage, secure=True)
     outcome = secure.outcomes[0]
     assert outcome.updated and outcome.accepted == list(NODES) and not outcome.problems
     assert outcome.aggregated["secagg-sites"] == 5
@@ -92,8 +107,8 @@ def test_secure_aggregate_is_fedavg_within_the_quantisation_bound(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_dropouts_before_and_after_sending(tmp_path: Path, federation_sites: list) -> None:
-    stage = {"name": "pretrain", "rounds": 1, "local_steps": 1}
+def test_dropouts_before_and_after_sending(tmp_path: Path, federation_sites: list, five: dict) -> None:
+    stage = PRETRAIN
     # One site shared its keys, then died before its update: the sum of the other four.
     plain4, _ = _run(tmp_path / "p4", federation_sites, stage, False, _drop({105}, "train"))
     one, _ = _run(tmp_path / "s1", federation_sites, stage, True, _drop({105}, "train"))
@@ -109,7 +124,7 @@ def test_dropouts_before_and_after_sending(tmp_path: Path, federation_sites: lis
 
     # One site died after its masked update arrived, before unmasking: its input is in the sum
     # (the others' shares of its self-mask seed take the mask off).
-    plain5, _ = _run(tmp_path / "p5", federation_sites, stage, False)
+    plain5 = five["plain"]
     late, _ = _run(tmp_path / "s3", federation_sites, stage, True, _drop({105}, SECAGG_UNMASK))
     assert late.outcomes[0].updated and late.outcomes[0].accepted == list(NODES)
     _close(plain5, late, "pretrain")
@@ -134,8 +149,9 @@ def _uniform_p(values: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_one_sites_masked_update_is_uniform_noise_and_its_encoding_is_not(tmp_path: Path, federation_sites: list,
+                                                                         five: dict,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    stage = {"name": "pretrain", "rounds": 1, "local_steps": 1}
+    stage = PRETRAIN
     got: dict[str, np.ndarray] = {}
 
     def capture(name: str):
@@ -145,7 +161,9 @@ def test_one_sites_masked_update_is_uniform_noise_and_its_encoding_is_not(tmp_pa
             return reply
         return tamper
 
-    _run(tmp_path / "masked", federation_sites, stage, True, capture("masked"))
+    (masked,) = [r for r in five["grid"].received if r.metadata.message_type == "train"
+                 and int(r.metadata.src_node_id) == 103]
+    got["masked"] = np.concatenate([a.numpy().ravel() for a in masked.content["arrays"].values()])
     import fedmri.client.secagg as site_secagg
 
     monkeypatch.setattr(site_secagg, "add_mask", lambda *a, **k: None)  # what a site would send without masks
@@ -172,9 +190,9 @@ def _distributed(z: float) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dropped", [set(), {105}], ids=["all", "one-dropped"])
-def test_distributed_dp_sums_the_sites_noise_shares_to_the_stated_noise(tmp_path: Path, federation_sites: list,
-                                                                       dropped: set) -> None:
+def test_distributed_dp_sums_the_sites_noise_shares_to_the_stated_noise(tmp_path: Path,
+                                                                       federation_sites: list) -> None:
+    dropped = {105}  # m' = 4 of m = 5 contributed: less noise than planned, and accounted as such
     # The same clipped updates (training is seeded) under noise z = 1 and a negligible one: their
     # difference is the noise of the mean, std z C / sqrt(m m') for m' of m sites contributing.
     noisy, _ = _run(tmp_path / "z1", federation_sites, _distributed(1.0), True, _drop(dropped, "train"))
