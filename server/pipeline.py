@@ -254,9 +254,20 @@ class Pipeline:
     def _spec(self, stage_i: int) -> stage_registry.StageSpec:
         return stage_registry.get(self.fed.stages[stage_i].name)
 
+    def _site_rate(self, stage_i: int) -> float:
+        """The rate each site is drawn with under site-level DP (1.0 without sampling)."""
+        stage = self.fed.stages[stage_i]
+        fraction = stage.fraction if stage.fraction is not None else self.fed.fraction
+        return float(fraction) if stage.site_dp.mode in ("central", "distributed") and fraction < 1 else 1.0
+
     def _sample(self, nodes: list[int], stage_i: int) -> list[int]:
         stage = self.fed.stages[stage_i]
         fraction = stage.fraction if stage.fraction is not None else self.fed.fraction
+        rate = self._site_rate(stage_i)
+        if rate < 1.0:
+            # Site-level DP's amplification by sampling holds when each site is drawn on its own
+            # with probability q (Poisson), as its accountant assumes: no minimum is topped up.
+            return sorted(int(n) for n, u in zip(nodes, self.rng.random(len(nodes)), strict=True) if u < rate)
         k = min(len(nodes), max(self._min_sites(stage_i), math.ceil(fraction * len(nodes))))
         if k == len(nodes):
             return nodes
@@ -368,6 +379,8 @@ class Pipeline:
                 out.aggregated = aggregate_metrics(list(metrics_by_node.values())) | secure_metrics
                 if updates is not None and current is not None:
                     t = time.perf_counter()
+                    if stage.site_dp.mode == "central":  # a fixed denominator: who replied does not set the noise
+                        self.aggregators[stage_i].expected_sites = self._site_rate(stage_i) * len(nodes)
                     new, own = self.aggregators[stage_i].aggregate(server_round, current, updates)
                     out.timings["aggregate"] = time.perf_counter() - t
                     self.state.update(wire.from_record(new))
@@ -379,14 +392,14 @@ class Pipeline:
                         spec.after_aggregate(self.state, request, stage)
                     out.updated = True
                     if stage.site_dp.mode == "distributed":
-                        z_eff = self.aggregators[stage_i].account(len(sampled) / len(nodes), len(metrics_by_node),
+                        z_eff = self.aggregators[stage_i].account(self._site_rate(stage_i), len(metrics_by_node),
                                                                   len(sampled))
                         out.aggregated |= {"site-dp-noise-multiplier": z_eff, "site-dp-distributed": 1.0,
                                            "site-dp-epsilon": run_central_epsilon(self.aggregators,
                                                                                    float(stage.site_dp.delta)),
                                            "site-dp-delta": float(stage.site_dp.delta)}
                     if stage.site_dp.mode == "central":
-                        self.aggregators[stage_i].account(len(sampled) / len(nodes))
+                        self.aggregators[stage_i].account(self._site_rate(stage_i))
                         out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators,
                                                                                    float(stage.site_dp.delta)),
                                            "site-dp-delta": float(stage.site_dp.delta)}

@@ -4,12 +4,15 @@ McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"
 (DP-FedAvg), as Flower's ``DifferentialPrivacyServerSideFixedClipping``
 (``flwr/serverapp/strategy/dp_fixed_clipping.py``): each site's delta
 ``reply - current`` over its floating arrays is clipped to L2 norm ``C`` (all
-arrays together, FlatClip), the clipped updates are averaged with equal weights,
-and ``N(0, (z C / m)^2)`` is added to every coordinate of the average, ``m`` the
-number of sites aggregated. That is the Gaussian mechanism with noise multiplier
-``z`` on the sum of the clipped updates (L2 sensitivity ``C`` when one site's
-update is added or removed), divided by ``m``; :func:`central_epsilon` accounts
-for it with Opacus' RDP accountant of the sampled Gaussian mechanism.
+arrays together, FlatClip), the clipped updates are summed with equal weights
+and divided by ``m``, and ``N(0, (z C / m)^2)`` is added to every coordinate.
+In a run ``m = q N`` is fixed before any site answers (McMahan et al.'s fixed
+denominator: ``N`` eligible sites, each drawn with probability ``q``, Poisson, by
+the pipeline), so a site that declines or fails changes the sum, not the noise.
+That is the Gaussian mechanism with noise multiplier ``z`` on the sum of the
+clipped updates (L2 sensitivity ``C`` when one site's update is added or
+removed), divided by ``m``; :func:`central_epsilon` accounts for it with Opacus'
+RDP accountant of the sampled Gaussian mechanism.
 
 Flower's helpers are used where they fit: ``get_norm``, ``clip_inputs_inplace``
 and ``compute_stdv`` from ``flwr.supercore.differential_privacy``. Not its
@@ -142,6 +145,10 @@ class CentralSiteDP:
         self.rng = rng
         # The sample rate (sites sampled / eligible) of every round this aggregator released.
         self.released: list[float] = []
+        # The denominator of the mean, q N (sites expected under Poisson sampling at rate q of N
+        # eligible; N when all are asked), set by the coordinator each round. None: the number of
+        # updates, which depends on who replied (a site's decline would change the noise).
+        self.expected_sites: float | None = None
 
     def account(self, sample_rate: float) -> None:
         """Count one more released round at ``sample_rate`` (the coordinator knows the rate; the
@@ -192,8 +199,14 @@ class CentralSiteDP:
 
         m = len(replies)
         mean = cast_like(current, replies.keys, weighted_mean(replies, weights=[1.0] * m, transform=clip))
+        denominator = float(self.expected_sites) if self.expected_sites else float(m)
+        if denominator != m:  # the sum of the clipped deltas over q N, not over the m that replied
+            mean = ArrayRecord({key: Array(np.asarray(start[key] + (mean[key].numpy().astype(np.float64) - start[key])
+                                                      * (m / denominator), dtype=mean[key].numpy().dtype))
+                                if np.issubdtype(mean[key].numpy().dtype, np.floating) else mean[key]
+                                for key in mean.keys()})
         metrics = self.aggregator.mean_metrics(replies, equal_weights=True)
-        std = compute_stdv(self.noise_multiplier, self.clip_norm, m)
+        std = compute_stdv(self.noise_multiplier, self.clip_norm, denominator)
         noisy = {key: Array(_add_noise(mean[key].numpy(), std, self.rng)) for key in mean.keys()}
         clipped_count = sum(norm > self.clip_norm for norm in norms)
         log(INFO, "Round %d: central site DP clipped %d of %d updates to %g and added noise of std %.4g",

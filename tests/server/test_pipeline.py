@@ -242,3 +242,20 @@ def test_evaluation_is_told_which_stages_came_before_it(tmp_path: Path) -> None:
     before, after = pipeline.round_request(1, 1, 2).to_config(), pipeline.round_request(3, 1, 4).to_config()
     assert (before["evaluate-aligned"], after["evaluate-aligned"]) == (False, True)
     assert before["evaluate-heads"] is after["evaluate-heads"] is False
+
+
+def test_site_level_dp_draws_each_site_on_its_own(tmp_path: Path) -> None:
+    # Under central site DP with fraction q < 1 each site is drawn with probability q (Poisson, as the
+    # accountant assumes), with no top-up to min_sites; without DP, a fixed-size sample of at least min_sites.
+    dp_stage = {"name": "pretrain", "rounds": 1, "local_steps": 1, "fraction": 0.3,
+                "site_dp": {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0}}
+    nodes = list(range(1, 1001))
+    dp = Pipeline(_fed(tmp_path / "dp", [dp_stage], min_sites=2))
+    sizes = [len(dp._sample(nodes, 0)) for _ in range(20)]
+    assert dp._site_rate(0) == 0.3
+    assert len(set(sizes)) > 1 and abs(np.mean(sizes) - 300) < 30  # binomial(1000, 0.3): std 14.5
+    assert min(len(dp._sample([1, 2, 3], 0)) for _ in range(50)) < 2  # no top-up to min_sites
+    plain = Pipeline(_fed(tmp_path / "plain", [dp_stage | {"site_dp": {"mode": "off"}}], min_sites=2))
+    assert plain._site_rate(0) == 1.0
+    assert {len(plain._sample(nodes, 0)) for _ in range(5)} == {300}
+    assert {len(plain._sample([1, 2, 3], 0)) for _ in range(5)} == {2}

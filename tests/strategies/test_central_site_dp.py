@@ -202,3 +202,21 @@ def test_the_aggregator_accounts_its_released_rounds_and_keeps_them_over_a_resum
     again.load_state_dict(arrays, meta)
     assert again.steps() == [(1.2, 1.0, 1), (1.2, 0.5, 1)]
     assert run_central_epsilon([again], 1e-5) == central_epsilon([(1.2, 1.0, 1), (1.2, 0.5, 1)], 1e-5) > 0
+
+
+def test_a_fixed_denominator_keeps_the_noise_whoever_replies(make_reply, record) -> None:
+    # Prepare: 4 sites expected, 2 replied, both moving by 0.5 along their own direction.
+    current = {"w": np.zeros(200_000, dtype=np.float32)}
+    step = {n: np.random.default_rng(n).normal(size=200_000) for n in (1, 2)}
+    step = {n: (0.5 * s / np.linalg.norm(s)).astype(np.float32) for n, s in step.items()}
+    replies = [make_reply(n, {"w": current["w"] + step[n]}) for n in (1, 2)]
+    quiet, noisy = _central(clip_norm=1.0, noise=1e-9, seed=1), _central(clip_norm=1.0, noise=1.0, seed=2)
+    for dp in (quiet, noisy):
+        dp.expected_sites = 4.0
+    # Execute
+    mean, _ = quiet.aggregate(1, record(current), replies)
+    arrays, metrics = noisy.aggregate(1, record(current), replies)
+    # Assert: the sum over q N = 4, and noise z C / 4, not / 2.
+    np.testing.assert_allclose(mean["w"].numpy(), (step[1] + step[2]) / 4, atol=1e-6)
+    assert metrics["site-dp-noise-std"] == pytest.approx(1.0 / 4)
+    assert (arrays["w"].numpy() - mean["w"].numpy()).std() == pytest.approx(1.0 / 4, rel=0.02)
