@@ -220,16 +220,17 @@ def _train(site: Any, run_cfg: Any, state: dict, request: TrainRequest, msg: Mes
     The ledger row is written after training and before the update leaves: a
     round that fails in between spent nothing, since nothing was released.
     """
-    private = request.dp or request.site_dp == "local"
+    site_dp = request.site_dp in ("local", "distributed")  # distributed: noised in secagg.mask_update
+    private = request.dp or site_dp
     # Only the ledger needs the digest: hashing every tensor is skipped for rounds without DP.
     gate = PrivacyGate(site, request, inputs=_inputs_digest(msg, state)) if private else None
-    site_level = gate.plan_site_level() if request.site_dp == "local" else None  # declines over budget
+    site_level = gate.plan_site_level() if site_dp else None  # declines over budget
     up, metrics = stage_registry.get(request.stage).train(site, run_cfg, state, request, privacy=gate)
     if gate is None:
         return up, metrics
     if request.dp and request.stage not in gate.plans:
         raise RuntimeError(f"the {request.stage} trainer ran without planning its DP-SGD mechanism")
-    if site_level is not None:
+    if site_level is not None and request.site_dp == "local":
         up, norm = privatize_update(state, up, site_level.max_grad_norm, site_level.noise_multiplier,
                                     noise_generator(site_level.seed, torch.device("cpu")))
         log.info("site-level DP: update norm %.3g clipped to %.3g", norm, site_level.max_grad_norm)

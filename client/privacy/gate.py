@@ -106,9 +106,9 @@ class DPPlan:
 def policy_reason(site_cfg: Any, request: TrainRequest) -> str | None:
     """Decline reason when the site requires DP and a training request comes without it."""
     if request.trains and bool(site_cfg.policy.dp.required) and not (
-            request.dp or request.site_dp == "local"):
+            request.dp or request.site_dp in ("local", "distributed")):
         return (f"this site requires differential privacy (policy.dp.required) and the {request.stage} request "
-                "asks for none; set dp (sample-level) or site_dp: local on the stage")
+                "asks for none; set dp (sample-level) or site_dp: local or distributed on the stage")
     return None
 
 
@@ -207,6 +207,12 @@ class PrivacyGate:
         the updates with and without the sample both lie in the C-ball), so the ledger
         composes it with the site's DP-SGD rounds as a sample-level guarantee at noise z/2.
         The same holds for a whole patient, so it is recorded under the site's unit.
+
+        Distributed site-level DP (under secure aggregation) is recorded the same way, at the
+        noise multiplier z of the sum: the guarantee when every expected site adds its share
+        and none colludes with the coordinator. With m' of m sites contributing the sum's
+        noise is z sqrt(m'/m), which the coordinator's privacy report accounts; a site that
+        trusts no other site has only its own share, z / sqrt(m).
         """
         r = self.request
         plan = DPPlan(float(r.site_dp_noise_multiplier), 1.0, 1, float(r.site_dp_clip_norm), self.delta, 1,

@@ -195,8 +195,12 @@ def test_distributed_dp_sums_the_sites_noise_shares_to_the_stated_noise(tmp_path
     dropped = {105}  # m' = 4 of m = 5 contributed: less noise than planned, and accounted as such
     # The same clipped updates (training is seeded) under noise z = 1 and a negligible one: their
     # difference is the noise of the mean, std z C / sqrt(m m') for m' of m sites contributing.
-    noisy, _ = _run(tmp_path / "z1", federation_sites, _distributed(1.0), True, _drop(dropped, "train"))
-    quiet, _ = _run(tmp_path / "z0", federation_sites, _distributed(1e-6), True, _drop(dropped, "train"))
+    # Own run names: each site's privacy ledger (next to its catalog) refuses to spend one run's
+    # round twice with other numbers.
+    noisy, _ = _run(tmp_path / "z1", federation_sites, _distributed(1.0), True, _drop(dropped, "train"),
+                    name="distributed-z1")
+    quiet, _ = _run(tmp_path / "z0", federation_sites, _distributed(1e-6), True, _drop(dropped, "train"),
+                    name="distributed-z0")
     m, contributed = 5, 5 - len(dropped)
     diff = torch.cat([(a.double() - b.double()).ravel() for a, b in
                       zip(_up(noisy, "pretrain").values(), _up(quiet, "pretrain").values(), strict=True)])
@@ -207,6 +211,8 @@ def test_distributed_dp_sums_the_sites_noise_shares_to_the_stated_noise(tmp_path
     row = noisy.outcomes[0].aggregated
     assert row["site-dp-noise-multiplier"] == pytest.approx((contributed / m) ** 0.5)
     assert 0 < row["site-dp-epsilon"] < float("inf") and row["secagg-sites"] == contributed
+    # Each contributing site recorded the release in its own ledger (dp-* metrics of its reply).
+    assert all(0 < metrics["dp-epsilon-run"] < float("inf") for _, metrics, _ in noisy.outcomes[0].replies)
 
 
 def test_distributed_dp_needs_secure_aggregation(tmp_path: Path) -> None:
