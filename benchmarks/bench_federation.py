@@ -339,15 +339,16 @@ def run_session(spec: dict[str, Any]) -> dict[str, Any]:
 
 def federation_spec(name: str, run_root: Path, preset: str, overrides: list[str], rounds: int,
                     steps: dict[str, int], n_sites: int, stages: list[str] | tuple[str, ...] = STAGES,
-                    strategy: dict[str, Any] | None = None) -> dict[str, Any]:
+                    strategy: dict[str, Any] | None = None, secure: bool = False) -> dict[str, Any]:
+    extra = ({"strategy": strategy} if strategy else {}) | (
+        {"secure_aggregation": {"enabled": True}} if secure else {})
     return {"name": name, "preset": preset, "overrides": overrides, "run_root": str(run_root), "export": False,
             # Every site in every round (no sampling); the run waits until all have registered
             # (200 Ray-simulated sites take a while to register).
             "min_sites": n_sites, "wait_for_sites_s": 600,
             # 200 small sites on 2 cores take about half an hour per round.
             "round_timeout_s": 7200,
-            "stages": [{"name": s, "rounds": rounds, "local_steps": steps[s]} | ({"strategy": strategy} if strategy else {})
-                       for s in stages]}
+            "stages": [{"name": s, "rounds": rounds, "local_steps": steps[s]} | extra for s in stages]}
 
 
 # --------------------------------------------------------------- analysis
@@ -520,7 +521,7 @@ def part_scale(args: argparse.Namespace, catalogs: dict[str, list[tuple[str, Pat
                 # small shows the coordinator's memory with updates of real size (131 MB each).
                 "federation": federation_spec(f"scale-{n}", work / "runs", preset, args.scale_overrides, args.scale_rounds,
                                               {s: 1 for s in stages}, n, stages=stages,
-                                              strategy={"name": args.scale_strategy})}
+                                              strategy={"name": args.scale_strategy}, secure=args.scale_secagg)}
         results[n] = run_session(spec)
 
     def summary(n: int) -> dict[str, float]:
@@ -543,7 +544,8 @@ def part_scale(args: argparse.Namespace, catalogs: dict[str, list[tuple[str, Pat
                      str(len(r["leftover"])),
                      "/".join(f"{r['cpu'].get(k, 0.0):.0f}" for k in ("driver", "workers", "ray daemons")),
                      f"{r['load'][0]:.1f}->{r['load'][1]:.1f}"])
-    table(f"3. Many sites: {preset} model, {args.scale_strategy}, 1 local step, Ray with 1 CPU and 1 thread per site "
+    secure = " under secure aggregation" if args.scale_secagg else ""
+    table(f"3. Many sites: {preset} model, {args.scale_strategy}{secure}, 1 local step, Ray with 1 CPU and 1 thread per site "
           f"(2 sites at once); medians over {args.scale_rounds} rounds; wall = mean of the stages; ratios against "
           f"{base_n} sites; compute = Σ site handler time / sites; server = validate+aggregate+other+ckpt per round; "
           "coordinator = the driver process (ServerApp, SuperLink state); tree = driver, Ray daemons and workers",
@@ -581,6 +583,7 @@ def main() -> None:
                         help="encoder preset of part 3 (small: updates of 131 MB, the coordinator-memory check)")
     parser.add_argument("--scale-strategy", default="fedavg", help="aggregation strategy of part 3 (e.g. fedtrimmedavg)")
     parser.add_argument("--scale-stages", default="pretrain,align", help="stages of part 3")
+    parser.add_argument("--scale-secagg", action="store_true", help="part 3 under secure aggregation")
     parser.add_argument("--scale-overrides", default="", help="comma-separated config overrides of part 3, e.g. "
                         "ssl.local_crops_number=1 (less compute per site, the same parameters on the wire)")
     parser.add_argument("--ckpt-repeats", type=int, default=3, help="checkpoint writes timed per preset in part 2")

@@ -121,6 +121,12 @@ def run_command(
     text, run_name, run_dir = _read_federation(config, state)
     if resume:
         text = with_resume(text)
+    if state is not None:  # two runs of one name would write one run folder
+        busy = running_with_name(flwr_json(["ls", name], home, timeout=60).get("runs", []), _submissions(state),
+                                 run_name)
+        if busy is not None:
+            raise InputError(f"run {run_name!r} is still {busy[1]} as Flower run {busy[0]}; wait for it to end or "
+                             f"stop it with `FLWR_HOME={home} flwr stop {busy[0]} {name}`, then run this again")
     with tempfile.TemporaryDirectory(prefix="fedmri-run-") as tmp:
         app_dir = Path(tmp) / "app"
         app_dir.mkdir()
@@ -161,6 +167,16 @@ _FAILED_LINE = re.compile(r"fedmri: run \S+ failed: (.*)$")
 # A Flower log line's colour codes and level prefix.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL = re.compile(r"^(?:\S+\s+)?(?:ERROR|INFO|WARNING|DEBUG)\s*:\s*")
+
+
+def running_with_name(flower_runs: list[dict[str, Any]], submissions: dict[str, dict[str, Any]],
+                      run_name: str) -> tuple[str, str] | None:
+    """``(run id, status)`` of a run the SuperLink has not finished that fedmri submitted as ``run_name``."""
+    for run in flower_runs:
+        run_id, status = str(run.get("run-id")), str(run.get("status", ""))
+        if not status.startswith("finished") and submissions.get(run_id, {}).get("name") == run_name:
+            return run_id, status
+    return None
 
 
 def ended_badly(status: object) -> bool:

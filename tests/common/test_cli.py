@@ -66,3 +66,15 @@ def test_run_resume_sets_resume_in_the_federation_sent() -> None:
     assert load_federation(text=text).resume is False
     resumed = load_federation(text=with_resume(text))
     assert resumed.resume is True and resumed.name == "x" and resumed.stages[0].rounds == 2
+
+
+def test_a_run_of_the_same_name_still_on_the_superlink_is_found() -> None:
+    from fedmri.cli.run_cmd import running_with_name
+
+    runs = [{"run-id": 1, "status": "finished:completed"}, {"run-id": 2, "status": "running"},
+            {"run-id": 3, "status": "pending"}]
+    submitted = {"1": {"name": "demo"}, "2": {"name": "other"}, "3": {"name": "demo"}}
+    assert running_with_name(runs, submitted, "demo") == ("3", "pending")
+    assert running_with_name(runs, submitted, "other") == ("2", "running")
+    assert running_with_name(runs[:1], submitted, "demo") is None  # finished: a resume may go
+    assert running_with_name(runs, {}, "demo") is None  # not submitted through fedmri: not ours to judge

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ class Played:
     state: Path
     run_dir: Path
     killed_run: str = ""
+    refused: Any = None  # `fedmri run --resume` while the killed run was still listed as running
     resumed: Daemon | None = None
     first_site_01: Daemon | None = None
     site_01: Daemon | None = None
@@ -184,6 +186,9 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         server.remember_tree()
         os.kill(serverapp, signal.SIGKILL)
         out.killed_run = run.output.split("run ", 1)[1].split()[0]
+        # The SuperLink still lists the killed run as running: resuming now would give one run
+        # folder two writers, so fedmri refuses and says how to stop it.
+        out.refused = fedmri_cli("run", "--config", str(config), "--state", str(state), "--resume", timeout=90)
         flwr_json(["stop", out.killed_run, "fedmri"], state / "flwr", timeout=60)
         out.timings["run killed and stopped"] = time.monotonic() - t0
         before = set(processes_named(site_02.proc.pid, CLIENTAPP))
@@ -236,6 +241,13 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(played: Playe
     final = load_file(str(played.run_dir / "ckpt" / "round-0002" / "global.safetensors"))
     assert sorted(final) == sorted(straight.state)
     assert [k for k in final if not torch.equal(final[k], straight.state[k])] == []
+
+
+def test_resume_while_the_killed_run_is_still_listed_is_refused(played: Played) -> None:
+    out = played.refused
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "Traceback" not in text, text
+    assert f"is still running as Flower run {played.killed_run}" in text and "flwr stop" in text, text
 
 
 def test_status_shows_the_killed_run_and_its_resumption(played: Played) -> None:
