@@ -37,7 +37,7 @@ from fedmri import stages as stage_registry
 from fedmri import trace, wire
 from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
-from fedmri.secagg import SecAggError, distributed_bound, quantisation_bound
+from fedmri.secagg import SecAggError, quantisation_bound
 from fedmri.protocol import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -229,8 +229,7 @@ class Pipeline:
         the sites whose input counted (none when the sum cannot be recovered: the weights then stay)
         and the round's secure aggregation metrics."""
         stage = self.fed.stages[stage_i]
-        if len(total.sent) < self._min_sites(stage_i):
-            out.problems += [p for p in secure.problems if p not in out.problems]
+        if len(total.sent) < self._min_sites(stage_i):  # unmasking never starts: no new problems
             return {}, {}
         try:
             secure.unmask(grid, total)
@@ -290,13 +289,9 @@ class Pipeline:
         secure, training = None, sampled
         if spec.trains and stage.secure_aggregation.enabled:
             # Keys and shares first (server/secagg.py): only the sites that shared theirs train.
-            secure = secure_round(stage.secure_aggregation, f"{self.fed.name}/{server_round}", sampled,
+            secure = secure_round(stage, f"{self.fed.name}/{server_round}", sampled,
                                   int(self.rng.integers(2**31)), float(self.fed.round_timeout_s))
-            sites = 0
-            if stage.site_dp.mode == "distributed":  # equal weights, and room in the ring for the noise
-                sites, secure.max_weight = len(sampled), 1.0
-                secure.clip_norm = distributed_bound(float(stage.site_dp.clip_norm),
-                                                     float(stage.site_dp.noise_multiplier), sites)
+            sites = len(sampled) if stage.site_dp.mode == "distributed" else 0  # whose noise shares sum up
             request = dataclasses.replace(request, secagg=True, secagg_scale=secure.scale,
                                           secagg_clip_norm=float(stage.secure_aggregation.clip_norm),
                                           secagg_max_weight=secure.max_weight, site_dp_sites=sites)
@@ -391,18 +386,16 @@ class Pipeline:
                     if spec.after_aggregate is not None:
                         spec.after_aggregate(self.state, request, stage)
                     out.updated = True
-                    if stage.site_dp.mode == "distributed":
+                    if stage.site_dp.mode == "distributed":  # noise that arrived: z sqrt(m'/m)
                         z_eff = self.aggregators[stage_i].account(self._site_rate(stage_i), len(metrics_by_node),
                                                                   len(sampled))
-                        out.aggregated |= {"site-dp-noise-multiplier": z_eff, "site-dp-distributed": 1.0,
-                                           "site-dp-epsilon": run_central_epsilon(self.aggregators,
-                                                                                   float(stage.site_dp.delta)),
-                                           "site-dp-delta": float(stage.site_dp.delta)}
-                    if stage.site_dp.mode == "central":
+                        out.aggregated |= {"site-dp-noise-multiplier": z_eff, "site-dp-distributed": 1.0}
+                    elif stage.site_dp.mode == "central":
                         self.aggregators[stage_i].account(self._site_rate(stage_i))
-                        out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators,
-                                                                                   float(stage.site_dp.delta)),
-                                           "site-dp-delta": float(stage.site_dp.delta)}
+                    if stage.site_dp.mode in ("central", "distributed"):
+                        delta = float(stage.site_dp.delta)
+                        out.aggregated |= {"site-dp-epsilon": run_central_epsilon(self.aggregators, delta),
+                                           "site-dp-delta": delta}
             else:
                 log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
                     len(metrics_by_node), need, "weights unchanged" if spec.trains else "nothing to report")

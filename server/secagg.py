@@ -19,15 +19,22 @@ pairwise masks are removed through its neighbours' shares of its mask key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from fedmri.protocol import SECAGG_KEY, SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK
-from fedmri.secagg import SEED_BYTES, SecAggError, fixed_point_scale, neighbour_graph, share_threshold
+from fedmri.secagg import (
+    SEED_BYTES,
+    SecAggError,
+    distributed_bound,
+    fixed_point_scale,
+    neighbour_graph,
+    share_threshold,
+)
 from fedmri.server.exchange import GridLike, ReplyBook, exchange
 from fedmri.strategies.secagg import SecureSum
 
@@ -154,9 +161,16 @@ class SecureRound:
             len(sent), len(shared - sent))
 
 
-def secure_round(settings: object, context: str, nodes: list[int], seed: int, timeout_s: float) -> SecureRound:
-    """A :class:`SecureRound` from a stage's ``secure_aggregation`` config."""
-    get: Callable[[str], object] = settings.__getitem__  # type: ignore[attr-defined]
-    return SecureRound(context=context, nodes=list(nodes), degree=int(get("neighbours")),
-                       threshold=float(get("threshold")), clip_norm=float(get("clip_norm")),
-                       max_weight=float(get("max_weight")), seed=seed, timeout_s=timeout_s)
+def secure_round(stage: Any, context: str, nodes: list[int], seed: int, timeout_s: float) -> SecureRound:
+    """A :class:`SecureRound` from a stage's config (``secure_aggregation``, and ``site_dp``).
+
+    Under distributed site DP every site weighs 1, and the ring must hold each clipped update
+    plus its noise share (:func:`fedmri.secagg.distributed_bound`), not the update alone.
+    """
+    sec, site_dp = stage.secure_aggregation, stage.site_dp
+    clip_norm, max_weight = float(sec.clip_norm), float(sec.max_weight)
+    if site_dp.mode == "distributed":
+        clip_norm = distributed_bound(float(site_dp.clip_norm), float(site_dp.noise_multiplier), len(nodes))
+        max_weight = 1.0
+    return SecureRound(context=context, nodes=list(nodes), degree=int(sec.neighbours), threshold=float(sec.threshold),
+                       clip_norm=clip_norm, max_weight=max_weight, seed=seed, timeout_s=timeout_s)
