@@ -97,7 +97,8 @@ def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequen
 
 def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_multiplier: float,
                    generator: torch.Generator | None, expected_batch_size: float,
-                   units: Sequence[int] | None = None) -> dict[str, Tensor]:
+                   units: Sequence[int] | None = None, side: dict[str, Tensor] | None = None,
+                   side_norm: float = 0.0) -> dict[str, Tensor]:
     """Clip each unit's gradient to ``max_grad_norm``, sum, add Gaussian noise, average.
 
     Abadi et al. 2016 (Algorithm 1) with Opacus' ``DPOptimizer`` conventions: the clipping
@@ -114,9 +115,16 @@ def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_mu
         units: For each of the B samples, its private unit's position in the batch (0..U-1,
             e.g. from :func:`unit_batches`); the samples of one unit are summed before the
             clipping, so one unit moves the sum by at most C. None: every sample is its own unit.
+        side: Name -> ``(B, *shape)``: statistics of each sample released with its gradient
+            (the teacher means of DP pretraining's centres), summed per unit like the gradients.
+            The unit's side part is clipped to ``side_norm`` and its gradient to
+            ``sqrt(C² - side_norm²)``: the joint vector stays within C, so the one Gaussian
+            mechanism (noise σC on every coordinate) releases both at the ε of the gradient alone.
+        side_norm: The side part's clipping norm, in (0, C) when ``side`` is given.
 
     Returns:
-        Name -> ``shape``: the privatised mean gradient.
+        Name -> ``shape``: the privatised mean gradient, and the privatised mean of each ``side``
+        entry under its name.
     """
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
@@ -127,15 +135,35 @@ def clip_and_noise(per_sample: dict[str, Tensor], max_grad_norm: float, noise_mu
     sizes = {g.shape[0] for g in per_sample.values()}
     if len(sizes) > 1:
         raise ValueError(f"per-sample gradients disagree on the number of samples: {sorted(sizes)}")
+    parts = [per_sample]
+    grad_norm = max_grad_norm
+    if side:
+        if not 0 < side_norm < max_grad_norm:
+            raise ValueError(f"side_norm must be in (0, max_grad_norm={max_grad_norm}), got {side_norm}")
+        if set(side) & set(per_sample):
+            raise ValueError(f"side names {sorted(set(side) & set(per_sample))} are also gradient names")
+        if {v.shape[0] for v in side.values()} != sizes:
+            raise ValueError("side statistics and per-sample gradients disagree on the number of samples")
+        parts.append(side)
+        grad_norm = math.sqrt(max_grad_norm**2 - side_norm**2)
     if units is not None:
-        per_sample = sum_per_unit(per_sample, units)
-    # reshape with explicit sizes: flatten(1) fails on scalar parameters' (B,) grads, reshape(B, -1) on B = 0.
-    squares = [g.reshape(g.shape[0], math.prod(g.shape[1:])).pow(2).sum(1) for g in per_sample.values()]
-    norms = torch.stack(squares).sum(0).sqrt()  # U
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # U
+        parts = [sum_per_unit(part, units) for part in parts]
     std = noise_multiplier * max_grad_norm
     out: dict[str, Tensor] = {}
-    for name, g in per_sample.items():
+    for part, bound in zip(parts, (grad_norm, side_norm)):
+        out.update(_clip_sum_noise(part, bound, std, generator, expected_batch_size))
+    return out
+
+
+def _clip_sum_noise(rows: dict[str, Tensor], bound: float, std: float, generator: torch.Generator | None,
+                    expected_batch_size: float) -> dict[str, Tensor]:
+    """Each row of the ``(U, *shape)`` tensors clipped jointly to ``bound``, summed, noised (std), averaged."""
+    # reshape with explicit sizes: flatten(1) fails on scalar parameters' (B,) grads, reshape(B, -1) on B = 0.
+    squares = [g.reshape(g.shape[0], math.prod(g.shape[1:])).pow(2).sum(1) for g in rows.values()]
+    norms = torch.stack(squares).sum(0).sqrt()  # U
+    factor = (bound / (norms + 1e-6)).clamp(max=1.0)  # U
+    out: dict[str, Tensor] = {}
+    for name, g in rows.items():
         summed = torch.einsum("b,b...->...", factor.to(g.dtype), g)
         if std > 0:
             summed = summed + torch.normal(0.0, std, summed.shape, generator=generator,
@@ -230,7 +258,8 @@ def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], 
             noise_multiplier: float, expected_batch_size: float, generator: torch.Generator | None,
             per_sample_decomposable: bool, vectorized: bool = False,
             extra_grad: Callable[[], dict[str, Tensor]] | None = None,
-            units: Sequence[int] | None = None) -> dict[str, Tensor]:
+            units: Sequence[int] | None = None, side: Callable[[], dict[str, Tensor]] | None = None,
+            side_norm: float = 0.0) -> dict[str, Tensor]:
     """One DP-SGD gradient: per-sample grads, clipping per unit, noise; written to each param's ``.grad``.
 
     Any torch optimizer can then ``step()``. An empty batch still gets noise, as the
@@ -244,13 +273,16 @@ def dp_step(loss_fn: LossFn, params: dict[str, Tensor], samples: Sequence[Any], 
         extra_grad: A gradient of a data-independent term (FedProx's), by parameter name,
             added after the noise: post-processing, it costs no privacy.
         units: Each sample's unit in the batch (patient-level DP), as in :func:`clip_and_noise`.
+        side, side_norm: Called once the per-sample losses have run, ``side()`` gives the
+            per-sample statistics released with the gradients (:func:`clip_and_noise`'s ``side``).
 
     Returns:
-        Name -> the privatised gradient (without ``extra_grad``).
+        Name -> the privatised gradient (without ``extra_grad``), and the released side statistics.
     """
     require_decomposable(per_sample_decomposable)
-    grads = clip_and_noise(per_sample_grads(loss_fn, params, samples, vectorized), max_grad_norm,
-                           noise_multiplier, generator, expected_batch_size, units)
+    per_sample = per_sample_grads(loss_fn, params, samples, vectorized)
+    grads = clip_and_noise(per_sample, max_grad_norm, noise_multiplier, generator, expected_batch_size, units,
+                           side() if side is not None else None, side_norm)
     extra = extra_grad() if extra_grad is not None else {}
     for name, p in params.items():
         p.grad = (grads[name] + extra[name] if name in extra else grads[name]).to(p.dtype)

@@ -6,17 +6,29 @@ local) against the teacher, computed alone. Under ``policy.dp.unit: patient``
 is clipped as one vector; under ``series`` each series' gradient is
 (:mod:`fedmri.client.privacy.dp_sgd`). A term depends on its series only when
 
-- the centres stay fixed for the round (``update_centers=False``): a centre
-  moved by this round's batches would make each target depend on other series;
-  the centres sent back are the ones received, so no statistic of the data
-  leaves outside the noisy gradients;
+- the centres stay fixed during a step (``update_centers=False``): a centre
+  moved by the step's own batch would make each target depend on other series;
 - KoLeo is off: its nearest-neighbour term couples the batch (switched off here,
   with a log line, whatever the run config says);
 - centering is ``centering``: Sinkhorn-Knopp balances targets across the batch
   (refused with the reason).
 
-Everything else is post-processing of the noisy gradients: AdamW, the FedProx
-term (a function of the weights only) and the local teacher EMA. Batches are
+The centres still move, between steps (``ssl.dp_center``, on by default). A
+frozen centre stays at its initial zero for the whole run and the teacher
+collapses onto one prototype (benchmarks/RESULTS.md, "DP centre"). So each
+series' teacher means (the terms the centre's EMA would fold in, averaged over
+its patient's series in the step) ride along with its gradient: the patient's
+gradient is clipped to C·sqrt(1 - share), its scaled teacher means to C·sqrt(share),
+and the one Gaussian mechanism noises both (:func:`~fedmri.client.privacy.dp_sgd.clip_and_noise`'s
+``side``). The joint vector stays within C, so the centres cost no ε beyond
+the gradients'; the noisy mean then enters the centres' EMA. Teacher means are
+cosines (the head's logits), so ``radius`` bounds them in logit units, and the
+noise on a centre coordinate is σ·radius / (sqrt(share)·q·n) before the EMA
+averages it.
+
+Everything else is post-processing of the noisy releases: AdamW, the FedProx
+term (a function of the weights only), the centres' EMA and the local teacher
+EMA; the centres sent back are such post-processing too. Batches are
 Poisson samples of the units (a drawn patient brings all its series) with
 rate ``q = batch_size / series``, drawn, like the noise, from the site's
 secret seed (:class:`fedmri.client.privacy.gate.DPPlan`).
@@ -25,6 +37,8 @@ secret seed (:class:`fedmri.client.privacy.gate.DPPlan`).
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,27 +70,80 @@ def make_private(meta: Any) -> None:
                            "teacher targets across the batch, so one series would change the others' terms")
 
 
-def ssl_sample_loss(meta: Any, teacher_temp: float, seen: list[dict[str, float]] | None = None
+def ssl_sample_loss(meta: Any, teacher_temp: float, seen: list[dict[str, float]] | None = None,
+                    terms: list[dict[str, Tensor]] | None = None
                     ) -> Callable[[dict[str, Tensor], SampleCrops], Tensor]:
     """``loss(params, crops)``: the whole DINO + iBOT loss of one series' crops, centres fixed.
 
-    Each call appends its named loss values to ``seen`` when given (for the round's metrics).
+    Each call appends its named loss values to ``seen`` and its teacher means (the
+    centres' terms, see :meth:`fedmri.ssl.SSLMetaArch.forward`) to ``terms`` when given.
     """
     from fedmri.client.trainers.pretrain import named_ssl_losses
 
     def loss(params: dict[str, Tensor], crops: SampleCrops) -> Tensor:
-        losses = meta(crops, crops["masks"], teacher_temp, update_centers=False)
+        found: dict[str, Tensor] | None = {} if terms is not None else None
+        losses = meta(crops, crops["masks"], teacher_temp, update_centers=False, center_terms=found)
         if seen is not None:
             seen.append(named_ssl_losses(losses))
+        if terms is not None and found is not None:
+            terms.append(found)
         return sum(losses.values())
 
     return loss
 
 
+class DPCenter:
+    """The centres' terms as the side part of DP-SGD's norm budget, and the update from their release.
+
+    Args:
+        meta: The SSL meta-architecture (its DINO and iBOT losses hold the centres).
+        cfg: ``ssl.dp_center`` of the run config.
+        center_momentum: ``ssl.center_momentum``, used when ``cfg.momentum`` is null.
+        max_grad_norm: The round's DP clipping norm C.
+    """
+
+    def __init__(self, meta: Any, cfg: Any, center_momentum: float, max_grad_norm: float) -> None:
+        self.losses = {name: loss for name, loss in (("dino", meta.dino_loss), ("ibot", meta.ibot_loss))
+                       if loss is not None}
+        self.side_norm = max_grad_norm * math.sqrt(float(cfg.share))
+        self.scale = self.side_norm / float(cfg.radius)  # teacher means -> side units
+        self.momentum = float(center_momentum if cfg.momentum is None else cfg.momentum)
+        self.terms: list[dict[str, Tensor]] = []  # one per series of the step, in order
+
+    @staticmethod
+    def side_name(name: str) -> str:
+        return f"center/{name}"
+
+    def side(self, units: Sequence[int] | None) -> Callable[[], dict[str, Tensor]]:
+        """``side()``: each series' scaled teacher means, divided by its patient's series in the step.
+
+        Summed per patient, that is the patient's mean: one patient weighs as one in the centre
+        whatever its number of series. A series with no masked patch adds nothing to ``ibot``.
+        """
+        def side() -> dict[str, Tensor]:
+            owners = list(units) if units is not None else list(range(len(self.terms)))
+            counts = Counter(owners)
+            out = {}
+            for name, loss in self.losses.items():
+                zero = loss.center.new_zeros(loss.center.shape[-1])
+                rows = [t.get(name, zero) * (self.scale / counts[u]) for t, u in zip(self.terms, owners)]
+                out[self.side_name(name)] = torch.stack(rows) if rows else zero.new_zeros((0, zero.shape[0]))
+            return out
+
+        return side
+
+    def update(self, released: dict[str, Tensor]) -> None:
+        """Fold the released mean teacher terms into the centres (post-processing); clear the step's terms."""
+        for name, loss in self.losses.items():
+            loss.update_center(released[self.side_name(name)][None] / self.scale, self.momentum)
+        self.terms.clear()
+
+
 def dp_ssl_step(meta: Any, samples: Sequence[SampleCrops], teacher_temp: float, *, max_grad_norm: float,
                 noise_multiplier: float, expected_batch_size: float, generator: torch.Generator,
                 extra_grad: Callable[[], dict[str, Tensor]] | None = None,
-                seen: list[dict[str, float]] | None = None, units: Sequence[int] | None = None) -> dict[str, Tensor]:
+                seen: list[dict[str, float]] | None = None, units: Sequence[int] | None = None,
+                center: DPCenter | None = None) -> dict[str, Tensor]:
     """Write one DP-SGD gradient of the student into ``.grad``; returns it.
 
     Args:
@@ -87,11 +154,19 @@ def dp_ssl_step(meta: Any, samples: Sequence[SampleCrops], teacher_temp: float, 
         extra_grad: A data-independent gradient added after the noise (FedProx).
         seen: Receives each sample's named loss values.
         units: Each series' patient position in the step (patient-level DP); None: each series alone.
+        center: The DP centre: its terms are released with the gradient and folded into the
+            centres after the step. None: the centres stay as they are.
     """
     params = {n: p for n, p in meta.student.named_parameters() if p.requires_grad}
-    return dp_step(ssl_sample_loss(meta, teacher_temp, seen), params, list(samples), max_grad_norm=max_grad_norm,
-                   noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator,
-                   per_sample_decomposable=meta.per_sample_decomposable, extra_grad=extra_grad, units=units)
+    loss = ssl_sample_loss(meta, teacher_temp, seen, center.terms if center is not None else None)
+    out = dp_step(loss, params, list(samples), max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                  expected_batch_size=expected_batch_size, generator=generator,
+                  per_sample_decomposable=meta.per_sample_decomposable, extra_grad=extra_grad, units=units,
+                  side=center.side(units) if center is not None else None,
+                  side_norm=center.side_norm if center is not None else 0.0)
+    if center is not None:
+        center.update(out)
+    return out
 
 
 def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: Any, device: torch.device,
@@ -122,6 +197,7 @@ def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: 
     generator = noise_generator(plan.seed, device)
     seen: list[dict[str, float]] = []
     transform = MultiCropTransform(run_cfg)
+    center = DPCenter(meta, s.dp_center, s.center_momentum, plan.max_grad_norm) if s.dp_center.enabled else None
     loader = load_batches(dataset, [series for series, _ in batches], transform, derive_seed(plan.seed, "crops"),
                           num_workers)
     for (_, units), draws in zip(batches, loader):
@@ -130,7 +206,7 @@ def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: 
         optimizer.zero_grad(set_to_none=True)
         dp_ssl_step(meta, samples, request.teacher_temp, max_grad_norm=plan.max_grad_norm,
                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
-                    generator=generator, extra_grad=proximal.named_gradients, seen=seen, units=units)
+                    generator=generator, extra_grad=proximal.named_gradients, seen=seen, units=units, center=center)
         optimizer.step()
         meta.update_teacher(request.teacher_momentum)
     return mean_losses(seen)

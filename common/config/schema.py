@@ -218,6 +218,32 @@ class HeadsConfig:
 
 
 @dataclass
+class DPCenterConfig:
+    """The teacher centres under DP-SGD pretraining (fedmri.client.trainers.pretrain_dp).
+
+    A centre is a running mean of the teacher's logits. Under DP-SGD each series'
+    teacher means ride along with its gradient: the two are clipped within one
+    norm budget (the gradient to C·sqrt(1 - share), the centre terms to
+    C·sqrt(share)) and released by the same Gaussian mechanism, so the centres
+    move at no extra ε. Off, the centres stay as received for the whole run (at
+    their initial zero), and the teacher collapses onto one prototype
+    (benchmarks/RESULTS.md, "DP centre").
+    """
+
+    # Move the centres under DP-SGD (on: the DINO centring works as without DP).
+    enabled: bool = True
+    # Fraction of the squared clipping norm C^2 the centre terms take; the
+    # gradient keeps the rest, so its clip is C*sqrt(1 - share).
+    share: float = 0.2
+    # A patient's mean teacher logits are clipped to this L2 norm (logit units;
+    # the head's logits are cosines, so one prototype taking over gives ~1).
+    radius: float = 1.0
+    # EMA momentum of the centres under DP (null: ssl.center_momentum). Slower
+    # than without DP: the EMA also averages the noise away.
+    momentum: float | None = 0.99
+
+
+@dataclass
 class SSLConfig:
     """Self-supervised pretraining, DINOv2 recipe in 3D (docs/architecture.md, "Self-supervised stage")."""
 
@@ -292,6 +318,8 @@ class SSLConfig:
     # "centering" (running centre: per-sample terms) or "sinkhorn_knopp"
     # (balanced assignments within the batch; couples the samples).
     centering: str = "centering"
+    # The centres under DP-SGD pretraining: see DPCenterConfig.
+    dp_center: DPCenterConfig = field(default_factory=DPCenterConfig)
     # --- schedules over training progress (fedmri.ssl.schedules) ---
     # Teacher temperature warms up linearly from the first to the second value
     # over this fraction of training (DINOv2: 0.04 -> 0.07 over 30 of 100 epochs):

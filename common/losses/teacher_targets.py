@@ -85,13 +85,14 @@ class CenteredTeacherLoss(nn.Module):
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
+    def update_center(self, teacher_logits: Tensor, momentum: float | None = None) -> None:
         """EMA of the mean teacher logit over the rows of (M, K) into the centre; a no-op if M = 0.
 
         Call after :meth:`teacher_targets`, so a batch is centred with the
-        statistics of earlier batches only.
+        statistics of earlier batches only. ``momentum`` overrides ``center_momentum``.
         """
         if teacher_logits.shape[0] == 0:
             return
+        m = self.center_momentum if momentum is None else momentum
         batch_center = teacher_logits.float().mean(dim=0, keepdim=True)  # 1, K
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self.center.mul_(m).add_(batch_center, alpha=1 - m)

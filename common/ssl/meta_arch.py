@@ -32,6 +32,14 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"ssl.{key}={s[key]} must be >= 0 (0 switches the term off)")
     if s.dino_loss_weight == 0 and s.ibot_loss_weight == 0:
         raise ConfigError("ssl.dino_loss_weight and ssl.ibot_loss_weight are both 0: nothing would be learnt")
+    c = s.dp_center
+    if not 0.0 < c.share < 1.0:
+        raise ConfigError(f"ssl.dp_center.share={c.share} must be in (0, 1): the gradient and the centres share "
+                          "the DP clipping norm")
+    if c.radius <= 0:
+        raise ConfigError(f"ssl.dp_center.radius={c.radius} must be > 0")
+    if c.momentum is not None and not 0.0 <= c.momentum < 1.0:
+        raise ConfigError(f"ssl.dp_center.momentum={c.momentum} must be in [0, 1) (or null: ssl.center_momentum)")
 
 
 class SSLMetaArch(nn.Module):
@@ -103,7 +111,7 @@ class SSLMetaArch(nn.Module):
         return logits[: cls.shape[0]], logits[cls.shape[0]:]
 
     def forward(self, batch_crops: dict[str, Any], masks: Tensor | None, teacher_temp: float,
-                update_centers: bool = True) -> dict[str, Tensor]:
+                update_centers: bool = True, center_terms: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Named, weighted losses of one batch; ``total = sum of the *_loss entries``.
 
         Args:
@@ -115,6 +123,10 @@ class SSLMetaArch(nn.Module):
             update_centers: Fold this batch into the centres (in training mode). False keeps
                 them fixed, as DP-SGD needs: a centre built from this round's data would make
                 one sample's target depend on the others.
+            center_terms: When given, receives what this batch would fold into the centres:
+                ``dino``, the mean teacher CLS logits (K,), and ``ibot``, the mean teacher
+                logits of the masked patches (K,) when some are masked. DP-SGD releases them
+                with the gradient (:mod:`fedmri.client.trainers.pretrain_dp`).
 
         Returns:
             A subset of ``dino_local_crops_loss``, ``dino_global_crops_loss``,
@@ -145,6 +157,11 @@ class SSLMetaArch(nn.Module):
                 dino_targets = self.dino_loss.teacher_targets(t_cls_logits, teacher_temp)  # 2B, K
             if do_ibot:
                 ibot_targets = self.ibot_loss.teacher_targets(t_patch_logits, teacher_temp)  # M, K
+            if center_terms is not None:
+                if self.dino_loss is not None:
+                    center_terms["dino"] = t_cls_logits.float().mean(0)
+                if do_ibot:
+                    center_terms["ibot"] = t_patch_logits.float().mean(0)
             if self.training and update_centers:  # centre with earlier batches only, then fold this one in
                 if self.dino_loss is not None:
                     self.dino_loss.update_center(t_cls_logits)

@@ -171,3 +171,46 @@ def test_dp_training_lowers_a_simple_loss() -> None:
                 expected_batch_size=int(q * n), generator=g, per_sample_decomposable=True)
         opt.step()
     assert full_loss() < 0.2 * before
+
+
+def test_side_statistics_share_the_clipping_norm_with_the_gradient() -> None:
+    """A unit moves the joint release (gradient + side) by at most C: the side costs no extra ε."""
+    model = tiny_mlp()
+    per = {n: g * 1e4 for n, g in per_sample_grads(multicrop_loss(model), params_of(model), samples(3)).items()}
+    side = {"center/dino": torch.randn(3, 16) * 1e4}
+    C, s = 0.5, 0.2
+    base = clip_and_noise({n: g[:2] for n, g in per.items()}, C, 0.0, None, 1, side={"center/dino": side["center/dino"][:2]},
+                          side_norm=s)
+    full = clip_and_noise(per, C, 0.0, None, 1, side=side, side_norm=s)
+    grad_moved = flat({n: full[n] - base[n] for n in per})
+    side_moved = full["center/dino"] - base["center/dino"]
+    assert grad_moved.norm() <= math.sqrt(C**2 - s**2) + 1e-4
+    assert side_moved.norm() <= s + 1e-4
+    assert torch.cat([grad_moved, side_moved]).norm() <= C + 1e-4
+    # Both parts are used to their bound by a huge unit: the budget is split, not wasted.
+    assert grad_moved.norm() > 0.99 * math.sqrt(C**2 - s**2) and side_moved.norm() > 0.99 * s
+
+
+def test_side_statistics_get_the_gradients_noise_and_are_averaged_per_unit() -> None:
+    sigma, C, B, draws = 1.1, 0.8, 4.0, 3000
+    g = torch.Generator().manual_seed(1)
+    zeros = {"w": torch.zeros(2, 5)}
+    noise = torch.stack([clip_and_noise(zeros, C, sigma, g, B, side={"c": torch.zeros(2, 20)}, side_norm=0.3)["c"]
+                         for _ in range(draws)])
+    expected = sigma * C / B  # the same σC as the gradient's coordinates: one mechanism
+    assert abs(noise.std().item() - expected) < 3 * expected / math.sqrt(2 * noise.numel())
+    # Without noise, small side terms pass unclipped and are summed per unit, then divided by B.
+    side = {"c": torch.tensor([[0.01, 0.0], [0.02, 0.0], [0.0, 0.03]])}
+    out = clip_and_noise({"w": torch.zeros(3, 5)}, C, 0.0, None, 2.0, units=[0, 0, 1], side=side, side_norm=0.3)
+    assert torch.allclose(out["c"], torch.tensor([0.015, 0.015]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(side={"c": torch.zeros(2, 3)}, side_norm=0.0), "side_norm"),
+    (dict(side={"c": torch.zeros(2, 3)}, side_norm=1.0), "side_norm"),
+    (dict(side={"w": torch.zeros(2, 3)}, side_norm=0.5), "also gradient names"),
+    (dict(side={"c": torch.zeros(3, 3)}, side_norm=0.5), "number of samples"),
+])
+def test_bad_side_statistics_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        clip_and_noise({"w": torch.zeros(2, 3)}, 1.0, 0.0, None, 1.0, **kwargs)

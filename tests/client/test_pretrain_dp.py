@@ -32,18 +32,64 @@ def _round(site_file, initial, request_values, tmp_path: Path, site_overrides=()
     return up, metrics, down, gate
 
 
-def test_a_private_round_keeps_the_centres_and_reports_expected_counts(site_file, initial, request_values,
+def _without_dp_center(run_yaml: str) -> str:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(run_yaml)
+    cfg.ssl.dp_center.enabled = False
+    return OmegaConf.to_yaml(cfg)
+
+
+def test_a_private_round_moves_the_centres_and_reports_expected_counts(site_file, initial, request_values,
                                                                         tmp_path) -> None:
     up, metrics, down, gate = _round(site_file, initial, request_values, tmp_path, local_steps=3)
     plan = gate.plans["pretrain"]
     assert plan.sample_rate == pytest.approx(4 / 8) and plan.steps == 3 and plan.noise_multiplier == 1.0
     centres = [k for k in up if k.startswith("center/")]
-    assert centres and all(torch.equal(up[k], down[k]) for k in centres)  # no data statistic leaves
+    # The DP centre: released with the gradients, so the centres move at no extra ε.
+    assert centres and all(not torch.equal(up[k], down[k]) for k in centres)
     encoder = [k for k in up if k.startswith("encoder/")]
     assert any(not torch.equal(up[k], down[k]) for k in encoder)
     assert all(torch.isfinite(v).all() for v in up.values())
     assert metrics["num-examples"] == round(3 * 4) and metrics["steps"] == 3
     assert "koleo_loss" not in metrics  # off under DP
+
+
+def test_without_the_dp_centre_the_centres_stay_as_received(site_file, initial, request_values, run_yaml,
+                                                            tmp_path) -> None:
+    up, _, down, gate = _round(site_file, initial, request_values, tmp_path, local_steps=3,
+                               fedmri_config=_without_dp_center(run_yaml))
+    centres = [k for k in up if k.startswith("center/")]
+    assert centres and all(torch.equal(up[k], down[k]) for k in centres)  # no data statistic leaves
+    assert gate.plans["pretrain"].noise_multiplier == 1.0  # the same mechanism, the same ε
+
+
+def test_the_dp_centre_tracks_the_teachers_mean_and_weighs_each_patient_once(site_file, run_yaml, initial) -> None:
+    """Without noise, the released centre term is the mean over patients of each patient's mean teacher logits."""
+    from omegaconf import OmegaConf
+
+    from fedmri.client.trainers.pretrain_dp import DPCenter, dp_ssl_step
+
+    run_cfg = parse_run_config(run_yaml)
+    meta = build_ssl_model(run_cfg, select(initial, stage_groups("pretrain", run_cfg).down), "pretrain").train()
+    make_private(meta)
+    cfg = OmegaConf.create({"share": 0.2, "radius": 100.0, "momentum": 0.0})  # no clipping, centre := release
+    center = DPCenter(meta, cfg, 0.9, max_grad_norm=1.0)
+    g = torch.Generator().manual_seed(0)
+    crops = [collate_multicrop([{"global_crops": [torch.randn(1, 16, 16, 16, generator=g) * (1 + i) for _ in range(2)],
+                                 "local_crops": []}]) for i in range(3)]
+    teacher = []
+    for c in crops:
+        with torch.no_grad():
+            terms: dict = {}
+            meta(c, None, 0.04, update_centers=False, center_terms=terms)
+        teacher.append(terms["dino"])
+    units = [0, 0, 1]  # patient 0 has two series, patient 1 one
+    dp_ssl_step(meta, crops, 0.04, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=2.0,
+                generator=None, units=units, center=center)
+    expected = ((teacher[0] + teacher[1]) / 2 + teacher[2]) / 2
+    assert torch.allclose(meta.dino_loss.center[0], expected, atol=1e-5)
+    assert center.terms == []  # cleared for the next step
 
 
 def test_the_noise_and_batches_come_from_the_sites_secret(site_file, initial, request_values, tmp_path) -> None:
