@@ -119,6 +119,14 @@ def _default_stages() -> list[StageConfig]:
 
 
 @dataclass
+class TrackingConfig:
+    """Where a run's rows go besides metrics.jsonl (fedmri.server.tracking)."""
+
+    # TensorBoard event files in <run>/tensorboard/<site>/: `tensorboard --logdir runs`.
+    tensorboard: bool = True
+
+
+@dataclass
 class FederationConfig:
     """A whole federated run."""
 
@@ -156,6 +164,8 @@ class FederationConfig:
     # Send each site only the parameter groups whose digest it has not acknowledged; it takes
     # the rest from its cache (server/downlink.py). false: every down group every round (debugging).
     group_cache: bool = True
+    # Experiment tracking: the same rows as metrics.jsonl, in the trackers' own formats.
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: list[StageConfig] = field(default_factory=_default_stages)
 
 

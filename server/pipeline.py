@@ -149,6 +149,7 @@ class Pipeline:
                 log(WARNING, "fedmri: --resume given but %s has no checkpoint; starting from round 1", self.run.ckpt)
             if self.run.metrics_path.exists():
                 self.run.metrics_path.unlink()
+            self._open_tracking(None)
             self.state = wire.initial_state(self.cfg)
             if self.init_state is not None:
                 unknown = set(self.init_state) - set(self.state)
@@ -169,11 +170,22 @@ class Pipeline:
             arrays = {k.split("/", 1)[1]: v for k, v in strategy_arrays.items() if k.startswith(f"{i}/")}
             agg.load_state_dict(arrays, meta["strategies"][i])
         self.run.truncate_metrics_after(meta["server_round"])
+        self._open_tracking(meta["server_round"])
         stage_i, rnd = meta["stage_index"], meta["round"] + 1
         if rnd > self.fed.stages[stage_i].rounds:
             stage_i, rnd = stage_i + 1, 1
         log(INFO, "fedmri: resuming %s after global round %d", self.fed.name, meta["server_round"])
         return stage_i, rnd, meta["server_round"]
+
+    def _open_tracking(self, resume_after: int | None) -> None:
+        """The trackers that get the rows (fedmri.server.tracking); a resume hides the steps after its checkpoint."""
+        from fedmri.server.tracking import TensorBoardSink
+
+        self.recorder.close()
+        self.recorder.sinks = []
+        tracking = self.fed.get("tracking") or {}
+        if tracking.get("tensorboard", False):
+            self.recorder.sinks.append(TensorBoardSink(self.run.path, resume_after))
 
     def _eligible(self, nodes: list[int], stage_i: int) -> list[int]:
         compatible = self.sites.compatible()

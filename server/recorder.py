@@ -4,7 +4,8 @@ The pipeline runs a round and returns a :class:`RoundOutcome`; the
 :class:`Recorder` turns it into the round's ``metrics.jsonl`` rows (one per
 site that was asked, one ``site: "all"`` row), its entry in the run's history
 (what the checkpoint keeps and the model card reads), and at the end
-``results.json``, the plots and the privacy report. Nothing else in the
+``results.json``, the plots and the privacy report. The same rows go to the
+run's trackers (:mod:`fedmri.server.tracking`). Nothing else in the
 coordinator writes rows.
 """
 
@@ -84,6 +85,8 @@ class Recorder:
         self.run = run
         self.site_name = site_name
         self.history: list[dict[str, Any]] = []
+        # Trackers that get the same rows as metrics.jsonl (fedmri.server.tracking).
+        self.sinks: list[Any] = []
 
     def rows(self, out: RoundOutcome) -> list[dict[str, Any]]:
         """The round's metrics.jsonl rows: the sites that failed, declined or were rejected, the
@@ -104,7 +107,10 @@ class Recorder:
 
     def record(self, out: RoundOutcome) -> None:
         """Append the round's rows and its history entry."""
-        self.run.append_metrics(self.rows(out))
+        rows = self.rows(out)
+        self.run.append_metrics(rows)
+        for sink in self.sinks:
+            sink.add(rows)
         self.history.append({"stage": out.stage, "round": out.round, "server_round": out.server_round,
                              "sites": [self.site_name(n) for n in out.accepted],
                              "declined": {self.site_name(k): v for k, v in out.declined.items()},
@@ -131,5 +137,11 @@ class Recorder:
         self.run.write_results(results)
         self.run.plot()
         write_privacy_report(self.run.path, rows)
+        self.close()
         return results
+
+    def close(self) -> None:
+        """Flush and close the trackers (also when a run stops early)."""
+        for sink in self.sinks:
+            sink.close()
 

@@ -35,6 +35,24 @@ def _grid(sites: list, tamper=None) -> LocalGrid:
     return LocalGrid({101 + i: site_file for i, (_, site_file, _) in enumerate(sites)}, tamper)
 
 
+def assert_tensorboard_matches_metrics(run: Path) -> None:
+    """The run's TensorBoard events, read back with TensorBoard's reader, hold metrics.jsonl row for row."""
+    import math
+
+    from fedmri.server.tracking import read_rows, scalar_fields
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    got = {(r["server_round"], r["site"], r["stage"]): r for r in read_rows(run)}
+    assert len(got) == len(rows) and len(rows) > 0
+    for row in rows:
+        back = got[(row["server_round"], row["site"], row["stage"])]
+        assert (back["status"], back.get("reason")) == (row["status"], row.get("reason")), row
+        want = {k: v for k, v in scalar_fields(row).items() if math.isfinite(v)}
+        assert set(back) - {"site", "stage", "server_round", "status", "reason"} == set(want), row
+        for key, value in want.items():  # TensorBoard keeps float32
+            assert back[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (row, key)
+
+
 PRETRAIN = {"name": "pretrain", "rounds": 2, "local_steps": 2}
 ALIGN = {"name": "align", "rounds": 1, "local_steps": 2}
 EVALUATE = {"name": "evaluate"}
@@ -82,6 +100,8 @@ def test_whole_pipeline_in_process(tmp_path: Path, federation_sites: list) -> No
     assert results["evaluation"]["num-examples"] > 0
     assert sorted(results["per_site"]) == ["site-01", "site-02", "site-03"]
     assert json.loads((run / "state.json").read_text())["status"] == "finished"
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["all", "site-01", "site-02", "site-03"]
+    assert_tensorboard_matches_metrics(run)
 
 
 def _tamper_with(node: int, how: str):
@@ -185,6 +205,8 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(tmp_path: Path, fed
         assert torch.equal(straight.state[k], resumed.state[k]), k
     rows = [json.loads(line) for line in (tmp_path / "b/runs/t/metrics.jsonl").read_text().splitlines()]
     assert sorted({r["server_round"] for r in rows}) == [1, 2, 3, 4]
+    # The resumed run's events: round 4 once, as metrics.jsonl has it.
+    assert_tensorboard_matches_metrics(tmp_path / "b/runs/t")
 
 
 @pytest.mark.slow
