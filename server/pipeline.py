@@ -54,6 +54,7 @@ from fedmri.server.privacy_report import model_card_privacy, privacy_summary
 from fedmri.server.recorder import Recorder, RoundOutcome
 from fedmri.server.rundir import RunDir
 from fedmri.server.secagg import SecureRound, secure_round
+from fedmri.server.watch import RoundProgress
 from fedmri.strategies import build_aggregator
 from fedmri.strategies.secagg import SecureSum
 from fedmri.strategies.site_dp import CentralSiteDP, DistributedSiteDP, run_central_epsilon
@@ -144,6 +145,8 @@ class Pipeline:
         for stale in self.run.path.glob("updates-*"):  # a killed round's spilled updates
             shutil.rmtree(stale, ignore_errors=True)
         ckpt = load_checkpoint(self.run.ckpt) if self.fed.resume else None
+        before = self.run.read_state().get("started_at") if ckpt is not None else None
+        self.started_at = float(before) if isinstance(before, (int, float)) else time.time()
         if ckpt is None:
             if self.fed.resume:
                 log(WARNING, "fedmri: --resume given but %s has no checkpoint; starting from round 1", self.run.ckpt)
@@ -324,6 +327,8 @@ class Pipeline:
             stage.rounds, server_round, len(sampled), down_bytes / 1e6)
         t0 = time.monotonic()
         book = ReplyBook(messages, float(self.fed.round_timeout_s))
+        progress = RoundProgress(self.run.write_progress, stage.name, rnd, stage.rounds, server_round,
+                                 [self.site(n) for n in training])
         # Training replies are checked, stored and released one by one (strategies.updates): the
         # coordinator never holds a round's replies at once.
         current = wire.to_record(wire.select(self.state, groups.up)) if spec.trains else None
@@ -340,7 +345,10 @@ class Pipeline:
             for reply in exchange(grid, messages, float(self.fed.round_timeout_s)):
                 node = book.take(reply)
                 if node is None:
+                    problem_node, status, reason = book.problems[-1]
+                    progress.mark(self.site(problem_node), status, reason)
                     continue
+                progress.mark(self.site(node), "replied")
                 up = reply.content.array_records.get(ARRAYS_KEY)
                 nbytes = _nbytes(up) if up is not None else 0
                 if total is not None:  # masked: into the running sum, nothing of the site's own kept
@@ -364,6 +372,11 @@ class Pipeline:
             wall = time.monotonic() - t0
             out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
             out.problems = book.finish() + (secure.problems if secure is not None else [])
+            for problem_node, status, reason in out.problems:
+                if progress.doc["sites"].get(self.site(problem_node), {}).get("status") in ("pending", "replied"):
+                    progress.doc["sites"][self.site(problem_node)] = {"status": status, "reason": reason,
+                                                                     "at": time.time()}
+            progress.finish()
             out.problems += [(node, "rejected", reason) for node, reason in masked_rejects.items()]
             if total is not None and secure is not None and updates is not None:
                 metrics_by_node, secure_metrics = self._unmask(grid, stage_i, secure, total, updates,
@@ -429,7 +442,8 @@ class Pipeline:
         while stage_i < len(self.fed.stages):
             stage = self.fed.stages[stage_i]
             server_round += 1
-            self.run.write_state(name=self.fed.name, status="running", stage=stage.name, round=rnd,
+            self.run.write_state(name=self.fed.name, status="running", started_at=self.started_at,
+                                 stage=stage.name, round=rnd,
                                  rounds=stage.rounds, server_round=server_round, sites_seen=sorted(self.sites_seen),
                                  last_metrics=self.history[-1] if self.history else {})
             outcome = self.run_round(grid, stage_i, rnd, server_round)  # recorded, history included
@@ -465,7 +479,7 @@ class Pipeline:
         results = self.recorder.finish(self.fed.name, sorted(self.sites_seen))
         if self.fed.export:
             self.export(self.run.path / "encoder")
-        self.run.write_state(name=self.fed.name, status="finished", stage=None, round=None,
+        self.run.write_state(name=self.fed.name, status="finished", started_at=self.started_at, stage=None, round=None,
                              server_round=len(self.history), sites_seen=sorted(self.sites_seen),
                              last_metrics=self.history[-1] if self.history else {})
         return results

@@ -68,6 +68,10 @@ class RunDir:
         fields["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_text_atomic(self.path / "state.json", json.dumps(fields, indent=1, sort_keys=True))
 
+    def write_progress(self, doc: dict[str, Any]) -> None:
+        """``round.json``: the round in progress, site by site (fedmri.server.watch)."""
+        _write_text_atomic(self.path / "round.json", json.dumps(doc, indent=1, sort_keys=True))
+
     def read_state(self) -> dict[str, Any]:
         """state.json as last written; empty when there is none (or it is unreadable)."""
         try:

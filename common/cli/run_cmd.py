@@ -19,7 +19,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -340,8 +342,17 @@ def status_command(
     state: Path | None = _STATE,
     runs: Path | None = typer.Option(None, "--runs", help="Folder of run folders (default: STATE/runs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    watch: bool = typer.Option(False, "--watch", help="Follow the running rounds live from the run folders: which "
+                               "sites replied, which are pending and for how long, which declined and why."),
+    run: Path | None = typer.Option(None, "--run", help="With --watch: this run folder only (e.g. a simulation's "
+                                    "runs/demo/federated); no server needed."),
+    interval: float = typer.Option(2.0, "--interval", help="With --watch: seconds between refreshes."),
+    frames: int = typer.Option(0, "--frames", hidden=True, help="With --watch: stop after this many (0: Ctrl-C)."),
 ) -> None:
     """[coordinator] Show the server's sites and runs, with stage, round, sites and last metrics."""
+    if watch:
+        _watch(run, runs, state, interval, frames)
+        return
     report = collect_status(federation, state, runs)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
@@ -377,6 +388,43 @@ def status_command(
     for folder, summary in report["privacy"].items():
         console.print("\n  ".join([f"privacy of {Path(folder).name}:", *_privacy_lines(summary)]),
                       highlight=False, markup=False)
+
+
+def _watched_folders(run: Path | None, runs: Path | None, state: Path | None) -> list[Path]:
+    """The run folder given, else those under the runs folder whose state.json says running (newest first)."""
+    if run is not None:
+        if not (run / "federation.yaml").is_file():
+            raise InputError(f"{run} is not a run folder (it has no federation.yaml); pass the folder a run "
+                             "writes into, e.g. runs/demo/federated")
+        return [run]
+    if runs is None and state is not None:
+        from fedmri.server.daemon import runs_folder
+
+        runs = runs_folder(state)
+    if runs is None:
+        raise InputError("--watch needs --run RUN_FOLDER, --runs FOLDER or --state STATE")
+    found = [(p.parent, _read_state(p) or {}) for p in runs.glob("**/state.json")]
+    running = [d for d, st in found if st.get("status") == "running"]
+    return sorted(running, key=lambda d: (d / "state.json").stat().st_mtime, reverse=True)
+
+
+def _watch(run: Path | None, runs: Path | None, state: Path | None, interval: float, frames: int) -> None:
+    from fedmri.server.watch import watch_lines
+
+    shown = 0
+    try:
+        while True:
+            folders = _watched_folders(run, runs, state)
+            lines = [line for folder in folders for line in watch_lines(folder)] or ["no running run found"]
+            if shown and sys.stdout.isatty():
+                typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the terminal between frames
+            typer.echo("\n".join(lines))
+            shown += 1
+            if frames and shown >= frames:
+                return
+            time.sleep(max(0.2, interval))
+    except KeyboardInterrupt:
+        return
 
 
 def _privacy_lines(summary: dict[str, Any]) -> list[str]:
