@@ -119,11 +119,23 @@ def _default_stages() -> list[StageConfig]:
 
 
 @dataclass
+class MLflowConfig:
+    """A run's rows, configs and reports in MLflow (fedmri.server.tracking; pip install 'fedmri[mlflow]')."""
+
+    enabled: bool = False
+    # Tracking URI (a server, a database, a folder); null: a file store in <run_root>/mlruns.
+    uri: str | None = None
+    # Experiment; null: the run name's first part ("demo" for demo/federated and its baselines).
+    experiment: str | None = None
+
+
+@dataclass
 class TrackingConfig:
     """Where a run's rows go besides metrics.jsonl (fedmri.server.tracking)."""
 
     # TensorBoard event files in <run>/tensorboard/<site>/: `tensorboard --logdir runs`.
     tensorboard: bool = True
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
 
 @dataclass

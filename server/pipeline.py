@@ -182,13 +182,19 @@ class Pipeline:
 
     def _open_tracking(self, resume_after: int | None) -> None:
         """The trackers that get the rows (fedmri.server.tracking); a resume hides the steps after its checkpoint."""
-        from fedmri.server.tracking import TensorBoardSink
+        from fedmri.server.tracking import MLflowSink, TensorBoardSink
 
         self.recorder.close()
         self.recorder.sinks = []
         tracking = self.fed.get("tracking") or {}
         if tracking.get("tensorboard", False):
             self.recorder.sinks.append(TensorBoardSink(self.run.path, resume_after))
+        mlflow = tracking.get("mlflow") or {}
+        if mlflow.get("enabled", False):
+            params = {"federation": OmegaConf.to_container(self.fed, resolve=True),
+                      "config": OmegaConf.to_container(self.cfg, resolve=True)}
+            self.recorder.sinks.append(MLflowSink(self.run.path, str(self.fed.name), params, mlflow.get("uri"),
+                                                  mlflow.get("experiment"), resume=resume_after is not None))
 
     def _eligible(self, nodes: list[int], stage_i: int) -> list[int]:
         compatible = self.sites.compatible()
@@ -479,6 +485,9 @@ class Pipeline:
         results = self.recorder.finish(self.fed.name, sorted(self.sites_seen))
         if self.fed.export:
             self.export(self.run.path / "encoder")
+        for sink in self.recorder.sinks:  # the reports and the model card, now that all are written
+            if hasattr(sink, "finish"):
+                sink.finish()
         self.run.write_state(name=self.fed.name, status="finished", started_at=self.started_at, stage=None, round=None,
                              server_round=len(self.history), sites_seen=sorted(self.sites_seen),
                              last_metrics=self.history[-1] if self.history else {})

@@ -1,4 +1,4 @@
-"""A run's rows in TensorBoard: the same rows as ``metrics.jsonl``, one event folder per site.
+"""A run's rows in TensorBoard and MLflow: the same rows as ``metrics.jsonl``.
 
 :class:`fedmri.server.recorder.Recorder` decides what a round's rows are and
 hands the same list to ``metrics.jsonl`` and to every sink here, so no sink
@@ -26,14 +26,31 @@ TensorBoard's own reader (tests, and anyone checking a run).
 
 A resumed run drops the rows after its checkpoint from ``metrics.jsonl``; here
 the writers open with ``purge_step`` so TensorBoard hides the same steps.
+
+MLflow (``federation.tracking.mlflow``, off by default; ``pip install
+'fedmri[mlflow]'``): one MLflow run per fedmri run, in the experiment named by
+the run name's first part, so a simulation's federated, local, central and
+random-init runs sit side by side under one experiment. Its params are the
+resolved federation and encoder configs (flattened keys), its metrics the
+rows (``<stage>/<metric>`` for the aggregate, ``<stage>/<site>/<metric>`` per
+site, step = global round), its artifacts at the end ``privacy.md``,
+``results.json`` and the exported model card. The default URI is a file store
+beside the run folders (``<run_root>/mlruns``): ``mlflow ui --backend-store-uri
+runs/mlruns``. A resumed run continues its MLflow run (``mlflow.json`` in the
+run folder keeps its id); MLflow cannot delete metrics, so the rounds redone
+after a kill appear twice at their step there.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from fedmri.errors import ConfigError
 
 FOLDER = "tensorboard"
 # Row fields that say where a row belongs rather than what the round measured.
@@ -121,3 +138,121 @@ def read_rows(run_path: Path) -> list[dict[str, Any]]:
                                       {"site": site, "stage": stage, "server_round": event.step})
                 row[key] = event.value
     return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2]))]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out |= _flatten(v, f"{prefix}{v.get('name', i)}.")
+        return out
+    return {prefix.rstrip("."): str(value)[:500]}  # MLflow's limit on a param value
+
+
+def mlflow_metric_key(row: dict[str, Any], key: str) -> str:
+    """``<stage>/<metric>`` for the aggregated row, ``<stage>/<site>/<metric>`` for a site's."""
+    site = str(row["site"])
+    return f"{row['stage']}/{key}" if site == "all" else f"{row['stage']}/{site}/{key}"
+
+
+def mlflow_client(uri: str) -> Any:
+    """An MLflow client for ``uri``; a file store is allowed (MLflow 3 asks for the opt-in)."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise ConfigError("federation.tracking.mlflow is on but MLflow is not installed: pip install "
+                          "'fedmri[mlflow]' (or mlflow-skinny), or set tracking.mlflow.enabled=false") from None
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
+def default_mlflow_uri(run_path: Path, run_name: str) -> str:
+    """A file store beside the run folders: ``<run_root>/mlruns``."""
+    root = Path(run_path)
+    for _ in range(len(Path(run_name).parts)):
+        root = root.parent
+    return (root / "mlruns").resolve().as_uri()
+
+
+class MLflowSink:
+    """Writes rows as MLflow metrics of one MLflow run; params at the start, artifacts at the end.
+
+    Args:
+        run_path: The run folder.
+        run_name: The fedmri run name (``demo/federated``): experiment ``demo``, run ``federated``.
+        params: The resolved configs, nested (flattened into params).
+        uri: Tracking URI; None: :func:`default_mlflow_uri`.
+        experiment: Experiment name; None: the run name's first part.
+        resume: Continue the MLflow run recorded in ``<run>/mlflow.json`` when there is one.
+    """
+
+    def __init__(self, run_path: Path, run_name: str, params: dict[str, Any], uri: str | None = None,
+                 experiment: str | None = None, resume: bool = False) -> None:
+        self.run_path = Path(run_path)
+        self.uri = uri or default_mlflow_uri(self.run_path, run_name)
+        self.client = mlflow_client(self.uri)
+        record = self.run_path / "mlflow.json"
+        previous = json.loads(record.read_text()) if resume and record.is_file() else None
+        if previous and previous.get("uri") == self.uri:
+            self.run_id = previous["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        parts = Path(run_name).parts
+        name = experiment or parts[0]
+        found = self.client.get_experiment_by_name(name)
+        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(name)
+        run = self.client.create_run(experiment_id, run_name="/".join(parts[1:]) or parts[0])
+        self.run_id = run.info.run_id
+        record.write_text(json.dumps({"uri": self.uri, "experiment": name, "run_id": self.run_id}))
+        from mlflow.entities import Param
+
+        flat = sorted(_flatten(params).items())
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat[i:i + 100]])
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = []
+        for row in rows:
+            stamp = int(float(row.get("time", 0.0)) * 1000)
+            for key, value in scalar_fields(row).items():
+                if math.isfinite(value):
+                    metrics.append(Metric(mlflow_metric_key(row, key), value, stamp, int(row["server_round"])))
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def finish(self) -> None:
+        """Log the run's reports as artifacts and mark the MLflow run finished."""
+        for name in ("privacy.md", "results.json", "encoder/config.json"):
+            path = self.run_path / name
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path), str(Path(name).parent) if "/" in name else None)
+        self.client.set_terminated(self.run_id)
+
+    def close(self) -> None:
+        """Nothing to flush: every batch is written when it is logged."""
+
+
+def read_mlflow_rows(run_path: Path) -> tuple[Any, str, list[dict[str, Any]]]:
+    """(client, run id, rows) of the run's MLflow run, the rows rebuilt from the metric histories.
+
+    Rows hold ``site``, ``stage``, ``server_round`` and the metrics, sorted as :func:`read_rows`.
+    """
+    record = json.loads((Path(run_path) / "mlflow.json").read_text())
+    client = mlflow_client(record["uri"])
+    run = client.get_run(record["run_id"])
+    rows: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for key in run.data.metrics:
+        parts = key.split("/")
+        stage, site, metric = (parts[0], "all", parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
+        for m in client.get_metric_history(record["run_id"], key):
+            row = rows.setdefault((m.step, site, stage), {"site": site, "stage": stage, "server_round": m.step})
+            row[metric] = m.value
+    return client, record["run_id"], [rows[k] for k in sorted(rows)]

@@ -53,6 +53,34 @@ def assert_tensorboard_matches_metrics(run: Path) -> None:
             assert back[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (row, key)
 
 
+def assert_mlflow_matches(run: Path, store: Path) -> None:
+    """The MLflow run (file store) holds metrics.jsonl's numbers row for row, the configs and the reports."""
+    import math
+
+    from fedmri.server.tracking import read_mlflow_rows, scalar_fields
+
+    client, run_id, back = read_mlflow_rows(run)
+    assert store.is_dir()
+    got = {(r["server_round"], r["site"], r["stage"]): r for r in back}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        want = {k: v for k, v in scalar_fields(row).items() if math.isfinite(v)}
+        if not want:
+            continue  # a row with no number (a decline) has no metric in MLflow
+        have = got.pop((row["server_round"], row["site"], row["stage"]))
+        assert set(have) - {"site", "stage", "server_round"} == set(want), row
+        for key, value in want.items():
+            assert have[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (row, key)
+    assert not got  # nothing MLflow holds that metrics.jsonl does not
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == "t"
+    params = mlflow_run.data.params
+    assert params["federation.preset"] == "micro" and params["federation.stages.pretrain.rounds"] == "2"
+    assert params["config.model.embed_dim"] == "32"
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "encoder")}
+    assert {"privacy.md", "results.json", "encoder/config.json"} <= artifacts
+
+
 PRETRAIN = {"name": "pretrain", "rounds": 2, "local_steps": 2}
 ALIGN = {"name": "align", "rounds": 1, "local_steps": 2}
 EVALUATE = {"name": "evaluate"}
@@ -60,7 +88,7 @@ EVALUATE = {"name": "evaluate"}
 
 @pytest.mark.slow
 def test_whole_pipeline_in_process(tmp_path: Path, federation_sites: list) -> None:
-    fed = _fed(tmp_path, [PRETRAIN, ALIGN, EVALUATE], export=True)
+    fed = _fed(tmp_path, [PRETRAIN, ALIGN, EVALUATE], export=True, tracking={"mlflow": {"enabled": True}})
     grid = _grid(federation_sites)
     pipeline = Pipeline(fed)
     results = pipeline.run_all(grid)
@@ -102,6 +130,7 @@ def test_whole_pipeline_in_process(tmp_path: Path, federation_sites: list) -> No
     assert json.loads((run / "state.json").read_text())["status"] == "finished"
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["all", "site-01", "site-02", "site-03"]
     assert_tensorboard_matches_metrics(run)
+    assert_mlflow_matches(run, tmp_path / "runs" / "mlruns")
 
 
 def _tamper_with(node: int, how: str):
