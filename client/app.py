@@ -35,6 +35,7 @@ from flwr.clientapp import ClientApp
 from fedmri import __version__, trace
 from fedmri import stages as stage_registry
 from fedmri.client.group_cache import GroupCache, MissingGroupsError, resolve_down
+from fedmri.client.journal import note_round
 from fedmri.client.policy import allowed_metrics, check_request
 from fedmri.client.privacy.dp_sgd import noise_generator
 from fedmri.client.privacy.gate import PrivacyGate
@@ -152,7 +153,13 @@ def _site_file(context: Context) -> str:
 
 def _handle(msg: Message, context: Context) -> Message:
     start, stage = time.perf_counter(), "request"
+    site, request = None, None
     trace.event("handler-start", node=int(context.node_id))
+
+    def note(result: str, reason: str | None = None, examples: float | None = None) -> None:
+        if site is not None:  # the site's own journal (fedmri client status); nothing of it is sent
+            note_round(site, request, result, reason, time.perf_counter() - start, examples)
+
     try:
         if CONFIG_KEY not in msg.content or ARRAYS_KEY not in msg.content:
             raise RequestError(f"the message lacks its {CONFIG_KEY!r} or {ARRAYS_KEY!r} record")
@@ -181,15 +188,19 @@ def _handle(msg: Message, context: Context) -> Message:
             masked = mask_update(context, msg, request, up, state, float(metrics[NUM_EXAMPLES]))
     except MissingGroupsError as exc:
         log.info("%s: %s", stage, exc)
+        note("declined", str(exc))
         reply = decline(msg, str(exc))
         reply.content[STATUS_KEY][MISSING_GROUPS] = exc.groups
         return reply
     except DeclineError as exc:
         log.warning("declined %s: %s", stage, exc)
+        note("declined", str(exc))
         return decline(msg, str(exc))
     except Exception as exc:  # noqa: BLE001 -- a site bug must not leak its message; see the module docstring
         log.exception("%s failed at this site", stage)
+        note("failed", f"{type(exc).__name__}: {exc}")  # the journal stays at the site: the full message is fine
         return decline(msg, f"{stage} failed at the site ({type(exc).__name__}); the site's log has the details")
+    note("ok", examples=float(metrics.get(NUM_EXAMPLES, 0.0)))
     metrics = allowed_metrics(site, metrics)
     content = RecordDict()
     sent = 0

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from fedmri.client.privacy import LedgerEntry, LedgerSummary
 
-client_app = typer.Typer(help="[site admin] Run this site's client daemon; read its privacy ledger.",
+client_app = typer.Typer(help="[site admin] Run this site's client daemon; read its rounds and privacy ledger.",
                          no_args_is_help=True)
 
 _SITE = typer.Option(..., "--site", help="The site's site.yaml (catalog, server address, CA, node key, policy).")
@@ -108,3 +108,94 @@ def _spend_table(summary: LedgerSummary) -> Table:
         table.add_row(s.run, s.stage, str(s.rounds), str(s.steps), f"{s.epsilon_run:.4f}",
                       s.last_update.replace("T", " ").removesuffix("+00:00"))
     return table
+
+
+@client_app.command("status")
+def status_command(site: Path = _SITE, last: int = typer.Option(10, "--last", help="Rounds to show, newest last."),
+                   as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for scripts).")
+                   ) -> None:
+    """The site's own view from its local files: its last rounds (stage, round, result, reason), the privacy
+    ledger's totals and remaining budget, and the catalog's counts. Contacts nothing."""
+    import datetime as dt
+    import json
+
+    from rich.console import Console
+
+    from fedmri.client.journal import journal_path, read_journal
+    from fedmri.client.site import load_site
+
+    site_cfg = load_site(site)
+    entries = read_journal(site_cfg)
+    document = {"site": site_cfg.name, "journal": str(journal_path(site_cfg)), "rounds": entries[-last:] if last > 0
+                else [], "rounds_total": len(entries),
+                "results": {r: sum(e.get("result") == r for e in entries) for r in ("ok", "declined", "failed")},
+                "privacy": _privacy_totals(site_cfg), "catalog": _catalog_counts(site_cfg)}
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+        return
+    from rich import box
+    from rich.table import Table
+
+    import shutil
+
+    console = Console(width=max(140, shutil.get_terminal_size().columns))
+    results = document["results"]
+    console.print(f"site {site_cfg.name}: {len(entries)} round(s) handled ({results['ok']} ok, "
+                  f"{results['declined']} declined, {results['failed']} failed); journal {document['journal']}",
+                  highlight=False, soft_wrap=True)
+    if document["rounds"]:
+        table = Table(title=f"Last {len(document['rounds'])} round(s)", title_justify="left", box=box.SIMPLE_HEAD)
+        for name in ("when (UTC)", "run", "stage", "round", "result", "seconds", "reason"):
+            table.add_column(name)
+        for e in document["rounds"]:
+            when = dt.datetime.fromtimestamp(float(e.get("time", 0)), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(when, str(e.get("run") or ""), str(e.get("stage") or ""), str(e.get("round") or ""),
+                          str(e.get("result")), f"{float(e.get('seconds', 0)):.1f}", str(e.get("reason") or ""))
+        console.print(table)
+    p = document["privacy"]
+    budget = "no site budget set" if p["budget"] is None else (
+        f"budget ε {p['budget']:g}, {p['remaining']:.4f} left")
+    delta = "" if p["delta"] is None else f" at δ {p['delta']:g}"
+    console.print(f"privacy: ε {p['epsilon_total']:.4f} spent over {p['rounds']} private round(s) of {p['runs']} "
+                  f"run(s){delta}"
+                  f"; {budget} (ledger {p['ledger']})", highlight=False, soft_wrap=True)
+    c = document["catalog"]
+    if "error" in c:
+        console.print(f"catalog: {c['error']}", highlight=False)
+    else:
+        splits = ", ".join(f"{k} {v}" for k, v in c["by_split"].items())
+        console.print(f"catalog {c['path']}: {c['n_series']} series of {c['n_patients']} patients ({splits}), "
+                      f"{c['n_skipped']} input(s) skipped at indexing", highlight=False, soft_wrap=True)
+
+
+def _privacy_totals(site_cfg: object) -> dict:
+    from fedmri.client.privacy import PrivacyLedger, default_ledger_path
+
+    path = default_ledger_path(site_cfg)
+    out = {"ledger": str(path), "epsilon_total": 0.0, "delta": None, "rounds": 0, "runs": 0}
+    if path.exists():
+        with PrivacyLedger(path, create=False) as book:
+            summary = book.summary()
+        out.update(epsilon_total=summary.epsilon_total, delta=summary.delta, rounds=summary.rounds, runs=summary.runs)
+    policy = getattr(site_cfg, "policy", None)
+    dp = policy.dp if policy is not None and "dp" in policy else None
+    budget = dp.epsilon_total if dp is not None else None
+    out["budget"] = None if budget is None else float(budget)
+    out["remaining"] = None if budget is None else max(0.0, float(budget) - out["epsilon_total"])
+    return out
+
+
+def _catalog_counts(site_cfg: object) -> dict:
+    from fedmri.data.catalog_db import open_catalog, summary
+
+    path = str(getattr(site_cfg, "catalog"))
+    try:
+        conn = open_catalog(path)
+    except Exception as exc:  # noqa: BLE001 -- shown to the admin, with what to do
+        return {"path": path, "error": f"{path} cannot be read ({exc}); index it with `fedmri data index`"}
+    try:
+        counts = summary(conn)
+    finally:
+        conn.close()
+    return {"path": path, "n_series": counts["n_series"], "n_patients": counts["n_patients"],
+            "by_split": counts["by_split"], "n_skipped": counts["n_skipped"]}
