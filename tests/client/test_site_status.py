@@ -23,7 +23,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_status_shows_the_rounds_handled_with_results_reasons_budget_and_counts(site_file, initial, request_values,
                                                                                tmp_path: Path, one_thread) -> None:
-    shutil.copytree(site_file.parent / "catalog", tmp_path / "catalog")
+    # Without the journal other tests wrote through the shared fixture site.
+    shutil.copytree(site_file.parent / "catalog", tmp_path / "catalog", ignore=shutil.ignore_patterns("rounds.jsonl"))
     site = tmp_path / "site.yaml"
     site.write_text(site_file.read_text().replace("max_local_steps: 20\n", "max_local_steps: 20\n  dp:\n"
                                                   "    required: true\n    epsilon_total: 8.0\n"))
