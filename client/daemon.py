@@ -7,6 +7,9 @@ site's node key for authentication, and the absolute path of ``site.yaml`` in
 the node config (``site-config``), where the ClientApp reads it. Paths sent by
 the server are never trusted.
 
+Each ClientApp process starts through fedmri's launcher, which refuses an app
+bundle that brings code of its own (:mod:`fedmri.client.guard`).
+
 When the SuperNode fails for a reason a site admin can fix (the SuperLink's
 certificate is not signed by the given CA; the coordinator has not registered
 this site's key), the daemon ends with one line that says so. While it runs, it
@@ -16,6 +19,7 @@ stops the ClientApp processes of runs that have ended
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fedmri.client.guard import write_launcher
 from fedmri.client.reaper import ClientAppReaper
 from fedmri.client.site import load_site
 from fedmri.errors import FedmriError, InputError
@@ -158,8 +163,12 @@ def serve(launch: SupernodeLaunch) -> int:
     launch.flwr_home.mkdir(parents=True, exist_ok=True)
     reaper = ClientAppReaper(say=_say)
     watcher = _Watcher(launch, reaper)
-    child = ForegroundChild(launch.command, env=child_env({"FLWR_HOME": str(launch.flwr_home)}),
-                            cwd=launch.site_file.parent, watch=watcher)
+    env = child_env({"FLWR_HOME": str(launch.flwr_home)})
+    # Flower starts each ClientApp as `flwr-clientapp` from PATH: fedmri's launcher checks the
+    # coordinator's app bundle before any of it can be imported (fedmri.client.guard).
+    guard = write_launcher(launch.flwr_home / "fedmri-bin").parent
+    env["PATH"] = os.pathsep.join([str(guard), env["PATH"]])
+    child = ForegroundChild(launch.command, env=env, cwd=launch.site_file.parent, watch=watcher)
     _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
     child.start()
     assert child.proc is not None

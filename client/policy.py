@@ -50,7 +50,15 @@ def secure_aggregation_required(site_cfg: Any, request: TrainRequest) -> str | N
     return None
 
 
-RULES: list[Rule] = [stage_allowed, local_steps_within_limit, privacy_required, secure_aggregation_required]
+def fedmri_version_accepted(site_cfg: Any, request: TrainRequest) -> str | None:
+    """``policy.fedmri_versions``: the coordinator's fedmri must be in the site's range."""
+    from fedmri.client.guard import version_refusal
+
+    return version_refusal(request.fedmri_version or None, site_cfg.policy.get("fedmri_versions"))
+
+
+RULES: list[Rule] = [fedmri_version_accepted, stage_allowed, local_steps_within_limit, privacy_required,
+                     secure_aggregation_required]
 
 # Numbers the coordinator needs to aggregate and account: they leave whatever ``policy.metrics`` says.
 PROTOCOL_METRICS = ("num-examples", "steps", "declined", "wall-time-s", "bytes-received", "bytes-sent", "dp-*",

@@ -108,6 +108,10 @@ class SitePolicy:
     # dp-*) always go, since the coordinator needs them to aggregate and account.
     metrics: list[str] = field(default_factory=lambda: ["*"])
     dp: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # The fedmri versions of a coordinator this site works with, a PEP 440 range
+    # (">=0.9,<0.10"); null = any. Checked on the app bundle before it is installed
+    # (fedmri.client.guard) and on every request, which is declined outside it.
+    fedmri_versions: str | None = None
     # Training rounds must use secure aggregation (the coordinator sees only the sum of
     # the sites' updates); a request without it is declined.
     secure_aggregation: bool = False

@@ -174,6 +174,9 @@ class TrainRequest:
     secagg_scale: float = 0.0
     # Distributed site-level DP: the number of sites m whose noise shares make up the sum's noise.
     site_dp_sites: int = 0
+    # The coordinator's fedmri version, checked against the site's policy.fedmri_versions
+    # ("" from a coordinator that does not say).
+    fedmri_version: str = ""
 
     @property
     def trains(self) -> bool:

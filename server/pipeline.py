@@ -34,7 +34,7 @@ from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 
 from fedmri import stages as stage_registry
-from fedmri import trace, wire
+from fedmri import __version__, trace, wire
 from fedmri.errors import FedmriError, InputError
 from fedmri.metrics import aggregate_metrics
 from fedmri.secagg import SecAggError, quantisation_bound
@@ -241,7 +241,8 @@ class Pipeline:
         fields |= TrainRequest.fields_from_config(self.aggregators[stage_i].client_config())
         return TrainRequest(stage=stage.name, round=rnd, server_round=server_round, seed=int(self.fed.seed),
                             run_name=str(self.fed.name), fedmri_config=OmegaConf.to_yaml(self.cfg),
-                            local_steps=int(stage.local_steps), stage_rounds=int(stage.rounds), **fields)
+                            local_steps=int(stage.local_steps), stage_rounds=int(stage.rounds),
+                            fedmri_version=__version__, **fields)
 
     def _unmask(self, grid: GridLike, stage_i: int, secure: SecureRound, total: SecureSum, updates: RoundUpdates,
                 metrics_by_node: dict[int, dict[str, float]],

@@ -37,10 +37,24 @@ def check_command(site: Path = _SITE, insecure: bool = _INSECURE, state: Path | 
 
     from fedmri.client.daemon import prepare
 
+    from fedmri import __version__
+    from fedmri.client.guard import CLIENTAPP
+
     launch = prepare(site, insecure=insecure, state=state)
     for warning in launch.warnings:
         typer.echo(warning)
+    policy = launch.site.policy
     typer.echo(f"site {launch.site.name}: ready to connect to {launch.site.server.address}")
+    typer.echo(f"fedmri {__version__} installed; every ClientApp runs it ({CLIENTAPP}), started through "
+               "fedmri's launcher")
+    typer.echo("refuses: an app bundle with files besides pyproject.toml (code of the coordinator's) or naming "
+               "another ClientApp or ServerApp")
+    versions = policy.get("fedmri_versions")
+    typer.echo(f"refuses: a coordinator whose fedmri is outside {versions} (policy.fedmri_versions)" if versions
+               else "accepts: a coordinator of any fedmri version (set policy.fedmri_versions to pin a range)")
+    typer.echo(f"refuses: stages other than {', '.join(policy.stages)}; more than {policy.max_local_steps} local "
+               "steps a round" + ("; training without differential privacy" if policy.dp.required else "")
+               + ("; training without secure aggregation" if policy.get("secure_aggregation") else ""))
     typer.echo(f"FLWR_HOME={shlex.quote(str(launch.flwr_home))} {shlex.join(launch.command)}")
 
 

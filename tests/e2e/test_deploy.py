@@ -245,6 +245,83 @@ def test_a_failed_run_tells_the_coordinator_why(federation: Federation, daemons:
     assert shown["cause"].startswith("FedmriError: only 2 of min_sites=5")
 
 
+ROGUE_CLIENT = """
+from pathlib import Path
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    Path({marker!r}).write_text("the coordinator's code ran at a site")
+    return Message(RecordDict({{"metrics": MetricRecord({{"pwned": 1}})}}), reply_to=msg)
+"""
+
+ROGUE_SERVER = """
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    deadline = time.time() + 60
+    while len(list(grid.get_node_ids())) < 2 and time.time() < deadline:
+        time.sleep(1)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages, timeout=180)
+    answers = [r.error.reason if r.has_error() else "ran" for r in replies]
+    Path({answers!r}).write_text(json.dumps(answers))
+"""
+
+
+@pytest.mark.slow
+def test_a_bundle_that_ships_its_own_fedmri_is_refused_then_the_genuine_one_runs(
+        federation: Federation, federation_sites: list, daemons: list[Daemon], tmp_path: Path) -> None:
+    """A coordinator's bundle with a `fedmri` package of its own: every site refuses it before importing
+    any of it, says why in its log and keeps running; `fedmri run`'s bundle then runs."""
+    from fedmri.cli.run_cmd import app_pyproject
+    from fedmri.flower_cli import flwr_json
+    from fedmri.server.daemon import flwr_home, read_connection
+
+    marker, answers = tmp_path / "PWNED", tmp_path / "answers.json"
+    app = tmp_path / "rogue-app"
+    for package in ("fedmri", "fedmri/client", "fedmri/server"):
+        (app / package).mkdir(parents=True)
+        (app / package / "__init__.py").write_text("")
+    (app / "pyproject.toml").write_text(app_pyproject())  # the genuine component names, shadowed
+    (app / "fedmri/client/app.py").write_text(ROGUE_CLIENT.format(marker=str(marker)))
+    (app / "fedmri/server/app.py").write_text(ROGUE_SERVER.format(answers=str(answers)))
+    home = flwr_home(federation.state)
+    name, _ = read_connection(home, None)
+    run_id = str(flwr_json(["run", str(app), name], home, timeout=120).get("run-id"))
+    refused = r"refused the coordinator's app bundle: the app bundle carries files besides pyproject.toml \(fedmri/"
+    for site in GOOD:
+        federation.clients[site].wait_for(refused, RUN_TIMEOUT_S)
+    deadline = time.time() + RUN_TIMEOUT_S
+    while not answers.is_file() and time.time() < deadline:
+        time.sleep(1)
+    reasons = json.loads(answers.read_text())
+    assert len(reasons) == 2 and all("files besides pyproject.toml" in r for r in reasons), reasons
+    assert not marker.exists()
+    assert all(federation.clients[site].proc.poll() is None for site in GOOD)  # the sites keep running
+    status = {str(r.get("run-id")): r.get("status") for r in flwr_json(["ls", name], home).get("runs", [])}
+    assert str(status[run_id]).startswith("finished"), status  # the rogue run ended; nothing of it is left running
+
+    (tmp_path / "genuine").mkdir()
+    run, _, run_dir = _start_run(federation, daemons, tmp_path / "genuine", "after-rogue", [{"name": "evaluate"}])
+    _finish(federation, run)
+    assert {r["site"] for r in _metrics(run_dir) if r["status"] == "ok"} == set(GOOD)
+
+
 @pytest.mark.slow
 def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federation_sites: list,
                                                   daemons: list[Daemon], tmp_path: Path) -> None:
