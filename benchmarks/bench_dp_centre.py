@@ -4,6 +4,8 @@ Runs ``fedmri simulate --mode federated`` on the demo's three hospitals,
 pretraining only (3 rounds x 20 local steps), for each variant and seed:
 
 - ``no-dp``: plain pretraining, the centre an EMA of every batch (the reference);
+- ``no-dp-no-koleo``: the same with KoLeo off, as DP-SGD must have it (KoLeo
+  couples the batch): what the DP variants could reach at best;
 - ``frozen``: DP-SGD (target ε 6 per site), the centres fixed for the round, so
   they stay at their initial zero for the whole run (fedmri before the DP centre);
 - ``dp-centre``: DP-SGD with the DP centre (``ssl.dp_center``): each series'
@@ -31,6 +33,7 @@ script synthesises them first when they are missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -41,10 +44,12 @@ from pathlib import Path
 
 import torch
 
+# name -> (DP-SGD or not, run-config overrides)
 VARIANTS = {
-    "no-dp": [],
-    "frozen": ["ssl.dp_center.enabled=false"],
-    "dp-centre": ["ssl.dp_center.enabled=true"],
+    "no-dp": (False, []),
+    "no-dp-no-koleo": (False, ["ssl.koleo_loss_weight=0"]),
+    "frozen": (True, ["ssl.dp_center.enabled=false"]),
+    "dp-centre": (True, ["ssl.dp_center.enabled=true"]),
 }
 SITES = ("site-01", "site-02", "site-03")
 METRICS = ("entropy", "entropy_of_mean", "information", "prototypes", "dino_loss")
@@ -125,7 +130,8 @@ def diagnostics(folder: Path, volumes: list[torch.Tensor]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["no-dp", "no-dp-no-koleo", "frozen", "dp-centre"],
+                        choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/dp-centre"))
     parser.add_argument("--data", type=Path, default=Path("runs/demo/data"), help="the demo's hospitals")
     parser.add_argument("--reuse", action="store_true", help="read finished runs instead of rerunning them")
@@ -140,12 +146,13 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
-            dp = variant != "no-dp"
+            dp, overrides = VARIANTS[variant]
             # A site's ledger refuses a run name it has spent on other numbers: one name per setting.
             tag = f"-n{args.noise}" if dp and args.noise is not None else ""
-            tag += "".join(f"-{item.rpartition('.')[2]}" for item in args.set) if dp else ""
+            if dp and (overrides or args.set):
+                tag += "-" + hashlib.sha1("|".join(overrides + args.set).encode()).hexdigest()[:6]
             folder = run(f"{variant}{tag}-s{seed}", seed, args.out.resolve(), args.data.resolve(),
-                         VARIANTS[variant] + (args.set if dp else []), dp, args.reuse, args.noise if dp else None)
+                         overrides + (args.set if dp else []), dp, args.reuse, args.noise if dp else None)
             results[variant].append(diagnostics(folder, volumes))
     print(f"\nprobe: {len(volumes)} validation and test series of {len(SITES)} sites, 2 global crops each\n")
     print(f"{'variant':10} {'seed':>4} " + " ".join(f"{m:>16}" for m in METRICS))
