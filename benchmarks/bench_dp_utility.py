@@ -52,11 +52,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/dp-utility"))
     parser.add_argument("--reuse", action="store_true", help="read finished runs instead of rerunning them")
+    parser.add_argument("--units", nargs="+", default=["patient", "series"], choices=["patient", "series"],
+                        help="the sites' private unit (policy.dp.unit) of the DP runs")
+    parser.add_argument("--skip-no-dp", action="store_true", help="leave the no-DP runs out")
     args = parser.parse_args()
-    rows: dict[str, list[dict]] = {"no DP": [], "DP": []}
+    rows: dict[str, list[dict]] = {"no DP": [], "DP": []} if args.units == ["series"] else {"no DP": []}
     for seed in args.seeds:
-        rows["no DP"].append(run(f"nodp-s{seed}", seed, args.out, [], args.reuse))
-        rows["DP"].append(run(f"dp8-s{seed}", seed, args.out, DP, args.reuse))
+        if not args.skip_no_dp:
+            rows["no DP"].append(run(f"nodp-s{seed}", seed, args.out, [], args.reuse))
+        for unit in args.units:
+            label = "DP" if args.units == ["series"] else f"DP {unit}"
+            # The private unit of every site's DP-SGD (policy.dp.unit): patient or series.
+            rows.setdefault(label, []).append(run(f"dp8-{unit}-s{seed}", seed, args.out,
+                                                  [*DP, f"site_overrides=[policy.dp.unit={unit}]"], args.reuse))
+    rows = {label: runs for label, runs in rows.items() if runs}
     print(f"\n{'run':8} {'seed':>4} " + " ".join(f"{m:>19}" for m in METRICS) + "  site ε (δ 1e-5)")
     for label, runs in rows.items():
         for seed, r in zip(args.seeds, runs):
@@ -68,9 +77,14 @@ def main() -> None:
     print()
     for label in rows:
         print(f"{'median ' + label:13}" + " ".join(f"{medians[label][m]:>19.3f}" for m in METRICS))
-    print(f"{'DP / no DP':13}" + " ".join(
-        f"{medians['DP'][m] / medians['no DP'][m] if medians['no DP'][m] else float('nan'):>19.2f}"
-        for m in METRICS))
+    base = "no DP" if "no DP" in medians else None
+    for label in [k for k in medians if k != "no DP"]:
+        other = base or next((k for k in medians if k != label), None)
+        if other is None:
+            continue
+        print(f"{label[:13] + ' / ' + other:13}" + " ".join(
+            f"{medians[label][m] / medians[other][m] if medians[other][m] else float('nan'):>19.2f}"
+            for m in METRICS))
 
 
 if __name__ == "__main__":

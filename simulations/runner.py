@@ -145,6 +145,8 @@ class SimulationConfig:
     gpus_per_site: float = 0.25
     # Epochs of the supervised ceiling (mode "ceiling") over the pooled training series.
     ceiling_epochs: int = 70
+    # key=value overrides onto every simulated site's site.yaml, e.g. ["policy.dp.unit=series"].
+    site_overrides: list[str] = field(default_factory=list)
     federation: FederationConfig = field(default_factory=_default_federation)
 
 
@@ -375,7 +377,9 @@ def write_site_file(sim: DictConfig, path: Path, name: str, catalog: Path, extra
         body["extra_catalogs"] = [str(p) for p in extra]
         # The pooled baseline is not site-01: it keeps its own privacy ledger.
         body["policy"] = {"dp": {"ledger": str(path.with_suffix(".privacy-ledger.sqlite"))}}
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(body)), encoding="utf-8")
+    site = OmegaConf.create(body)
+    apply_overrides(site, list(sim.get("site_overrides") or []), "simulation site_overrides")
+    path.write_text(OmegaConf.to_yaml(site), encoding="utf-8")
 
 
 def run_engine(server_main: Callable[[Any], None], site_files: list[Path], sim: DictConfig, map_file: Path) -> None:
