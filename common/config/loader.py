@@ -90,7 +90,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], where: str = "ove
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=4)")
+            raise ConfigError(f"{where}: override {item!r} is not of the form key=value (e.g. model.depth=4)")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:

@@ -113,6 +113,21 @@ def test_overrides_reach_into_the_list_of_stages() -> None:
             load_simulation(None, bad)
 
 
+def test_site_overrides_reach_every_simulated_site_file(tmp_path: Path) -> None:
+    from fedmri.client.site import load_site
+    from fedmri.errors import ConfigError
+    from fedmri.simulations.runner import load_simulation, write_site_file
+
+    (tmp_path / "catalog").mkdir()
+    sim = load_simulation(None, ["site_overrides=[policy.dp.unit=series, policy.dp.epsilon_total=3.0]"])
+    write_site_file(sim, tmp_path / "site.yaml", "site-01", tmp_path / "catalog")
+    site = load_site(tmp_path / "site.yaml")
+    assert site.policy.dp.unit == "series" and site.policy.dp.epsilon_total == 3.0 and site.name == "site-01"
+    with pytest.raises(ConfigError, match="site_overrides"):
+        write_site_file(load_simulation(None, ["site_overrides=[notakeyvalue]"]), tmp_path / "bad.yaml", "s",
+                        tmp_path / "catalog")
+
+
 def test_the_demo_tunes_the_lesion_heads_in_every_flower_mode_and_explicit_overrides_keep_their_tasks() -> None:
     from fedmri.config.schema import HeadsConfig
     from fedmri.server.config import run_config
