@@ -527,8 +527,19 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
                                                   indent=1, sort_keys=True), encoding="utf-8")
     from fedmri.simulations.report import write_report
 
-    say(f"report: {write_report(root)}")
+    report = write_report(root)
+    say(f"report: {report}")
+    _log_report_to_mlflow(root, report)
     return modes | {m + AT_HOLDOUT: v for m, v in holdout.items()}
+
+
+def _log_report_to_mlflow(root: Path, report: Path) -> None:
+    """The simulation's report.md into the MLflow run of each mode that tracked one (mlflow.json in its folder)."""
+    for record in sorted(root.glob("*/mlflow.json")):
+        from fedmri.server.tracking import mlflow_client
+
+        entry = json.loads(record.read_text(encoding="utf-8"))
+        mlflow_client(entry["uri"]).log_artifact(entry["run_id"], str(report))
 
 
 def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], folder: Path,

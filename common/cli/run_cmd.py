@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -342,12 +342,15 @@ def status_command(
     state: Path | None = _STATE,
     runs: Path | None = typer.Option(None, "--runs", help="Folder of run folders (default: STATE/runs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    watch: bool = typer.Option(False, "--watch", help="Follow the running rounds live from the run folders: which "
-                               "sites replied, which are pending and for how long, which declined and why."),
-    run: Path | None = typer.Option(None, "--run", help="With --watch: this run folder only (e.g. a simulation's "
-                                    "runs/demo/federated); no server needed."),
-    interval: float = typer.Option(2.0, "--interval", help="With --watch: seconds between refreshes."),
-    frames: int = typer.Option(0, "--frames", hidden=True, help="With --watch: stop after this many (0: Ctrl-C)."),
+    # Annotated, so that a direct call (tests, scripts) gets plain defaults rather than typer's OptionInfo.
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the running rounds live from the run folders: which "
+                                        "sites replied, which are pending and for how long, which declined and "
+                                        "why.")] = False,
+    run: Annotated[Path | None, typer.Option("--run", help="With --watch: this run folder only (e.g. a "
+                                             "simulation's runs/demo/federated); no server needed.")] = None,
+    interval: Annotated[float, typer.Option("--interval", help="With --watch: seconds between refreshes.")] = 2.0,
+    frames: Annotated[int, typer.Option("--frames", hidden=True, help="With --watch: stop after this many "
+                                        "(0: until Ctrl-C).")] = 0,
 ) -> None:
     """[coordinator] Show the server's sites and runs, with stage, round, sites and last metrics."""
     if watch:

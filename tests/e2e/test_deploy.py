@@ -313,8 +313,13 @@ def test_a_bundle_that_ships_its_own_fedmri_is_refused_then_the_genuine_one_runs
     assert len(reasons) == 2 and all("files besides pyproject.toml" in r for r in reasons), reasons
     assert not marker.exists()
     assert all(federation.clients[site].proc.poll() is None for site in GOOD)  # the sites keep running
-    status = {str(r.get("run-id")): r.get("status") for r in flwr_json(["ls", name], home).get("runs", [])}
-    assert str(status[run_id]).startswith("finished"), status  # the rogue run ended; nothing of it is left running
+    deadline = time.time() + 90
+    while True:  # the rogue ServerApp ends once its replies are in: nothing of it is left running
+        status = {str(r.get("run-id")): r.get("status") for r in flwr_json(["ls", name], home).get("runs", [])}
+        if str(status[run_id]).startswith("finished") or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert str(status[run_id]).startswith("finished"), status
 
     (tmp_path / "genuine").mkdir()
     run, _, run_dir = _start_run(federation, daemons, tmp_path / "genuine", "after-rogue", [{"name": "evaluate"}])

@@ -23,6 +23,7 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
         "ceiling_epochs": 3,
         # The micro encoder; overrides [] replaces the demo's dense heads (simulations/runner.py).
         "federation": {"name": "smoke", "preset": "micro", "overrides": [], "run_root": str(tmp_path / "runs"),
+                       "tracking": {"mlflow": {"enabled": True}},
                        "stages": [{"name": "pretrain", "rounds": 1, "local_steps": 1},
                                   {"name": "align", "rounds": 1, "local_steps": 1},
                                   {"name": "heads", "rounds": 1, "local_steps": 2},
@@ -89,6 +90,18 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
     assert "| site-01 | site-02 | holdout-01 |" in report and "## On a hospital outside the federation" in report
     assert "### Which differences are significant at holdout-01" in report and "| federated - random |" in report
     assert (root / "plots" / "cross_site_sequence_accuracy.png").stat().st_size > 1000
+    # Tracking: TensorBoard events in every Flower mode's folder; in MLflow, the modes and the local
+    # baselines are runs of one experiment, each with the simulation's report.
+    from fedmri.server.tracking import mlflow_client
+
+    runs = ("federated", "random", "local-site-01", "local-site-02", "central")
+    assert all((root / run / "tensorboard" / "all").is_dir() for run in runs)
+    client = mlflow_client((tmp_path / "runs" / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("smoke")
+    tracked = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in tracked) == sorted(runs)
+    for r in tracked:
+        assert "report.md" in {a.path for a in client.list_artifacts(r.info.run_id)}, r.info.run_name
 
 
 def test_simulate_with_a_bad_override_is_one_clear_line(tmp_path: Path) -> None:
