@@ -379,11 +379,6 @@ class Pipeline:
             wall = time.monotonic() - t0
             out.bytes_down, out.wall_s, out.replied_at = down_bytes, wall, time.time()
             out.problems = book.finish() + (secure.problems if secure is not None else [])
-            for problem_node, status, reason in out.problems:
-                if progress.doc["sites"].get(self.site(problem_node), {}).get("status") in ("pending", "replied"):
-                    progress.doc["sites"][self.site(problem_node)] = {"status": status, "reason": reason,
-                                                                     "at": time.time()}
-            progress.finish()
             out.problems += [(node, "rejected", reason) for node, reason in masked_rejects.items()]
             if total is not None and secure is not None and updates is not None:
                 metrics_by_node, secure_metrics = self._unmask(grid, stage_i, secure, total, updates,
@@ -432,6 +427,7 @@ class Pipeline:
                 log(WARNING, "fedmri: %s round %d had %d useful replies, fewer than %d; %s", stage.name, rnd,
                     len(metrics_by_node), need, "weights unchanged" if spec.trains else "nothing to report")
         trace.event("round-done", stage=stage.name, round=rnd)
+        progress.finish([(self.site(node), status, reason) for node, status, reason in out.problems])
         self.recorder.record(out)
         shown = {k: v for k, v in out.aggregated.items() if k.endswith("loss") or k in ("t2i_r5", "i2t_r5")}
         log(INFO, "fedmri: %s round %d/%d done in %.0f s: %s%s", stage.name, rnd, stage.rounds, wall,
@@ -486,9 +482,7 @@ class Pipeline:
         results = self.recorder.finish(self.fed.name, sorted(self.sites_seen))
         if self.fed.export:
             self.export(self.run.path / "encoder")
-        for sink in self.recorder.sinks:  # the reports and the model card, now that all are written
-            if hasattr(sink, "finish"):
-                sink.finish()
+        self.recorder.finish_tracking()  # the reports and the model card, now that all are written
         self.run.write_state(name=self.fed.name, status="finished", started_at=self.started_at, stage=None, round=None,
                              server_round=len(self.history), sites_seen=sorted(self.sites_seen),
                              last_metrics=self.history[-1] if self.history else {})

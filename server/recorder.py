@@ -137,8 +137,13 @@ class Recorder:
         self.run.write_results(results)
         self.run.plot()
         write_privacy_report(self.run.path, rows)
-        self.close()
         return results
+
+    def finish_tracking(self) -> None:
+        """The trackers' end of the run (reports as artifacts, runs marked finished); after the export."""
+        for sink in self.sinks:
+            sink.finish()
+        self.close()
 
     def close(self) -> None:
         """Flush and close the trackers (also when a run stops early)."""

@@ -100,6 +100,10 @@ class TensorBoardSink:
         for writer in self.writers.values():
             writer.flush()
 
+    def finish(self) -> None:
+        """The run is over: flush and close."""
+        self.close()
+
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()

@@ -49,9 +49,16 @@ class RoundProgress:
         self.doc["updated"] = entry["at"]
         self.write(self.doc)
 
-    def finish(self) -> None:
+    def finish(self, problems: list[tuple[str, str, str]] = ()) -> None:
+        """The round is over: each (site, status, reason) of ``problems`` replaces what the site showed
+        (a site that never answered becomes ``failed``; one whose update validation rejected, ``rejected``)."""
+        now = time.time()
+        for site, status, reason in problems:
+            entry = self.doc["sites"].get(site, {})
+            if entry.get("status") in ("pending", "replied", None):
+                self.doc["sites"][site] = {"status": status, "reason": reason, "at": entry.get("at", now)}
         self.doc["done"] = True
-        self.doc["updated"] = time.time()
+        self.doc["updated"] = now
         self.write(self.doc)
 
 

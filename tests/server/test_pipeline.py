@@ -161,6 +161,10 @@ def test_bad_update_is_rejected_and_the_round_goes_on(tmp_path: Path, federation
     outcome = pipeline.outcomes[0]
     assert list(outcome.rejected) == [103], outcome
     assert outcome.accepted == [101, 102] and outcome.updated
+    # The live view ends the round with the rejection and its reason (fedmri status --watch).
+    shown = json.loads((tmp_path / "runs" / "t" / "round.json").read_text())["sites"]
+    assert shown["site-03"]["status"] == "rejected" and shown["site-03"]["reason"] == outcome.rejected[103]
+    assert shown["site-01"]["status"] == shown["site-02"]["status"] == "replied"
     assert all(torch.isfinite(v).all() for v in pipeline.state.values())
     rows = [json.loads(line) for line in (tmp_path / "runs/t/metrics.jsonl").read_text().splitlines()]
     rejected = [r for r in rows if r["status"] == "rejected"]
