@@ -125,7 +125,7 @@ def read_rows(run_path: Path) -> list[dict[str, Any]]:
         site = folder.name
         for tag in acc.Tags().get("tensors", []):  # text summaries are stored as string tensors
             stage, _, key = tag.partition("/")
-            if not key.startswith("status"):
+            if not key.startswith("status"):  # e.g. a simulation's report: no row
                 continue
             for event in acc.Tensors(tag):
                 text = event.tensor_proto.string_val[0].decode()

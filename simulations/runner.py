@@ -529,15 +529,26 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
 
     report = write_report(root)
     say(f"report: {report}")
-    _log_report_to_mlflow(root, report)
+    _track_report(root, report)
     return modes | {m + AT_HOLDOUT: v for m, v in holdout.items()}
 
 
-def _log_report_to_mlflow(root: Path, report: Path) -> None:
-    """The simulation's report.md into the MLflow run of each mode that tracked one (mlflow.json in its folder)."""
-    for record in sorted(root.glob("*/mlflow.json")):
-        from fedmri.server.tracking import mlflow_client
+def _track_report(root: Path, report: Path) -> None:
+    """The simulation's report.md (the held-out and cross-site tables) into each mode's trackers.
 
+    TensorBoard: a text summary ``report`` in the mode's ``tensorboard/all`` at its last round;
+    MLflow: an artifact of the mode's MLflow run (``mlflow.json`` in its folder).
+    """
+    from fedmri.server.tracking import FOLDER, mlflow_client
+
+    text = report.read_text(encoding="utf-8")
+    for events in sorted(root.glob(f"*/{FOLDER}/all")):
+        from torch.utils.tensorboard import SummaryWriter
+
+        state = json.loads((events.parent.parent / "state.json").read_text(encoding="utf-8"))
+        with SummaryWriter(str(events)) as writer:
+            writer.add_text("report", text, int(state.get("server_round") or 0))
+    for record in sorted(root.glob("*/mlflow.json")):
         entry = json.loads(record.read_text(encoding="utf-8"))
         mlflow_client(entry["uri"]).log_artifact(entry["run_id"], str(report))
 

@@ -96,6 +96,12 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
 
     runs = ("federated", "random", "local-site-01", "local-site-02", "central")
     assert all((root / run / "tensorboard" / "all").is_dir() for run in runs)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "federated" / "tensorboard" / "all"), size_guidance={"tensors": 0})
+    events.Reload()
+    shown = events.Tensors("report/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "## On a hospital outside the federation" in shown
     client = mlflow_client((tmp_path / "runs" / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("smoke")
     tracked = client.search_runs([experiment.experiment_id])
