@@ -43,7 +43,10 @@ def run(name: str, seed: int, out: Path, extra: list[str], reuse: bool) -> dict:
     privacy = folder / "privacy.json"
     eps = {}
     if privacy.is_file():
-        eps = {site: s["epsilon_total"] for site, s in json.loads(privacy.read_text())["sites"].items()}
+        # The run's ε after its last private stage (epsilon_total is undefined once a stage ran without DP).
+        eps = {site: max(st["epsilon_run"] for st in s["stages"].values() if st.get("epsilon_run") is not None)
+               for site, s in json.loads(privacy.read_text())["sites"].items()
+               if any(st.get("epsilon_run") is not None for st in s["stages"].values())}
     return {"metrics": results, "epsilon": eps}
 
 
