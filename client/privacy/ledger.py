@@ -167,7 +167,7 @@ class PrivacyLedger:
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._empty = False  # a brand-new file opened read-only: no table to read
-        self._legacy = False  # a format-1 file that could not be upgraded (read-only): its rows are "series"
+        self._legacy = False  # a format-1 file, not upgraded yet: its rows are "series"
         with self._guard():
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         try:
@@ -197,7 +197,8 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path} is not a fedmri privacy ledger (another SQLite database); "
                               "give the ledger's path with --ledger")
         if version == 1:
-            self._upgrade()
+            # Read as it is; upgraded by the first write (reading a backup must not change it).
+            self._legacy = True
         elif version != _VERSION:
             raise LedgerError(f"{self.path} is a privacy ledger of format {version}; this fedmri reads "
                               f"formats 1 to {_VERSION}: upgrade fedmri")
@@ -205,18 +206,14 @@ class PrivacyLedger:
     def _upgrade(self) -> None:
         """Format 1 -> 2: add the ``unit`` column, ``'series'`` for every stored row, in one transaction.
 
-        A file that cannot be written (read-only copy, ``fedmri client privacy`` on a backup) is read
-        as it is, its rows as ``"series"``; the next write needs the upgrade and raises.
+        Done by the first write only: a reader (``fedmri client privacy`` on a backup, a read-only
+        copy) reads format 1 as it is, its rows as ``"series"``.
         """
-        try:
-            with self._transaction():
-                if self._conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded meanwhile
-                    self._conn.execute(f"ALTER TABLE rounds ADD COLUMN {_UNIT_COLUMN}")
-                    self._conn.execute(f"PRAGMA user_version={_VERSION}")
-        except LedgerError as exc:
-            if "readonly" not in str(exc):
-                raise
-            self._legacy = True
+        with self._transaction():
+            if self._conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded meanwhile
+                self._conn.execute(f"ALTER TABLE rounds ADD COLUMN {_UNIT_COLUMN}")
+                self._conn.execute(f"PRAGMA user_version={_VERSION}")
+        self._legacy = False
 
     def close(self) -> None:
         self._conn.close()
@@ -308,6 +305,8 @@ class PrivacyLedger:
         """
         run, stage, round = _check_key(run, stage, round)
         step, delta, unit = _check_step(noise_multiplier, sample_rate, steps), _check_delta(delta), check_unit(unit)
+        if self._legacy:
+            self._upgrade()
         with self._transaction():
             existing = self._existing(run, stage, round, step, delta, inputs, unit)
             if existing is not None:

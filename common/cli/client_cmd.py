@@ -65,7 +65,8 @@ _JSON = typer.Option(False, "--json", help="Print one JSON entry per recorded ro
 
 @client_app.command("privacy")
 def privacy_command(site: Path = _SITE, ledger: Path | None = _LEDGER, as_json: bool = _JSON) -> None:
-    """Print the site's privacy ledger: each private round, and the ε spent per run and in total."""
+    """Print the site's privacy ledger: each private round with its unit (patient or series), and the ε spent
+    per run and in total."""
     import json
 
     from rich.console import Console
@@ -98,13 +99,13 @@ def _rounds_table(entries: list[LedgerEntry], title: str) -> Table:
     one_delta = len(deltas) == 1
     table = Table(title=title + (f" (δ = {entries[0].delta:g})" if one_delta else ""), title_justify="left",
                   box=box.SIMPLE_HEAD)
-    names = ["run", "stage", "round", "noise", "sample rate", "steps", *([] if one_delta else ["δ"])]
+    names = ["run", "stage", "round", "unit", "noise", "sample rate", "steps", *([] if one_delta else ["δ"])]
     for name in [*names, "ε run", "ε total"]:
-        table.add_column(name, justify="left" if name in ("run", "stage") else "right")
+        table.add_column(name, justify="left" if name in ("run", "stage", "unit") else "right")
     for e in entries:
         delta = [] if one_delta else [f"{e.delta:g}"]
-        table.add_row(e.run, e.stage, str(e.round), f"{e.noise_multiplier:g}", f"{e.sample_rate:g}", str(e.steps),
-                      *delta, f"{e.epsilon_run:.4f}", f"{e.epsilon_total:.4f}")
+        table.add_row(e.run, e.stage, str(e.round), e.unit, f"{e.noise_multiplier:g}", f"{e.sample_rate:g}",
+                      str(e.steps), *delta, f"{e.epsilon_run:.4f}", f"{e.epsilon_total:.4f}")
     return table
 
 

@@ -161,9 +161,11 @@ def test_a_format_1_ledger_is_upgraded_and_its_rows_are_per_series(tmp_path: Pat
     conn.execute("PRAGMA user_version=1")
     conn.commit()
     conn.close()
-    with PrivacyLedger(path, create=False) as ledger:
+    with PrivacyLedger(path, create=False) as ledger:  # read only: the file stays format 1
         (old,) = ledger.entries()
         assert old.unit == "series" and ledger.unit() == "series"
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    with PrivacyLedger(path, create=False) as ledger:
         new = ledger.record_round("new", "pretrain", 1, 1.1, 0.01, 100, 1e-5, unit="patient")
         assert new.unit == "patient" and ledger.unit("new") == "patient" and ledger.unit() == "mixed"
         # The old row still composes into the site's total: the same triples, whatever the unit.

@@ -219,6 +219,7 @@ def test_cli_prints_the_ledger_as_json_and_as_tables(site_yaml: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "Private rounds of site site-a (δ = 1e-05)" in out.stdout
     assert "ε spent per run and stage" in out.stdout
+    assert "unit" in out.stdout and "series" in out.stdout  # what each round protected
     for entry in entries:
         assert f"{entry.epsilon_total:.4f}" in out.stdout
     assert f"site total: ε = {entries[-1].epsilon_total:.4f}" in out.stdout
