@@ -43,10 +43,10 @@ from fedmri.strategies.validation import (
     DEFAULT_NORM_FACTOR,
     METRICS_KEY,
     NUM_EXAMPLES,
-    _check_bounds,
-    _delta_norm,
-    _outliers,
-    _read_reply,
+    check_norm_bounds,
+    delta_norm,
+    outliers_by_norm,
+    read_reply,
 )
 
 # Updates a round keeps in memory before it spills to disk.
@@ -120,7 +120,7 @@ class RoundUpdates:
         node = int(msg.metadata.src_node_id)
         if node in self._updates or node in self.rejected:
             raise ValueError(f"two replies from node {node}: the pipeline sends one message per site and round")
-        arrays, reason = _read_reply(self.current, msg)
+        arrays, reason = read_reply(self.current, msg)
         if reason is not None:
             self.rejected[node] = reason
             return reason
@@ -136,7 +136,7 @@ class RoundUpdates:
             digest.update(np.ascontiguousarray(arrays[key]).data)  # the bytes, without a copy
         nbytes = sum(int(arrays[key].nbytes) for key in self.keys)
         update = Update(node, float(metrics[NUM_EXAMPLES]), metrics, digest.hexdigest(),
-                        _delta_norm(self.current, arrays), nbytes)
+                        delta_norm(self.current, arrays), nbytes)
         if self.in_memory + nbytes <= self.memory_bytes:
             update.arrays = {key: arrays[key] for key in self.keys}
             self.in_memory += nbytes
@@ -164,8 +164,8 @@ class RoundUpdates:
     def reject_outliers(self, factor: float = DEFAULT_NORM_FACTOR, *, max_norm: float | None = None) -> dict[int, str]:
         """Apply the round's norm bound (:func:`~fedmri.strategies.validation.norm_outliers`) and drop
         the updates it rejects; returns node -> reason for those."""
-        _check_bounds(factor, max_norm)
-        out = _outliers({node: u.norm for node, u in self._updates.items()}, factor, max_norm)
+        check_norm_bounds(factor, max_norm)
+        out = outliers_by_norm({node: u.norm for node, u in self._updates.items()}, factor, max_norm)
         for node, reason in out.items():
             self._drop(node)
             self.rejected[node] = reason

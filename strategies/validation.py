@@ -104,10 +104,10 @@ def norm_outliers(current: ArrayRecord | Mapping[str, np.ndarray], updates: Mapp
     Returns:
         Node id -> one-line reason, for the rejected updates only.
     """
-    _check_bounds(factor, max_norm)
+    check_norm_bounds(factor, max_norm)
     start = _as_numpy(current)
-    norms = {node: _delta_norm(start, _as_numpy(update)) for node, update in updates.items()}
-    return _outliers(norms, factor, max_norm)
+    norms = {node: delta_norm(start, _as_numpy(update)) for node, update in updates.items()}
+    return outliers_by_norm(norms, factor, max_norm)
 
 
 def validate_replies(current: ArrayRecord, replies: list[Message], factor: float = DEFAULT_NORM_FACTOR,
@@ -123,7 +123,7 @@ def validate_replies(current: ArrayRecord, replies: list[Message], factor: float
     Returns:
         The accepted replies in their original order, and node id -> reason for the others.
     """
-    _check_bounds(factor, max_norm)
+    check_norm_bounds(factor, max_norm)
     start = _as_numpy(current)
     rejected: dict[int, str] = {}
     candidates: dict[int, tuple[Message, dict[str, np.ndarray]]] = {}
@@ -131,20 +131,20 @@ def validate_replies(current: ArrayRecord, replies: list[Message], factor: float
         node = msg.metadata.src_node_id
         if node in rejected or node in candidates:
             raise ValueError(f"two replies from node {node}: the pipeline sends one message per site and round")
-        arrays, reason = _read_reply(start, msg)
+        arrays, reason = read_reply(start, msg)
         if reason is None:
             candidates[node] = (msg, arrays)
         else:
             rejected[node] = reason
-    norms = {node: _delta_norm(start, arrays) for node, (_, arrays) in candidates.items()}
-    rejected.update(_outliers(norms, factor, max_norm))
+    norms = {node: delta_norm(start, arrays) for node, (_, arrays) in candidates.items()}
+    rejected.update(outliers_by_norm(norms, factor, max_norm))
     for node, reason in rejected.items():
         log(WARNING, "Rejected the update of site %s: %s", node, reason)
     accepted = [msg for node, (msg, _) in candidates.items() if node not in rejected]
     return accepted, rejected
 
 
-def _read_reply(start: Mapping[str, np.ndarray], msg: Message) -> tuple[dict[str, np.ndarray], str | None]:
+def read_reply(start: Mapping[str, np.ndarray], msg: Message) -> tuple[dict[str, np.ndarray], str | None]:
     """The reply's arrays, read once, or the reason it is rejected."""
     if msg.has_error():
         return {}, f"site reported an error (code {msg.error.code}): {msg.error.reason}"
@@ -194,7 +194,7 @@ def _keys_reason(what: str, keys: list[str]) -> str:
     return f"{what} {keys[0]!r}{more}"
 
 
-def _outliers(norms: Mapping[int, float], factor: float, max_norm: float | None) -> dict[int, str]:
+def outliers_by_norm(norms: Mapping[int, float], factor: float, max_norm: float | None) -> dict[int, str]:
     """Node id -> reason for delta norms above ``max_norm`` or above ``factor`` x the reference."""
     if not norms:
         return {}
@@ -210,14 +210,15 @@ def _outliers(norms: Mapping[int, float], factor: float, max_norm: float | None)
     return rejected
 
 
-def _check_bounds(factor: float, max_norm: float | None) -> None:
+def check_norm_bounds(factor: float, max_norm: float | None) -> None:
+    """Refuse a norm factor below 1 or a max norm that is not positive (ConfigError)."""
     if not factor >= 1:  # below 1 the median site itself would be rejected
         raise ConfigError(f"norm factor {factor!r} must be >= 1 (10 is the default)")
     if max_norm is not None and not max_norm > 0:
         raise ConfigError(f"max_norm {max_norm!r} must be > 0, or None for no absolute bound")
 
 
-def _delta_norm(start: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> float:
+def delta_norm(start: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> float:
     """``||update - start||_2`` over all keys of ``update``, in float64."""
     total = 0.0
     for key, value in update.items():
