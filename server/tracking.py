@@ -58,9 +58,11 @@ BOOKKEEPING = ("round", "server_round", "node", "time", "site", "stage", "status
 
 
 def scalar_fields(row: dict[str, Any]) -> dict[str, float]:
-    """The row's numeric fields that become scalars (booleans and bookkeeping left out)."""
+    """The row's finite numeric fields, which every tracker records (booleans, bookkeeping, NaN and inf left
+    out: a tracker would draw a NaN as a value)."""
     return {k: float(v) for k, v in row.items()
-            if k not in BOOKKEEPING and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k not in BOOKKEEPING and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
 
 
 class TensorBoardSink:
@@ -92,8 +94,7 @@ class TensorBoardSink:
             writer = self._writer(str(row["site"]))
             step, stage = int(row["server_round"]), str(row["stage"])
             for key, value in scalar_fields(row).items():
-                if math.isfinite(value):
-                    writer.add_scalar(f"{stage}/{key}", value, step)
+                writer.add_scalar(f"{stage}/{key}", value, step)
             status = str(row.get("status", ""))
             text = f"{status}: {row['reason']}" if row.get("reason") else status
             writer.add_text(f"{stage}/status", text, step)
@@ -101,8 +102,7 @@ class TensorBoardSink:
             writer.flush()
 
     def finish(self) -> None:
-        """The run is over: flush and close."""
-        self.close()
+        """Nothing to add at the end of a run: :meth:`close`, which the recorder calls next, flushes."""
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -226,9 +226,8 @@ class MLflowSink:
         metrics = []
         for row in rows:
             stamp = int(float(row.get("time", 0.0)) * 1000)
-            for key, value in scalar_fields(row).items():
-                if math.isfinite(value):
-                    metrics.append(Metric(mlflow_metric_key(row, key), value, stamp, int(row["server_round"])))
+            metrics += [Metric(mlflow_metric_key(row, key), value, stamp, int(row["server_round"]))
+                        for key, value in scalar_fields(row).items()]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 

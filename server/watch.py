@@ -78,8 +78,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def remaining_estimate(run_dir: Path, progress: dict[str, Any] | None) -> tuple[float, bool] | None:
-    """(seconds left, whether part of it is a guess from other stages), or None before any round finished."""
+def remaining_estimate(run_dir: Path, progress: dict[str, Any] | None, now: float) -> tuple[float, bool] | None:
+    """(seconds left at ``now``, whether part of it is a guess from other stages), or None before any round
+    finished."""
     from omegaconf import OmegaConf
 
     rows = []
@@ -110,7 +111,7 @@ def remaining_estimate(run_dir: Path, progress: dict[str, Any] | None) -> tuple[
         guessed |= name not in by_stage
         left += per_round * len(todo)
         if progress and not progress.get("done") and progress.get("stage") == name:
-            left -= min(per_round, time.time() - float(progress.get("started", time.time())))
+            left -= min(per_round, now - float(progress.get("started", now)))
     return max(0.0, left), guessed
 
 
@@ -124,7 +125,7 @@ def watch_lines(run_dir: Path, now: float | None = None) -> list[str]:
     started = state.get("started_at")
     if isinstance(started, (int, float)):
         lines[0] += f", elapsed {_duration(now - started)}"
-    estimate = remaining_estimate(run_dir, progress)
+    estimate = remaining_estimate(run_dir, progress, now)
     if estimate is not None and state.get("status") == "running":
         lines[0] += f", about {'~' if estimate[1] else ''}{_duration(estimate[0])} left"
     if not progress:

@@ -539,15 +539,16 @@ def _track_report(root: Path, report: Path) -> None:
     TensorBoard: a text summary ``report`` in the mode's ``tensorboard/all`` at its last round;
     MLflow: an artifact of the mode's MLflow run (``mlflow.json`` in its folder).
     """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fedmri.server.rundir import RunDir
     from fedmri.server.tracking import FOLDER, mlflow_client
 
     text = report.read_text(encoding="utf-8")
     for events in sorted(root.glob(f"*/{FOLDER}/all")):
-        from torch.utils.tensorboard import SummaryWriter
-
-        state = json.loads((events.parent.parent / "state.json").read_text(encoding="utf-8"))
+        last_round = int(RunDir(events.parent.parent).read_state().get("server_round") or 0)
         with SummaryWriter(str(events)) as writer:
-            writer.add_text("report", text, int(state.get("server_round") or 0))
+            writer.add_text("report", text, last_round)
     for record in sorted(root.glob("*/mlflow.json")):
         entry = json.loads(record.read_text(encoding="utf-8"))
         mlflow_client(entry["uri"]).log_artifact(entry["run_id"], str(report))

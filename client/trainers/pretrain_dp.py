@@ -13,9 +13,8 @@ is clipped as one vector; under ``series`` each series' gradient is
 - centering is ``centering``: Sinkhorn-Knopp balances targets across the batch
   (refused with the reason).
 
-The centres still move, between steps (``ssl.dp_center``, on by default). A
-frozen centre stays at its initial zero for the whole run and the teacher
-collapses onto one prototype (benchmarks/RESULTS.md, "DP centre"). So each
+The centres still move, between steps (``ssl.dp_center``, on by default);
+frozen, they would stay at their initial zero for the whole run. Each
 series' teacher means (the terms the centre's EMA would fold in, averaged over
 its patient's series in the step) ride along with its gradient: the patient's
 gradient is clipped to C·sqrt(1 - share), its scaled teacher means to C·sqrt(share),
@@ -24,7 +23,9 @@ and the one Gaussian mechanism noises both (:func:`~fedmri.client.privacy.dp_sgd
 the gradients'; the noisy mean then enters the centres' EMA. Teacher means are
 cosines (the head's logits), so ``radius`` bounds them in logit units, and the
 noise on a centre coordinate is σ·radius / (sqrt(share)·q·n) before the EMA
-averages it.
+averages it. It does not stop the collapse on the demo: with KoLeo off, the
+teacher collapses onto one prototype with or without DP, and at ~4 patients a
+step the released centre is mostly noise (benchmarks/RESULTS.md, "DP centre").
 
 Everything else is post-processing of the noisy releases: AdamW, the FedProx
 term (a function of the weights only), the centres' EMA and the local teacher

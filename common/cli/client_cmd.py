@@ -35,9 +35,8 @@ def check_command(site: Path = _SITE, insecure: bool = _INSECURE, state: Path | 
     """Check the site file and what it names, and print the SuperNode command; start nothing."""
     import shlex
 
-    from fedmri.client.daemon import prepare
-
     from fedmri import __version__
+    from fedmri.client.daemon import prepare
     from fedmri.client.guard import CLIENTAPP
 
     launch = prepare(site, insecure=insecure, state=state)
@@ -133,6 +132,7 @@ def status_command(site: Path = _SITE, last: int = typer.Option(10, "--last", he
     ledger's totals and remaining budget, and the catalog's counts. Contacts nothing."""
     import datetime as dt
     import json
+    import shutil
 
     from rich.console import Console
 
@@ -150,8 +150,6 @@ def status_command(site: Path = _SITE, last: int = typer.Option(10, "--last", he
         return
     from rich import box
     from rich.table import Table
-
-    import shutil
 
     console = Console(width=max(140, shutil.get_terminal_size().columns))
     results = document["results"]
