@@ -51,6 +51,7 @@ from fedmri.protocol import (
     MISSING_GROUPS,
     NUM_EXAMPLES,
     PROTOCOL_VERSION,
+    REBUILD_KEY,
     SEARCH_TASK,
     SIM_SITES_ENV,
     STATUS_KEY,
@@ -175,8 +176,9 @@ def _handle(msg: Message, context: Context) -> Message:
         run_cfg = parse_run_config(request.fedmri_config)
         arrays = msg.content[ARRAYS_KEY]
         down = spec.groups(run_cfg).down
-        state = resolve_down(from_record(arrays), msg.content.config_records.get(DIGESTS_KEY), down,
-                             GroupCache.of_site(site))
+        records = msg.content.config_records
+        state = resolve_down(from_record(arrays), records.get(DIGESTS_KEY), down, GroupCache.of_site(site),
+                             records.get(REBUILD_KEY))
         if sorted(groups_in(state)) != sorted(down):
             raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")
         trace.event("handler-inputs", node=int(context.node_id))

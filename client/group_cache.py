@@ -27,7 +27,7 @@ from typing import Any
 
 from fedmri.errors import FedmriError
 from fedmri.protocol import RequestError
-from fedmri.wire import State, group_digest, groups_in, select
+from fedmri.wire import TEACHER_SOURCES, State, group_digest, groups_in, rebuild_teacher, select
 
 log = logging.getLogger(__name__)
 
@@ -130,28 +130,34 @@ class GroupCache:
 
 
 def resolve_down(received: State, digests: Mapping[str, Any] | None, down: Sequence[str],
-                 cache: GroupCache) -> State:
+                 cache: GroupCache, rebuild: Mapping[str, Any] | None = None) -> State:
     """A request's down groups: those it carries, checked against their digests, and the others from ``cache``.
 
     Received groups that the request names are stored in the cache once every group is
     found, so what the site trains on is what it keeps; a group it carries without naming
-    changes every round (pretraining's), so it is neither hashed nor kept.
+    changes every round (pretraining's student), so it is neither hashed nor kept. A named
+    teacher group that is neither carried nor cached is rebuilt from the student the request
+    carries as its ``rebuild`` record says (:func:`fedmri.wire.rebuild_teacher`), checked
+    against its digest and kept.
 
     Args:
         received: The request's ``arrays``, as wire tensors.
         digests: The request's ``digests`` record (group -> SHA-256) of the groups the
-            round leaves unchanged; None when the coordinator named none, and then
-            ``received`` is every group.
+            round leaves unchanged or the site rebuilds; None when the coordinator named
+            none, and then ``received`` is every group.
         down: The stage's down groups under the run's config.
         cache: The site's cache.
+        rebuild: The request's ``rebuild`` record (:data:`fedmri.protocol.REBUILD_KEY`), or None.
 
     Returns:
         Every down group's entries, in the order of ``down``.
 
     Raises:
         RequestError: Digests of other groups than ``down``, a named group that does not
-            match its digest, or a group neither carried nor named.
-        MissingGroupsError: Named groups that neither came nor are in the cache.
+            match its digest, a malformed ``rebuild`` record, or a group neither carried
+            nor named.
+        MissingGroupsError: Named groups that neither came, nor are in the cache, nor could
+            be rebuilt to their digest.
     """
     if digests is None:
         return received
@@ -162,6 +168,7 @@ def resolve_down(received: State, digests: Mapping[str, Any] | None, down: Seque
         if not isinstance(digest, str):
             raise RequestError(f"the digest of {group!r} must be a string")
         cache.path(group, digest)  # checks both as file names
+    rules = _rebuild_rules(rebuild, named, cache)
     came = {g: select(received, [g]) for g in groups_in(received)}
     for group, entries in came.items():  # a group the request does not name changes every round: not kept
         if group not in down:
@@ -169,23 +176,66 @@ def resolve_down(received: State, digests: Mapping[str, Any] | None, down: Seque
         if group in named and group_digest(entries) != named[group]:
             raise RequestError(f"group {group!r} does not match its digest: the message was altered on the way")
     state: State = {}
-    missing = []
+    missing, made = [], {}
     for group in down:
         entries = came.get(group)
         if entries is None and group not in named:
             raise RequestError(f"the request neither carries nor names group {group!r}")
         if entries is None:
             entries = cache.get(group, named[group])
+        if entries is None and group in rules:
+            entries = made[group] = _rebuilt(group, named[group], rules[group], came, cache)
         if entries is None:
             missing.append(group)
         else:
             state |= entries
     if missing:
         raise MissingGroupsError(missing)
-    for group, entries in came.items():
+    for group, entries in [*came.items(), *made.items()]:
         if group in named:
             cache.put(group, named[group], entries)
     return state
+
+
+def _rebuild_rules(record: Mapping[str, Any] | None, named: Mapping[str, str],
+                   cache: GroupCache) -> dict[str, tuple[str, float]]:
+    """A ``rebuild`` record as group -> (the digest it moves from, "" for a copy; momentum), checked."""
+    if not record:
+        return {}
+    rules = {}
+    for group in [str(k) for k in record if not str(k).endswith(".momentum")]:
+        previous, momentum = record[group], record.get(f"{group}.momentum")
+        if group not in TEACHER_SOURCES or group not in named:
+            raise RequestError(f"the request asks to rebuild {group!r}, which is not a teacher group it names")
+        if not isinstance(previous, str) or isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+                or not 0.0 <= float(momentum) <= 1.0:
+            raise RequestError(f"the rebuild of {group!r} needs a digest and a momentum in [0, 1], got "
+                               f"{str(previous)[:70]!r} and {momentum!r}")
+        if previous:
+            cache.path(group, previous)  # a file name, or the request is malformed
+        rules[group] = (previous, float(momentum))
+    return rules
+
+
+def _rebuilt(group: str, digest: str, rule: tuple[str, float], came: Mapping[str, State],
+             cache: GroupCache) -> State | None:
+    """Teacher ``group`` made from the carried student by ``rule``, if it matches ``digest``; else None."""
+    previous_digest, momentum = rule
+    student = came.get(TEACHER_SOURCES[group])
+    if student is None:
+        return None
+    previous = cache.get(group, previous_digest) if previous_digest else None
+    if previous_digest and previous is None:
+        return None
+    try:
+        entries = rebuild_teacher(group, student, previous, momentum)
+    except KeyError:
+        entries = None
+    if entries is None or group_digest(entries) != digest:
+        log.warning("group cache: %s rebuilt from the student does not match the request's digest; "
+                    "the coordinator sends it in full", group)
+        return None
+    return entries
 
 
 def _remove(path: Path) -> None:

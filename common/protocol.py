@@ -48,6 +48,11 @@ DIGESTS_KEY = "digests"  # ConfigRecord of a request: down group -> fedmri.wire.
 # Key of a decline's ``status`` record: the groups the request named by digest that the site's cache
 # lacks; the coordinator sends that site every down group in full, in the same round (fedmri.server.downlink).
 MISSING_GROUPS = "missing-groups"
+# ConfigRecord of a pretraining request: how the site rebuilds a teacher group that the request
+# names but does not carry (fedmri.wire.rebuild_teacher): ``<group>`` -> the digest of the teacher
+# it moved from ("": a copy of the student), ``<group>.momentum`` -> the EMA momentum. A site on an
+# older fedmri ignores it and answers with MISSING_GROUPS, and gets the teacher in full.
+REBUILD_KEY = "rebuild"
 NUM_EXAMPLES = "num-examples"  # the aggregation weight, as Flower's strategies expect
 # Secure aggregation (fedmri.secagg, fedmri.client.secagg): the ConfigRecord of its messages,
 # and the message types of its extra steps within a training round.

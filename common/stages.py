@@ -77,9 +77,10 @@ class StageSpec:
     hyperparameters: tuple[str, ...] = ()
     # The round's stage-specific request fields: (RoundInputs) -> {TrainRequest field: value}.
     round_values: Callable[[RoundInputs], dict[str, Any]] | None = None
-    # After aggregation, at the coordinator: (state, the round's TrainRequest, stage config) -> None,
-    # changing the global state in place.
-    after_aggregate: Callable[[State, Any, Any], None] | None = None
+    # After aggregation, at the coordinator: (state, the round's TrainRequest, stage config) ->
+    # the EMA momentum it moved the groups' ``rebuilt`` teacher by (None: not an EMA), changing
+    # the global state in place. The sites rebuild the next teacher with that momentum.
+    after_aggregate: Callable[[State, Any, Any], float | None] | None = None
     # Checks of a federation's stage entry beyond the common ones: (run cfg, stage cfg, where).
     check: Callable[[Any, Any, str], None] | None = None
     # It trains the shared encoder (the random-init baseline leaves it out).
@@ -155,10 +156,11 @@ def _pretrain_values(r: RoundInputs) -> dict[str, Any]:
             "teacher_temp": s["teacher_temp"]}
 
 
-def _move_teacher(state: State, request: Any, stage: Any) -> None:
+def _move_teacher(state: State, request: Any, stage: Any) -> float:
     """The coordinator's teacher follows the aggregated student (fedmri.wire, "Where the teacher lives")."""
     m = wire.server_teacher_momentum(float(request.teacher_momentum), int(stage.local_steps))
     wire.update_teacher(state, m)
+    return m
 
 
 def _align_groups(cfg: Any) -> StageGroups:

@@ -193,7 +193,9 @@ class StageGroups:
     ``moves`` are down groups that the coordinator changes after a round besides the
     ``up`` ones (pretraining's teacher, an EMA of the aggregated student). What is
     left, :attr:`kept`, stays as it is after the round: only those groups are worth
-    a site's cache (fedmri.server.downlink, fedmri.client.group_cache).
+    a site's cache (fedmri.server.downlink, fedmri.client.group_cache). A moved teacher
+    group whose student goes down with it is :attr:`rebuilt`: a site that holds the
+    teacher it was sent last makes the new one from the student (:data:`TEACHER_SOURCES`).
     """
 
     down: tuple[str, ...]
@@ -204,6 +206,11 @@ class StageGroups:
     def kept(self) -> tuple[str, ...]:
         """The down groups a round leaves unchanged."""
         return tuple(g for g in self.down if g not in self.up and g not in self.moves)
+
+    @property
+    def rebuilt(self) -> tuple[str, ...]:
+        """The moved groups a site can rebuild from the round's other down groups."""
+        return tuple(g for g in self.moves if g in self.down and TEACHER_SOURCES.get(g) in self.down)
 
 
 def stage_groups(stage: str, cfg: Any) -> StageGroups:
@@ -235,14 +242,56 @@ def server_teacher_momentum(step_momentum: float, local_steps: int) -> float:
     return float(step_momentum) ** int(local_steps)
 
 
+# The coordinator's teacher is a function of the student it sends with it (an EMA, or a copy
+# before the first move): a site that holds the teacher it was sent last rebuilds this one
+# from the student and checks it against the request's digest (fedmri.server.downlink,
+# fedmri.client.group_cache), so the teacher need not travel.
+TEACHER_SOURCES = {TEACHER: ENCODER, TEACHER_HEAD: DINO_HEAD}
+
+
+def _ema(teacher: Tensor, student: Tensor, momentum: float) -> Tensor:
+    # One formula for the coordinator and the sites: a rebuilt teacher is bit-identical.
+    return teacher * momentum + student * (1.0 - momentum)
+
+
 def update_teacher(state: State, momentum: float) -> None:
     """EMA of the student into the teacher, in place: teacher <- m teacher + (1 - m) student."""
-    pairs = ((ENCODER, TEACHER), (DINO_HEAD, TEACHER_HEAD))
     with torch.no_grad():
-        for student, teacher in pairs:
+        for teacher, student in TEACHER_SOURCES.items():
             for k in [k for k in state if group_of(k) == student]:
                 t_key = teacher + k[len(student):]
-                state[t_key] = state[t_key] * momentum + state[k] * (1.0 - momentum)
+                state[t_key] = _ema(state[t_key], state[k], momentum)
+
+
+def teacher_is_copy(state: Mapping[str, Tensor], group: str) -> bool:
+    """Whether teacher group ``group`` of ``state`` equals its student group, key for key (before any move)."""
+    source = TEACHER_SOURCES[group]
+    teacher = select(state, [group])
+    student = select(state, [source])
+    if not teacher or len(teacher) != len(student):
+        return False
+    for k, s in student.items():
+        t = teacher.get(group + k[len(source):])
+        if t is None or t.shape != s.shape or not torch.equal(t, s):
+            return False
+    return True
+
+
+def rebuild_teacher(group: str, student: Mapping[str, Tensor], previous: Mapping[str, Tensor] | None,
+                    momentum: float) -> State:
+    """Teacher group ``group`` from the student's entries: their copy (``previous`` None), or the
+    EMA of ``previous`` (the teacher before the move) towards them, as :func:`update_teacher` does.
+
+    Raises:
+        KeyError: ``previous`` lacks a key of the student's (the caller treats it as a miss).
+    """
+    source = TEACHER_SOURCES[group]
+    out: State = dict(previous) if previous is not None else {}  # keys the EMA does not reach stay
+    with torch.no_grad():
+        for k, s in student.items():
+            t_key = group + k[len(source):]
+            out[t_key] = s.clone() if previous is None else _ema(previous[t_key], s, momentum)
+    return out
 
 
 def to_record(state: Mapping[str, Tensor]) -> Any:

@@ -24,11 +24,15 @@ Per round the pipeline calls :meth:`Downlink.start` and sends ``messages``; then
 - a receive loop of its own hands every reply to ``round.on_reply`` and, when that returns a
   message, pushes it and waits for its reply instead.
 
-Pretraining names no digest: every down group changes every round (the teacher by the
-coordinator's EMA, the rest by aggregation), so neither side hashes its 892 MB (``base``) for
-a digest nor does the site write them to its cache. After alignment the frozen encoder goes
-once, and a heads, evaluate or search round sends the groups that changed and 64-character
-digests.
+Pretraining's student groups change every round by aggregation: they are neither named nor
+hashed nor cached. Its teacher is rebuilt (:attr:`fedmri.wire.StageGroups.rebuilt`): the
+request names the teacher's digest and, in its ``rebuild`` record
+(:data:`fedmri.protocol.REBUILD_KEY`), how the site makes it from the student it carries: a
+copy before the teacher first moves, then the coordinator's EMA (:meth:`Downlink.moved`) of
+the teacher that site acknowledged last round. A site that did not take part in the last
+round gets the teacher in full. At ``base`` that halves the pretraining downlink (892 MB to
+446 MB per site per round). After alignment the frozen encoder goes once, and a heads,
+evaluate or search round sends the groups that changed and 64-character digests.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from fedmri import wire
-from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, DIGESTS_KEY, MISSING_GROUPS, STATUS_KEY, reply_status
+from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, DIGESTS_KEY, MISSING_GROUPS, REBUILD_KEY, STATUS_KEY, reply_status
 
 # Missing-groups replies after which a site gets every group in full for the rest of the run.
 MAX_MISSES = 2
@@ -63,11 +67,13 @@ class Downlink:
         self.held: dict[str, dict[str, str]] = {}
         # site name -> its missing-groups replies in this run.
         self.misses: dict[str, int] = {}
+        # rebuilt group -> (the digest it moved from, the EMA momentum), for the next round only.
+        self.moves: dict[str, tuple[str, float]] = {}
 
     def start(self, state: Mapping[str, Tensor], groups: Sequence[str], config: ConfigRecord, message_type: str,
               nodes: Iterable[int], site_name: Callable[[int], str],
               extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None,
-              cached: Sequence[str] | None = None) -> RoundDownlink:
+              cached: Sequence[str] | None = None, rebuilt: Sequence[str] = ()) -> RoundDownlink:
         """One round's messages: ``groups`` of ``state`` and the request ``config`` to each node.
 
         Args:
@@ -80,16 +86,34 @@ class Downlink:
             site_name: node id -> site name.
             extras: node id -> more records for that node's messages (secure aggregation's shares).
             cached: The groups to name by digest (the round leaves them unchanged); None: all.
+            rebuilt: Teacher groups that a site may rebuild from the student it is sent
+                (:attr:`fedmri.wire.StageGroups.rebuilt`); named by digest too.
         """
+        moves, self.moves = self.moves, {}
         return RoundDownlink(self, wire.select(state, groups), config, message_type, list(nodes), site_name, extras,
-                             cached)
+                             cached, rebuilt, moves)
 
-    def lacks(self, site: str, digests: Mapping[str, str]) -> list[str]:
-        """The groups of ``digests`` whose digest ``site`` has not acknowledged."""
+    def moved(self, round_: RoundDownlink, momentum: float | None) -> None:
+        """The coordinator moved ``round_``'s rebuilt groups by EMA with ``momentum`` after its aggregation.
+
+        The next round's sites that acknowledged ``round_``'s digests rebuild the moved
+        teacher themselves; a round without a call to this sends it to them in full.
+        """
+        self.moves = {} if momentum is None else {g: (round_.digests[g], float(momentum))
+                                                   for g in round_.rebuilt if g in round_.digests}
+
+    def lacks(self, site: str, digests: Mapping[str, str],
+              rebuild: Mapping[str, tuple[str, float]] | None = None) -> list[str]:
+        """The groups of ``digests`` whose digest ``site`` has not acknowledged and cannot rebuild.
+
+        ``rebuild``: group -> (the digest it is rebuilt from, "" for a copy of the student; momentum).
+        """
         if not self.enabled or self.misses.get(site, 0) >= MAX_MISSES:
             return list(digests)
         held = self.held.get(site, {})
-        return [g for g, d in digests.items() if held.get(g) != d]
+        rebuild = rebuild or {}
+        return [g for g, d in digests.items()
+                if held.get(g) != d and not (g in rebuild and rebuild[g][0] in ("", held.get(g)))]
 
     def acknowledge(self, site: str, digests: Mapping[str, str]) -> None:
         """``site`` answered a request that named ``digests``: it holds those groups."""
@@ -117,7 +141,8 @@ class RoundDownlink:
     def __init__(self, downlink: Downlink, entries: dict[str, Tensor], config: ConfigRecord, message_type: str,
                  nodes: list[int], site_name: Callable[[int], str],
                  extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None,
-                 cached: Sequence[str] | None = None) -> None:
+                 cached: Sequence[str] | None = None, rebuilt: Sequence[str] = (),
+                 moves: Mapping[str, tuple[str, float]] | None = None) -> None:
         self.downlink = downlink
         self.extras = extras
         self.entries = entries
@@ -125,8 +150,17 @@ class RoundDownlink:
         self.message_type = message_type
         self.site_name = site_name
         self.groups = wire.groups_in(entries)
-        named = [g for g in self.groups if cached is None or g in cached]
+        self.rebuilt = [g for g in rebuilt if g in self.groups]
+        named = [g for g in self.groups if cached is None or g in cached or g in self.rebuilt]
         self.digests = wire.group_digests(wire.select(entries, named)) if downlink.enabled and named else {}
+        # How a site makes each rebuilt group: a copy of the student before the teacher first
+        # moves, else the EMA of last round's teacher (Downlink.moved); neither: sent in full.
+        self.rebuild: dict[str, tuple[str, float]] = {}
+        for g in self.rebuilt if self.digests else ():
+            if wire.teacher_is_copy(entries, g):
+                self.rebuild[g] = ("", 0.0)
+            elif g in (moves or {}):
+                self.rebuild[g] = moves[g]
         self.bytes_sent: dict[int, int] = {}
         self.sent: list[Message] = []
         self._group_bytes = {g: 0 for g in self.groups}
@@ -136,7 +170,7 @@ class RoundDownlink:
         self._records: dict[tuple[str, ...], ArrayRecord] = {}
         self._full: set[int] = set()
         unnamed = [g for g in self.groups if g not in self.digests]
-        self.messages = [self._send(n, [*unnamed, *self.downlink.lacks(site_name(n), self.digests)]
+        self.messages = [self._send(n, [*unnamed, *self.downlink.lacks(site_name(n), self.digests, self.rebuild)]
                                     if self.digests else self.groups) for n in nodes]
 
     def _record(self, groups: tuple[str, ...]) -> ArrayRecord:
@@ -158,6 +192,9 @@ class RoundDownlink:
         content = RecordDict({ARRAYS_KEY: self._record(sending), CONFIG_KEY: self.config})
         if self.digests:
             content[DIGESTS_KEY] = ConfigRecord(dict(self.digests))
+        if self.rebuild:
+            content[REBUILD_KEY] = ConfigRecord({k: v for g, (prev, m) in self.rebuild.items()
+                                                 for k, v in ((g, prev), (f"{g}.momentum", m))})
         for key, record in (self.extras(node) if self.extras is not None else {}).items():
             content[key] = record
         if len(sending) == len(self.groups):

@@ -325,7 +325,8 @@ class Pipeline:
         # Each site gets the down groups it has not acknowledged (server/downlink.py).
         downlink = self.downlink.start(self.state, groups.down, ConfigRecord(request.to_config()),
                                        spec.message_type, training, self.site,
-                                       extras=secure.extras if secure is not None else None, cached=groups.kept)
+                                       extras=secure.extras if secure is not None else None, cached=groups.kept,
+                                       rebuilt=groups.rebuilt)
         messages, down_bytes = downlink.messages, max(downlink.bytes_sent.values(), default=0)
         out.bytes_down_by_node = downlink.bytes_sent  # the same dict: a resend adds to it
         grid = downlink.bound(grid)  # a site that lacks a group it acknowledged gets every group again
@@ -411,7 +412,9 @@ class Pipeline:
                     reported = {k for m in metrics_by_node.values() for k in m}
                     out.aggregated |= {k: float(v) for k, v in own.items() if k not in reported}
                     if spec.after_aggregate is not None:
-                        spec.after_aggregate(self.state, request, stage)
+                        momentum = spec.after_aggregate(self.state, request, stage)
+                        if groups.rebuilt:  # the sites rebuild the moved teacher themselves next round
+                            self.downlink.moved(downlink, momentum)
                     out.updated = True
                     if stage.site_dp.mode == "distributed":  # noise that arrived: z sqrt(m'/m)
                         z_eff = self.aggregators[stage_i].account(self._site_rate(stage_i), len(metrics_by_node),

@@ -17,7 +17,7 @@ from fedmri.client.group_cache import CACHE_FOLDER, GroupCache, MissingGroupsErr
 from fedmri.client.site import load_site
 from fedmri.client.trainers import parse_run_config
 from fedmri.protocol import DIGESTS_KEY, MISSING_GROUPS, RequestError
-from fedmri.wire import group_digest, group_digests, select, stage_groups, to_record
+from fedmri.wire import group_digest, group_digests, select, stage_groups, teacher_is_copy, to_record, update_teacher
 
 ENC, HEAD = "encoder", "head.sex"
 
@@ -198,3 +198,78 @@ def test_groups_the_request_does_not_name_are_used_but_neither_hashed_nor_kept(t
     resolved = resolve_down(state, named, [ENC, HEAD], cache)
     assert all(torch.equal(resolved[k], state[k]) for k in state)
     assert (tmp_path / HEAD).exists() and not (tmp_path / ENC).exists()
+
+
+# -------------------------------------------------------------- a rebuilt teacher
+def _ssl_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    student = {"encoder/w": torch.randn(8, 8, generator=g), "encoder/b": torch.randn(8, generator=g),
+               "dino_head/w": torch.randn(4, 8, generator=g)}
+    teacher = {"teacher" + k[len("encoder"):] if k.startswith("encoder") else "teacher_head" + k[len("dino_head"):]:
+               v.clone() for k, v in student.items()}
+    return student | teacher | {"center/dino": torch.randn(4, generator=g)}
+
+
+SSL_DOWN = ["encoder", "dino_head", "teacher", "teacher_head", "center"]
+TEACHERS = ["teacher", "teacher_head"]
+COPY = {"teacher": "", "teacher.momentum": 0.0, "teacher_head": "", "teacher_head.momentum": 0.0}
+
+
+def _moved(state: dict, momentum: float, seed: int) -> tuple[dict, dict]:
+    """The coordinator's next state: the student aggregated (moved at random), then the teacher's EMA."""
+    g = torch.Generator().manual_seed(seed)
+    after = {k: v + 0.1 * torch.randn(v.shape, generator=g) if k.split("/")[0] in ("encoder", "dino_head") else v
+             for k, v in state.items()}
+    before = group_digests(select(state, TEACHERS))
+    update_teacher(after, momentum)
+    rule = {g: before[g] for g in TEACHERS} | {f"{g}.momentum": momentum for g in TEACHERS}
+    return after, rule
+
+
+def test_a_teacher_is_rebuilt_from_the_student_bit_for_bit_and_kept(tmp_path: Path) -> None:
+    cache, state = GroupCache(tmp_path), _ssl_state()
+    assert all(teacher_is_copy(state, g) for g in TEACHERS)
+    student = select(state, ["encoder", "dino_head", "center"])
+    resolved = resolve_down(student, group_digests(select(state, TEACHERS)), SSL_DOWN, cache, COPY)
+    assert resolved.keys() == state.keys() and all(torch.equal(resolved[k], state[k]) for k in state)
+    for rnd, momentum in enumerate((0.9, 0.996), start=1):  # each round from the teacher kept the round before
+        state, rule = _moved(state, momentum, seed=rnd)
+        assert not teacher_is_copy(state, "teacher")
+        student = select(state, ["encoder", "dino_head", "center"])
+        resolved = resolve_down(student, group_digests(select(state, TEACHERS)), SSL_DOWN, cache, rule)
+        assert all(torch.equal(resolved[k], state[k]) for k in state)
+    assert {p.name for p in (tmp_path / "teacher").iterdir()} == {f"{group_digests(state)['teacher']}.safetensors",
+                                                                 f"{rule['teacher']}.safetensors"}
+
+
+@pytest.mark.parametrize("problem", ["wrong-momentum", "previous-not-held", "student-left-out"])
+def test_a_teacher_that_cannot_be_rebuilt_to_its_digest_is_missing(tmp_path: Path, problem: str) -> None:
+    cache, state = GroupCache(tmp_path), _ssl_state()
+    resolve_down(select(state, ["encoder", "dino_head", "center"]), group_digests(select(state, TEACHERS)),
+                 SSL_DOWN, cache, COPY)
+    state, rule = _moved(state, 0.9, seed=1)
+    sent = select(state, ["encoder", "dino_head", "center"])
+    if problem == "wrong-momentum":
+        rule = rule | {"teacher.momentum": 0.8}
+    elif problem == "previous-not-held":
+        shutil.rmtree(tmp_path / "teacher")
+    else:  # the student does not come: nothing to rebuild from (its digest is named, its cache entry absent)
+        sent = select(state, ["dino_head", "center"])
+    digests = group_digests(select(state, TEACHERS)) | (
+        {"encoder": group_digests(state)["encoder"]} if problem == "student-left-out" else {})
+    with pytest.raises(MissingGroupsError) as info:
+        resolve_down(sent, digests, SSL_DOWN, cache, rule)
+    assert "teacher" in info.value.groups and "teacher_head" not in info.value.groups
+
+
+@pytest.mark.parametrize(("rule", "match"), [
+    ({"encoder": "", "encoder.momentum": 0.0}, "not a teacher group it names"),
+    ({"teacher": "", "teacher.momentum": 1.5}, r"momentum in \[0, 1\]"),
+    ({"teacher": ""}, r"momentum in \[0, 1\]"),
+    ({"teacher": "../x", "teacher.momentum": 0.5}, "SHA-256"),
+])
+def test_a_malformed_rebuild_record_is_refused(tmp_path: Path, rule: dict, match: str) -> None:
+    state = _ssl_state()
+    with pytest.raises(RequestError, match=match):
+        resolve_down(select(state, ["encoder", "dino_head", "center"]),
+                     group_digests(select(state, TEACHERS)), SSL_DOWN, GroupCache(tmp_path), rule)

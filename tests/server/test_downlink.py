@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from fedmri import wire
 from fedmri.client.group_cache import CACHE_FOLDER
 from fedmri.client.replies import decline
-from fedmri.protocol import DIGESTS_KEY, MISSING_GROUPS, STATUS_KEY
+from fedmri.protocol import DIGESTS_KEY, MISSING_GROUPS, REBUILD_KEY, STATUS_KEY
 from fedmri.server.config import load_federation
 from fedmri.server.downlink import MAX_MISSES, Downlink
 from fedmri.server.pipeline import Pipeline
@@ -201,9 +201,10 @@ def test_the_bound_grid_resends_within_send_and_receive() -> None:
 
 # --------------------------------------------------------------- a whole run, in process
 OVERRIDES = ["heads.hidden_dim=32"]
-STAGES = [{"name": "pretrain", "rounds": 1, "local_steps": 1}, {"name": "align", "rounds": 1, "local_steps": 1},
+STAGES = [{"name": "pretrain", "rounds": 2, "local_steps": 1}, {"name": "align", "rounds": 1, "local_steps": 1},
           {"name": "heads", "rounds": 2, "local_steps": 2}, {"name": "evaluate", "rounds": 2}]
 WIPED = 103  # site-03's cache is deleted after the first heads round
+WIPED_IN_PRETRAINING = 102  # site-02's after the first pretraining round
 
 
 def _run(root: Path, sites: list, group_cache: bool, after: Callable | None = None) -> tuple[Pipeline, LocalGrid]:
@@ -224,6 +225,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, federation_sites: list, modul
     def wipe(outcome) -> None:
         if (outcome.stage, outcome.round) == ("heads", 1):
             shutil.rmtree(wiped_catalog / CACHE_FOLDER)
+        if (outcome.stage, outcome.round) == ("pretrain", 1):
+            shutil.rmtree(federation_sites[WIPED_IN_PRETRAINING - 101][2] / CACHE_FOLDER)
 
     off, _ = _run(root, federation_sites, group_cache=False)
     on, grid = _run(root, federation_sites, group_cache=True, after=wipe)
@@ -255,7 +258,9 @@ def test_heads_and_evaluate_rounds_after_the_first_send_no_encoder(runs: dict) -
     for msg in runs["grid"].sent:
         stage = msg.content.config_records["config"].get("stage") if "config" in msg.content else None
         named = set(msg.content[DIGESTS_KEY]) if DIGESTS_KEY in msg.content else set()
-        if stage in ("pretrain", "align"):
+        if stage == "pretrain":  # the teacher, rebuilt at the site; the student changes every round
+            assert named == {wire.TEACHER, wire.TEACHER_HEAD}
+        elif stage == "align":
             assert not named, stage
         elif stage == "heads":
             assert named == {ENC}
@@ -266,6 +271,26 @@ def test_heads_and_evaluate_rounds_after_the_first_send_no_encoder(runs: dict) -
         on.site(n): _outcome(on, "heads", 2).sent_to(n) for n in (101, 102, 103)}
     assert next(r for r in heads_2 if r["site"] == "all")["bytes-down"] == sum(
         _outcome(on, "heads", 2).bytes_down_by_node.values())
+
+
+@pytest.mark.slow
+def test_pretraining_sends_the_student_and_the_sites_rebuild_the_teacher(runs: dict) -> None:
+    on, off, grid = runs["on"], runs["off"], runs["grid"]
+    student = _bytes(on.state, {wire.ENCODER, wire.DINO_HEAD, wire.CENTER})
+    teacher = _bytes(on.state, {wire.TEACHER, wire.TEACHER_HEAD})
+    for rnd in (1, 2):  # round 1: a copy of the student; round 2: the EMA of the teacher each site holds
+        for node in (101, 103):
+            assert _outcome(on, "pretrain", rnd).sent_to(node) == student
+            assert _outcome(off, "pretrain", rnd).sent_to(node) == student + teacher
+    first, second = ([m for m in grid.sent if "config" in m.content and m.content["config"]["stage"] == "pretrain"
+                      and m.content["config"]["round"] == rnd][0] for rnd in (1, 2))
+    assert first.content[REBUILD_KEY][wire.TEACHER] == ""  # a copy of the student
+    assert second.content[REBUILD_KEY][wire.TEACHER] == first.content[DIGESTS_KEY][wire.TEACHER]
+    assert 0.0 < second.content[REBUILD_KEY][f"{wire.TEACHER}.momentum"] < 1.0
+    # Site-02 lost its cache after round 1: it cannot rebuild, is sent everything, and counts.
+    second = _outcome(on, "pretrain", 2)
+    assert WIPED_IN_PRETRAINING in second.accepted and not second.problems
+    assert second.sent_to(WIPED_IN_PRETRAINING) == 2 * student + teacher
 
 
 @pytest.mark.slow

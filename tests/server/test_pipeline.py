@@ -107,7 +107,9 @@ def test_whole_pipeline_in_process(tmp_path: Path, federation_sites: list) -> No
             continue
         stage = msg.content.config_records["config"]["stage"]
         groups = wire.stage_groups(stage, pipeline.cfg)
-        assert set(wire.groups_in(wire.from_record(msg.content["arrays"]))) == set(groups.down), stage
+        carried = set(wire.groups_in(wire.from_record(msg.content["arrays"])))
+        named = set(msg.content.config_records["digests"]) if "digests" in msg.content else set()
+        assert carried <= set(groups.down) and carried | named == set(groups.down), stage
     for reply in grid.received:
         if reply.metadata.message_type in ("train", "evaluate"):
             arrays = reply.content.array_records.get("arrays")
