@@ -48,6 +48,7 @@ from torch import Tensor
 
 from fedmri import wire
 from fedmri.protocol import ARRAYS_KEY, CONFIG_KEY, DIGESTS_KEY, MISSING_GROUPS, REBUILD_KEY, STATUS_KEY, reply_status
+from fedmri.server.exchange import node_of
 
 # Missing-groups replies after which a site gets every group in full for the rest of the run.
 MAX_MISSES = 2
@@ -206,8 +207,7 @@ class RoundDownlink:
 
     def node_of(self, reply: Message) -> int:
         """The node that ``reply`` answers for: by the message it answers, else its sender."""
-        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.sent if m.metadata.message_id}
-        return sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        return node_of(reply, self.sent)
 
     def on_reply(self, reply: Message) -> Message | None:
         """Take one reply of the round: the message to send in its place, or None when it is the site's answer.

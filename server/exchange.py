@@ -61,15 +61,28 @@ def exchange(grid: GridLike, messages: Sequence[Message], timeout_s: float) -> I
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
 
+def node_of(reply: Message, messages: Iterable[Message]) -> int:
+    """The site that ``reply`` answers for: the destination of the message it answers, else its sender.
+
+    An error the SuperLink makes for a site (e.g. "Node Unavailable") comes from the
+    SuperLink itself, not from the site. Flower gives a message its id when it is pushed,
+    so the ids are read here, after the push, never from a table made before it.
+    """
+    answers = reply.metadata.reply_to_message_id
+    for msg in messages:
+        if answers and msg.metadata.message_id == answers:
+            return int(msg.metadata.dst_node_id)
+    return int(reply.metadata.src_node_id)
+
+
 class ReplyBook:
     """Sorts a round's replies as they come: useful, declined, failed; at the end, who sent nothing.
 
-    An error the SuperLink makes for a site (e.g. "Node Unavailable") comes from the
-    SuperLink itself: the site is found by the message the error answers.
+    A reply counts for the site whose message it answers (:func:`node_of`).
     """
 
     def __init__(self, messages: Sequence[Message], timeout_s: float) -> None:
-        self.sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+        self.messages = list(messages)
         self.nodes = {int(m.metadata.dst_node_id) for m in messages}
         self.timeout_s = timeout_s
         self.answered: set[int] = set()
@@ -77,7 +90,7 @@ class ReplyBook:
 
     def take(self, reply: Message) -> int | None:
         """The site's node id when ``reply`` is useful; otherwise the problem is recorded and ``None``."""
-        node = self.sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        node = node_of(reply, self.messages)
         self.answered.add(node)
         if reply.has_error():
             self.problems.append((node, "failed", reply.error.reason))

@@ -49,7 +49,7 @@ from fedmri.protocol import (
 from fedmri.server.checkpoint import load_checkpoint, save_checkpoint
 from fedmri.server.config import dp_request, load_federation, run_config
 from fedmri.server.downlink import Downlink
-from fedmri.server.exchange import GridLike, ReplyBook, exchange
+from fedmri.server.exchange import GridLike, ReplyBook, exchange, node_of
 from fedmri.server.privacy_report import model_card_privacy, privacy_summary
 from fedmri.server.recorder import Recorder, RoundOutcome
 from fedmri.server.rundir import RunDir
@@ -82,7 +82,7 @@ class SiteRegistry:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         for reply in grid.send_and_receive(messages, timeout=60.0):
-            node = int(reply.metadata.src_node_id)
+            node = node_of(reply, messages)
             if reply.has_error():
                 log(WARNING, "fedmri: site %s did not say who it is: %s", node, reply.error.reason)
                 continue

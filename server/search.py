@@ -33,6 +33,7 @@ from fedmri.protocol import (
     parse_search_reply,
     reply_status,
 )
+from fedmri.server.exchange import node_of
 
 
 @torch.no_grad()
@@ -132,11 +133,10 @@ def federated_search(grid: Any, run_cfg: DictConfig, state: Mapping[str, Tensor]
     _check_top_k(top_k)
     query = embed_query(run_cfg, state, text)
     messages = search_messages(run_cfg, state, query, top_k, sorted(site_names), split)
-    sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
     results: dict[str, tuple[list[str], list[float]]] = {}
     problems: dict[str, str] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = sent_to.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        node = node_of(reply, messages)
         site = site_names.get(node, f"node-{node}")
         reason = _problem(reply)
         if reason is None:

@@ -10,7 +10,7 @@ from flwr.app import Error, Message, MessageType, RecordDict
 from helpers import identity
 
 from fedmri.client.replies import decline
-from fedmri.server.exchange import ReplyBook, exchange
+from fedmri.server.exchange import ReplyBook, exchange, node_of
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +78,17 @@ def test_the_book_sorts_useful_declined_failed_and_silent_sites() -> None:
     assert book.take(Message(Error(code=0, reason="Node Unavailable"), reply_to=messages[2])) is None
     assert book.finish() == [(2, "declined", "policy says no"), (3, "failed", "Node Unavailable"),
                              (4, "failed", "no reply within 30 s")]
+
+
+def test_an_error_the_superlink_makes_for_a_site_counts_for_that_site() -> None:
+    # As the pipeline does: the book is made before the push, which gives the messages their ids;
+    # a "Node Unavailable" reply comes from the SuperLink (node 1 here), answering site 3's message.
+    messages = _messages([2, 3])
+    book = ReplyBook(messages, timeout_s=30)
+    SlowGrid().push_messages(messages)
+    error = Message(Error(code=0, reason="Node Unavailable"), reply_to=messages[1])
+    error.metadata.__dict__["_src_node_id"] = 1
+    assert int(error.metadata.src_node_id) == 1
+    assert node_of(error, messages) == 3
+    assert book.take(error) is None
+    assert book.finish() == [(3, "failed", "Node Unavailable"), (2, "failed", "no reply within 30 s")]
