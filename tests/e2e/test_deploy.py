@@ -4,13 +4,13 @@ TLS and SuperNode authentication are on, as in production, and the sites train
 for real on the synthetic hospitals of ``federation_sites`` (a 2-block,
 32-wide encoder, the micro preset, keeps a round to seconds of compute).
 
-One SuperLink serves the whole module, with three site keys registered. Four
+One SuperLink serves the whole module, with five site keys registered. Four
 site daemons start together with it: two registered sites, one whose key was
 never registered and one that trusts the wrong CA; the tests then look at what
-became of each. The third registered site's SuperNode starts in the test that
-kills it mid-round. Tests run in file order: the training run sees exactly two
-sites online, the kill test adds the third, the last test stops the server
-with SIGTERM. Every process is stopped by the fixtures, pass or fail, and the
+became of each. The other three registered sites' SuperNodes start in the test
+that kills two of them mid-round. Tests run in file order: the training run sees
+exactly two sites online, the kill test adds three, the last test stops the
+server with SIGTERM. Every process is stopped by the fixtures, pass or fail, and the
 e2e conftest checks by process id that none is left.
 """
 
@@ -35,8 +35,11 @@ from fedmri.certs import init_authority, issue_site_key
 from fedmri.server.config import load_federation, run_config
 
 GOOD = ("site-01", "site-02")
-# Registered with the others; its SuperNode starts (and is killed) in its own test.
-SPARE = "site-03"
+# Registered with the others; their SuperNodes start in the kill test, which kills the first two.
+SPARES = ("site-03", "site-04", "site-05")
+SPARE = SPARES[0]
+# The spare sites without a hospital of their own train on a copy of these sites' catalogs.
+CATALOG_OF = {"site-04": "site-01", "site-05": "site-02"}
 CONNECTED = r"connected to the SuperLink at .* as node \d+"
 # Onto the micro preset. warmup_fraction=0: the schedule is read at the start of each
 # round, so a one-round stage would otherwise train at the warm-up's lr 0.
@@ -52,7 +55,7 @@ class Federation:
     state: Path
     address: str
     port: int
-    sites: dict[str, Path]  # site.yaml of GOOD, SPARE and the two that cannot connect
+    sites: dict[str, Path]  # site.yaml of GOOD, SPARES and the two that cannot connect
     server: Daemon
     clients: dict[str, Daemon]
     other_ca: Path
@@ -66,8 +69,11 @@ def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
                    if getattr(item, "module", None) is request.module)
     catalogs = {name: catalog for name, _, catalog in request.getfixturevalue("federation_sites")} if training else {}
     root = tmp_path_factory.mktemp("deployed")
+    for name, source in CATALOG_OF.items() if training else ():
+        catalogs[name] = Path(shutil.copytree(catalogs[source], root / "catalogs" / name,
+                                              ignore=shutil.ignore_patterns(".fedmri")))
     certs = root / "certs"
-    init_authority(certs, ["localhost", "127.0.0.1"], [*GOOD, SPARE])
+    init_authority(certs, ["localhost", "127.0.0.1"], [*GOOD, *SPARES])
     # Same CA, a key the coordinator never registered: kept out of the certs folder.
     rogue = root / "rogue-certs"
     rogue.mkdir()
@@ -82,16 +88,16 @@ def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         server = Daemon(["server", "start", "--certs", str(certs), "--state", str(root / "state"),
                          "--host", "127.0.0.1", "--port", str(port)], root / "server.log")
         started.append(server)
-        server.wait_for(r"SuperLink ready at https://127\.0\.0\.1:\d+: .*3 site key\(s\) registered", 90)
+        server.wait_for(r"SuperLink ready at https://127\.0\.0\.1:\d+: .*5 site key\(s\) registered", 90)
         sites = {name: write_site(root / name, name, address, certs / "ca.crt", certs / f"{name}.key", free_port(),
-                                  catalogs.get(name)) for name in (*GOOD, SPARE)}
+                                  catalogs.get(name)) for name in (*GOOD, *SPARES)}
         sites["unregistered"] = write_site(root / "site-99", "site-99", address, rogue / "ca.crt", rogue_key,
                                            free_port())
         sites["wrong-ca"] = write_site(root / "wrong-ca", "site-01", address, other_ca, certs / "site-01.key",
                                        free_port())
         clients = {}
         for name, site in sites.items():
-            if name != SPARE:
+            if name not in SPARES:
                 clients[name] = Daemon(["client", "start", "--site", str(site)], root / f"{name}.log")
                 started.append(clients[name])
         for name in GOOD:
@@ -208,10 +214,10 @@ def test_training_run_then_search_over_tls_with_node_auth(federation: Federation
     assert all(torch.equal(image[k.split("/", 1)[1]], final[k]) for k in encoder)
 
     status = _status(federation)
-    # The two started sites, named and online; the spare one registered but not online;
+    # The two started sites, named and online; the spare ones registered but not online;
     # no node for the refused ones.
     assert sorted((s["site"], s["status"] == "online") for s in status["sites"]) == [
-        ("site-01", True), ("site-02", True), (SPARE, False)]
+        ("site-01", True), ("site-02", True), *((name, False) for name in SPARES)]
     run_row = next(r for r in status["runs"] if r["run_id"] == run_id)
     assert run_row["status"] == "finished:completed" and run_row["name"] == "e2e"
     assert run_row["run_dir"] == str(run_dir.resolve())
@@ -328,12 +334,13 @@ def test_a_bundle_that_ships_its_own_fedmri_is_refused_then_the_genuine_one_runs
 
 
 @pytest.mark.slow
-def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federation_sites: list,
-                                                  daemons: list[Daemon], tmp_path: Path) -> None:
-    """Three sites, min_sites 2: the third site's SuperNode, with the ClientApp it started
-    for round 1, is killed (SIGKILL, no goodbye) and the run goes on with the other two.
-    The rounds run under secure aggregation: the dead site had shared its keys, and the
-    survivors' shares of its mask key recover the sum of their two updates.
+def test_run_completes_when_two_of_five_sites_die_mid_round(federation: Federation, federation_sites: list,
+                                                           daemons: list[Daemon], tmp_path: Path) -> None:
+    """Five sites, min_sites 3, under secure aggregation with each site's secrets shared among
+    its four neighbours, threshold 3: two sites' SuperNodes, with the ClientApps they started
+    for round 1, are killed (SIGKILL, no goodbye) after sharing their keys and before sending
+    their masked updates. The three survivors' shares of the dead sites' mask keys take those
+    masks off the sum of their own three updates, and the run goes on with them.
 
     What Flower 1.42 does then (measured here, and read in flwr's linkstate): nothing
     at once. The SuperLink keeps a node online until its heartbeat lapses: online
@@ -344,49 +351,55 @@ def test_run_completes_when_a_site_dies_mid_round(federation: Federation, federa
     destination node failed to report a heartbeat within 2 x its expected
     interval", and the round ends. It took 44 s after the kill in one run here.
 
-    A round_timeout_s below that window does not make the dead site cheaper: round 1
-    ends at the timeout, but the SuperLink still lists the node as online, so the
-    next round samples it and waits out the timeout again; and it risks leaving out
+    A round_timeout_s below that window does not make the dead sites cheaper: round 1
+    ends at the timeout, but the SuperLink still lists the nodes as online, so the
+    next round samples them and waits out the timeout again; and it risks leaving out
     live sites that are slow (a live site took up to 35 s for a round on this shared
     2-core machine, most of it starting the ClientApp process). So the timeout here is
-    generous and the test checks that Flower's error reply, not the timeout, ended
-    round 1, and that round 2 no longer sampled the dead site.
+    generous and the test checks that Flower's error replies, not the timeout, ended
+    round 1, and that round 2 no longer sampled the dead sites.
     """
     assert {name for name, _, _ in federation_sites} >= {*GOOD, SPARE}
-    timeout = 120
-    spare = Daemon(["client", "start", "--site", str(federation.sites[SPARE])], tmp_path / f"{SPARE}.log")
-    daemons.append(spare)
-    spare.wait_for(CONNECTED, 90)
+    timeout, doomed, survivor = 150, SPARES[:2], SPARES[2]
+    spares = {name: Daemon(["client", "start", "--site", str(federation.sites[name])], tmp_path / f"{name}.log")
+              for name in SPARES}
+    daemons.extend(spares.values())
+    for daemon in spares.values():
+        daemon.wait_for(CONNECTED, 90)
     # Under secure aggregation (its four messages per site go through real ClientApp processes, the
-    # keys kept in each SuperNode's context): the killed site shared its keys and masked with the
-    # others, so the two survivors' shares of its mask key must take its masks off their sum.
+    # keys kept in each SuperNode's context): the killed sites shared their keys and masked with the
+    # others, so the three survivors' shares of their mask keys must take their masks off the sum.
     run, _, run_dir = _start_run(federation, daemons, tmp_path, "e2e-kill",
-                                 [{"name": "pretrain", "rounds": 2, "local_steps": 5,
-                                   "secure_aggregation": {"enabled": True}}],
-                                 round_timeout_s=timeout, export=False)
-    # Round 1 is under way at the site: its SuperNode took the train message and the
+                                 [{"name": "pretrain", "rounds": 2, "local_steps": 2,
+                                   "secure_aggregation": {"enabled": True, "threshold": 0.5}}],
+                                 round_timeout_s=timeout, export=False, min_sites=3, wait_for_sites_s=120)
+    # Round 1 is under way at the doomed sites: each SuperNode took the train message and the
     # ClientApp process for it has started (its first log line).
-    spare.wait_for(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process", RUN_TIMEOUT_S)
-    killed = spare.kill_tree()
-    assert any("flower-supernode" in c for c in killed.values()), killed
-    assert any("flwr-clientapp" in c for c in killed.values()), killed
+    for name in doomed:
+        spares[name].wait_for(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process", RUN_TIMEOUT_S)
+    for name in doomed:
+        killed = spares[name].kill_tree()
+        assert any("flower-supernode" in c for c in killed.values()), killed
+        assert any("flwr-clientapp" in c for c in killed.values()), killed
 
     _finish(federation, run)
     assert json.loads((run_dir / "state.json").read_text())["status"] == "finished"
     rows = _metrics(run_dir)
-    assert _sites(rows, 1, "ok") == set(GOOD), rows
-    assert SPARE in _sites(rows, 1, "failed"), rows
-    assert any("Node Unavailable" in r["reason"] for r in rows if r["server_round"] == 1 and r["status"] == "failed")
+    alive = {*GOOD, survivor}
+    assert _sites(rows, 1, "ok") == alive, rows
+    assert set(doomed) <= _sites(rows, 1, "failed"), rows
+    assert all("Node Unavailable" in r["reason"] for r in rows
+               if r["server_round"] == 1 and r["status"] == "failed" and r["site"] in doomed), rows
     first, second = _aggregate(rows, 1), _aggregate(rows, 2)
-    assert first["status"] == "aggregated" and first["sites"] == 2
-    assert first["secagg-sites"] == 2 and _aggregate(rows, 2)["secagg-sites"] == 2
-    # Flower's error reply, not the timeout, ended round 1. (The round's wall time is
+    assert first["status"] == "aggregated" and first["sites"] == 3
+    assert first["secagg-sites"] == 3 and second["secagg-sites"] == 3
+    # Flower's error replies, not the timeout, ended round 1. (The round's wall time is
     # overhead + slowest site: the "all" row's own wall-time-s holds the sites' mean.)
     wall = first["overhead-s"] + max(r["wall-time-s"] for r in rows if r["server_round"] == 1 and r["status"] == "ok")
     assert wall < timeout, rows
-    assert _sites(rows, 2, "ok") == set(GOOD)
-    assert SPARE not in {r["site"] for r in rows if r["server_round"] == 2}, rows
-    assert second["status"] == "aggregated" and second["sites"] == 2
+    assert _sites(rows, 2, "ok") == alive
+    assert not set(doomed) & {r["site"] for r in rows if r["server_round"] == 2}, rows
+    assert second["status"] == "aggregated" and second["sites"] == 3
 
 
 def test_server_stops_with_its_child_on_sigterm(federation: Federation) -> None:
