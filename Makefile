@@ -28,11 +28,15 @@ demo: setup
 	$(BIN)/fedmri simulate
 
 # Two workers, one test file each at a time (the e2e module's tests share one
-# deployment and run in file order): the suite's wall time on the 2-core CI machine.
+# deployment and run in file order), the longest files first (tests/conftest.py;
+# --no-loadscope-reorder keeps that order instead of xdist's by test count, which
+# started the minutes-long e2e files last). A third worker on the 2-core CI machine
+# was no faster (14:11 and 14:28 against 14:29 with two, 2026-12-07): the suite is
+# bound by CPU, above all ClientApp processes and Ray starting.
 PYTEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python benchmarks/bench_index.py
