@@ -10,7 +10,10 @@ pretraining only (3 rounds x 20 local steps), for each variant and seed:
   they stay at their initial zero for the whole run (fedmri before the DP centre);
 - ``dp-centre``: DP-SGD with the DP centre (``ssl.dp_center``): each series'
   teacher means are clipped with its gradient in one norm budget and released by
-  the same Gaussian mechanism, so the centre moves at no extra ε.
+  the same Gaussian mechanism, so the centre moves at no extra ε;
+- ``dp-public``: the DP centre, and KoLeo on public series (``ssl.dp_public_koleo``):
+  each site's ``public_catalog`` is a fourth synthetic hospital from a seed of its
+  own (no site's patients), whose KoLeo gradient is added after the noise at no ε.
 
 Then it reads the final teacher from the run's checkpoint and measures, on two
 global crops of every validation and test series of the three sites (the
@@ -50,7 +53,9 @@ VARIANTS = {
     "no-dp-no-koleo": (False, ["ssl.koleo_loss_weight=0"]),
     "frozen": (True, ["ssl.dp_center.enabled=false"]),
     "dp-centre": (True, ["ssl.dp_center.enabled=true"]),
+    "dp-public": (True, ["ssl.dp_center.enabled=true", "ssl.dp_public_koleo.enabled=true"]),
 }
+PUBLIC_SEED = 7919  # the public hospital's: no site of the demo (seed 0) has its patients
 SITES = ("site-01", "site-02", "site-03")
 METRICS = ("entropy", "entropy_of_mean", "information", "prototypes", "dino_loss")
 
@@ -70,8 +75,21 @@ def ensure_demo_data(data: Path) -> None:
     prepare_sites(load_simulation(None, [f"data_dir={data}", "holdout_sites=0"]), data)
 
 
+def ensure_public_data(data: Path) -> Path:
+    """A hospital of "public" series (another seed, so no site's patients): its catalog."""
+    public = data.parent / "public-data"
+    catalog = public / "catalogs" / "site-01"
+    if not (catalog / "catalog.sqlite").is_file():
+        from fedmri.simulations.runner import load_simulation, prepare_sites
+
+        print(f"synthesising a public hospital into {public} ...", flush=True)
+        prepare_sites(load_simulation(None, [f"data_dir={public}", "holdout_sites=0", "sites=1",
+                                             "federation.min_sites=1", f"federation.seed={PUBLIC_SEED}"]), public)
+    return catalog
+
+
 def run(name: str, seed: int, out: Path, data: Path, overrides: list[str], dp: bool, reuse: bool,
-        noise: float | None = None) -> Path:
+        noise: float | None = None, public: Path | None = None) -> Path:
     folder = out / name / "federated"
     if reuse and (folder / "ckpt" / "LATEST").is_file():
         return folder
@@ -80,9 +98,17 @@ def run(name: str, seed: int, out: Path, data: Path, overrides: list[str], dp: b
     cmd = [sys.executable, "-m", "fedmri.cli", "simulate", "--mode", "federated", f"federation.name={name}",
            f"federation.seed={seed}", f"federation.run_root={out}", f"catalogs=[{catalogs}]",
            f"federation.overrides={run_overrides}", stages(dp, noise)]
+    if public is not None:
+        cmd.append(f"site_overrides=['public_catalog={public}']")
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    # A round the sites declined trained nothing: its probe would measure the initial model.
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    declined = [r for r in rows if r["site"] != "all" and r["status"] != "ok"]
+    if declined:
+        raise SystemExit(f"{name}: {len(declined)} site rounds did not train, e.g. {declined[0]['site']}: "
+                         f"{declined[0].get('reason', '')}; rerun with another --tag")
     return folder
 
 
@@ -139,10 +165,13 @@ def main() -> None:
                         help="a fixed noise multiplier instead of target ε 6 (a smaller σ stands for a larger site "
                              "at the same ε)")
     parser.add_argument("--set", nargs="*", default=[], help="run-config overrides added to every DP variant")
+    parser.add_argument("--tag", default="", help="added to every run name: the sites' ledgers refuse a DP run "
+                        "name spent before on other weights")
     args = parser.parse_args()
     torch.set_num_threads(2)
     ensure_demo_data(args.data.resolve())
     volumes = probe_volumes(args.data.resolve())
+    public = ensure_public_data(args.data.resolve()) if "dp-public" in args.variants else None
     results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
@@ -151,8 +180,9 @@ def main() -> None:
             tag = f"-n{args.noise}" if dp and args.noise is not None else ""
             if dp and (overrides or args.set):
                 tag += "-" + hashlib.sha1("|".join(overrides + args.set).encode()).hexdigest()[:6]
-            folder = run(f"{variant}{tag}-s{seed}", seed, args.out.resolve(), args.data.resolve(),
-                         overrides + (args.set if dp else []), dp, args.reuse, args.noise if dp else None)
+            folder = run(f"{variant}{tag}{args.tag}-s{seed}", seed, args.out.resolve(), args.data.resolve(),
+                         overrides + (args.set if dp else []), dp, args.reuse, args.noise if dp else None,
+                         public if variant == "dp-public" else None)
             results[variant].append(diagnostics(folder, volumes))
     print(f"\nprobe: {len(volumes)} validation and test series of {len(SITES)} sites, 2 global crops each\n")
     print(f"{'variant':10} {'seed':>4} " + " ".join(f"{m:>16}" for m in METRICS))

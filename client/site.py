@@ -136,6 +136,10 @@ class SiteConfig:
     # More catalogs pooled with `catalog` (the centralized baseline of
     # `fedmri simulate`; a real site has one catalog). Each keeps its splits.
     extra_catalogs: list[str] = field(default_factory=list)
+    # A catalog of public series, no patient's (a public dataset indexed with `fedmri data
+    # index`): DP-SGD pretraining may compute its KoLeo term on them (ssl.dp_public_koleo).
+    # Never counted as the site's data, never in the privacy ledger; null = none.
+    public_catalog: str | None = None
     server: ServerConnection = field(default_factory=ServerConnection)
     policy: SitePolicy = field(default_factory=SitePolicy)
 
@@ -181,6 +185,8 @@ def load_site(path: str | Path, overrides: list[str] | None = None) -> DictConfi
     base = path.parent
     cfg.catalog = _absolute(base, cfg.catalog)
     cfg.extra_catalogs = [_absolute(base, c) for c in cfg.extra_catalogs]
+    if cfg.public_catalog is not None:
+        cfg.public_catalog = _absolute(base, cfg.public_catalog)
     if dp.ledger is not None:
         dp.ledger = _absolute(base, dp.ledger)
     for key in ("root_certificates", "node_key"):

@@ -169,15 +169,42 @@ def _run_private(site_cfg: DictConfig, run_cfg: DictConfig, state_down: State, r
 
     if len(dataset) < 1:
         raise DeclineError("pretrain needs at least 1 series in the site's train split")
+    public = _public_series(site_cfg, run_cfg)
     plan = require_gate(privacy, request).plan(patient_keys(dataset), min(int(site_cfg.batch_size), len(dataset)))
     with seeded(plan.seed, device):
         meta = build_ssl_model(run_cfg, state_down, "pretrain").to(device).train()
-        make_private(meta)
+        make_private(meta, public_koleo=public is not None)
         optimizer, proximal = round_optimizer(meta.param_groups(), meta.student.named_parameters(), request)
         metrics = dp_pretrain_loop(meta, dataset, run_cfg, request, plan, device, optimizer, proximal,
-                                   site_cfg.num_workers)
+                                   site_cfg.num_workers, public=public)
     # The expected number of series seen: the sampled one would tell the Poisson draws.
     return _finish(meta, run_cfg, metrics, round(plan.steps * plan.expected_samples), plan.steps)
+
+
+def _public_series(site_cfg: DictConfig, run_cfg: DictConfig) -> Any:
+    """The site's public series when the round computes KoLeo on them (``ssl.dp_public_koleo``); else None.
+
+    Raises:
+        DeclineError: The round asks for them and the site has no public catalog, or an empty one.
+    """
+    cfg = run_cfg.ssl.dp_public_koleo
+    weight = run_cfg.ssl.koleo_loss_weight if cfg.weight is None else cfg.weight
+    if not cfg.enabled or float(weight) <= 0:
+        return None
+    if not site_cfg.get("public_catalog"):
+        raise DeclineError("this round computes KoLeo on public series (ssl.dp_public_koleo) and the site file names "
+                           "no public_catalog: index a public dataset with `fedmri data index` and name it there")
+    from fedmri.data.dataset import SeriesDataset
+
+    try:
+        public = SeriesDataset(site_cfg.public_catalog, None)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable catalog: one clear reason
+        raise DeclineError(f"the site's public_catalog {site_cfg.public_catalog} cannot be read ({exc}); "
+                           "index it with `fedmri data index`") from None
+    if len(public) < 2:
+        raise DeclineError(f"the site's public_catalog {site_cfg.public_catalog} holds {len(public)} series; "
+                           "KoLeo needs at least 2")
+    return public
 
 
 def _finish(meta: SSLMetaArch, run_cfg: DictConfig, metrics: dict[str, float], examples: int,

@@ -57,14 +57,19 @@ log = logging.getLogger(__name__)
 SampleCrops = dict[str, Tensor | None]
 
 
-def make_private(meta: Any) -> None:
+def make_private(meta: Any, public_koleo: bool = False) -> None:
     """Switch off the batch-coupled terms of an :class:`~fedmri.ssl.SSLMetaArch` for DP-SGD.
+
+    Args:
+        meta: The SSL meta-architecture.
+        public_koleo: KoLeo moves to public series (:class:`PublicKoLeo`) instead of going.
 
     Raises:
         DeclineError: A term that cannot be made per-sample (Sinkhorn-Knopp centering).
     """
     if meta.koleo_loss is not None:
-        log.info("DP-SGD: the KoLeo term couples the samples of a batch; it is off for this round")
+        if not public_koleo:
+            log.info("DP-SGD: the KoLeo term couples the samples of a batch; it is off for this round")
         meta.koleo_loss = None
     if not meta.per_sample_decomposable:
         raise DeclineError("pretraining under DP-SGD needs ssl.centering=centering: Sinkhorn-Knopp balances the "
@@ -140,6 +145,62 @@ class DPCenter:
         self.terms.clear()
 
 
+class PublicKoLeo:
+    """KoLeo on public series: a gradient that reads no patient's series, added after the noise.
+
+    Each step draws ``batch_size`` series of the site's public catalog, takes their two
+    global crops through the student backbone and adds ``ssl.koleo_loss_weight`` x the
+    KoLeo loss of each crop's CLS tokens, as :class:`~fedmri.ssl.SSLMetaArch` does on the
+    training batch without DP. Its gradient depends on the student's weights (themselves
+    noisy releases) and public data only, so adding it is post-processing: no ε.
+
+    Args:
+        meta: The SSL meta-architecture (its student backbone).
+        dataset: The public series.
+        batches: One index list per step (drawn from the round's seed).
+        transform: The multi-crop transform of the run.
+        seed: Seeds the crops.
+        weight: ``ssl.koleo_loss_weight``.
+        device: Where the model is.
+    """
+
+    def __init__(self, meta: Any, dataset: Any, batches: Sequence[Sequence[int]], transform: Any, seed: int,
+                 weight: float, device: torch.device) -> None:
+        from fedmri.client.trainers.batches import load_batches
+        from fedmri.losses import KoLeoLoss
+
+        self.meta, self.weight, self.device = meta, float(weight), device
+        self.loss = KoLeoLoss()
+        self.draws = load_batches(dataset, batches, transform, seed)
+        self.values: list[float] = []
+
+    def gradients(self) -> dict[str, Tensor]:
+        """The next public batch's weighted KoLeo gradient, by student parameter name."""
+        from fedmri.client.trainers.pretrain import to_device
+        from fedmri.ssl import collate_multicrop
+        from fedmri.ssl.meta_arch import N_GLOBAL_CROPS
+
+        crops = to_device(collate_multicrop([d["crops"] for d in next(self.draws)]), self.device)
+        params = {n: p for n, p in self.meta.student.named_parameters() if p.requires_grad}
+        cls = self.meta.student["backbone"](crops["global_crops"])["cls"]
+        value = self.weight * sum(self.loss(c) for c in cls.chunk(N_GLOBAL_CROPS))
+        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        self.values.append(float(value.detach()))
+        return {n: g for n, g in zip(params, grads) if g is not None}
+
+
+def _summed(*parts: Callable[[], dict[str, Tensor]] | None) -> Callable[[], dict[str, Tensor]]:
+    """One ``extra_grad``: the named gradients of ``parts`` added up."""
+    def total() -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for part in parts:
+            for name, g in (part() if part is not None else {}).items():
+                out[name] = out[name] + g if name in out else g
+        return out
+
+    return total
+
+
 def dp_ssl_step(meta: Any, samples: Sequence[SampleCrops], teacher_temp: float, *, max_grad_norm: float,
                 noise_multiplier: float, expected_batch_size: float, generator: torch.Generator,
                 extra_grad: Callable[[], dict[str, Tensor]] | None = None,
@@ -171,7 +232,8 @@ def dp_ssl_step(meta: Any, samples: Sequence[SampleCrops], teacher_temp: float, 
 
 
 def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: Any, device: torch.device,
-                     optimizer: torch.optim.Optimizer, proximal: Any, num_workers: int = 0) -> dict[str, float]:
+                     optimizer: torch.optim.Optimizer, proximal: Any, num_workers: int = 0,
+                     public: Any = None) -> dict[str, float]:
     """``plan.steps`` DP-SGD steps on Poisson batches of ``plan``'s units; the mean of each loss over series.
 
     Args:
@@ -183,6 +245,7 @@ def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: 
         optimizer: Over the student's parameters, rates set.
         proximal: The FedProx term (its gradient is added after the noise).
         num_workers: Data-loading workers.
+        public: Public series for KoLeo (:class:`PublicKoLeo`, ``ssl.dp_public_koleo``); None: no KoLeo.
     """
     from fedmri.client.trainers.batches import load_batches
     from fedmri.client.trainers.context import derive_seed
@@ -201,13 +264,25 @@ def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: 
     center = DPCenter(meta, s.dp_center, s.center_momentum, plan.max_grad_norm) if s.dp_center.enabled else None
     loader = load_batches(dataset, [series for series, _ in batches], transform, derive_seed(plan.seed, "crops"),
                           num_workers)
+    koleo = None
+    if public is not None:
+        public_rng = np.random.default_rng(derive_seed(plan.seed, "public"))
+        size = min(int(s.dp_public_koleo.batch_size), len(public))
+        weight = s.koleo_loss_weight if s.dp_public_koleo.weight is None else s.dp_public_koleo.weight
+        koleo = PublicKoLeo(meta, public, [sorted(public_rng.choice(len(public), size, replace=False).tolist())
+                                           for _ in batches], transform, derive_seed(plan.seed, "public-crops"),
+                            float(weight), device)
     for (_, units), draws in zip(batches, loader):
         samples = [to_device(collate_multicrop([d["crops"]], masker, s.mask_sample_probability,
                                                s.mask_ratio_min_max, mask_rng), device) for d in draws]
         optimizer.zero_grad(set_to_none=True)
         dp_ssl_step(meta, samples, request.teacher_temp, max_grad_norm=plan.max_grad_norm,
                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
-                    generator=generator, extra_grad=proximal.named_gradients, seen=seen, units=units, center=center)
+                    generator=generator, extra_grad=_summed(proximal.named_gradients, koleo and koleo.gradients),
+                    seen=seen, units=units, center=center)
         optimizer.step()
         meta.update_teacher(request.teacher_momentum)
-    return mean_losses(seen)
+    metrics = mean_losses(seen)
+    if koleo is not None and koleo.values:
+        metrics["public_koleo_loss"] = sum(koleo.values) / len(koleo.values)
+    return metrics

@@ -218,6 +218,26 @@ class HeadsConfig:
 
 
 @dataclass
+class DPPublicKoLeoConfig:
+    """KoLeo on public series under DP-SGD pretraining (fedmri.client.trainers.pretrain_dp).
+
+    DP-SGD must switch KoLeo off: its nearest-neighbour term couples the series of a
+    batch. This keeps the term, on a batch of series that are no patient's: those of the
+    site's ``public_catalog`` (site.yaml; a public dataset indexed with ``fedmri data
+    index``). Their KoLeo gradient, weighted by ``weight``, is added to the
+    noisy DP-SGD gradient at every step; it reads no private series, so it costs no ε.
+    A site without a public catalog declines such a round with the reason.
+    """
+
+    # Add the public KoLeo term to DP-SGD pretraining.
+    enabled: bool = False
+    # Public series per step (each gives its two global crops, as KoLeo has them).
+    batch_size: int = 4
+    # Weight of the public term; null = ssl.koleo_loss_weight.
+    weight: float | None = None
+
+
+@dataclass
 class DPCenterConfig:
     """The teacher centres under DP-SGD pretraining (fedmri.client.trainers.pretrain_dp).
 
@@ -322,6 +342,8 @@ class SSLConfig:
     centering: str = "centering"
     # The centres under DP-SGD pretraining: see DPCenterConfig.
     dp_center: DPCenterConfig = field(default_factory=DPCenterConfig)
+    # KoLeo under DP-SGD pretraining, on public series: see DPPublicKoLeoConfig.
+    dp_public_koleo: DPPublicKoLeoConfig = field(default_factory=DPPublicKoLeoConfig)
     # --- schedules over training progress (fedmri.ssl.schedules) ---
     # Teacher temperature warms up linearly from the first to the second value
     # over this fraction of training (DINOv2: 0.04 -> 0.07 over 30 of 100 epochs):

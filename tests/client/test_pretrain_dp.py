@@ -150,3 +150,61 @@ def test_poisson_batches_have_mean_size_q_n_and_may_be_empty() -> None:
 def test_a_round_past_the_budget_is_declined_before_any_work(site_file, initial, request_values, tmp_path) -> None:
     with pytest.raises(DeclineError, match="privacy budget"):
         _round(site_file, initial, request_values, tmp_path, ["policy.dp.epsilon_total=0.5"], local_steps=3)
+
+
+def _with_public_koleo(run_yaml: str, enabled: bool = True) -> str:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(run_yaml)
+    cfg.ssl.dp_public_koleo.enabled = enabled
+    cfg.ssl.koleo_loss_weight = 0.1
+    return OmegaConf.to_yaml(cfg)
+
+
+def test_koleo_on_public_series_changes_the_update_at_no_extra_epsilon(site_file, initial, request_values, run_yaml,
+                                                                       tmp_path) -> None:
+    # The site's own catalog stands in for a public one here: only where the term reads from matters.
+    public = [f"public_catalog={site_file.parent / 'catalog'}"]
+    with_it, metrics, down, gate = _round(site_file, initial, request_values, tmp_path / "a", site_overrides=public,
+                                          local_steps=3, fedmri_config=_with_public_koleo(run_yaml))
+    without, _, _, plain = _round(site_file, initial, request_values, tmp_path / "b", site_overrides=public,
+                                  local_steps=3, fedmri_config=_with_public_koleo(run_yaml, enabled=False))
+    assert metrics["public_koleo_loss"] > 0 and "koleo_loss" not in metrics
+    encoder = [k for k in with_it if k.startswith("encoder/")]
+    assert any(not torch.equal(with_it[k], without[k]) for k in encoder)
+    # The same batches, noise and mechanism: the public term is post-processing.
+    assert gate.plans["pretrain"] == plain.plans["pretrain"]
+    spent, spent_plain = gate.record(), plain.record()
+    assert [e.epsilon_run for e in spent] == pytest.approx([e.epsilon_run for e in spent_plain], abs=1e-12)
+    assert spent[0].epsilon_run > 0
+
+
+def test_the_public_term_reads_only_the_model_and_the_public_series(site_file, run_yaml, initial) -> None:
+    from fedmri.client.trainers.pretrain import MultiCropTransform
+    from fedmri.client.trainers.pretrain_dp import PublicKoLeo
+    from fedmri.data.dataset import SeriesDataset
+
+    run_cfg = parse_run_config(_with_public_koleo(run_yaml))
+    meta = build_ssl_model(run_cfg, select(initial, stage_groups("pretrain", run_cfg).down), "pretrain").eval()
+    public = SeriesDataset(site_file.parent / "catalog", None)
+
+    def term(seed: int) -> dict:
+        koleo = PublicKoLeo(meta, public, [[0, 1, 2]], MultiCropTransform(run_cfg), seed, 0.1, torch.device("cpu"))
+        return koleo.gradients()
+
+    first, again, other = term(0), term(0), term(1)
+    assert first.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # other crops, another gradient
+    assert set(first) <= {n for n, p in meta.student.named_parameters() if p.requires_grad}
+
+
+def test_a_round_asking_for_public_koleo_is_declined_by_a_site_without_public_series(
+        site_file, initial, request_values, run_yaml, tmp_path) -> None:
+    with pytest.raises(DeclineError, match="names no public_catalog"):
+        _round(site_file, initial, request_values, tmp_path, local_steps=1,
+               fedmri_config=_with_public_koleo(run_yaml))
+    with pytest.raises(DeclineError, match="holds 0 series|cannot be read"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        _round(site_file, initial, request_values, tmp_path, site_overrides=[f"public_catalog={empty}"],
+               local_steps=1, fedmri_config=_with_public_koleo(run_yaml))
