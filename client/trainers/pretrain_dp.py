@@ -9,7 +9,9 @@ is clipped as one vector; under ``series`` each series' gradient is
 - the centres stay fixed during a step (``update_centers=False``): a centre
   moved by the step's own batch would make each target depend on other series;
 - KoLeo is off: its nearest-neighbour term couples the batch (switched off here,
-  with a log line, whatever the run config says);
+  with a log line, whatever the run config says), or computed on a batch of the
+  site's public series instead (``ssl.dp_public_koleo``, :class:`PublicKoLeo`):
+  a gradient that reads no patient's series, added after the noise;
 - centering is ``centering``: Sinkhorn-Knopp balances targets across the batch
   (refused with the reason).
 
@@ -26,6 +28,7 @@ noise on a centre coordinate is σ·radius / (sqrt(share)·q·n) before the EMA
 averages it. It does not stop the collapse on the demo: with KoLeo off, the
 teacher collapses onto one prototype with or without DP, and at ~4 patients a
 step the released centre is mostly noise (benchmarks/RESULTS.md, "DP centre").
+KoLeo on public series does (same file, "KoLeo on public series").
 
 Everything else is post-processing of the noisy releases: AdamW, the FedProx
 term (a function of the weights only), the centres' EMA and the local teacher

@@ -233,8 +233,10 @@ class DPPublicKoLeoConfig:
     enabled: bool = False
     # Public series per step (each gives its two global crops, as KoLeo has them).
     batch_size: int = 4
-    # Weight of the public term; null = ssl.koleo_loss_weight.
-    weight: float | None = None
+    # Weight of the public term; null = ssl.koleo_loss_weight. 1.0 kept the demo's DP
+    # pretraining spread in every run measured, the tiny preset's 0.3 in 4 of 6
+    # (benchmarks/RESULTS.md, "KoLeo on public series").
+    weight: float | None = 1.0
 
 
 @dataclass
@@ -247,9 +249,9 @@ class DPCenterConfig:
     C·sqrt(share)) and released by the same Gaussian mechanism, so the centres
     move at no extra ε. Off, the centres stay as received for the whole run (at
     their initial zero). On the demo the teacher collapses onto one prototype
-    either way: KoLeo, which DP-SGD must switch off, is what keeps the tiny
-    recipe spread, and at ~4 patients a step the released centre is mostly
-    noise (benchmarks/RESULTS.md, "DP centre").
+    either way unless KoLeo is kept, on public series (DPPublicKoLeoConfig):
+    KoLeo is what keeps the tiny recipe spread, and at ~4 patients a step the
+    released centre is mostly noise (benchmarks/RESULTS.md, "DP centre").
     """
 
     # Move the centres under DP-SGD (on: the DINO centring works as without DP).
