@@ -24,7 +24,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_status_shows_the_rounds_handled_with_results_reasons_budget_and_counts(site_file, initial, request_values,
                                                                                tmp_path: Path, one_thread) -> None:
     # Without the journal other tests wrote through the shared fixture site.
-    shutil.copytree(site_file.parent / "catalog", tmp_path / "catalog", ignore=shutil.ignore_patterns("rounds.jsonl"))
+    shutil.copytree(site_file.parent / "catalog", tmp_path / "catalog", ignore=shutil.ignore_patterns("rounds.jsonl*"))
     site = tmp_path / "site.yaml"
     site.write_text(site_file.read_text().replace("max_local_steps: 20\n", "max_local_steps: 20\n  dp:\n"
                                                   "    required: true\n    epsilon_total: 8.0\n"))
@@ -55,3 +55,19 @@ def test_status_shows_the_rounds_handled_with_results_reasons_budget_and_counts(
     text = _cli("client", "status", "--site", str(site)).stdout
     assert "2 round(s) handled (1 ok, 1 declined, 0 failed)" in text and "declined" in text
     assert "budget ε 8, 8.0000 left" in text and "12 series of 6 patients" in text
+
+
+def test_the_journal_stays_bounded_and_keeps_the_latest_rounds_in_order(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from fedmri.client import journal
+
+    monkeypatch.setattr(journal, "MAX_BYTES", 2000)
+    site = SimpleNamespace(catalog=str(tmp_path))
+    for i in range(200):
+        journal.note_round(site, SimpleNamespace(run_name="r", stage="pretrain", round=i), "ok", None, 0.1)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["rounds.jsonl", "rounds.jsonl.1"]
+    assert all((tmp_path / f).stat().st_size < 2000 + 200 for f in files)  # one line past the limit at most
+    rounds = [e["round"] for e in journal.read_journal(site)]
+    assert rounds == list(range(rounds[0], 200)) and 0 < rounds[0] < 200 - 10  # the latest, oldest first
