@@ -249,6 +249,11 @@ def server_teacher_momentum(step_momentum: float, local_steps: int) -> float:
 TEACHER_SOURCES = {TEACHER: ENCODER, TEACHER_HEAD: DINO_HEAD}
 
 
+def _teacher_key(group: str, student_key: str) -> str:
+    """The key of teacher ``group`` that mirrors ``student_key`` of its student group."""
+    return group + student_key[len(TEACHER_SOURCES[group]):]
+
+
 def _ema(teacher: Tensor, student: Tensor, momentum: float) -> Tensor:
     # One formula for the coordinator and the sites: a rebuilt teacher is bit-identical.
     return teacher * momentum + student * (1.0 - momentum)
@@ -259,19 +264,18 @@ def update_teacher(state: State, momentum: float) -> None:
     with torch.no_grad():
         for teacher, student in TEACHER_SOURCES.items():
             for k in [k for k in state if group_of(k) == student]:
-                t_key = teacher + k[len(student):]
+                t_key = _teacher_key(teacher, k)
                 state[t_key] = _ema(state[t_key], state[k], momentum)
 
 
 def teacher_is_copy(state: Mapping[str, Tensor], group: str) -> bool:
     """Whether teacher group ``group`` of ``state`` equals its student group, key for key (before any move)."""
-    source = TEACHER_SOURCES[group]
     teacher = select(state, [group])
-    student = select(state, [source])
+    student = select(state, [TEACHER_SOURCES[group]])
     if not teacher or len(teacher) != len(student):
         return False
     for k, s in student.items():
-        t = teacher.get(group + k[len(source):])
+        t = teacher.get(_teacher_key(group, k))
         if t is None or t.shape != s.shape or not torch.equal(t, s):
             return False
     return True
@@ -285,11 +289,10 @@ def rebuild_teacher(group: str, student: Mapping[str, Tensor], previous: Mapping
     Raises:
         KeyError: ``previous`` lacks a key of the student's (the caller treats it as a miss).
     """
-    source = TEACHER_SOURCES[group]
     out: State = dict(previous) if previous is not None else {}  # keys the EMA does not reach stay
     with torch.no_grad():
         for k, s in student.items():
-            t_key = group + k[len(source):]
+            t_key = _teacher_key(group, k)
             out[t_key] = s.clone() if previous is None else _ema(previous[t_key], s, momentum)
     return out
 

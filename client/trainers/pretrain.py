@@ -187,9 +187,9 @@ def _public_series(site_cfg: DictConfig, run_cfg: DictConfig) -> Any:
     Raises:
         DeclineError: The round asks for them and the site has no public catalog, or an empty one.
     """
-    cfg = run_cfg.ssl.dp_public_koleo
-    weight = run_cfg.ssl.koleo_loss_weight if cfg.weight is None else cfg.weight
-    if not cfg.enabled or float(weight) <= 0:
+    from fedmri.client.trainers.pretrain_dp import public_koleo_weight
+
+    if not run_cfg.ssl.dp_public_koleo.enabled or public_koleo_weight(run_cfg.ssl) <= 0:
         return None
     if not site_cfg.get("public_catalog"):
         raise DeclineError("this round computes KoLeo on public series (ssl.dp_public_koleo) and the site file names "

@@ -152,8 +152,8 @@ class PublicKoLeo:
     """KoLeo on public series: a gradient that reads no patient's series, added after the noise.
 
     Each step draws ``batch_size`` series of the site's public catalog, takes their two
-    global crops through the student backbone and adds ``ssl.koleo_loss_weight`` x the
-    KoLeo loss of each crop's CLS tokens, as :class:`~fedmri.ssl.SSLMetaArch` does on the
+    global crops through the student backbone and adds ``weight`` x the KoLeo loss of
+    each crop's CLS tokens, as :class:`~fedmri.ssl.SSLMetaArch` does on the
     training batch without DP. Its gradient depends on the student's weights (themselves
     noisy releases) and public data only, so adding it is post-processing: no ε.
 
@@ -163,7 +163,7 @@ class PublicKoLeo:
         batches: One index list per step (drawn from the round's seed).
         transform: The multi-crop transform of the run.
         seed: Seeds the crops.
-        weight: ``ssl.koleo_loss_weight``.
+        weight: :func:`public_koleo_weight`.
         device: Where the model is.
     """
 
@@ -173,6 +173,7 @@ class PublicKoLeo:
         from fedmri.losses import KoLeoLoss
 
         self.meta, self.weight, self.device = meta, float(weight), device
+        self.params = {n: p for n, p in meta.student.named_parameters() if p.requires_grad}
         self.loss = KoLeoLoss()
         self.draws = load_batches(dataset, batches, transform, seed)
         self.values: list[float] = []
@@ -184,12 +185,17 @@ class PublicKoLeo:
         from fedmri.ssl.meta_arch import N_GLOBAL_CROPS
 
         crops = to_device(collate_multicrop([d["crops"] for d in next(self.draws)]), self.device)
-        params = {n: p for n, p in self.meta.student.named_parameters() if p.requires_grad}
         cls = self.meta.student["backbone"](crops["global_crops"])["cls"]
         value = self.weight * sum(self.loss(c) for c in cls.chunk(N_GLOBAL_CROPS))
-        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(value, list(self.params.values()), allow_unused=True)
         self.values.append(float(value.detach()))
-        return {n: g for n, g in zip(params, grads) if g is not None}
+        return {n: g for n, g in zip(self.params, grads) if g is not None}
+
+
+def public_koleo_weight(ssl_cfg: Any) -> float:
+    """The public KoLeo term's weight: ``ssl.dp_public_koleo.weight``, or ``ssl.koleo_loss_weight`` when null."""
+    weight = ssl_cfg.dp_public_koleo.weight
+    return float(ssl_cfg.koleo_loss_weight if weight is None else weight)
 
 
 def _summed(*parts: Callable[[], dict[str, Tensor]] | None) -> Callable[[], dict[str, Tensor]]:
@@ -271,18 +277,17 @@ def dp_pretrain_loop(meta: Any, dataset: Any, run_cfg: Any, request: Any, plan: 
     if public is not None:
         public_rng = np.random.default_rng(derive_seed(plan.seed, "public"))
         size = min(int(s.dp_public_koleo.batch_size), len(public))
-        weight = s.koleo_loss_weight if s.dp_public_koleo.weight is None else s.dp_public_koleo.weight
         koleo = PublicKoLeo(meta, public, [sorted(public_rng.choice(len(public), size, replace=False).tolist())
                                            for _ in batches], transform, derive_seed(plan.seed, "public-crops"),
-                            float(weight), device)
+                            public_koleo_weight(s), device)
+    extra_grad = _summed(proximal.named_gradients, koleo.gradients if koleo is not None else None)
     for (_, units), draws in zip(batches, loader):
         samples = [to_device(collate_multicrop([d["crops"]], masker, s.mask_sample_probability,
                                                s.mask_ratio_min_max, mask_rng), device) for d in draws]
         optimizer.zero_grad(set_to_none=True)
         dp_ssl_step(meta, samples, request.teacher_temp, max_grad_norm=plan.max_grad_norm,
                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
-                    generator=generator, extra_grad=_summed(proximal.named_gradients, koleo and koleo.gradients),
-                    seen=seen, units=units, center=center)
+                    generator=generator, extra_grad=extra_grad, seen=seen, units=units, center=center)
         optimizer.step()
         meta.update_teacher(request.teacher_momentum)
     metrics = mean_losses(seen)
