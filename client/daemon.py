@@ -12,7 +12,9 @@ bundle that brings code of its own (:mod:`fedmri.client.guard`).
 
 When the SuperNode fails for a reason a site admin can fix (the SuperLink's
 certificate is not signed by the given CA; the coordinator has not registered
-this site's key), the daemon ends with one line that says so. While it runs, it
+this site's key), the daemon ends with one line that says so. A refused key is
+tried again for :data:`ACTIVATION_PATIENCE_S` first: the SuperLink refuses a
+restarted site the same way until its previous SuperNode's heartbeat lapses. While it runs, it
 stops the ClientApp processes of runs that have ended
 (:class:`~fedmri.client.reaper.ClientAppReaper`).
 """
@@ -24,6 +26,7 @@ import re
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,11 @@ from fedmri.flower_cli import ForegroundChild, child_env, flower_executable
 _TLS_FAILURE = re.compile(r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error|WRONG_VERSION_NUMBER")
 _AUTH_FAILURE = re.compile(r"\[code: 2004\]|Failed to activate SuperNode")
 _CONNECTED = re.compile(r"SuperNode ID:\s*(\d+)")
+# The SuperLink counts a node online until its last heartbeat + 2 x its 30 s interval (flwr
+# 1.42's HEARTBEAT_PATIENCE), and a stopped SuperNode does not sign off: so a restart keeps
+# trying to activate for this long before it calls the key unregistered.
+ACTIVATION_PATIENCE_S = 75.0
+ACTIVATION_RETRY_S = 10.0
 
 
 @dataclass
@@ -132,6 +140,7 @@ class _Watcher:
         self.launch = launch
         self.reaper = reaper
         self.cause: str | None = None
+        self.refused = False  # the SuperLink would not activate this site's node
 
     def __call__(self, line: str) -> None:
         self.reaper.line(line)
@@ -144,9 +153,11 @@ class _Watcher:
                           f"{server.root_certificates} (or does not name that host); get the federation's "
                           "ca.crt from the coordinator and check server.address")
         elif self.cause is None and _AUTH_FAILURE.search(line):
+            self.refused = True
             self.cause = (f"the SuperLink at {server.address} refused this site's key {server.node_key}: "
                           f"ask the coordinator to register {Path(server.node_key or '').stem}.pub "
-                          "(`fedmri server register`), or check that the key is the one they issued")
+                          "(`fedmri server register`), or check that the key is the one they issued; "
+                          "if a SuperNode with this key runs elsewhere, stop it")
 
 
 def serve(launch: SupernodeLaunch) -> int:
@@ -162,24 +173,41 @@ def serve(launch: SupernodeLaunch) -> int:
         _say(warning)
     launch.flwr_home.mkdir(parents=True, exist_ok=True)
     reaper = ClientAppReaper(say=_say)
-    watcher = _Watcher(launch, reaper)
     env = child_env({"FLWR_HOME": str(launch.flwr_home)})
     # Flower starts each ClientApp as `flwr-clientapp` from PATH: fedmri's launcher checks the
     # coordinator's app bundle before any of it can be imported (fedmri.client.guard).
     guard = write_launcher(launch.flwr_home / "fedmri-bin").parent
     env["PATH"] = os.pathsep.join([str(guard), env["PATH"]])
-    child = ForegroundChild(launch.command, env=env, cwd=launch.site_file.parent, watch=watcher)
-    _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
-    child.start()
-    assert child.proc is not None
-    threading.Thread(target=reaper.watch, args=(child.proc.pid, lambda: child.alive), daemon=True).start()
-    code = child.wait()
-    if child.signalled:
-        _say(f"SuperNode stopped (exit {code})")
-        return 0 if code in (0, 130, 143) else code
-    if code != 0 and watcher.cause is not None:
-        raise FedmriError(f"{watcher.cause} (flower-supernode exit {code})")
-    return code
+    first = time.monotonic()
+    while True:
+        watcher = _Watcher(launch, reaper)
+        child = ForegroundChild(launch.command, env=env, cwd=launch.site_file.parent, watch=watcher)
+        _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
+        child.start()
+        assert child.proc is not None
+        threading.Thread(target=reaper.watch, args=(child.proc.pid, lambda: child.alive), daemon=True).start()
+        code = child.wait()
+        if child.signalled:
+            _say(f"SuperNode stopped (exit {code})")
+            return 0 if code in (0, 130, 143) else code
+        if code != 0 and watcher.refused and time.monotonic() - first < ACTIVATION_PATIENCE_S:
+            # Flower 1.42's SuperNode does not sign its node off when it stops, and the SuperLink
+            # refuses to activate a node it still counts online: a restart within a minute of the
+            # last stop meets the same refusal as an unregistered key. Only waiting tells them apart.
+            _say(f"the SuperLink did not activate site {launch.site.name}'s node: its key is not registered, "
+                 "or this site's previous SuperNode stopped less than a minute ago and the SuperLink still "
+                 f"counts it online; trying again in {ACTIVATION_RETRY_S:.0f} s (for up to "
+                 f"{ACTIVATION_PATIENCE_S:.0f} s)")
+            deadline = time.monotonic() + ACTIVATION_RETRY_S
+            while time.monotonic() < deadline and not child.signalled:
+                time.sleep(0.2)
+            if child.signalled:  # stopped while waiting: the signal reached the wrapper's handler
+                _say("stopped before the SuperNode started")
+                return 0
+            continue
+        if code != 0 and watcher.cause is not None:
+            raise FedmriError(f"{watcher.cause} (flower-supernode exit {code})")
+        return code
 
 
 def _say(line: str) -> None:

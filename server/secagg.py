@@ -11,7 +11,9 @@ site's side):
    addressed to each site), and folds each masked reply into a
    :class:`~fedmri.strategies.secagg.SecureSum`;
 3. :meth:`SecureRound.unmask` tells each site whose input arrived which neighbours
-   survived and which dropped, collects the shares, and takes the masks off the sum.
+   survived and which dropped, collects the shares until every secret has its
+   threshold of them (a site that died after sending is not waited for), and takes
+   the masks off the sum.
 
 A site that fails or declines a step is left out from there on, as in SecAgg+: its
 pairwise masks are removed through its neighbours' shares of its mask key.
@@ -19,6 +21,7 @@ pairwise masks are removed through its neighbours' shares of its mask key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
@@ -79,7 +82,10 @@ class SecureRound:
         """The sites whose shares went out: they mask, and may be unmasked."""
         return sorted(self.inbox)
 
-    def _step(self, grid: GridLike, message_type: str, bodies: dict[int, dict]) -> dict[int, ConfigRecord]:
+    def _step(self, grid: GridLike, message_type: str, bodies: dict[int, dict],
+              enough: Callable[[ConfigRecord], bool] | None = None) -> dict[int, ConfigRecord]:
+        """Send ``bodies`` and collect the replies' records, until every site answered, the
+        timeout passed, or ``enough`` (called on each record as it arrives) says the rest are not needed."""
         messages = [Message(RecordDict({SECAGG_KEY: ConfigRecord(body)}), dst_node_id=node, message_type=message_type)
                     for node, body in bodies.items()]
         book = ReplyBook(messages, self.timeout_s)
@@ -93,6 +99,13 @@ class SecureRound:
                 book.problems.append((node, "failed", f"{message_type} reply without its {SECAGG_KEY!r} record"))
                 continue
             got[node] = record
+            if enough is not None and enough(record):
+                unheard = book.nodes - book.answered
+                if unheard:
+                    log(INFO, "fedmri: secure aggregation: %s: enough replies, not waiting for node(s) %s",
+                        message_type, sorted(unheard))
+                book.answered |= unheard  # not needed, so not failed
+                break
         step = message_type.split(".", 1)[1]
         self.problems += [(node, kind, f"{step}: {reason}") for node, kind, reason in book.finish()]
         return got
@@ -152,10 +165,18 @@ class SecureRound:
                       "dropped": sorted(set(self.graph[n]) & (shared - sent))} for n in sorted(sent)}
         b_shares: dict[int, list[bytes]] = {}
         sk_shares: dict[int, list[bytes]] = {}
-        for _node, record in self._step(grid, SECAGG_UNMASK, bodies).items():
+        needed = [(n, b_shares) for n in sent] + [(n, sk_shares) for n in shared - sent]
+
+        def collect(record: ConfigRecord) -> bool:
+            """File one site's shares; True once every secret has its threshold of them."""
             for key, into in (("b", b_shares), ("sk", sk_shares)):
                 for src, share in zip(record.get(f"{key}-src", []), record.get(f"{key}-shares", []), strict=False):
                     into.setdefault(int(src), []).append(bytes(share))
+            return all(len(into.get(n, ())) >= self.thresholds[n] for n, into in needed)
+
+        # A site that died after its masked update arrived never answers: the SuperLink only says
+        # so once its heartbeat lapses (up to a minute), so the step ends as soon as the shares suffice.
+        self._step(grid, SECAGG_UNMASK, bodies, enough=collect)
         total.unmask(self.graph, shared, self.pk_s, b_shares, sk_shares, self.thresholds)
         log(INFO, "fedmri: secure aggregation: unmasked the sum of %d sites (%d dropped after sharing keys)",
             len(sent), len(shared - sent))

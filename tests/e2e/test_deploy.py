@@ -8,9 +8,10 @@ One SuperLink serves the whole module, with five site keys registered. Four
 site daemons start together with it: two registered sites, one whose key was
 never registered and one that trusts the wrong CA; the tests then look at what
 became of each. The other three registered sites' SuperNodes start in the test
-that kills two of them mid-round. Tests run in file order: the training run sees
-exactly two sites online, the kill test adds three, the last test stops the
-server with SIGTERM. Every process is stopped by the fixtures, pass or fail, and the
+that kills two of them mid-round, and again in the one that kills one of them
+after it sent its update. Tests run in file order: the training run sees exactly
+two sites online, the kill tests add three, the last test stops the server with
+SIGTERM. Every process is stopped by the fixtures, pass or fail, and the
 e2e conftest checks by process id that none is left.
 """
 
@@ -32,6 +33,8 @@ from safetensors.torch import load_file
 
 from fedmri import wire
 from fedmri.certs import init_authority, issue_site_key
+from fedmri.client.daemon import ACTIVATION_PATIENCE_S
+from fedmri.protocol import SECAGG_UNMASK
 from fedmri.server.config import load_federation, run_config
 
 GOOD = ("site-01", "site-02")
@@ -149,13 +152,6 @@ def _aggregate(rows: list[dict], server_round: int) -> dict:
     return next(r for r in rows if r["server_round"] == server_round and r["site"] == "all")
 
 
-def test_unregistered_site_key_is_refused(federation: Federation) -> None:
-    client = federation.clients["unregistered"]
-    assert client.wait_exit(60) == 2
-    assert "refused this site's key" in client.output and "site-99.pub" in client.output
-    assert "connected to the SuperLink" not in client.output
-
-
 def test_wrong_ca_cannot_connect(federation: Federation) -> None:
     client = federation.clients["wrong-ca"]
     assert client.wait_exit(60) == 2
@@ -234,6 +230,17 @@ def test_training_run_then_search_over_tls_with_node_auth(federation: Federation
     assert {r["site"] for r in results} <= set(GOOD) and not result["skipped"]
     assert all(set(r) == {"site", "id", "score", "rank"} and len(r["id"]) == 32 for r in results)
     assert results[0]["id"] in out.stdout  # printed for the coordinator
+
+
+def test_unregistered_site_key_is_refused(federation: Federation) -> None:
+    """The daemon first tries again for a while (a restarted site meets the same refusal until
+    its previous SuperNode's heartbeat lapses), then says what to do. It started with the module,
+    so by now (after the training run) it has long given up."""
+    client = federation.clients["unregistered"]
+    assert client.wait_exit(ACTIVATION_PATIENCE_S + 90) == 2
+    assert "trying again in" in client.output
+    assert "refused this site's key" in client.output and "site-99.pub" in client.output
+    assert "connected to the SuperLink" not in client.output
 
 
 def test_a_failed_run_tells_the_coordinator_why(federation: Federation, daemons: list[Daemon],
@@ -400,6 +407,49 @@ def test_run_completes_when_two_of_five_sites_die_mid_round(federation: Federati
     assert _sites(rows, 2, "ok") == alive
     assert not set(doomed) & {r["site"] for r in rows if r["server_round"] == 2}, rows
     assert second["status"] == "aggregated" and second["sites"] == 3
+
+
+@pytest.mark.slow
+def test_a_site_killed_after_sending_its_masked_update_still_counts(federation: Federation, federation_sites: list,
+                                                                   daemons: list[Daemon], tmp_path: Path) -> None:
+    """Five sites under secure aggregation, threshold 3: one site's SuperNode is killed (SIGKILL)
+    once its masked update has reached the coordinator, when the unmask message reaches it and
+    before it can answer. Its input is in the sum and its pairwise masks cancel with the others';
+    its self-mask comes off through the shares that the four survivors hold. So the round counts
+    all five sites, and the unmasked weight is checked against their five example counts.
+
+    The coordinator stops waiting as soon as every secret has its threshold of shares: the dead
+    site's unmask reply would otherwise be waited for until the SuperLink gives up on its heartbeat
+    (37-60 s, see the test above), and the site would be booked as failed.
+
+    Runs after the test above, which killed site-03 and site-04 and stopped site-05: the
+    SuperLink refuses to activate site-05's node again until its heartbeat lapses, and its
+    daemon tries again until then (``ACTIVATION_PATIENCE_S``) instead of giving up.
+    """
+    assert {name for name, _, _ in federation_sites} >= {*GOOD, SPARE}
+    doomed = SPARES[1]
+    spares = {name: Daemon(["client", "start", "--site", str(federation.sites[name])], tmp_path / f"{name}.log")
+              for name in SPARES}
+    daemons.extend(spares.values())
+    for daemon in spares.values():
+        daemon.wait_for(CONNECTED, ACTIVATION_PATIENCE_S + 60)
+    run, _, run_dir = _start_run(federation, daemons, tmp_path, "e2e-kill-late",
+                                 [{"name": "pretrain", "rounds": 1, "local_steps": 1,
+                                   "secure_aggregation": {"enabled": True, "threshold": 0.5}}],
+                                 round_timeout_s=150, export=False, min_sites=5, wait_for_sites_s=120)
+    # The coordinator sends the unmask message only to sites whose masked update it holds; the
+    # ClientApp that would answer it takes seconds to start (torch), so the kill comes first.
+    spares[doomed].wait_for(rf"Receiving: {SECAGG_UNMASK} message", RUN_TIMEOUT_S)
+    killed = spares[doomed].kill_tree()
+    assert any("flower-supernode" in c for c in killed.values()), killed
+    assert f"Sending: {SECAGG_UNMASK} message" not in spares[doomed].output
+
+    _finish(federation, run)
+    rows = _metrics(run_dir)
+    assert _sites(rows, 1, "ok") == {*GOOD, *SPARES}, rows
+    assert not _sites(rows, 1, "failed"), rows
+    first = _aggregate(rows, 1)
+    assert first["status"] == "aggregated" and first["sites"] == 5 and first["secagg-sites"] == 5, first
 
 
 def test_server_stops_with_its_child_on_sigterm(federation: Federation) -> None:
