@@ -26,6 +26,13 @@ from deploy_helpers import FEDMRI, Daemon, cmdline, free_port, process_tree, sto
 
 CONNECTED = r"connected to the SuperLink at .* as node \d+"
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Deployment:
     """A SuperLink and one SuperNode per catalog, of ``tree`` (empty: the installed fedmri).
 
@@ -106,8 +113,14 @@ class Deployment:
         """Live process ids by role: superlink, launcher, serverapp, supernode, clientapp."""
         roles: dict[str, list[int]] = {}
         for daemon in self.daemons:
-            for pid in process_tree(daemon.proc.pid):
+            tree = process_tree(daemon.proc.pid)
+            starters = {pid for pid in tree if "fedmri.client.warm" in cmdline(pid)}
+            for pid in tree:
                 cmd = cmdline(pid)
+                if pid in starters:  # the warm starter's children are ClientApps (fedmri.client.warm)
+                    parent = _parent(pid)
+                    roles.setdefault("clientapp" if parent in starters else "warm starter", []).append(pid)
+                    continue
                 for role, needle in (("superlink", "flower-superlink"), ("launcher", "flower-superexec"),
                                      ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),
                                      ("clientapp", "flwr-clientapp")):

@@ -8,7 +8,9 @@ the node config (``site-config``), where the ClientApp reads it. Paths sent by
 the server are never trusted.
 
 Each ClientApp process starts through fedmri's launcher, which refuses an app
-bundle that brings code of its own (:mod:`fedmri.client.guard`).
+bundle that brings code of its own (:mod:`fedmri.client.guard`); a warm starter
+beside the SuperNode, which has imported fedmri once, forks it
+(:mod:`fedmri.client.warm`), so a message no longer waits seconds for imports.
 
 When the SuperNode fails for a reason a site admin can fix (the SuperLink's
 certificate is not signed by the given CA; the coordinator has not registered
@@ -24,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -35,6 +38,7 @@ from omegaconf import DictConfig
 from fedmri.client.guard import write_launcher
 from fedmri.client.reaper import ClientAppReaper
 from fedmri.client.site import load_site
+from fedmri.client.warm import SOCKET_NAME
 from fedmri.errors import FedmriError, InputError
 from fedmri.flower_cli import ForegroundChild, child_env, flower_executable
 
@@ -178,6 +182,34 @@ def serve(launch: SupernodeLaunch) -> int:
     # coordinator's app bundle before any of it can be imported (fedmri.client.guard).
     guard = write_launcher(launch.flwr_home / "fedmri-bin").parent
     env["PATH"] = os.pathsep.join([str(guard), env["PATH"]])
+    starter = _start_warm(guard / SOCKET_NAME, env)
+    try:
+        return _supervise(launch, reaper, env)
+    finally:
+        _stop_warm(starter)
+
+
+def _start_warm(path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """The warm ClientApp starter (:mod:`fedmri.client.warm`): it imports fedmri once, then forks each ClientApp.
+
+    In its own session, so that a Ctrl-C meant for the SuperNode does not reach it; the
+    daemon stops it, and it stops by itself once the daemon is gone.
+    """
+    return subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(path), str(os.getpid())],
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_warm(starter: subprocess.Popen) -> None:
+    starter.terminate()
+    try:
+        starter.wait(10)
+    except subprocess.TimeoutExpired:
+        starter.kill()
+        starter.wait(10)
+
+
+def _supervise(launch: SupernodeLaunch, reaper: ClientAppReaper, env: dict[str, str]) -> int:
+    """Run the SuperNode until it exits or is told to stop; retry a refused activation for a while."""
     first = time.monotonic()
     while True:
         watcher = _Watcher(launch, reaper)

@@ -9,7 +9,8 @@ module fedmri imports lazily) would run the coordinator's code at the site.
 
 ``fedmri client start`` runs the SuperNode with this module as its
 ``flwr-clientapp`` (a launcher of that name first on the SuperNode's PATH;
-Flower's SuperExec starts ClientApp processes by that name). Here, in order:
+Flower's SuperExec starts ClientApp processes by that name; the launcher has the
+site's warm starter fork the process, :mod:`fedmri.client.warm`). Here, in order:
 
 1. the installed ``fedmri.client.app`` is imported, while no bundle folder is
    on ``sys.path``; Python's module cache then answers every later
@@ -180,15 +181,13 @@ def main() -> None:
 
 
 def write_launcher(folder: Path) -> Path:
-    """``folder/flwr-clientapp``: a script run by this interpreter that enters :func:`main`.
+    """``folder/flwr-clientapp``: a script run by this interpreter that runs the ClientApp with these checks.
 
-    The name is Flower's (the SuperExec starts ClientApps by it, and the site's reaper
-    finds them by it); put ``folder`` first on the SuperNode's PATH.
+    It hands the ClientApp to the site's warm starter when one listens beside it
+    (:mod:`fedmri.client.warm`), else enters :func:`main` itself. The name is Flower's (the
+    SuperExec starts ClientApps by it, and the site's reaper finds them by it); put
+    ``folder`` first on the SuperNode's PATH.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LAUNCHER
-    path.write_text(f"#!{sys.executable}\n# Written by `fedmri client start`: Flower's ClientApp process with "
-                    "fedmri's bundle checks (fedmri.client.guard).\nfrom fedmri.client.guard import main\n\nmain()\n",
-                    encoding="utf-8")
-    path.chmod(0o755)
-    return path
+    from fedmri.client.warm import write_script
+
+    return write_script(folder, LAUNCHER)

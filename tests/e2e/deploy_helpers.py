@@ -261,6 +261,27 @@ def processes_named(root: int, text: str) -> dict[int, str]:
     return {pid: line for pid in process_tree(root) if text in (line := cmdline(pid))}
 
 
+def clientapp_worker(site: Daemon, launcher: int, timeout: float = 30) -> int:
+    """The process that does the work of the ClientApp whose ``flwr-clientapp`` launcher is ``launcher``.
+
+    A site daemon's warm starter (fedmri.client.warm) forks it: its newest child born no
+    earlier than the launcher (a site runs one message at a time). Without a starter the
+    launcher does the work itself.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = snapshot()
+        born = snap[1].get(launcher)
+        starters = [pid for pid in process_tree(site.proc.pid, snap) if "fedmri.client.warm" in cmdline(pid)]
+        if born is None or not starters:
+            return launcher
+        kids = [(snap[1][kid], kid) for kid in snap[0].get(starters[0], []) if snap[1].get(kid, -1) >= born]
+        if kids:
+            return max(kids)[1]
+        assert time.monotonic() < deadline, f"no ClientApp forked for launcher {launcher} within {timeout} s"
+        time.sleep(0.05)
+
+
 class Relay:
     """A TCP relay on localhost in front of a server: a site's network link that a test can stall.
 

@@ -43,7 +43,8 @@ from typing import Any
 
 import pytest
 import torch
-from deploy_helpers import Daemon, Relay, fedmri_cli, free_port, processes_named, stop_all, write_site
+from deploy_helpers import (Daemon, Relay, clientapp_worker, fedmri_cli, free_port, processes_named, stop_all,
+                            write_site)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -157,6 +158,7 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         # Round 1: site-02's ClientApp is held; site-01 answers, then restarts before round 2.
         site_02.wait_for("Sent successfully", RUN_TIMEOUT_S)  # its answer to the coordinator's query
         held = _new_clientapp(site_02, set(processes_named(site_02.proc.pid, CLIENTAPP)), RUN_TIMEOUT_S)
+        held = clientapp_worker(site_02, held)  # the warm starter's child, not its launcher
         os.kill(held, signal.SIGSTOP)
         _wait_count(site_01, "Sent successfully", 2, RUN_TIMEOUT_S)  # the query, then round 1
         time.sleep(COLLECT_S)

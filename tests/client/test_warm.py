@@ -1,0 +1,134 @@
+"""The warm ClientApp starter (fedmri.client.warm): real processes, a real Unix socket, real signals.
+
+The launcher that Flower's SuperExec starts hands its ClientApp to the starter,
+which forks it; the launcher stands in for it (signals in, exit code out) and
+the child dies with the launcher. Without a starter the launcher runs it cold
+(tests/client/test_guard.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedmri.client.guard import write_launcher
+from fedmri.client.reaper import _catches_sigterm
+from fedmri.client.warm import SOCKET_NAME
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, Path]]:
+    folder = tmp_path_factory.mktemp("warm") / "bin"
+    launcher = write_launcher(folder)
+    proc = subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(folder / SOCKET_NAME)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "warm ClientApp starter ready" in proc.stderr.readline()
+        assert (folder / SOCKET_NAME).stat().st_mode & 0o077 == 0  # the site user's only
+        yield proc, launcher
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _blocking(launcher: Path) -> subprocess.Popen:
+    """A ClientApp that waits for a runtime API nobody serves (Flower retries for minutes)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.Popen([str(launcher), "--runtime-api-address", f"127.0.0.1:{port}", "--token", "7",
+                             "--insecure"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_clientapp_runs_in_a_child_of_the_starter_with_the_launchers_streams(starter) -> None:
+    proc, launcher = starter
+    out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage: flwr-clientapp" in out.stdout and "--runtime-api-address" in out.stdout
+    assert proc.poll() is None  # the starter goes on
+
+    app = _blocking(launcher)
+    try:
+        _until(lambda: _children(proc.pid), 30, "the starter forked no child")
+        (child,) = _children(proc.pid)
+        assert _children(app.pid) == set()  # the launcher started nothing itself
+        # SIGTERM reaches the launcher once the child catches it, as with a cold ClientApp.
+        _until(lambda: _catches_sigterm(app.pid), 30, "the launcher never caught SIGTERM")
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(60) is not None
+        _until(lambda: not _alive(child), 30, "the child outlived SIGTERM")
+    finally:
+        app.kill()
+        app.wait(10)
+
+
+def test_a_killed_launcher_takes_its_child_with_it(starter) -> None:
+    proc, launcher = starter
+    app = _blocking(launcher)
+    try:
+        _until(lambda: _children(proc.pid), 30, "the starter forked no child")
+        (child,) = _children(proc.pid)
+        app.kill()  # SIGKILL: nothing forwarded, the connection just closes
+        app.wait(10)
+        _until(lambda: not _alive(child), 30, "the child outlived its launcher")
+    finally:
+        app.kill()
+        app.wait(10)
+    assert proc.poll() is None
+
+
+def test_a_broken_request_is_refused_and_the_starter_goes_on(starter) -> None:
+    proc, launcher = starter
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(launcher.parent / SOCKET_NAME))
+        conn.sendall(b"\x00\x00\x00\x05hello")  # no file descriptors, not JSON
+        conn.settimeout(30)
+        try:
+            answer = conn.recv(64)
+        except ConnectionResetError:  # closed with the request unread
+            answer = b""
+        assert answer == b""  # closed without forking a child
+    assert proc.poll() is None and not _children(proc.pid)
+    out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: flwr-clientapp" in out.stdout
+
+
+def test_the_starter_leaves_when_its_parent_does(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    # A shell starts the starter (naming itself as the parent to outlive), then exits.
+    shell = subprocess.run(["sh", "-c", f'"{sys.executable}" -m fedmri.client.warm "{path}" $$ '
+                            '>/dev/null 2>&1 & echo $!'], capture_output=True, text=True, timeout=30)
+    pid = int(shell.stdout.strip())
+    _until(lambda: not _alive(pid), 90, "the starter outlived its parent")
+    assert not path.exists()
