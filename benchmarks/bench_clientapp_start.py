@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from fedmri.client.guard import write_launcher
-from fedmri.client.warm import SOCKET_NAME
+from fedmri.client.warm import socket_path
 
 
 def _time(launcher: Path) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
         launcher = write_launcher(Path(tmp) / "bin")
         _time(launcher)  # warm the page cache for both
         cold = [_time(launcher) for _ in range(args.runs)]  # no starter listens yet: the launcher runs it
-        starter = subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(launcher.parent / SOCKET_NAME)],
+        starter = subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(socket_path(launcher.parent))],
                                    stderr=subprocess.PIPE, text=True)
         try:
             t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from fedmri.client.guard import write_launcher
 from fedmri.client.reaper import ClientAppReaper
 from fedmri.client.site import load_site
-from fedmri.client.warm import SOCKET_NAME
+from fedmri.client.warm import socket_path
 from fedmri.errors import FedmriError, InputError
 from fedmri.flower_cli import ForegroundChild, child_env, flower_executable
 
@@ -182,7 +182,7 @@ def serve(launch: SupernodeLaunch) -> int:
     # coordinator's app bundle before any of it can be imported (fedmri.client.guard).
     guard = write_launcher(launch.flwr_home / "fedmri-bin").parent
     env["PATH"] = os.pathsep.join([str(guard), env["PATH"]])
-    starter = _start_warm(guard / SOCKET_NAME, env)
+    starter = _start_warm(socket_path(guard), env)
     try:
         return _supervise(launch, reaper, env)
     finally:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 SOCKET_NAME = "clientapp.sock"
+_UNIX_PATH_MAX = 107  # a Unix socket's path holds 108 bytes, its terminating NUL included
 # Child -> launcher, one line each: its pid; Flower's signal handlers are in place; its exit code.
 _PID, _READY, _EXIT = b"P", b"R", b"X"
 _HEADER = struct.Struct("!I")
@@ -89,8 +90,29 @@ def launch(path: str, cold: Any) -> None:
     sys.exit(code)
 
 
+def socket_path(folder: Path) -> Path:
+    """Where the starter for the launcher in ``folder`` listens: beside it, or where the path fits.
+
+    A Unix socket's path is at most 107 bytes; a site's Flower home can be deeper. Then the
+    socket goes in a folder of the temp dir named after ``folder``, private to this user.
+    """
+    path = folder / SOCKET_NAME
+    if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
+        return path
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
+    short = Path(tempfile.gettempdir()) / f"fedmri-{os.getuid()}-{digest}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    info = short.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:  # not ours alone: no warm starts, cold ones
+        return path
+    return short / SOCKET_NAME
+
+
 def write_script(folder: Path, name: str) -> Path:
-    """``folder/name``: the launcher as a script run by this interpreter, with the socket beside it."""
+    """``folder/name``: the launcher as a script run by this interpreter, for the starter at :func:`socket_path`."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(
@@ -101,7 +123,7 @@ def write_script(folder: Path, name: str) -> Path:
         "def cold():\n"
         "    from fedmri.client.guard import main\n\n"
         "    main()\n\n\n"
-        f"launch({str(folder / SOCKET_NAME)!r}, cold)\n", encoding="utf-8")
+        f"launch({str(socket_path(folder))!r}, cold)\n", encoding="utf-8")
     path.chmod(0o755)
     return path
 
@@ -208,12 +230,21 @@ def serve(path: Path, parent: int | None = None, say: Any = None) -> None:
 
     install_guard()
     importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # once here, not in every child
+    import torch
+
+    if torch.cuda.is_initialized():  # a forked child cannot use a CUDA context made before the fork
+        say("warm ClientApp starter: CUDA was initialised on import; ClientApps start cold")
+        return
 
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_mask = os.umask(0o177)  # the socket is the site user's only
     try:
         listener.bind(str(path))
+    except OSError as exc:
+        say(f"warm ClientApp starter: cannot listen at {path} ({exc}); ClientApps start cold")
+        listener.close()
+        return
     finally:
         os.umask(old_mask)
     listener.listen(16)

@@ -20,7 +20,7 @@ import pytest
 
 from fedmri.client.guard import write_launcher
 from fedmri.client.reaper import _catches_sigterm
-from fedmri.client.warm import SOCKET_NAME
+from fedmri.client.warm import SOCKET_NAME, socket_path
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 
@@ -51,11 +51,11 @@ def _until(check, timeout: float, what: str) -> None:
 def starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, Path]]:
     folder = tmp_path_factory.mktemp("warm") / "bin"
     launcher = write_launcher(folder)
-    proc = subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(folder / SOCKET_NAME)],
+    proc = subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(socket_path(folder))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert "warm ClientApp starter ready" in proc.stderr.readline()
-        assert (folder / SOCKET_NAME).stat().st_mode & 0o077 == 0  # the site user's only
+        assert socket_path(folder).stat().st_mode & 0o077 == 0  # the site user's only
         yield proc, launcher
     finally:
         proc.terminate()
@@ -78,10 +78,11 @@ def test_the_clientapp_runs_in_a_child_of_the_starter_with_the_launchers_streams
     assert "usage: flwr-clientapp" in out.stdout and "--runtime-api-address" in out.stdout
     assert proc.poll() is None  # the starter goes on
 
+    before = _children(proc.pid)  # a child on its way out may still be listed
     app = _blocking(launcher)
     try:
-        _until(lambda: _children(proc.pid), 30, "the starter forked no child")
-        (child,) = _children(proc.pid)
+        _until(lambda: _children(proc.pid) - before, 30, "the starter forked no child")
+        (child,) = _children(proc.pid) - before
         assert _children(app.pid) == set()  # the launcher started nothing itself
         # SIGTERM reaches the launcher once the child catches it, as with a cold ClientApp.
         _until(lambda: _catches_sigterm(app.pid), 30, "the launcher never caught SIGTERM")
@@ -95,10 +96,11 @@ def test_the_clientapp_runs_in_a_child_of_the_starter_with_the_launchers_streams
 
 def test_a_killed_launcher_takes_its_child_with_it(starter) -> None:
     proc, launcher = starter
+    before = _children(proc.pid)  # a child on its way out may still be listed
     app = _blocking(launcher)
     try:
-        _until(lambda: _children(proc.pid), 30, "the starter forked no child")
-        (child,) = _children(proc.pid)
+        _until(lambda: _children(proc.pid) - before, 30, "the starter forked no child")
+        (child,) = _children(proc.pid) - before
         app.kill()  # SIGKILL: nothing forwarded, the connection just closes
         app.wait(10)
         _until(lambda: not _alive(child), 30, "the child outlived its launcher")
@@ -110,8 +112,9 @@ def test_a_killed_launcher_takes_its_child_with_it(starter) -> None:
 
 def test_a_broken_request_is_refused_and_the_starter_goes_on(starter) -> None:
     proc, launcher = starter
+    before = _children(proc.pid)  # an earlier test's child may still be on its way out
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.connect(str(launcher.parent / SOCKET_NAME))
+        conn.connect(str(socket_path(launcher.parent)))
         conn.sendall(b"\x00\x00\x00\x05hello")  # no file descriptors, not JSON
         conn.settimeout(30)
         try:
@@ -119,7 +122,7 @@ def test_a_broken_request_is_refused_and_the_starter_goes_on(starter) -> None:
         except ConnectionResetError:  # closed with the request unread
             answer = b""
         assert answer == b""  # closed without forking a child
-    assert proc.poll() is None and not _children(proc.pid)
+    assert proc.poll() is None and not _children(proc.pid) - before  # no child forked for it
     out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: flwr-clientapp" in out.stdout
 
@@ -132,3 +135,13 @@ def test_the_starter_leaves_when_its_parent_does(tmp_path: Path) -> None:
     pid = int(shell.stdout.strip())
     _until(lambda: not _alive(pid), 90, "the starter outlived its parent")
     assert not path.exists()
+
+
+def test_a_deep_folder_gets_a_socket_path_that_fits_and_is_private(tmp_path: Path) -> None:
+    deep = tmp_path.joinpath(*["a-rather-long-hospital-folder-name"] * 4, "fedmri-bin")
+    path = socket_path(deep)
+    assert len(str(deep / SOCKET_NAME)) > 107 and len(str(path)) <= 107
+    assert path.name == SOCKET_NAME and path.parent.stat().st_mode & 0o077 == 0
+    assert socket_path(deep) == path  # the launcher and the starter agree
+    assert socket_path(tmp_path) == tmp_path / SOCKET_NAME
+    assert str(path) in write_launcher(deep).read_text()
