@@ -30,6 +30,7 @@ who signed a bundle; it does not look at what the bundle holds.
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 import tomllib
@@ -44,6 +45,11 @@ SERVERAPP = "fedmri.server.app:app"
 ALLOWED_FILES = ("pyproject.toml",)
 ALLOWED_PREFIX = ".info/"
 LAUNCHER = "flwr-clientapp"
+# How the ClientApp polls its own SuperNode (localhost) for the message's content while the
+# SuperNode is still receiving it. Flower backs off 1, 2, 4, 8, then every 10 s, so a ClientApp
+# that asks early (a warm start, fedmri.client.warm) could wait up to 10 s after a 446 MB base
+# message had arrived. Every 0.5 s instead; the pull's overall limit (2 h) stays Flower's.
+MESSAGE_PULL = {"initial_backoff": 0.1, "backoff_cap": 0.5, "max_tries_per_object": None}
 
 
 class BundleRefused(RuntimeError):
@@ -170,6 +176,8 @@ def install_guard(say: Any = None) -> None:
     runtime.pull_task_input = pull_task_input
     runtime.install_from_fab = install_from_fab
     runtime.get_load_client_app_fn = get_load_client_app_fn
+    runtime.pull_and_inflate_object_from_tree = functools.partial(runtime.pull_and_inflate_object_from_tree,
+                                                                  **MESSAGE_PULL)
 
 
 def main() -> None:
