@@ -37,8 +37,12 @@ site, step = global round), its artifacts at the end ``privacy.md``,
 ``results.json`` and the exported model card. The default URI is a file store
 beside the run folders (``<run_root>/mlruns``): ``mlflow ui --backend-store-uri
 runs/mlruns``. A resumed run continues its MLflow run (``mlflow.json`` in the
-run folder keeps its id); MLflow cannot delete metrics, so the rounds redone
-after a kill appear twice at their step there.
+run folder keeps its id) when that run holds no round after the checkpoint.
+Otherwise (the coordinator died after logging a round and before its checkpoint)
+MLflow, which cannot delete metrics, would show the redone rounds twice: a new
+MLflow run then takes over, with the kept rows of ``metrics.jsonl`` logged again,
+tagged ``fedmri.resumed_from``; the old one ends ``KILLED``, tagged
+``fedmri.superseded_by``.
 """
 
 from __future__ import annotations
@@ -194,19 +198,24 @@ class MLflowSink:
         uri: Tracking URI; None: :func:`default_mlflow_uri`.
         experiment: Experiment name; None: the run name's first part.
         resume: Continue the MLflow run recorded in ``<run>/mlflow.json`` when there is one.
+        resume_after: The last global round the resumed run keeps. If the recorded MLflow run
+            holds a later one, a new MLflow run replaces it (see the module's docstring).
     """
 
     def __init__(self, run_path: Path, run_name: str, params: dict[str, Any], uri: str | None = None,
-                 experiment: str | None = None, resume: bool = False) -> None:
+                 experiment: str | None = None, resume: bool = False, resume_after: int | None = None) -> None:
         self.run_path = Path(run_path)
         self.uri = uri or default_mlflow_uri(self.run_path, run_name)
         self.client = mlflow_client(self.uri)
         record = self.run_path / "mlflow.json"
         previous = json.loads(record.read_text()) if resume and record.is_file() else None
+        superseded = None
         if previous and previous.get("uri") == self.uri:
-            self.run_id = previous["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
+            if resume_after is None or self._last_step(previous["run_id"]) <= resume_after:
+                self.run_id = previous["run_id"]
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+            superseded = previous["run_id"]
         parts = Path(run_name).parts
         name = experiment or parts[0]
         found = self.client.get_experiment_by_name(name)
@@ -219,6 +228,19 @@ class MLflowSink:
         flat = sorted(_flatten(params).items())
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat[i:i + 100]])
+        if superseded is not None:
+            self.client.set_tag(self.run_id, "fedmri.resumed_from", superseded)
+            self.client.set_tag(superseded, "fedmri.superseded_by", self.run_id)
+            self.client.set_terminated(superseded, status="KILLED")
+            metrics = self.run_path / "metrics.jsonl"
+            kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+                if metrics.is_file() else []
+            self.add([row for row in kept if int(row["server_round"]) <= int(resume_after)])
+
+    def _last_step(self, run_id: str) -> int:
+        """The latest global round any metric of MLflow run ``run_id`` was logged at (0 if none)."""
+        keys = self.client.get_run(run_id).data.metrics
+        return max((m.step for key in keys for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric

@@ -1,7 +1,8 @@
-"""TensorBoard events of a run: the rows of metrics.jsonl, read back with TensorBoard's own reader."""
+"""TensorBoard events and MLflow runs of a run: the rows of metrics.jsonl, read back with their own readers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,56 @@ def test_a_resumed_run_hides_the_steps_after_its_checkpoint_and_a_new_run_starts
     fresh.add([_row(1, "site-02", 9.0)])
     fresh.close()
     assert [(r["site"], r["loss"]) for r in read_rows(tmp_path)] == [("site-02", 9.0)]
+
+
+def _log(sink, run: Path, rows: list[dict]) -> None:
+    """As the recorder does: metrics.jsonl first, then the sink."""
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    sink.add(rows)
+
+
+def test_a_resume_that_redoes_logged_rounds_gets_a_clean_mlflow_run(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    from fedmri.server.tracking import MLflowSink, read_mlflow_rows
+
+    uri = (tmp_path / "mlruns").as_uri()
+    first = MLflowSink(tmp_path, "demo/t", {"a": 1}, uri)
+    for step in (1, 2, 3):
+        _log(first, tmp_path, [_row(step, "site-01", 10.0 + step), _row(step, "all", 20.0 + step)])
+    old_id = first.run_id
+    # Killed after logging round 3, before its checkpoint: the resume starts after round 2,
+    # and the pipeline has cut metrics.jsonl back to rounds 1-2.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["server_round"] <= 2]
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    resumed = MLflowSink(tmp_path, "demo/t", {"a": 1}, uri, resume=True, resume_after=2)
+    for step in (3, 4):  # round 3 again, with other numbers
+        _log(resumed, tmp_path, [_row(step, "site-01", 30.0 + step), _row(step, "all", 40.0 + step)])
+    resumed.finish()
+
+    client, run_id, rows = read_mlflow_rows(tmp_path)
+    assert run_id == resumed.run_id != old_id
+    assert [(r["server_round"], r["site"], r["loss"]) for r in rows] == [
+        (1, "all", 21.0), (1, "site-01", 11.0), (2, "all", 22.0), (2, "site-01", 12.0),
+        (3, "all", 43.0), (3, "site-01", 33.0), (4, "all", 44.0), (4, "site-01", 34.0)]
+    steps = [m.step for m in client.get_metric_history(run_id, "pretrain/site-01/loss")]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # each round once
+    old = client.get_run(old_id)
+    assert old.info.status == "KILLED" and old.data.tags["fedmri.superseded_by"] == run_id
+    new = client.get_run(run_id)
+    assert new.data.tags["fedmri.resumed_from"] == old_id and new.data.params["a"] == "1"
+
+
+def test_a_resume_with_nothing_to_redo_continues_its_mlflow_run(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    from fedmri.server.tracking import MLflowSink, read_mlflow_rows
+
+    uri = (tmp_path / "mlruns").as_uri()
+    first = MLflowSink(tmp_path, "demo/t", {}, uri)
+    _log(first, tmp_path, [_row(1, "all", 1.0), _row(2, "all", 2.0)])
+    resumed = MLflowSink(tmp_path, "demo/t", {}, uri, resume=True, resume_after=2)
+    _log(resumed, tmp_path, [_row(3, "all", 3.0)])
+    _, run_id, rows = read_mlflow_rows(tmp_path)
+    assert run_id == first.run_id == resumed.run_id
+    assert [(r["server_round"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0)]
