@@ -59,7 +59,18 @@ from fedmri.protocol import (
 )
 from fedmri.wire import from_record, group_digests, groups_in, to_record
 
-app = ClientApp()
+def _guarded(msg: Message, context: Context, call_next: Any) -> Message:
+    """Decline every message in a ClientApp process that fedmri's launcher did not start (guard.unguarded_reason)."""
+    from fedmri.client.guard import unguarded_reason
+
+    reason = unguarded_reason()
+    if reason is not None:
+        log.error("declined a %s message: %s", msg.metadata.message_type, reason)
+        return decline(msg, reason)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_guarded])
 log = logging.getLogger(__name__)
 trace.event("clientapp-imported", started=trace.process_started())
 

@@ -140,8 +140,30 @@ def _site_versions(context: Any) -> str | None:
     return load_site(str(site_file)).policy.get("fedmri_versions")
 
 
+_installed = False
+
+
+def installed() -> bool:
+    """Whether this process's ClientApp runtime checks bundles (:func:`install_guard` ran)."""
+    return _installed
+
+
+def unguarded_reason() -> str | None:
+    """Why this ClientApp must not run: a Flower ClientApp process that fedmri's launcher did not start.
+
+    That is a SuperNode started by hand (``flower-supernode``) rather than with ``fedmri client
+    start``: its ClientApps load whatever the coordinator's bundle names, unchecked. None in a
+    guarded process, and outside ClientApp processes (simulations, tests).
+    """
+    if Path(sys.argv[0]).name != LAUNCHER or _installed:
+        return None
+    return ("this site's ClientApp was started without fedmri's launcher (a SuperNode run by hand?), so the "
+            "coordinator's app bundle went unchecked: the site admin should start it with `fedmri client start`")
+
+
 def install_guard(say: Any = None) -> None:
     """Wrap Flower's ClientApp runtime so that every bundle is checked before it is installed or loaded."""
+    global _installed
     import fedmri.client.app as installed  # step 1: the installed modules, before any bundle is on sys.path
     from flwr.supernode.runtime import run_clientapp as runtime
 
@@ -178,6 +200,7 @@ def install_guard(say: Any = None) -> None:
     runtime.get_load_client_app_fn = get_load_client_app_fn
     runtime.pull_and_inflate_object_from_tree = functools.partial(runtime.pull_and_inflate_object_from_tree,
                                                                   **MESSAGE_PULL)
+    _installed = True
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -72,3 +73,32 @@ def test_the_launcher_runs_the_guarded_clientapp(tmp_path: Path) -> None:
     assert launcher.name == "flwr-clientapp" and launcher.stat().st_mode & 0o111
     out = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: flwr-clientapp" in out.stdout and "--runtime-api-address" in out.stdout
+
+
+def test_a_clientapp_process_the_launcher_did_not_start_declines_every_message(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode run by hand starts Flower's own `flwr-clientapp`: no bundle was checked, so nothing is answered."""
+    from flwr.app import Message, RecordDict
+
+    from fedmri.client import guard
+    from fedmri.protocol import STATUS_KEY, VERSIONS_KEY
+
+    from helpers.identity import server_identity
+    from helpers.local_grid import LocalGrid
+
+    def ask() -> Message:
+        grid = LocalGrid({101: tmp_path / "site.yaml"})
+        with server_identity():
+            ids = grid.push_messages([Message(RecordDict(), dst_node_id=101, message_type="query")])
+            (reply,) = grid.pull_messages(ids)
+        return reply
+
+    monkeypatch.setattr(guard, "_installed", False)
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/flwr-clientapp", "--token", "7"])
+    status = ask().content.config_records[STATUS_KEY]
+    assert status["declined"] and "fedmri client start" in status["reason"]
+    monkeypatch.setattr(guard, "_installed", True)  # fedmri's launcher (cold or warm) installed the guard
+    assert VERSIONS_KEY in ask().content.config_records
+    monkeypatch.setattr(guard, "_installed", False)
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # not a ClientApp process: a simulation, a test
+    assert VERSIONS_KEY in ask().content.config_records
