@@ -25,9 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-DP = ["federation.stages.0.dp.enabled=true", "federation.stages.0.dp.target_epsilon=6",
-      "federation.stages.1.dp.enabled=true", "federation.stages.1.dp.target_epsilon=4",
-      "federation.overrides=[align.dp_negatives=synthetic]"]
+def dp_overrides(align_epsilon: float) -> list[str]:
+    """DP-SGD in pretraining (target ε 6) and alignment (``align_epsilon``; the ledgers compose the two)."""
+    return ["federation.stages.0.dp.enabled=true", "federation.stages.0.dp.target_epsilon=6",
+            "federation.stages.1.dp.enabled=true", f"federation.stages.1.dp.target_epsilon={align_epsilon:g}",
+            "federation.overrides=[align.dp_negatives=synthetic]"]
+
+
 METRICS = ["knn_sequence_acc", "knn_body_region_acc", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "t2i_medr"]
 
 
@@ -58,7 +62,11 @@ def main() -> None:
     parser.add_argument("--units", nargs="+", default=["patient", "series"], choices=["patient", "series"],
                         help="the sites' private unit (policy.dp.unit) of the DP runs")
     parser.add_argument("--skip-no-dp", action="store_true", help="leave the no-DP runs out")
+    parser.add_argument("--align-epsilon", type=float, default=4.0,
+                        help="alignment's target ε (4: the ledgers end near 7.3; 5.2: near 8)")
     args = parser.parse_args()
+    dp = dp_overrides(args.align_epsilon)
+    tag = "" if args.align_epsilon == 4.0 else f"-a{args.align_epsilon:g}"
     rows: dict[str, list[dict]] = {"no DP": [], "DP": []} if args.units == ["series"] else {"no DP": []}
     for seed in args.seeds:
         if not args.skip_no_dp:
@@ -66,8 +74,8 @@ def main() -> None:
         for unit in args.units:
             label = "DP" if args.units == ["series"] else f"DP {unit}"
             # The private unit of every site's DP-SGD (policy.dp.unit): patient or series.
-            rows.setdefault(label, []).append(run(f"dp8-{unit}-s{seed}", seed, args.out,
-                                                  [*DP, f"site_overrides=[policy.dp.unit={unit}]"], args.reuse))
+            rows.setdefault(label, []).append(run(f"dp8-{unit}{tag}-s{seed}", seed, args.out,
+                                                  [*dp, f"site_overrides=[policy.dp.unit={unit}]"], args.reuse))
     rows = {label: runs for label, runs in rows.items() if runs}
     print(f"\n{'run':8} {'seed':>4} " + " ".join(f"{m:>19}" for m in METRICS) + "  site ε (δ 1e-5)")
     for label, runs in rows.items():
