@@ -217,7 +217,8 @@ def _supervise(launch: SupernodeLaunch, reaper: ClientAppReaper, env: dict[str, 
         _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
         child.start()
         assert child.proc is not None
-        threading.Thread(target=reaper.watch, args=(child.proc.pid, lambda: child.alive), daemon=True).start()
+        # Bound now: a retry rebinds `child`, and this thread must end with its own SuperNode.
+        threading.Thread(target=reaper.watch, args=(child.proc.pid, lambda c=child: c.alive), daemon=True).start()
         code = child.wait()
         if child.signalled:
             _say(f"SuperNode stopped (exit {code})")
