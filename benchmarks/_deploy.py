@@ -22,16 +22,10 @@ import _tests_path  # noqa: F401 -- tests/ on sys.path: the shared test helpers
 from _harness import tree_env
 
 sys.path.insert(0, str(Path(_tests_path.TESTS) / "e2e"))
-from deploy_helpers import FEDMRI, Daemon, cmdline, free_port, process_tree, stop_all, write_site  # noqa: E402
+from deploy_helpers import (FEDMRI, Daemon, cmdline, free_port, process_tree, snapshot, stop_all,  # noqa: E402
+                            write_site)
 
 CONNECTED = r"connected to the SuperLink at .* as node \d+"
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
 
 class Deployment:
     """A SuperLink and one SuperNode per catalog, of ``tree`` (empty: the installed fedmri).
@@ -112,14 +106,15 @@ class Deployment:
     def processes(self) -> dict[str, list[int]]:
         """Live process ids by role: superlink, launcher, serverapp, supernode, clientapp."""
         roles: dict[str, list[int]] = {}
+        snap = snapshot()
         for daemon in self.daemons:
-            tree = process_tree(daemon.proc.pid)
-            starters = {pid for pid in tree if "fedmri.client.warm" in cmdline(pid)}
+            tree = process_tree(daemon.proc.pid, snap)
+            warm = {pid for pid in tree if "fedmri.client.warm" in cmdline(pid)}
+            forked = {kid for pid in warm for kid in snap[0].get(pid, [])}  # the starter's children: ClientApps
             for pid in tree:
                 cmd = cmdline(pid)
-                if pid in starters:  # the warm starter's children are ClientApps (fedmri.client.warm)
-                    parent = _parent(pid)
-                    roles.setdefault("clientapp" if parent in starters else "warm starter", []).append(pid)
+                if pid in warm:
+                    roles.setdefault("clientapp" if pid in forked else "warm starter", []).append(pid)
                     continue
                 for role, needle in (("superlink", "flower-superlink"), ("launcher", "flower-superexec"),
                                      ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),

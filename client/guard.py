@@ -140,12 +140,7 @@ def _site_versions(context: Any) -> str | None:
     return load_site(str(site_file)).policy.get("fedmri_versions")
 
 
-_installed = False
-
-
-def installed() -> bool:
-    """Whether this process's ClientApp runtime checks bundles (:func:`install_guard` ran)."""
-    return _installed
+_installed = False  # install_guard ran in this process: its ClientApp runtime checks bundles
 
 
 def unguarded_reason() -> str | None:

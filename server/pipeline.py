@@ -194,8 +194,7 @@ class Pipeline:
             params = {"federation": OmegaConf.to_container(self.fed, resolve=True),
                       "config": OmegaConf.to_container(self.cfg, resolve=True)}
             self.recorder.sinks.append(MLflowSink(self.run.path, str(self.fed.name), params, mlflow.get("uri"),
-                                                  mlflow.get("experiment"), resume=resume_after is not None,
-                                                  resume_after=resume_after))
+                                                  mlflow.get("experiment"), resume_after=resume_after))
 
     def _eligible(self, nodes: list[int], stage_i: int) -> list[int]:
         compatible = self.sites.compatible()

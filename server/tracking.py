@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.errors import ConfigError
+from fedmri.server.rundir import RunDir
 
 FOLDER = "tensorboard"
 # Row fields that say where a row belongs rather than what the round measured.
@@ -197,21 +198,21 @@ class MLflowSink:
         params: The resolved configs, nested (flattened into params).
         uri: Tracking URI; None: :func:`default_mlflow_uri`.
         experiment: Experiment name; None: the run name's first part.
-        resume: Continue the MLflow run recorded in ``<run>/mlflow.json`` when there is one.
-        resume_after: The last global round the resumed run keeps. If the recorded MLflow run
-            holds a later one, a new MLflow run replaces it (see the module's docstring).
+        resume_after: For a resumed run, the last global round it keeps: the MLflow run recorded
+            in ``<run>/mlflow.json`` goes on, unless it holds a later round; then a new MLflow run
+            replaces it (see the module's docstring). None: a new run.
     """
 
     def __init__(self, run_path: Path, run_name: str, params: dict[str, Any], uri: str | None = None,
-                 experiment: str | None = None, resume: bool = False, resume_after: int | None = None) -> None:
+                 experiment: str | None = None, resume_after: int | None = None) -> None:
         self.run_path = Path(run_path)
         self.uri = uri or default_mlflow_uri(self.run_path, run_name)
         self.client = mlflow_client(self.uri)
         record = self.run_path / "mlflow.json"
-        previous = json.loads(record.read_text()) if resume and record.is_file() else None
+        previous = json.loads(record.read_text()) if resume_after is not None and record.is_file() else None
         superseded = None
         if previous and previous.get("uri") == self.uri:
-            if resume_after is None or self._last_step(previous["run_id"]) <= resume_after:
+            if self._last_step(previous["run_id"]) <= resume_after:
                 self.run_id = previous["run_id"]
                 self.client.update_run(self.run_id, status="RUNNING")
                 return
@@ -232,10 +233,7 @@ class MLflowSink:
             self.client.set_tag(self.run_id, "fedmri.resumed_from", superseded)
             self.client.set_tag(superseded, "fedmri.superseded_by", self.run_id)
             self.client.set_terminated(superseded, status="KILLED")
-            metrics = self.run_path / "metrics.jsonl"
-            kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-                if metrics.is_file() else []
-            self.add([row for row in kept if int(row["server_round"]) <= int(resume_after)])
+            self.add([row for row in RunDir(self.run_path).read_metrics() if int(row["server_round"]) <= resume_after])
 
     def _last_step(self, run_id: str) -> int:
         """The latest global round any metric of MLflow run ``run_id`` was logged at (0 if none)."""

@@ -66,7 +66,7 @@ def test_a_resume_that_redoes_logged_rounds_gets_a_clean_mlflow_run(tmp_path: Pa
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["server_round"] <= 2]
     (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    resumed = MLflowSink(tmp_path, "demo/t", {"a": 1}, uri, resume=True, resume_after=2)
+    resumed = MLflowSink(tmp_path, "demo/t", {"a": 1}, uri, resume_after=2)
     for step in (3, 4):  # round 3 again, with other numbers
         _log(resumed, tmp_path, [_row(step, "site-01", 30.0 + step), _row(step, "all", 40.0 + step)])
     resumed.finish()
@@ -91,7 +91,7 @@ def test_a_resume_with_nothing_to_redo_continues_its_mlflow_run(tmp_path: Path) 
     uri = (tmp_path / "mlruns").as_uri()
     first = MLflowSink(tmp_path, "demo/t", {}, uri)
     _log(first, tmp_path, [_row(1, "all", 1.0), _row(2, "all", 2.0)])
-    resumed = MLflowSink(tmp_path, "demo/t", {}, uri, resume=True, resume_after=2)
+    resumed = MLflowSink(tmp_path, "demo/t", {}, uri, resume_after=2)
     _log(resumed, tmp_path, [_row(3, "all", 3.0)])
     _, run_id, rows = read_mlflow_rows(tmp_path)
     assert run_id == first.run_id == resumed.run_id
