@@ -57,7 +57,7 @@ from fedmri.protocol import (
     STATUS_KEY,
     VERSIONS_KEY,
 )
-from fedmri.wire import from_record, group_digests, groups_in, to_record
+from fedmri.wire import from_record, group_digests, groups_in, to_delta_record, to_record
 
 def _guarded(msg: Message, context: Context, call_next: Any) -> Message:
     """Decline every message in a ClientApp process that fedmri's launcher did not start (guard.unguarded_reason)."""
@@ -218,8 +218,12 @@ def _handle(msg: Message, context: Context) -> Message:
     content = RecordDict()
     sent = 0
     if spec.trains:
-        content[ARRAYS_KEY] = to_record(up) if not request.secagg else ArrayRecord(
-            {k: Array(v) for k, v in masked.items()})
+        if request.secagg:
+            content[ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in masked.items()})
+        elif request.uplink == "bf16":  # the difference from what it was sent, half the bytes
+            content[ARRAYS_KEY] = to_delta_record(up, state)
+        else:
+            content[ARRAYS_KEY] = to_record(up)
         sent = content[ARRAYS_KEY].count_bytes()
     content[METRICS_KEY] = MetricRecord({**metrics, "wall-time-s": time.perf_counter() - start,
                                        "bytes-received": arrays.count_bytes(), "bytes-sent": sent})

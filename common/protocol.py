@@ -64,6 +64,9 @@ SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "query.secagg_keys", "query.secagg_s
 SITE_DP_MODES = ("off", "local", "central", "distributed")
 # Catalog splits a request may name.
 SPLITS = ("train", "val", "test")
+# How a site sends its update back: float32 values, or their difference from what it was sent
+# rounded to bfloat16 (half the bytes; fedmri.wire.to_delta_record).
+UPLINKS = ("float32", "bf16")
 # The simulation's map from partition id to site file (never set in a deployment).
 SIM_SITES_ENV = "FEDMRI_SIM_SITES"
 # Federated search (a QUERY whose config says task: search): the groups a site needs to embed its
@@ -182,6 +185,10 @@ class TrainRequest:
     # The coordinator's fedmri version, checked against the site's policy.fedmri_versions
     # ("" from a coordinator that does not say).
     fedmri_version: str = ""
+    # How the site sends its update (:data:`UPLINKS`): "float32" values, or "bf16", the
+    # difference from what it was sent rounded to bfloat16 (fedmri.wire.to_delta_record).
+    # A site that does not know this key sends float32, which the coordinator reads as ever.
+    uplink: str = "float32"
 
     @property
     def trains(self) -> bool:
@@ -252,6 +259,8 @@ class TrainRequest:
             raise RequestError(f"teacher-temp {self.teacher_temp} must be > 0")
         if self.split not in SPLITS:
             raise RequestError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.uplink not in UPLINKS:
+            raise RequestError(f"uplink {self.uplink!r} is not one of {', '.join(UPLINKS)}")
         self._check_dp()
 
     def _check_dp(self) -> None:

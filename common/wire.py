@@ -304,6 +304,30 @@ def to_record(state: Mapping[str, Tensor]) -> Any:
     return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
 
 
+def to_delta_record(up: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> Any:
+    """A Flower ``ArrayRecord`` of ``up - sent`` rounded to bfloat16, as raw bits (uint16 arrays).
+
+    Half the bytes of :func:`to_record`. The coordinator adds each delta to the float32
+    values it sent (:func:`fedmri.strategies.validation.read_reply`), so its master copy
+    stays float32 and a value's error is at most half a bfloat16 step of the delta
+    (2^-9 of it): the site's training moves a weight by the delta, not by its value's
+    last bits. A key that was not sent to the site, or with another shape, goes as float32.
+    """
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    out = {}
+    for k, v in up.items():
+        value = v.detach().to("cpu", torch.float32)
+        base = sent.get(k)
+        if base is None or tuple(base.shape) != tuple(value.shape):
+            out[k] = Array(value.contiguous().numpy())
+            continue
+        delta = (value - base.detach().to("cpu", torch.float32)).to(torch.bfloat16).contiguous()
+        out[k] = Array(delta.view(torch.int16).numpy().view(np.uint16))
+    return ArrayRecord(out)
+
+
 def from_record(record: Any) -> State:
     """Tensors from a Flower ``ArrayRecord`` (keys kept)."""
     return {k: torch.from_numpy(record[k].numpy().copy()) for k in record.keys()}

@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedmri.config import load_config
 from fedmri.config.loader import apply_overrides
 from fedmri.errors import ConfigError, InputError
+from fedmri.protocol import UPLINKS
 from fedmri import stages as stage_registry
 
 
@@ -176,6 +177,11 @@ class FederationConfig:
     # Send each site only the parameter groups whose digest it has not acknowledged; it takes
     # the rest from its cache (server/downlink.py). false: every down group every round (debugging).
     group_cache: bool = True
+    # How sites send their updates: "float32", or "bf16": each value's difference from what the
+    # site was sent, rounded to bfloat16, half the bytes; the coordinator adds it to its float32
+    # copy (fedmri.wire.to_delta_record). Ignored by secure-aggregation rounds, whose masked
+    # integers have their own encoding. Effect on results: benchmarks/RESULTS.md.
+    uplink: str = "float32"
     # Experiment tracking: the same rows as metrics.jsonl, in the trackers' own formats.
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: list[StageConfig] = field(default_factory=_default_stages)
@@ -233,6 +239,8 @@ def check_federation(cfg: DictConfig, where: str) -> None:
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"{where}: keep_checkpoints must be >= 1 (resume needs the last round), "
                           f"got {cfg.keep_checkpoints}")
+    if cfg.uplink not in UPLINKS:
+        raise ConfigError(f"{where}: uplink must be one of {', '.join(UPLINKS)}, got {cfg.uplink!r}")
     for i, stage in enumerate(cfg.stages):
         if stage.name not in stage_registry.names():
             raise ConfigError(f"{where}: stages[{i}].name {stage.name!r} is not one of "

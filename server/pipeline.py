@@ -239,6 +239,8 @@ class Pipeline:
         if spec.trains:
             fields |= dp_request(stage)
         fields |= TrainRequest.fields_from_config(self.aggregators[stage_i].client_config())
+        if spec.trains and str(self.fed.get("uplink", "float32")) != "float32":
+            fields["uplink"] = str(self.fed.uplink)
         return TrainRequest(stage=stage.name, round=rnd, server_round=server_round, seed=int(self.fed.seed),
                             run_name=str(self.fed.name), fedmri_config=OmegaConf.to_yaml(self.cfg),
                             local_steps=int(stage.local_steps), stage_rounds=int(stage.rounds),
@@ -341,7 +343,8 @@ class Pipeline:
         # coordinator never holds a round's replies at once.
         current = wire.to_record(wire.select(self.state, groups.up)) if spec.trains else None
         updates = (RoundUpdates(current, memory_bytes=memory_bytes_from_mb(float(self.fed.update_memory_mb)),
-                                spill_dir=self.run.path) if current is not None else None)
+                                spill_dir=self.run.path, bf16_deltas=request.uplink == "bf16")
+                   if current is not None else None)
         total = (SecureSum({k: tuple(a.shape) for k, a in current.items()}, secure.context)
                  if secure is not None and current is not None else None)
         masked_rejects: dict[int, str] = {}

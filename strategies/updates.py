@@ -82,17 +82,20 @@ class RoundUpdates:
         memory_bytes: Updates held in memory before the next ones go to disk.
         spill_dir: Where spilled updates go (a fresh folder inside it, removed by :meth:`close`);
             default the system's temporary folder.
+        bf16_deltas: The round asked for a bfloat16 uplink: a reply's uint16 arrays are
+            bfloat16 differences from ``current`` (:func:`~fedmri.strategies.validation.read_reply`).
 
     Use as a context manager, or call :meth:`close`: the spilled files go with it.
     """
 
     def __init__(self, current: ArrayRecord | Mapping[str, np.ndarray], *, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 spill_dir: str | Path | None = None) -> None:
+                 spill_dir: str | Path | None = None, bf16_deltas: bool = False) -> None:
         if memory_bytes < 0:
             raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
         self.current = ({key: array.numpy() for key, array in current.items()} if isinstance(current, ArrayRecord)
                         else {key: np.asarray(value) for key, value in current.items()})
         self.keys = list(self.current)
+        self.bf16_deltas = bf16_deltas
         # Where each key starts in a spilled update's file.
         self._offsets, offset = {}, 0
         for key in self.keys:
@@ -120,7 +123,7 @@ class RoundUpdates:
         node = int(msg.metadata.src_node_id)
         if node in self._updates or node in self.rejected:
             raise ValueError(f"two replies from node {node}: the pipeline sends one message per site and round")
-        arrays, reason = read_reply(self.current, msg)
+        arrays, reason = read_reply(self.current, msg, bf16_deltas=self.bf16_deltas)
         if reason is not None:
             self.rejected[node] = reason
             return reason

@@ -144,8 +144,14 @@ def validate_replies(current: ArrayRecord, replies: list[Message], factor: float
     return accepted, rejected
 
 
-def read_reply(start: Mapping[str, np.ndarray], msg: Message) -> tuple[dict[str, np.ndarray], str | None]:
-    """The reply's arrays, read once, or the reason it is rejected."""
+def read_reply(start: Mapping[str, np.ndarray], msg: Message, *,
+               bf16_deltas: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
+    """The reply's arrays, read once, or the reason it is rejected.
+
+    ``bf16_deltas``: the round asked for a bfloat16 uplink (:func:`fedmri.wire.to_delta_record`),
+    so a uint16 array where ``start`` has float32 is the bits of a bfloat16 difference from
+    ``start``, and its value is ``start`` plus that difference, in float32.
+    """
     if msg.has_error():
         return {}, f"site reported an error (code {msg.error.code}): {msg.error.reason}"
     if not msg.has_content():
@@ -160,11 +166,16 @@ def read_reply(start: Mapping[str, np.ndarray], msg: Message) -> tuple[dict[str,
     reason = validate_metrics(metrics)
     if reason is not None:
         return {}, reason
-    return _read_update(start, update)
+    return _read_update(start, update, bf16_deltas=bf16_deltas)
 
 
-def _read_update(expected: ArrayRecord | Mapping[str, np.ndarray],
-                 update: ArrayRecord) -> tuple[dict[str, np.ndarray], str | None]:
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Float32 values of bfloat16 numbers given as their raw bits (uint16): exact."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _read_update(expected: ArrayRecord | Mapping[str, np.ndarray], update: ArrayRecord, *,
+                 bf16_deltas: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
     """Deserialise ``update`` and check it against ``expected``; the arrays, or the first problem."""
     missing = [key for key in expected if key not in update]
     if missing:
@@ -180,6 +191,9 @@ def _read_update(expected: ArrayRecord | Mapping[str, np.ndarray],
             return {}, f"{key!r} cannot be read as a NumPy array: {error}"
         if tuple(got.shape) != tuple(want.shape):
             return {}, f"{key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if bf16_deltas and got.dtype == np.uint16 and np.dtype(want.dtype) == np.float32:
+            want = want.numpy() if not isinstance(want, np.ndarray) else want
+            got = want + bf16_to_float32(got)
         if str(got.dtype) != str(want.dtype):
             return {}, f"{key!r} has dtype {got.dtype}, expected {want.dtype}"
         finite = np.isfinite(got)
