@@ -4,152 +4,45 @@ TLS and SuperNode authentication are on, as in production, and the sites train
 for real on the synthetic hospitals of ``federation_sites`` (a 2-block,
 32-wide encoder, the micro preset, keeps a round to seconds of compute).
 
-One SuperLink serves the whole module, with five site keys registered. Four
-site daemons start together with it: two registered sites, one whose key was
-never registered and one that trusts the wrong CA; the tests then look at what
-became of each. The other three registered sites' SuperNodes start in the test
-that kills two of them mid-round, and again in the one that kills one of them
-after it sent its update. Tests run in file order: the training run sees exactly
-two sites online, the kill tests add three, the last test stops the server with
-SIGTERM. Every process is stopped by the fixtures, pass or fail, and the
+One SuperLink serves the whole module, with five site keys registered
+(tests/e2e/deployed_federation.py). Four site daemons start together with it: two
+registered sites, one whose key was never registered and one that trusts the wrong
+CA; the tests then look at what became of each. The other three registered sites'
+SuperNodes start in the test that kills two of them mid-round. Tests run in file
+order: the training run sees exactly two sites online, the kill test adds three,
+the last test stops the server with SIGTERM. The test that kills a site after it
+sent its masked update has its own module and SuperLink (test_deploy_secagg.py). Every process is stopped by the fixtures, pass or fail, and the
 e2e conftest checks by process id that none is left.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from deploy_helpers import Daemon, fedmri_cli, free_port, process_tree, stop_all, write_site
-from omegaconf import OmegaConf
+from deploy_helpers import Daemon, fedmri_cli, process_tree
+from deployed_federation import CONNECTED, GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
+from deployed_federation import aggregate as _aggregate
+from deployed_federation import finish as _finish
+from deployed_federation import metrics as _metrics
+from deployed_federation import sites as _sites
+from deployed_federation import start_run as _start_run
+from deployed_federation import status as _status
 from safetensors.torch import load_file
 
 from fedmri import wire
-from fedmri.certs import init_authority, issue_site_key
 from fedmri.client.daemon import ACTIVATION_PATIENCE_S
-from fedmri.protocol import SECAGG_UNMASK
 from fedmri.server.config import load_federation, run_config
-
-GOOD = ("site-01", "site-02")
-# Registered with the others; their SuperNodes start in the kill test, which kills the first two.
-SPARES = ("site-03", "site-04", "site-05")
-SPARE = SPARES[0]
-# The spare sites without a hospital of their own train on a copy of these sites' catalogs.
-CATALOG_OF = {"site-04": "site-01", "site-05": "site-02"}
-CONNECTED = r"connected to the SuperLink at .* as node \d+"
-# Onto the micro preset. warmup_fraction=0: the schedule is read at the start of each
-# round, so a one-round stage would otherwise train at the warm-up's lr 0.
-OVERRIDES = ["ssl.warmup_fraction=0"]
-# Bounds on a whole run: seconds of compute, but every message starts a ClientApp process
-# (torch and fedmri imports), and the 2-core CI machine is shared.
-RUN_TIMEOUT_S = 360
-
-
-@dataclass
-class Federation:
-    certs: Path
-    state: Path
-    address: str
-    port: int
-    sites: dict[str, Path]  # site.yaml of GOOD, SPARES and the two that cannot connect
-    server: Daemon
-    clients: dict[str, Daemon]
-    other_ca: Path
 
 
 @pytest.fixture(scope="module")
 def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    # Sites get the indexed hospitals only when a selected test here trains (those ask for
-    # federation_sites too): indexing them is half a minute the other tests do not need.
-    training = any("federation_sites" in item.fixturenames for item in request.session.items
-                   if getattr(item, "module", None) is request.module)
-    catalogs = {name: catalog for name, _, catalog in request.getfixturevalue("federation_sites")} if training else {}
-    root = tmp_path_factory.mktemp("deployed")
-    for name, source in CATALOG_OF.items() if training else ():
-        catalogs[name] = Path(shutil.copytree(catalogs[source], root / "catalogs" / name,
-                                              ignore=shutil.ignore_patterns(".fedmri")))
-    certs = root / "certs"
-    init_authority(certs, ["localhost", "127.0.0.1"], [*GOOD, *SPARES])
-    # Same CA, a key the coordinator never registered: kept out of the certs folder.
-    rogue = root / "rogue-certs"
-    rogue.mkdir()
-    shutil.copy(certs / "ca.crt", rogue / "ca.crt")
-    rogue_key, _ = issue_site_key(rogue, "site-99")
-    other_ca = init_authority(root / "other-ca", ["localhost"], []).folder / "ca.crt"
-
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    started: list[Daemon] = []
-    try:
-        server = Daemon(["server", "start", "--certs", str(certs), "--state", str(root / "state"),
-                         "--host", "127.0.0.1", "--port", str(port)], root / "server.log")
-        started.append(server)
-        server.wait_for(r"SuperLink ready at https://127\.0\.0\.1:\d+: .*5 site key\(s\) registered", 90)
-        sites = {name: write_site(root / name, name, address, certs / "ca.crt", certs / f"{name}.key", free_port(),
-                                  catalogs.get(name)) for name in (*GOOD, *SPARES)}
-        sites["unregistered"] = write_site(root / "site-99", "site-99", address, rogue / "ca.crt", rogue_key,
-                                           free_port())
-        sites["wrong-ca"] = write_site(root / "wrong-ca", "site-01", address, other_ca, certs / "site-01.key",
-                                       free_port())
-        clients = {}
-        for name, site in sites.items():
-            if name not in SPARES:
-                clients[name] = Daemon(["client", "start", "--site", str(site)], root / f"{name}.log")
-                started.append(clients[name])
-        for name in GOOD:
-            clients[name].wait_for(CONNECTED, 60)
-        yield Federation(certs, root / "state", address, port, sites, server, clients, other_ca)
-    finally:
-        stop_all(started)
-
-
-def _status(fed: Federation) -> dict:
-    out = fedmri_cli("status", "--state", str(fed.state), "--json", timeout=90)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def _start_run(fed: Federation, daemons: list[Daemon], folder: Path, name: str, stages: list[dict],
-               **settings: object) -> tuple[Daemon, Path, Path]:
-    """`fedmri run --stream` of a micro-encoder federation, as a daemon (stopped whatever happens).
-
-    Returns the run daemon, the federation file and the run folder.
-    """
-    body = {"name": name, "preset": "micro", "overrides": OVERRIDES, "min_sites": 2, "wait_for_sites_s": 60,
-            "stages": stages} | settings
-    config = folder / "federation.yaml"
-    config.write_text(OmegaConf.to_yaml(OmegaConf.create(body)))
-    run = Daemon(["run", "--config", str(config), "--state", str(fed.state), "--stream"], folder / "run.log")
-    daemons.append(run)
-    return run, config, fed.state / "runs" / name  # relative run_root: under the server's state folder
-
-
-def _finish(fed: Federation, run: Daemon) -> str:
-    """Wait for a streamed run; it must end completed. Returns its run id."""
-    code = run.wait_exit(RUN_TIMEOUT_S, watch=[fed.server, *fed.clients.values()])
-    assert code == 0, run.output[-6000:]
-    run_id = run.output.split("run ", 1)[1].split()[0]
-    assert f"run {run_id}: finished:completed" in run.output
-    return run_id
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _sites(rows: list[dict], server_round: int, status: str) -> set[str]:
-    return {r["site"] for r in rows if r["server_round"] == server_round and r["status"] == status}
-
-
-def _aggregate(rows: list[dict], server_round: int) -> dict:
-    return next(r for r in rows if r["server_round"] == server_round and r["site"] == "all")
+    yield from start_federation(request, tmp_path_factory)
 
 
 def test_wrong_ca_cannot_connect(federation: Federation) -> None:
@@ -407,49 +300,6 @@ def test_run_completes_when_two_of_five_sites_die_mid_round(federation: Federati
     assert _sites(rows, 2, "ok") == alive
     assert not set(doomed) & {r["site"] for r in rows if r["server_round"] == 2}, rows
     assert second["status"] == "aggregated" and second["sites"] == 3
-
-
-@pytest.mark.slow
-def test_a_site_killed_after_sending_its_masked_update_still_counts(federation: Federation, federation_sites: list,
-                                                                   daemons: list[Daemon], tmp_path: Path) -> None:
-    """Five sites under secure aggregation, threshold 3: one site's SuperNode is killed (SIGKILL)
-    once its masked update has reached the coordinator, when the unmask message reaches it and
-    before it can answer. Its input is in the sum and its pairwise masks cancel with the others';
-    its self-mask comes off through the shares that the four survivors hold. So the round counts
-    all five sites, and the unmasked weight is checked against their five example counts.
-
-    The coordinator stops waiting as soon as every secret has its threshold of shares: the dead
-    site's unmask reply would otherwise be waited for until the SuperLink gives up on its heartbeat
-    (37-60 s, see the test above), and the site would be booked as failed.
-
-    Runs after the test above, which killed site-03 and site-04 and stopped site-05: the
-    SuperLink refuses to activate site-05's node again until its heartbeat lapses, and its
-    daemon tries again until then (``ACTIVATION_PATIENCE_S``) instead of giving up.
-    """
-    assert {name for name, _, _ in federation_sites} >= {*GOOD, SPARE}
-    doomed = SPARES[1]
-    spares = {name: Daemon(["client", "start", "--site", str(federation.sites[name])], tmp_path / f"{name}.log")
-              for name in SPARES}
-    daemons.extend(spares.values())
-    for daemon in spares.values():
-        daemon.wait_for(CONNECTED, ACTIVATION_PATIENCE_S + 60)
-    run, _, run_dir = _start_run(federation, daemons, tmp_path, "e2e-kill-late",
-                                 [{"name": "pretrain", "rounds": 1, "local_steps": 1,
-                                   "secure_aggregation": {"enabled": True, "threshold": 0.5}}],
-                                 round_timeout_s=150, export=False, min_sites=5, wait_for_sites_s=120)
-    # The coordinator sends the unmask message only to sites whose masked update it holds; the
-    # ClientApp that would answer it takes seconds to start (torch), so the kill comes first.
-    spares[doomed].wait_for(rf"Receiving: {SECAGG_UNMASK} message", RUN_TIMEOUT_S)
-    killed = spares[doomed].kill_tree()
-    assert any("flower-supernode" in c for c in killed.values()), killed
-    assert f"Sending: {SECAGG_UNMASK} message" not in spares[doomed].output
-
-    _finish(federation, run)
-    rows = _metrics(run_dir)
-    assert _sites(rows, 1, "ok") == {*GOOD, *SPARES}, rows
-    assert not _sites(rows, 1, "failed"), rows
-    first = _aggregate(rows, 1)
-    assert first["status"] == "aggregated" and first["sites"] == 5 and first["secagg-sites"] == 5, first
 
 
 def test_server_stops_with_its_child_on_sigterm(federation: Federation) -> None:
