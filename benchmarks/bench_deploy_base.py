@@ -23,7 +23,7 @@ its reply's arrays, the reply's way back to the coordinator, and aggregating.
     python benchmarks/bench_deploy_base.py --store disk --runs 3
     python benchmarks/bench_deploy_base.py --store memory --runs 3
     python benchmarks/bench_deploy_base.py --store memory --runs 1 --trace
-    python benchmarks/bench_deploy_base.py --store memory --runs 2 --trace --uplink float32 bf16
+    python benchmarks/bench_deploy_base.py --store memory --runs 2 --trace --wire float32 bf16-up bf16
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from _deploy import Deployment
 from _harness import boot_folder
 
 MB = 1e6
+# --wire: the federation's (uplink, downlink).
+WIRES = {"float32": ("float32", "float32"), "bf16-up": ("bf16", "float32"), "bf16": ("bf16", "bf16")}
 PATTERNS = {"round1": r"fedmri: pretrain round 1/1 done in ([\d.]+) s", "heads": r"fedmri: heads round 1/1 done in ([\d.]+) s",
             "cause": r"cause: (.*)$", "locked": r"(database is locked)"}
 
@@ -165,8 +167,9 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=8, help="series per site")
     parser.add_argument("--keep", default="", help="keep the data and deployment in this folder")
     parser.add_argument("--trace", action="store_true", help="break each round down (FEDMRI_TRACE)")
-    parser.add_argument("--uplink", nargs="+", default=["float32"], choices=("float32", "bf16"),
-                        help="the federation's uplink; several: each run alternates them, one table each")
+    parser.add_argument("--wire", nargs="+", default=["float32"], choices=tuple(WIRES),
+                        help="float32, bf16-up (uplink: bf16) or bf16 (uplink and downlink); several: the runs "
+                        "alternate them, one table each")
     parser.add_argument("--tree", default="", help="deploy another fedmri checkout instead (with --store "
                         "disk for trees that have no --store)")
     args = parser.parse_args()
@@ -183,8 +186,8 @@ def main() -> None:
                                 server_args=[] if tree and store == "disk" else ["--store", store])
         rows = []
         try:
-            for r in range(args.runs * len(args.uplink)):  # --runs of each uplink, alternated
-                uplink = args.uplink[r % len(args.uplink)]
+            for r in range(args.runs * len(args.wire)):  # --runs of each wire, alternated
+                wire = args.wire[r % len(args.wire)]
                 config = deployment.root / f"run-{r}.yaml"
                 config.write_text(textwrap.dedent(f"""
                     name: base-{r}
@@ -193,7 +196,8 @@ def main() -> None:
                     wait_for_sites_s: 120
                     round_timeout_s: 1800
                     export: false
-                    uplink: {uplink}
+                    uplink: {WIRES[wire][0]}
+                    downlink: {WIRES[wire][1]}
                     overrides: ["ssl.warmup_fraction=0"]
                     stages:
                       - {{name: pretrain, rounds: 1, local_steps: 1}}
@@ -207,7 +211,7 @@ def main() -> None:
                 sampler.join()
                 state_mb = _folder_mb(deployment.state)
                 db = deployment.state / "state.db"
-                row = {"run": r + 1, "uplink": uplink, "code": code, "wall": seen["run"], "pretrain": seen.get("round1"),
+                row = {"run": r + 1, "wire": wire, "code": code, "wall": seen["run"], "pretrain": seen.get("round1"),
                        "heads": seen.get("heads"), "locked": "locked" in seen or "database is locked" in output,
                        "cause": output.split("cause: ", 1)[1].splitlines()[0] if "cause: " in output else "",
                        "peak": dict(sampler.peak), "state_mb": state_mb,
@@ -216,7 +220,7 @@ def main() -> None:
                        "db_mb": db.stat().st_size / MB if db.exists() else 0.0,
                        "breakdown": _breakdown(trace)}
                 rows.append(row)
-                print(f"[run {r + 1}, uplink {uplink}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
+                print(f"[run {r + 1}, wire {wire}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
                       f"{row['heads']} s; locked: {row['locked']}; {row['cause']}; peak RSS MB "
                       + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["peak"].items()))
                       + f"; state folder {state_mb:.0f} MB (state.db {row['db_mb']:.0f} MB); first ClientApp after "
@@ -236,9 +240,9 @@ def main() -> None:
         walls = [r["wall"] for r in rows if r["code"] == 0]
         print(f"\n{args.tree or 'this tree'}, --store {store}: {done} of {len(rows)} runs completed"
               + (f"; median wall {statistics.median(walls):.0f} s" if walls else ""))
-        for uplink in args.uplink:
-            print(f"\nuplink {uplink}:")
-            _summary([r for r in rows if r["code"] == 0 and r["uplink"] == uplink])
+        for wire in args.wire:
+            print(f"\nwire {wire}:")
+            _summary([r for r in rows if r["code"] == 0 and r["wire"] == wire])
         print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if not args.keep:

@@ -188,7 +188,11 @@ def _handle(msg: Message, context: Context) -> Message:
         arrays = msg.content[ARRAYS_KEY]
         down = spec.groups(run_cfg).down
         records = msg.content.config_records
-        state = resolve_down(from_record(arrays), records.get(DIGESTS_KEY), down, GroupCache.of_site(site),
+        try:
+            received = from_record(arrays, bf16=request.downlink == "bf16")
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        state = resolve_down(received, records.get(DIGESTS_KEY), down, GroupCache.of_site(site),
                              records.get(REBUILD_KEY))
         if sorted(groups_in(state)) != sorted(down):
             raise RequestError(f"{stage} expects groups {list(down)}, got {groups_in(state)}")

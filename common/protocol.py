@@ -189,6 +189,10 @@ class TrainRequest:
     # difference from what it was sent rounded to bfloat16 (fedmri.wire.to_delta_record).
     # A site that does not know this key sends float32, which the coordinator reads as ever.
     uplink: str = "float32"
+    # How the coordinator sends the round's up groups (the ones the site trains): "float32", or
+    # "bf16", rounded to bfloat16 (uint16 bits on the wire; fedmri.wire.to_bf16_record); needs
+    # the bf16 uplink, so the coordinator keeps its float32 copy.
+    downlink: str = "float32"
 
     @property
     def trains(self) -> bool:
@@ -259,8 +263,11 @@ class TrainRequest:
             raise RequestError(f"teacher-temp {self.teacher_temp} must be > 0")
         if self.split not in SPLITS:
             raise RequestError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
-        if self.uplink not in UPLINKS:
-            raise RequestError(f"uplink {self.uplink!r} is not one of {', '.join(UPLINKS)}")
+        for name in ("uplink", "downlink"):
+            if getattr(self, name) not in UPLINKS:
+                raise RequestError(f"{name} {getattr(self, name)!r} is not one of {', '.join(UPLINKS)}")
+        if self.downlink == "bf16" and self.uplink != "bf16":
+            raise RequestError("downlink bf16 needs uplink bf16: the site must send its update as a difference")
         self._check_dp()
 
     def _check_dp(self) -> None:

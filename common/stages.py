@@ -159,7 +159,7 @@ def _pretrain_values(r: RoundInputs) -> dict[str, Any]:
 def _move_teacher(state: State, request: Any, stage: Any) -> float:
     """The coordinator's teacher follows the aggregated student (fedmri.wire, "Where the teacher lives")."""
     m = wire.server_teacher_momentum(float(request.teacher_momentum), int(stage.local_steps))
-    wire.update_teacher(state, m)
+    wire.update_teacher(state, m, bf16_student=request.downlink == "bf16")
     return m
 
 

@@ -259,25 +259,46 @@ def _ema(teacher: Tensor, student: Tensor, momentum: float) -> Tensor:
     return teacher * momentum + student * (1.0 - momentum)
 
 
-def update_teacher(state: State, momentum: float) -> None:
-    """EMA of the student into the teacher, in place: teacher <- m teacher + (1 - m) student."""
+def round_bf16(t: Tensor) -> Tensor:
+    """``t`` rounded to the nearest bfloat16 (ties to even), as float32: what a bf16 downlink delivers."""
+    return t.detach().to(torch.bfloat16).to(torch.float32)
+
+
+def update_teacher(state: State, momentum: float, *, bf16_student: bool = False) -> None:
+    """EMA of the student into the teacher, in place: teacher <- m teacher + (1 - m) student.
+
+    ``bf16_student``: the sites are sent the student rounded to bfloat16 (a bf16 downlink), so the
+    teacher follows the student they see, and each site can rebuild it bit for bit.
+    """
     with torch.no_grad():
         for teacher, student in TEACHER_SOURCES.items():
             for k in [k for k in state if group_of(k) == student]:
                 t_key = _teacher_key(teacher, k)
-                state[t_key] = _ema(state[t_key], state[k], momentum)
+                s = round_bf16(state[k]) if bf16_student else state[k]
+                state[t_key] = _ema(state[t_key], s, momentum)
 
 
-def teacher_is_copy(state: Mapping[str, Tensor], group: str) -> bool:
-    """Whether teacher group ``group`` of ``state`` equals its student group, key for key (before any move)."""
+def teacher_is_copy(state: Mapping[str, Tensor], group: str, *, bf16_student: bool = False) -> bool:
+    """Whether teacher group ``group`` of ``state`` equals its student group, key for key (before any move);
+    with ``bf16_student``, the student rounded to bfloat16 (what the sites are sent)."""
     teacher = select(state, [group])
     student = select(state, [TEACHER_SOURCES[group]])
     if not teacher or len(teacher) != len(student):
         return False
     for k, s in student.items():
         t = teacher.get(_teacher_key(group, k))
-        if t is None or t.shape != s.shape or not torch.equal(t, s):
+        if t is None or t.shape != s.shape or not torch.equal(t, round_bf16(s) if bf16_student else s):
             return False
+    return True
+
+
+def round_teacher_copy(state: State, group: str) -> bool:
+    """Before the teacher first moves (a float32 copy of the student), make it the copy of the student
+    rounded to bfloat16, in place, so that a site sent that student rebuilds it. Returns whether it did."""
+    if not teacher_is_copy(state, group):
+        return False
+    for k in select(state, [TEACHER_SOURCES[group]]):
+        state[_teacher_key(group, k)] = round_bf16(state[k])
     return True
 
 
@@ -328,9 +349,35 @@ def to_delta_record(up: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> Any
     return ArrayRecord(out)
 
 
-def from_record(record: Any) -> State:
-    """Tensors from a Flower ``ArrayRecord`` (keys kept)."""
-    return {k: torch.from_numpy(record[k].numpy().copy()) for k in record.keys()}
+def to_bf16_record(state: Mapping[str, Tensor]) -> Any:
+    """A Flower ``ArrayRecord`` of ``state`` rounded to bfloat16, as raw bits (uint16 arrays): half the
+    bytes of :func:`to_record`; :func:`from_record` reads them back as float32 (a bf16 downlink)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(v.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy()
+                                 .view(np.uint16)) for k, v in state.items()})
+
+
+def from_record(record: Any, *, bf16: bool = False) -> State:
+    """Tensors from a Flower ``ArrayRecord`` (keys kept); with ``bf16``, a uint16 array is bfloat16
+    bits (:func:`to_bf16_record`) and comes back as float32.
+
+    Raises:
+        ValueError: A uint16 array without ``bf16`` (the request did not announce a bf16 downlink).
+    """
+    import numpy as np
+
+    out = {}
+    for k in record.keys():
+        a = record[k].numpy()
+        if a.dtype == np.uint16:
+            if not bf16:
+                raise ValueError(f"{k!r} came as bfloat16 bits, but the request did not ask for a bf16 downlink")
+            out[k] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(torch.float32)
+        else:
+            out[k] = torch.from_numpy(a.copy())
+    return out
 
 
 def initial_state(cfg: Any) -> State:

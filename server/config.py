@@ -182,6 +182,11 @@ class FederationConfig:
     # copy (fedmri.wire.to_delta_record). Ignored by secure-aggregation rounds, whose masked
     # integers have their own encoding. Effect on results: benchmarks/RESULTS.md.
     uplink: str = "float32"
+    # How the coordinator sends the groups a round trains: "float32", or "bf16", rounded to
+    # bfloat16 (half the bytes); needs uplink bf16, since each site's update then comes as a
+    # difference and the coordinator keeps its float32 copy. The teacher follows the rounded
+    # student, so the sites still rebuild it. Ignored by secure-aggregation rounds.
+    downlink: str = "float32"
     # Experiment tracking: the same rows as metrics.jsonl, in the trackers' own formats.
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: list[StageConfig] = field(default_factory=_default_stages)
@@ -239,8 +244,12 @@ def check_federation(cfg: DictConfig, where: str) -> None:
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"{where}: keep_checkpoints must be >= 1 (resume needs the last round), "
                           f"got {cfg.keep_checkpoints}")
-    if cfg.uplink not in UPLINKS:
-        raise ConfigError(f"{where}: uplink must be one of {', '.join(UPLINKS)}, got {cfg.uplink!r}")
+    for name in ("uplink", "downlink"):
+        if cfg[name] not in UPLINKS:
+            raise ConfigError(f"{where}: {name} must be one of {', '.join(UPLINKS)}, got {cfg[name]!r}")
+    if cfg.downlink == "bf16" and cfg.uplink != "bf16":
+        raise ConfigError(f"{where}: downlink bf16 needs uplink: bf16 (the sites must send differences, or "
+                          "the float32 copy that keeps small updates is lost)")
     for i, stage in enumerate(cfg.stages):
         if stage.name not in stage_registry.names():
             raise ConfigError(f"{where}: stages[{i}].name {stage.name!r} is not one of "

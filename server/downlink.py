@@ -74,7 +74,8 @@ class Downlink:
     def start(self, state: Mapping[str, Tensor], groups: Sequence[str], config: ConfigRecord, message_type: str,
               nodes: Iterable[int], site_name: Callable[[int], str],
               extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None,
-              cached: Sequence[str] | None = None, rebuilt: Sequence[str] = ()) -> RoundDownlink:
+              cached: Sequence[str] | None = None, rebuilt: Sequence[str] = (),
+              rounded: Sequence[str] = ()) -> RoundDownlink:
         """One round's messages: ``groups`` of ``state`` and the request ``config`` to each node.
 
         Args:
@@ -89,10 +90,11 @@ class Downlink:
             cached: The groups to name by digest (the round leaves them unchanged); None: all.
             rebuilt: Teacher groups that a site may rebuild from the student it is sent
                 (:attr:`fedmri.wire.StageGroups.rebuilt`); named by digest too.
+            rounded: Groups sent rounded to bfloat16 (a bf16 downlink: the round's up groups).
         """
         moves, self.moves = self.moves, {}
         return RoundDownlink(self, wire.select(state, groups), config, message_type, list(nodes), site_name, extras,
-                             cached, rebuilt, moves)
+                             cached, rebuilt, moves, rounded)
 
     def moved(self, round_: RoundDownlink, momentum: float | None) -> None:
         """The coordinator moved ``round_``'s rebuilt groups by EMA with ``momentum`` after its aggregation.
@@ -135,7 +137,8 @@ class RoundDownlink:
     Attributes:
         messages: The first message to each node, in the order of the nodes.
         digests: Down group -> digest (empty when the cache is off).
-        bytes_sent: node -> float32 bytes of the arrays sent to it this round, a resend included.
+        bytes_sent: node -> bytes of the arrays sent to it this round (float32, or 2 per value of a
+            rounded group), a resend included.
         sent: Every message of the round, resends included.
     """
 
@@ -143,7 +146,7 @@ class RoundDownlink:
                  nodes: list[int], site_name: Callable[[int], str],
                  extras: Callable[[int], Mapping[str, ConfigRecord]] | None = None,
                  cached: Sequence[str] | None = None, rebuilt: Sequence[str] = (),
-                 moves: Mapping[str, tuple[str, float]] | None = None) -> None:
+                 moves: Mapping[str, tuple[str, float]] | None = None, rounded: Sequence[str] = ()) -> None:
         self.downlink = downlink
         self.extras = extras
         self.entries = entries
@@ -151,6 +154,7 @@ class RoundDownlink:
         self.message_type = message_type
         self.site_name = site_name
         self.groups = wire.groups_in(entries)
+        self.rounded = {g for g in rounded if g in self.groups}
         self.rebuilt = [g for g in rebuilt if g in self.groups]
         named = [g for g in self.groups if cached is None or g in cached or g in self.rebuilt]
         self.digests = wire.group_digests(wire.select(entries, named)) if downlink.enabled and named else {}
@@ -158,15 +162,15 @@ class RoundDownlink:
         # moves, else the EMA of last round's teacher (Downlink.moved); neither: sent in full.
         self.rebuild: dict[str, tuple[str, float]] = {}
         for g in self.rebuilt if self.digests else ():
-            if wire.teacher_is_copy(entries, g):
+            if wire.teacher_is_copy(entries, g, bf16_student=wire.TEACHER_SOURCES[g] in self.rounded):
                 self.rebuild[g] = ("", 0.0)
             elif g in (moves or {}):
                 self.rebuild[g] = moves[g]
         self.bytes_sent: dict[int, int] = {}
         self.sent: list[Message] = []
         self._group_bytes = {g: 0 for g in self.groups}
-        for k, t in entries.items():
-            self._group_bytes[wire.group_of(k)] += 4 * t.numel()  # float32 on the wire (wire.to_record)
+        for k, t in entries.items():  # float32 on the wire (wire.to_record), or bfloat16 bits
+            self._group_bytes[wire.group_of(k)] += (2 if wire.group_of(k) in self.rounded else 4) * t.numel()
         self._group_records: dict[str, ArrayRecord] = {}
         self._records: dict[tuple[str, ...], ArrayRecord] = {}
         self._full: set[int] = set()
@@ -178,12 +182,13 @@ class RoundDownlink:
         # One record per set of groups, built from one copy of each group: sites that lack the
         # same groups share it, and a resend shares its arrays with the first messages.
         if groups not in self._records:
-            if groups == tuple(self.groups) and not self.digests:
+            if groups == tuple(self.groups) and not self.digests and not self.rounded:
                 self._records[groups] = wire.to_record(self.entries)
             else:
                 for g in groups:
                     if g not in self._group_records:
-                        self._group_records[g] = wire.to_record(wire.select(self.entries, [g]))
+                        encode = wire.to_bf16_record if g in self.rounded else wire.to_record
+                        self._group_records[g] = encode(wire.select(self.entries, [g]))
                 self._records[groups] = ArrayRecord({k: a for g in groups for k, a in self._group_records[g].items()})
         return self._records[groups]
 

@@ -239,8 +239,8 @@ class Pipeline:
         if spec.trains:
             fields |= dp_request(stage)
         fields |= TrainRequest.fields_from_config(self.aggregators[stage_i].client_config())
-        if spec.trains and str(self.fed.get("uplink", "float32")) != "float32":
-            fields["uplink"] = str(self.fed.uplink)
+        if spec.trains and not stage.secure_aggregation.enabled:  # masked integers have their own encoding
+            fields |= {"uplink": str(self.fed.uplink), "downlink": str(self.fed.downlink)}
         return TrainRequest(stage=stage.name, round=rnd, server_round=server_round, seed=int(self.fed.seed),
                             run_name=str(self.fed.name), fedmri_config=OmegaConf.to_yaml(self.cfg),
                             local_steps=int(stage.local_steps), stage_rounds=int(stage.rounds),
@@ -324,11 +324,14 @@ class Pipeline:
             except SecAggError as exc:
                 log(WARNING, "fedmri: %s round %d: %s", stage.name, rnd, exc)
                 training = []
+        rounded = groups.up if request.downlink == "bf16" else ()
+        for group in groups.rebuilt if rounded else ():  # an unmoved teacher: the copy of what the sites get
+            wire.round_teacher_copy(self.state, group)
         # Each site gets the down groups it has not acknowledged (server/downlink.py).
         downlink = self.downlink.start(self.state, groups.down, ConfigRecord(request.to_config()),
                                        spec.message_type, training, self.site,
                                        extras=secure.extras if secure is not None else None, cached=groups.kept,
-                                       rebuilt=groups.rebuilt)
+                                       rebuilt=groups.rebuilt, rounded=rounded)
         messages, down_bytes = downlink.messages, max(downlink.bytes_sent.values(), default=0)
         out.bytes_down_by_node = downlink.bytes_sent  # the same dict: a resend adds to it
         grid = downlink.bound(grid)  # a site that lacks a group it acknowledged gets every group again
