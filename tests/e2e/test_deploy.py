@@ -67,13 +67,18 @@ def test_training_run_then_search_over_tls_with_node_auth(federation: Federation
     """One run (pretrain -> align -> evaluate) over TLS with node authentication, then `fedmri search`
     with its aligned model: a ranked list of pseudonymous series ids and scores per site.
 
+    The run uses the bfloat16 wire both ways (``uplink``/``downlink: bf16``), so its uint16 arrays go
+    through Flower's real transport (the in-process grid of the other tests passes messages as
+    objects); the float32 wire is deployed by the other runs of this module and test_deploy_resume.py.
+
     One run serves both: every run and every search message starts ClientApp processes,
     the slowest part of this module on the 2-core CI machine.
     """
     assert {name for name, _, _ in federation_sites} >= set(GOOD)  # their catalogs are in the site files
     run, config, run_dir = _start_run(federation, daemons, tmp_path, "e2e",
                                       [{"name": "pretrain", "rounds": 1, "local_steps": 1},
-                                       {"name": "align", "rounds": 1, "local_steps": 1}, {"name": "evaluate"}])
+                                       {"name": "align", "rounds": 1, "local_steps": 1}, {"name": "evaluate"}],
+                                      uplink="bf16", downlink="bf16")
     run_id = _finish(federation, run)
     assert json.loads((run_dir / "state.json").read_text())["status"] == "finished"
 
@@ -97,6 +102,11 @@ def test_training_run_then_search_over_tls_with_node_auth(federation: Federation
     assert encoder and all(torch.equal(initial[k], again[k]) for k in encoder)
     assert any(not torch.equal(initial[k], final[k]) for k in encoder)
     assert all(torch.isfinite(final[k]).all() for k in encoder)
+    # Pretraining's student went down and came back at 2 bytes a value (bytes-down, bytes-up per site).
+    student = sum(initial[k].numel() for k in initial if wire.group_of(k) in (wire.ENCODER, wire.DINO_HEAD,
+                                                                            wire.CENTER))
+    pretrain = [r for r in rows if r["server_round"] == 1 and r["status"] == "ok"]
+    assert pretrain and all(r["bytes-down"] == r["bytes-up"] == 2 * student for r in pretrain), (student, pretrain)
     exported = load_file(str(run_dir / "encoder" / "model.safetensors"))
     image = {k[len("image_encoder."):]: v for k, v in exported.items() if k.startswith("image_encoder.")}
     assert sorted(image) == sorted(k.split("/", 1)[1] for k in encoder)
