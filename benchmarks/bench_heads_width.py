@@ -11,6 +11,7 @@ the 95% interval over its patients. Figures only, never asserted.
 
     .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated            # ~3 min on 2 cores
     .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated --widths 256 0 --seeds 0 1 2
+    .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated --widths 256 --local-steps 100 heads.pooling=cls
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MLP = ["findings", "sequence", "body_region", "age", "sex"]
 
 
 def replay(run: Path, data: Path, sites: list[str], holdout: str, width: int, seed: int,
-           local_steps: int | None = None) -> dict[str, float]:
+           local_steps: int | None = None, overrides: list[str] | None = None) -> dict[str, float]:
     """The run's heads stage at ``heads.hidden_dim = width``, scored on ``holdout``."""
     import torch
     from omegaconf import OmegaConf
@@ -42,7 +43,8 @@ def replay(run: Path, data: Path, sites: list[str], holdout: str, width: int, se
 
     cfg = OmegaConf.load(run / "config.yaml")
     cfg = OmegaConf.merge(cfg, {"seed": seed, "heads": {"hidden_dim": width, "tasks": MLP,
-                                                        "cache_dir": tempfile.mkdtemp(prefix="bench-width-")}})
+                                                        "cache_dir": tempfile.mkdtemp(prefix="bench-width-")}},
+                         OmegaConf.from_dotlist(list(overrides or [])))
     stage = next(s for s in OmegaConf.load(run / "federation.yaml").stages if s.name == "heads")
     loaded = load_checkpoint(run / "ckpt")
     if loaded is None:
@@ -63,7 +65,7 @@ def replay(run: Path, data: Path, sites: list[str], holdout: str, width: int, se
         state = state | {k: sum(up[k] * (m["num-examples"] / total) for up, m in ups) for k in ups[0][0]}
     train_s = time.perf_counter() - t
     scores = evaluate_heads(load_site(data / f"{holdout}.yaml"), cfg, state, "val")
-    out = {"width": width, "seed": seed, "local_steps": int(local_steps or stage.local_steps), "head_kb": round(head_bytes / 1e3, 1), "train_s": round(train_s, 1),
+    out = {"width": width, "seed": seed, "overrides": list(overrides or []), "local_steps": int(local_steps or stage.local_steps), "head_kb": round(head_bytes / 1e3, 1), "train_s": round(train_s, 1),
            "patients": scores.get("heads-patients")}
     for m in HEADLINE:
         if m in scores:
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 128, 64, 0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--local-steps", type=int, default=None, help="per heads round (default: the run's)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides, e.g. heads.pooling=cls")
     args = parser.parse_args()
     data = args.data or args.run.parent / "data"
     for name in [*args.sites, args.holdout]:
@@ -93,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(2)
     for seed in args.seeds:
         for width in args.widths:
-            print(json.dumps(replay(args.run, data, args.sites, args.holdout, width, seed, args.local_steps)), flush=True)
+            print(json.dumps(replay(args.run, data, args.sites, args.holdout, width, seed, args.local_steps, args.overrides)), flush=True)
 
 
 if __name__ == "__main__":
