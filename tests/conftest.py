@@ -78,13 +78,14 @@ def module_server_identity() -> Iterator[None]:
 
 
 # The longest files, longest first, in seconds of one worker (junit times of `make test`
-# on the 2-core machine, 2026-12-07). Only the order matters: a file missing here runs
-# after these, with the other files that hold slow tests.
+# on the 2-core machine, 2026-12-07; the late-kill test left test_deploy.py for
+# test_deploy_secagg.py since). Only the order matters: a file missing here runs after
+# these, with the other files that hold slow tests.
 LONGEST_FILES = {
-    "e2e/test_deploy.py": 713, "simulations/test_transfer.py": 360, "simulations/test_simulate_cli.py": 352,
-    "e2e/test_deploy_resume.py": 296, "server/test_secagg_pipeline.py": 108, "server/test_pipeline.py": 95,
-    "common/ssl/test_ssl_training.py": 90, "server/test_downlink.py": 75, "e2e/test_server_supervision.py": 54,
-    "common/data/test_catalog_interrupt.py": 38,
+    "e2e/test_deploy.py": 600, "simulations/test_transfer.py": 360, "simulations/test_simulate_cli.py": 352,
+    "e2e/test_deploy_resume.py": 296, "e2e/test_deploy_secagg.py": 120, "server/test_secagg_pipeline.py": 108,
+    "server/test_pipeline.py": 95, "common/ssl/test_ssl_training.py": 90, "server/test_downlink.py": 75,
+    "e2e/test_server_supervision.py": 54, "common/data/test_catalog_interrupt.py": 38, "server/test_uplink.py": 30,
 }
 
 
