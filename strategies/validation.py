@@ -170,8 +170,15 @@ def read_reply(start: Mapping[str, np.ndarray], msg: Message, *,
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Float32 values of bfloat16 numbers given as their raw bits (uint16): exact."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    """Float32 values of bfloat16 numbers given as their raw bits (uint16): exact (a new array)."""
+    out = np.empty(bits.shape, np.uint32)  # an array even for a 0-d key (logit_scale)
+    return np.left_shift(bits, 16, out=out, dtype=np.uint32).view(np.float32)  # one pass, no uint32 copy first
+
+
+def _plus_delta(base: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """``base`` plus the bfloat16 delta ``bits``, in float32, in the decoded delta's own buffer."""
+    out = bf16_to_float32(bits)
+    return np.add(base, out, out=out)
 
 
 def _read_update(expected: ArrayRecord | Mapping[str, np.ndarray], update: ArrayRecord, *,
@@ -193,7 +200,7 @@ def _read_update(expected: ArrayRecord | Mapping[str, np.ndarray], update: Array
             return {}, f"{key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
         if bf16_deltas and got.dtype == np.uint16 and np.dtype(want.dtype) == np.float32:
             want = want.numpy() if not isinstance(want, np.ndarray) else want
-            got = want + bf16_to_float32(got)
+            got = _plus_delta(want, got)
         if str(got.dtype) != str(want.dtype):
             return {}, f"{key!r} has dtype {got.dtype}, expected {want.dtype}"
         finite = np.isfinite(got)
@@ -232,14 +239,21 @@ def check_norm_bounds(factor: float, max_norm: float | None) -> None:
         raise ConfigError(f"max_norm {max_norm!r} must be > 0, or None for no absolute bound")
 
 
+# Values of a key taken at once by delta_norm: float64 copies of that size stay in cache, where
+# whole-key copies of a base encoder's largest keys (tens of MB each) did not.
+_NORM_BLOCK = 1 << 16
+
+
 def delta_norm(start: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> float:
-    """``||update - start||_2`` over all keys of ``update``, in float64."""
+    """``||update - start||_2`` over all keys of ``update``, in float64 (block by block)."""
     total = 0.0
     for key, value in update.items():
         if key not in start:
             raise ValueError(f"update key {key!r} is not among the current parameters: validate_update first")
-        delta = np.asarray(value, dtype=np.float64) - np.asarray(start[key], dtype=np.float64)
-        total += float(np.dot(delta.ravel(), delta.ravel()))
+        a, b = np.asarray(value).ravel(), np.asarray(start[key]).ravel()
+        for i in range(0, a.size, _NORM_BLOCK):
+            delta = a[i:i + _NORM_BLOCK].astype(np.float64) - b[i:i + _NORM_BLOCK]
+            total += float(np.dot(delta, delta))
     return math.sqrt(total)
 
 

@@ -73,6 +73,8 @@ def test_bf16_bits_decode_exactly() -> None:
     values = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e-38, 1.5e38, 0.1], dtype=torch.bfloat16)
     bits = values.view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(bf16_to_float32(bits), values.float().numpy())
+    scalar = bf16_to_float32(bits[3:4].reshape(()))  # a 0-d key (logit_scale) stays an array
+    assert isinstance(scalar, np.ndarray) and scalar.shape == () and float(scalar) == -2.5
 
 
 def test_a_key_the_site_was_not_sent_goes_as_float32() -> None:
