@@ -325,6 +325,22 @@ def to_record(state: Mapping[str, Tensor]) -> Any:
     return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
 
 
+def bf16_bits(t: Tensor) -> Any:
+    """``t`` rounded to the nearest bfloat16, as its raw bits: a uint16 NumPy array, how the bf16 wire
+    carries a value (Flower's arrays are NumPy's, which has no bfloat16)."""
+    import numpy as np
+
+    return t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def bf16_to_float32(bits: Any) -> Any:
+    """Float32 values of bfloat16 numbers given as their raw bits (:func:`bf16_bits`): exact, a new array."""
+    import numpy as np
+
+    out = np.empty(bits.shape, np.uint32)  # an array even for a 0-d key (logit_scale)
+    return np.left_shift(bits, 16, out=out, dtype=np.uint32).view(np.float32)  # one pass, no uint32 copy first
+
+
 def to_delta_record(up: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> Any:
     """A Flower ``ArrayRecord`` of ``up - sent`` rounded to bfloat16, as raw bits (uint16 arrays).
 
@@ -334,7 +350,6 @@ def to_delta_record(up: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> Any
     (2^-9 of it): the site's training moves a weight by the delta, not by its value's
     last bits. A key that was not sent to the site, or with another shape, goes as float32.
     """
-    import numpy as np
     from flwr.app import Array, ArrayRecord
 
     out = {}
@@ -344,19 +359,16 @@ def to_delta_record(up: Mapping[str, Tensor], sent: Mapping[str, Tensor]) -> Any
         if base is None or tuple(base.shape) != tuple(value.shape):
             out[k] = Array(value.contiguous().numpy())
             continue
-        delta = (value - base.detach().to("cpu", torch.float32)).to(torch.bfloat16).contiguous()
-        out[k] = Array(delta.view(torch.int16).numpy().view(np.uint16))
+        out[k] = Array(bf16_bits(value - base.detach().to("cpu", torch.float32)))
     return ArrayRecord(out)
 
 
 def to_bf16_record(state: Mapping[str, Tensor]) -> Any:
     """A Flower ``ArrayRecord`` of ``state`` rounded to bfloat16, as raw bits (uint16 arrays): half the
     bytes of :func:`to_record`; :func:`from_record` reads them back as float32 (a bf16 downlink)."""
-    import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({k: Array(v.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy()
-                                 .view(np.uint16)) for k, v in state.items()})
+    return ArrayRecord({k: Array(bf16_bits(v)) for k, v in state.items()})
 
 
 def from_record(record: Any, *, bf16: bool = False) -> State:
@@ -374,7 +386,7 @@ def from_record(record: Any, *, bf16: bool = False) -> State:
         if a.dtype == np.uint16:
             if not bf16:
                 raise ValueError(f"{k!r} came as bfloat16 bits, but the request did not ask for a bf16 downlink")
-            out[k] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(torch.float32)
+            out[k] = torch.from_numpy(bf16_to_float32(a))
         else:
             out[k] = torch.from_numpy(a.copy())
     return out

@@ -27,6 +27,7 @@ from flwr.common.logger import log
 
 from fedmri.errors import ConfigError
 from fedmri.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES  # noqa: F401 -- re-exported to strategies
+from fedmri.wire import bf16_to_float32
 DEFAULT_NORM_FACTOR = 10.0
 
 
@@ -167,12 +168,6 @@ def read_reply(start: Mapping[str, np.ndarray], msg: Message, *,
     if reason is not None:
         return {}, reason
     return _read_update(start, update, bf16_deltas=bf16_deltas)
-
-
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Float32 values of bfloat16 numbers given as their raw bits (uint16): exact (a new array)."""
-    out = np.empty(bits.shape, np.uint32)  # an array even for a 0-d key (logit_scale)
-    return np.left_shift(bits, 16, out=out, dtype=np.uint32).view(np.float32)  # one pass, no uint32 copy first
 
 
 def _plus_delta(base: np.ndarray, bits: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from fedmri.errors import ConfigError
 from fedmri.protocol import ARRAYS_KEY, METRICS_KEY, RequestError, TrainRequest
 from fedmri.server.config import load_federation
 from fedmri.server.pipeline import Pipeline
-from fedmri.strategies.validation import bf16_to_float32, read_reply
+from fedmri.strategies.validation import read_reply
+from fedmri.wire import bf16_to_float32
 
 from helpers.local_grid import LocalGrid
 
