@@ -99,6 +99,16 @@ def status(fed: Federation) -> dict:
     return json.loads(out.stdout)
 
 
+def start_spares(fed: Federation, daemons: list[Daemon], folder: Path) -> dict[str, Daemon]:
+    """`fedmri client start` for each of SPARES, every one connected when it returns (stopped with ``daemons``)."""
+    spares = {name: Daemon(["client", "start", "--site", str(fed.sites[name])], folder / f"{name}.log")
+              for name in SPARES}
+    daemons.extend(spares.values())
+    for daemon in spares.values():
+        daemon.wait_for(CONNECTED, 90)
+    return spares
+
+
 def start_run(fed: Federation, daemons: list[Daemon], folder: Path, name: str, stages: list[dict],
                **settings: object) -> tuple[Daemon, Path, Path]:
     """`fedmri run --stream` of a micro-encoder federation, as a daemon (stopped whatever happens).

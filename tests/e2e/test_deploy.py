@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 from deploy_helpers import Daemon, fedmri_cli, process_tree
-from deployed_federation import CONNECTED, GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
+from deployed_federation import GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
 from deployed_federation import aggregate as _aggregate
 from deployed_federation import finish as _finish
 from deployed_federation import metrics as _metrics
 from deployed_federation import sites as _sites
 from deployed_federation import start_run as _start_run
+from deployed_federation import start_spares
 from deployed_federation import status as _status
 from safetensors.torch import load_file
 
@@ -271,11 +272,7 @@ def test_run_completes_when_two_of_five_sites_die_mid_round(federation: Federati
     """
     assert {name for name, _, _ in federation_sites} >= {*GOOD, SPARE}
     timeout, doomed, survivor = 150, SPARES[:2], SPARES[2]
-    spares = {name: Daemon(["client", "start", "--site", str(federation.sites[name])], tmp_path / f"{name}.log")
-              for name in SPARES}
-    daemons.extend(spares.values())
-    for daemon in spares.values():
-        daemon.wait_for(CONNECTED, 90)
+    spares = start_spares(federation, daemons, tmp_path)
     # Under secure aggregation (its four messages per site go through real ClientApp processes, the
     # keys kept in each SuperNode's context): the killed sites shared their keys and masked with the
     # others, so the three survivors' shares of their mask keys must take their masks off the sum.

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import Daemon
-from deployed_federation import CONNECTED, GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
+from deployed_federation import GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
 from deployed_federation import aggregate as _aggregate
 from deployed_federation import finish as _finish
 from deployed_federation import metrics as _metrics
 from deployed_federation import sites as _sites
 from deployed_federation import start_run as _start_run
+from deployed_federation import start_spares
 
 from fedmri.protocol import SECAGG_UNMASK
 
@@ -37,7 +38,7 @@ def test_a_site_killed_after_sending_its_masked_update_still_counts(federation: 
 
     The coordinator stops waiting as soon as every secret has its threshold of shares: the dead
     site's unmask reply would otherwise be waited for until the SuperLink gives up on its heartbeat
-    (37-60 s, see the test above), and the site would be booked as failed.
+    (37-60 s, see test_deploy.py's kill test), and the site would be booked as failed.
 
     Its own module, so its own SuperLink: in test_deploy.py it ran after the test that kills
     two spares and stops the third, and waited up to a minute for the SuperLink to let those
@@ -45,11 +46,7 @@ def test_a_site_killed_after_sending_its_masked_update_still_counts(federation: 
     """
     assert {name for name, _, _ in federation_sites} >= {*GOOD, SPARE}
     doomed = SPARES[1]
-    spares = {name: Daemon(["client", "start", "--site", str(federation.sites[name])], tmp_path / f"{name}.log")
-              for name in SPARES}
-    daemons.extend(spares.values())
-    for daemon in spares.values():
-        daemon.wait_for(CONNECTED, 90)
+    spares = start_spares(federation, daemons, tmp_path)
     run, _, run_dir = _start_run(federation, daemons, tmp_path, "e2e-kill-late",
                                  [{"name": "pretrain", "rounds": 1, "local_steps": 1,
                                    "secure_aggregation": {"enabled": True, "threshold": 0.5}}],
