@@ -1,17 +1,20 @@
-"""What the heads' hidden width costs in quality: the demo's heads stage at several ``heads.hidden_dim``.
+"""What the heads' widths cost in quality: the demo's heads stage at several ``heads.hidden_dim`` (and trunks).
 
 Issue 18 asks a heads round to send at most 1% of the encoder's bytes to a site
-that holds the encoder. At ``base`` the five MLP heads at ``hidden_dim`` 256 are
-8.0 MB, 2.25% of the encoder's 356 MB (64: 0.58%, 0, a linear probe: 0.07%).
-This measures what a narrower head costs, on a finished ``fedmri simulate``
-run: its aligned encoder (the run's last checkpoint), the demo's heads stage
-replayed for each width (FedAvg over the sites, weighted by examples, the run's
-rounds and local steps), then every head scored on the held-out hospital with
-the 95% interval over its patients. Figures only, never asserted.
+that holds the encoder. At ``base`` five separate MLP heads at ``hidden_dim``
+256 are 8.0 MB, 2.25% of the encoder's 354 MB (64: 0.58%, 0, a linear probe:
+0.07%); behind a shared trunk of 256 (``heads.trunk_dim``, the default since
+2026-12-07) they are 2.9 MB, 0.83%. This measures what a narrower head or a
+trunk costs, on a finished ``fedmri simulate`` run: its aligned encoder (the
+run's last checkpoint), the demo's heads stage replayed for each width (FedAvg
+over the sites, weighted by examples, the run's rounds and local steps), then
+every head scored on the held-out hospital with the 95% interval over its
+patients. The trunk is the run config's unless an override sets it (a run from
+before the trunk has none). Figures only, never asserted.
 
     .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated            # ~3 min on 2 cores
     .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated --widths 256 0 --seeds 0 1 2
-    .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated --widths 256 --local-steps 100 heads.pooling=cls
+    .venv/bin/python benchmarks/bench_heads_width.py --run runs/demo/federated --widths 256 --local-steps 100 -- heads.trunk_dim=0
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def replay(run: Path, data: Path, sites: list[str], holdout: str, width: int, se
         state = state | {k: sum(up[k] * (m["num-examples"] / total) for up, m in ups) for k in ups[0][0]}
     train_s = time.perf_counter() - t
     scores = evaluate_heads(load_site(data / f"{holdout}.yaml"), cfg, state, "val")
-    out = {"width": width, "seed": seed, "overrides": list(overrides or []), "local_steps": int(local_steps or stage.local_steps), "head_kb": round(head_bytes / 1e3, 1), "train_s": round(train_s, 1),
+    out = {"width": width, "trunk": int(cfg.heads.get("trunk_dim", 0)), "seed": seed, "overrides": list(overrides or []), "local_steps": int(local_steps or stage.local_steps), "head_kb": round(head_bytes / 1e3, 1), "train_s": round(train_s, 1),
            "patients": scores.get("heads-patients")}
     for m in HEADLINE:
         if m in scores:

@@ -225,8 +225,11 @@ def stage_groups(stage: str, cfg: Any) -> StageGroups:
 
 
 def head_groups(cfg: Any) -> tuple[str, ...]:
-    """One group per downstream task of ``cfg.heads.tasks``: ``head.<task>``."""
-    return tuple(f"{HEAD_PREFIX}{task}" for task in cfg.heads.tasks)
+    """One group per downstream task of ``cfg.heads.tasks``, ``head.<task>``, after ``head.trunk`` if they share one."""
+    from fedmri.heads.tasks import TRUNK, has_trunk
+
+    trunk = (f"{HEAD_PREFIX}{TRUNK}",) if has_trunk(cfg) else ()
+    return (*trunk, *(f"{HEAD_PREFIX}{task}" for task in cfg.heads.tasks))
 
 
 def server_teacher_momentum(step_momentum: float, local_steps: int) -> float:

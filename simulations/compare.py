@@ -79,7 +79,7 @@ def score_export(folder: str | Path, hospital: Hospital, batch_size: int = 8) ->
     from fedmri.export import load_encoder, read_export_config
     from fedmri.heads.export import load_heads
     from fedmri.heads.mlp import pool_features
-    from fedmri.heads.tasks import TASKS
+    from fedmri.heads.tasks import task_outputs
 
     folder = Path(folder)
     model = load_encoder(folder)
@@ -92,7 +92,7 @@ def score_export(folder: str | Path, hospital: Hospital, batch_size: int = 8) ->
                               range(start, min(start + batch_size, len(hospital.dataset)))]).float()
         features.append(pool_features(encoder(images), pooling).float())  # b, F
     x = torch.cat(features)
-    return {task: head(x) for task, head in heads.items() if task in TASKS}
+    return task_outputs(heads, x)
 
 
 def _metric(hospital: Hospital, name: str) -> Callable[[Mapping[str, Tensor], np.ndarray], float | None]:

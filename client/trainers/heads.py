@@ -44,7 +44,7 @@ from fedmri.client.trainers.optim import Proximal, RunningMean, decay_groups, fi
 from fedmri.heads.dense import dense_tasks
 from fedmri.heads.intervals import task_intervals
 from fedmri.heads.mlp import pool_features
-from fedmri.heads.tasks import TASKS, build_task_heads, load_task_heads_state, task_heads_state
+from fedmri.heads.tasks import TASKS, TRUNK, build_task_heads, load_task_heads_state, task_heads_state, task_outputs
 from fedmri.wire import ENCODER, HEAD_PREFIX, SEP, State, select
 
 # Per task: (target, known) of every series, in dataset order.
@@ -128,8 +128,9 @@ def task_targets(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Tar
 
 def heads_losses(heads: nn.ModuleDict, features: Tensor, targets: Targets) -> dict[str, Tensor]:
     """Mean loss over the known rows of each task that has one, keyed ``loss_<task>``."""
-    return {f"loss_{t}": TASKS[t].loss(heads[t](features), target, known)
-            for t, (target, known) in targets.items() if bool(known.any())}
+    labelled = [t for t, (_, known) in targets.items() if bool(known.any())]
+    outputs = task_outputs(heads, features, labelled)
+    return {f"loss_{t}": TASKS[t].loss(outputs[t], *targets[t]) for t in labelled}
 
 
 def _site_heads(run_cfg: DictConfig, state: State, device: torch.device) -> nn.ModuleDict:
@@ -232,12 +233,15 @@ def series_loss(heads: nn.ModuleDict, tasks: Sequence[str]) -> Any:
     """
     from torch.func import functional_call
 
+    def own(params: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+        return {k[len(name) + 1:]: v for k, v in params.items() if k.startswith(f"{name}.")}
+
     def loss(params: dict[str, Tensor], sample: tuple[Tensor, ...]) -> Tensor:
         x, *ys, known = sample
         total = x.new_zeros(())
+        inputs = functional_call(heads[TRUNK], own(params, TRUNK), (x[None],)) if TRUNK in heads else x[None]  # 1, W
         for j, task in enumerate(tasks):
-            own = {k[len(task) + 1:]: v for k, v in params.items() if k.startswith(f"{task}.")}
-            out = functional_call(heads[task], own, (x[None],))  # 1, out_dim
+            out = functional_call(heads[task], own(params, task), (inputs,))  # 1, out_dim
             total = total + TASKS[task].sample_losses(out, ys[j][None])[0] * known[j]
         return total
 
@@ -335,8 +339,10 @@ def evaluate_heads(site_cfg: DictConfig, run_cfg: DictConfig, state: State, spli
     sequences = [str(row["meta"]["sequence"]) for row in dataset.rows]
     patients = [str(row["meta"]["patient_id"]) for row in dataset.rows]
     out["heads-patients"] = len(set(patients))
-    for task, (target, known) in task_targets(list(heads), dataset.rows).items():
-        scores = heads[task](features).cpu()  # N, out_dim
+    targets = task_targets(list(heads), dataset.rows)
+    outputs = task_outputs(heads, features, list(targets))
+    for task, (target, known) in targets.items():
+        scores = outputs[task].cpu()  # N, out_dim
         spec = TASKS[task]
         scored = spec.metrics(scores, target, known) | spec.region_metrics(scores, target, known, regions)
         scored |= spec.sequence_metrics(scores, target, known, regions, sequences)

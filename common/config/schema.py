@@ -178,6 +178,13 @@ class HeadsConfig:
     pooling: str = "cls+mean"
     # Hidden width of the classification / regression MLP; 0 = a linear probe.
     hidden_dim: int = 256
+    # Width of one hidden layer (LayerNorm, Linear, GELU) that every MLP head
+    # reads instead of the pooled feature; 0 = none, each head reads the pooled
+    # feature itself. A heads round sends every head each round: at base, five
+    # separate heads of width 256 on cls+mean are 2.25% of the encoder's bytes,
+    # with this trunk 0.83%, and the demo's heads score as well or better
+    # (benchmarks/RESULTS.md, "A shared trunk").
+    trunk_dim: int = 256
     # Dropout before each MLP layer; heads overfit small site label sets fast.
     dropout: float = 0.1
     # Base channel count of the UNETR decoder (UNETR's feature_size); the

@@ -133,8 +133,60 @@ class MLPHead(nn.Module):
         return F.mse_loss((output - self.target_mean) / self.target_std, (target - self.target_mean) / self.target_std)
 
 
+class SharedTrunk(nn.Module):
+    """LayerNorm -> Dropout -> Linear -> GELU: one hidden layer that every MLP task head reads.
+
+    Five separate heads at hidden width 256 on a ``cls+mean`` feature of
+    ``base`` are 2.25% of the encoder's bytes, and a heads round sends them
+    every round; one shared first layer keeps each task's own layers on a
+    narrow input and takes that under 1% (docs/architecture.md, "Heads on the
+    frozen encoder"). No batch norm, so it trains under DP-SGD.
+
+    Args:
+        in_dim: Input feature width (see :func:`pooled_dim`).
+        width: Output width, > 0.
+        dropout: Dropout before the linear layer. Default 0.0.
+
+    Raises:
+        ConfigError: For an out-of-range size or dropout.
+    """
+
+    def __init__(self, in_dim: int, width: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_dim < 1 or width < 1:
+            raise ConfigError(f"shared trunk sizes must be positive: in_dim={in_dim}, heads.trunk_dim={width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"head dropout {dropout} must be in [0, 1)")
+        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout), nn.Linear(in_dim, width), nn.GELU())
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, width) from pooled features (B, in_dim)."""
+        return self.net(features)
+
+
+def trunk_dim(cfg: Any) -> int:
+    """``cfg.heads.trunk_dim``, 0 where the config predates it (an older export card or run).
+
+    Raises:
+        ConfigError: For a negative width.
+    """
+    width = int(cfg.heads.get("trunk_dim", 0) or 0)
+    if width < 0:
+        raise ConfigError(f"heads.trunk_dim {width} must be >= 0 (0: no shared trunk)")
+    return width
+
+
+def build_trunk(cfg: Any) -> SharedTrunk:
+    """The :class:`SharedTrunk` of ``cfg.heads`` on ``cfg.model.embed_dim``; needs ``heads.trunk_dim`` > 0."""
+    heads = cfg.heads
+    return SharedTrunk(pooled_dim(cfg.model.embed_dim, heads.pooling), trunk_dim(cfg), dropout=heads.dropout)
+
+
 def build_mlp_head(cfg: Any, task: str, out_dim: int, **kwargs: Any) -> MLPHead:
     """An :class:`MLPHead` sized for ``cfg.model.embed_dim`` and ``cfg.heads`` pooling and widths.
+
+    With a shared trunk (``heads.trunk_dim`` > 0) the head reads the trunk's
+    output instead of the pooled feature.
 
     Args:
         cfg: The whole config.
@@ -143,5 +195,5 @@ def build_mlp_head(cfg: Any, task: str, out_dim: int, **kwargs: Any) -> MLPHead:
         **kwargs: ``target_mean`` / ``target_std`` for regression.
     """
     heads = cfg.heads
-    return MLPHead(pooled_dim(cfg.model.embed_dim, heads.pooling), out_dim, task, hidden_dim=heads.hidden_dim,
-                   dropout=heads.dropout, **kwargs)
+    in_dim = trunk_dim(cfg) or pooled_dim(cfg.model.embed_dim, heads.pooling)
+    return MLPHead(in_dim, out_dim, task, hidden_dim=heads.hidden_dim, dropout=heads.dropout, **kwargs)

@@ -36,7 +36,7 @@ from fedmri.data.metadata import SEQUENCE_FAMILIES
 from fedmri.data.site_inputs import FINDING_CODES
 from fedmri.errors import ConfigError
 from fedmri.heads.dense import DENSE_TASKS, DenseTaskSpec
-from fedmri.heads.mlp import build_mlp_head
+from fedmri.heads.mlp import build_mlp_head, build_trunk, trunk_dim
 from fedmri.metrics import auroc_within_groups, binary_metrics, mae, multiclass_metrics, multilabel_metrics
 from fedmri.wire import HEAD_PREFIX, SEP, load_into, module_state
 
@@ -44,6 +44,8 @@ from fedmri.wire import HEAD_PREFIX, SEP, load_into, module_state
 # BodyPartExamined value; "unknown" is a missing label, not a class.
 BODY_REGIONS = ("brain", "spine", "knee", "shoulder", "hip", "ankle", "wrist", "elbow", "breast", "prostate",
                 "heart", "abdomen", "pelvis", "chest", "other")
+# The shared trunk's key among the heads and its wire group (head.trunk); no task has this name.
+TRUNK = "trunk"
 AGE_MEAN, AGE_STD = 50.0, 20.0  # years; fixed, so sites share the scale and no statistic leaves
 KINDS = ("multilabel", "multiclass", "binary", "regression")
 
@@ -241,12 +243,19 @@ def task_spec(name: str) -> TaskSpec | DenseTaskSpec:
     return TASKS[name]
 
 
+def has_trunk(cfg: Any) -> bool:
+    """Whether the heads of ``cfg`` share a trunk: ``heads.trunk_dim`` > 0 and an MLP task to read it."""
+    return trunk_dim(cfg) > 0 and any(str(t) in TASKS for t in cfg.heads.tasks)
+
+
 def build_task_heads(cfg: Any) -> nn.ModuleDict:
-    """One head per ``cfg.heads.tasks`` entry, keyed by task name.
+    """One head per ``cfg.heads.tasks`` entry, keyed by task name, and the shared trunk.
 
     An :class:`~fedmri.heads.MLPHead` for each task of :data:`TASKS`, the UNETR
     decoder for ``segmentation`` and an :class:`~fedmri.heads.AnomalyHead` for
-    ``anomaly`` (see :mod:`fedmri.heads.dense`).
+    ``anomaly`` (see :mod:`fedmri.heads.dense`). With ``heads.trunk_dim`` > 0
+    the MLP heads read a :class:`~fedmri.heads.mlp.SharedTrunk`, first under
+    the key :data:`TRUNK`; :func:`task_outputs` runs it.
 
     Args:
         cfg: The whole config (``model`` and the ``heads`` section).
@@ -259,6 +268,8 @@ def build_task_heads(cfg: Any) -> nn.ModuleDict:
     if len(set(names)) != len(names):
         raise ConfigError(f"heads.tasks lists a task twice: {names}")
     heads = nn.ModuleDict()
+    if has_trunk(cfg):
+        heads[TRUNK] = build_trunk(cfg)
     for name in names:
         spec = task_spec(name)
         if isinstance(spec, DenseTaskSpec):
@@ -271,6 +282,21 @@ def build_task_heads(cfg: Any) -> nn.ModuleDict:
         kwargs = {"target_mean": spec.target_mean, "target_std": spec.target_std} if spec.kind == "regression" else {}
         heads[name] = build_mlp_head(cfg, spec.head_task, spec.out_dim, **kwargs)
     return heads
+
+
+def task_outputs(heads: nn.ModuleDict, features: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Each MLP task head's output (B, out_dim) on pooled ``features`` (B, F), through the trunk if any.
+
+    Args:
+        heads: What :func:`build_task_heads` made.
+        features: Pooled features of the frozen encoder (:func:`fedmri.heads.pool_features`).
+        tasks: The tasks to run; default every MLP task of ``heads``. Dense tasks are skipped.
+    """
+    names = [t for t in (list(heads) if tasks is None else tasks) if t in TASKS]
+    if not names:
+        return {}
+    inputs = heads[TRUNK](features) if TRUNK in heads else features  # B, trunk_dim or F
+    return {t: heads[t](inputs) for t in names}
 
 
 def task_heads_state(heads: nn.ModuleDict) -> dict[str, Tensor]:

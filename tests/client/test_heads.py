@@ -23,9 +23,9 @@ from fedmri.client.trainers.heads import (
 )
 from fedmri.errors import ConfigError
 from fedmri.heads.features import FeatureCache
-from fedmri.heads.tasks import TASKS, build_task_heads, load_task_heads_state, task_heads_state
+from fedmri.heads.tasks import TASKS, TRUNK, build_task_heads, load_task_heads_state, task_heads_state, task_outputs
 from fedmri.metrics import multiclass_metrics
-from fedmri.wire import HEAD_PREFIX, group_of, select, stage_groups
+from fedmri.wire import HEAD_PREFIX, group_of, head_groups, initial_state, select, stage_groups
 
 
 @pytest.fixture()
@@ -65,10 +65,10 @@ def compute_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_task_heads_state_round_trips(small_cfg: DictConfig) -> None:
     torch.manual_seed(0)
     heads = build_task_heads(small_cfg)
-    assert list(heads) == list(small_cfg.heads.tasks)
+    assert list(heads) == [TRUNK, *small_cfg.heads.tasks]  # heads.trunk_dim: a shared trunk by default
     assert ModuleValidator.validate(heads, strict=False) == []  # DP-safe: no batch norm
     state = task_heads_state(heads)
-    assert {group_of(k) for k in state} == {f"{HEAD_PREFIX}{t}" for t in small_cfg.heads.tasks}
+    assert {group_of(k) for k in state} == {f"{HEAD_PREFIX}{t}" for t in list(heads)}
     torch.manual_seed(1)
     other = build_task_heads(small_cfg)
     load_task_heads_state(other, state)
@@ -77,6 +77,27 @@ def test_task_heads_state_round_trips(small_cfg: DictConfig) -> None:
         load_task_heads_state(other, dict(list(state.items())[1:]))
     with pytest.raises(ValueError, match="head.extra/w"):
         load_task_heads_state(other, state | {"head.extra/w": torch.zeros(1)})
+
+
+def test_a_shared_trunk_feeds_every_mlp_head_and_travels_as_its_own_group(small_cfg: DictConfig) -> None:
+    cfg = OmegaConf.merge(small_cfg, {"heads": {"trunk_dim": 24}})
+    torch.manual_seed(0)
+    heads = build_task_heads(cfg)
+    assert list(heads) == [TRUNK, *cfg.heads.tasks]
+    assert head_groups(cfg) == (f"{HEAD_PREFIX}{TRUNK}", *(f"{HEAD_PREFIX}{t}" for t in cfg.heads.tasks))
+    assert stage_groups("heads", cfg).up == head_groups(cfg)
+    assert {group_of(k) for k in task_heads_state(heads)} == set(head_groups(cfg))
+    assert ModuleValidator.validate(heads, strict=False) == []
+    assert all(heads[t].net[0].normalized_shape == (24,) for t in cfg.heads.tasks)  # they read the trunk
+    features = torch.randn(3, heads[TRUNK].net[0].normalized_shape[0])
+    out = task_outputs(heads.eval(), features)
+    assert list(out) == list(cfg.heads.tasks)
+    assert out["sequence"].shape == (3, TASKS["sequence"].out_dim)
+    assert torch.equal(out["sex"], heads["sex"](heads[TRUNK](features)))
+    # Only the dense heads: nothing reads a trunk, so there is none.
+    assert head_groups(OmegaConf.merge(cfg, {"heads": {"tasks": ["segmentation"]}})) == (f"{HEAD_PREFIX}segmentation",)
+    with pytest.raises(ConfigError, match="heads.trunk_dim -1"):
+        build_task_heads(OmegaConf.merge(cfg, {"heads": {"trunk_dim": -1}}))
 
 
 def test_unknown_task_is_a_config_error(small_cfg: DictConfig) -> None:
@@ -124,6 +145,29 @@ def test_rounds_lower_the_train_loss(site_cfg: DictConfig, run_cfg: DictConfig, 
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_rounds_with_a_shared_trunk_train_it_and_score(site_cfg: DictConfig, run_cfg: DictConfig,
+                                                       heads_request: TrainRequest, tmp_path: Path, dp: bool) -> None:
+    from fedmri.client.privacy.gate import PrivacyGate
+
+    cfg = OmegaConf.merge(run_cfg, {"heads": {"trunk_dim": 32}})
+    torch.manual_seed(0)
+    state = _down(initial_state(cfg), cfg)
+    request = dataclasses.replace(heads_request, dp=dp, dp_noise_multiplier=0.5, dp_max_grad_norm=1.0)
+    losses = []
+    for r in range(1, 4):
+        gate = PrivacyGate(site_cfg, request, ledger_path=tmp_path / "ledger.sqlite") if dp else None
+        up, metrics = run_heads(site_cfg, cfg, state, dataclasses.replace(request, round=r), privacy=gate)
+        assert set(up) == {k for k in state if k.startswith(HEAD_PREFIX)}
+        assert any(not torch.equal(v, state[k]) for k, v in up.items() if group_of(k) == f"{HEAD_PREFIX}{TRUNK}")
+        state = state | up
+        losses.append(metrics["loss"])
+    if not dp:  # under DP-SGD noise three rounds need not descend; that they run and move the trunk is the point
+        assert losses[-1] < 0.6 * losses[0], losses
+    scores = evaluate_heads(site_cfg, cfg, state, "train")
+    assert {"sequence_accuracy", "body_region_accuracy", "age_mae"} <= set(scores)
+
+
 def test_feature_cache_hit_then_invalidated(site_cfg: DictConfig, run_cfg: DictConfig, initial: dict,
                                             heads_request: TrainRequest, compute_calls: list[int]) -> None:
     down = _down(initial, run_cfg)
@@ -165,14 +209,14 @@ def test_evaluate_heads_metrics(site_cfg: DictConfig, run_cfg: DictConfig, initi
     load_task_heads_state(heads, up)
     target, known = TASKS["sequence"].targets(rows)
     with torch.no_grad():
-        scores = heads["sequence"](features)[known]
+        outputs = task_outputs(heads, features)
+    scores = outputs["sequence"][known]
     expected = multiclass_metrics(scores, target[known], len(TASKS["sequence"].classes))
     assert {k: metrics[f"sequence_{k}"] for k in expected} == pytest.approx(expected)
 
     # Findings within the regions where each occurs, from the same scores.
     target, known = TASKS["findings"].targets(rows)
-    with torch.no_grad():
-        scores = heads["findings"](features)
+    scores = outputs["findings"]
     regions = [row["meta"]["body_region"] for row in rows]
     expected = TASKS["findings"].region_metrics(scores, target, known, regions)
     assert "auroc_in_region_macro" in expected, "the fixture site needs a region with and without a finding"
@@ -195,17 +239,19 @@ def test_dp_round_runs_and_records_nothing(site_cfg: DictConfig, run_cfg: DictCo
         assert ledger.entries() == []  # the ClientApp records, after the round
 
 
+@pytest.mark.parametrize("trunk_dim", [0, 16])
 @pytest.mark.parametrize("vectorized", [True, False])
-def test_per_sample_gradient_ignores_the_rest_of_the_batch(small_cfg: DictConfig, vectorized: bool) -> None:
+def test_per_sample_gradient_ignores_the_rest_of_the_batch(small_cfg: DictConfig, vectorized: bool,
+                                                           trunk_dim: int) -> None:
     from fedmri.client.privacy.dp_sgd import per_sample_grads
 
     torch.manual_seed(0)
-    cfg = OmegaConf.merge(small_cfg, {"heads": {"dropout": 0.0}})
+    cfg = OmegaConf.merge(small_cfg, {"heads": {"dropout": 0.0, "trunk_dim": trunk_dim}})
     heads = build_task_heads(cfg)
-    tasks = list(heads)
+    tasks = [t for t in heads if t in TASKS]
     params = dict(heads.named_parameters())
     loss_fn = series_loss(heads, tasks)
-    dim = heads["findings"].net[0].normalized_shape[0]
+    dim = (heads[TRUNK] if trunk_dim else heads["findings"]).net[0].normalized_shape[0]
 
     def sample(i: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(i)
@@ -219,6 +265,7 @@ def test_per_sample_gradient_ignores_the_rest_of_the_batch(small_cfg: DictConfig
     for name in params:
         assert torch.allclose(batch[name][0], alone[name][0], atol=1e-6), name
         assert torch.allclose(other[name][0], alone[name][0], atol=1e-6), name
+    assert all(batch[name][0].abs().sum() > 0 for name in params if name.startswith(f"{TRUNK}."))
     assert any(batch[name][0].abs().sum() > 0 for name in params)
 
 

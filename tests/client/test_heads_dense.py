@@ -105,8 +105,8 @@ def test_dense_heads_build_and_travel_as_head_groups(dense_cfg: DictConfig, smal
     assert not heads["segmentation"].image_skip  # heads.seg_image_skip is off by default
     assert ModuleValidator.validate(heads, strict=False) == []  # DP-safe: no batch norm
     state = task_heads_state(heads)
-    assert {group_of(k) for k in state} == set(head_groups(dense_cfg)) == {"head.sex", "head.segmentation",
-                                                                            "head.anomaly"}
+    assert {group_of(k) for k in state} == set(head_groups(dense_cfg)) == {"head.trunk", "head.sex",
+                                                                            "head.segmentation", "head.anomaly"}
     assert set(select(initial, head_groups(dense_cfg))) == set(state)  # the server's initial heads
     other = build_task_heads(dense_cfg)
     load_task_heads_state(other, state)
@@ -155,7 +155,7 @@ def test_dense_round_sends_only_head_groups(site_cfg: DictConfig, run_cfg: DictC
     down = select(initial, stage_groups("heads", run_cfg).down)
     encoder = {k: v.clone() for k, v in down.items() if group_of(k) == ENCODER}
     up, metrics = run_heads(site_cfg, run_cfg, down, _request(run_cfg))
-    assert {group_of(k) for k in up} == {"head.sex", "head.segmentation", "head.anomaly"}
+    assert {group_of(k) for k in up} == {"head.trunk", "head.sex", "head.segmentation", "head.anomaly"}
     assert set(up) == {k for k in down if k.startswith(HEAD_PREFIX)}
     assert all(any(not torch.equal(v, down[k]) for k, v in up.items() if group_of(k) == f"{HEAD_PREFIX}{t}")
                for t in DENSE)
@@ -262,7 +262,7 @@ def test_dense_per_series_gradient_ignores_the_rest_of_the_batch(dense_cfg: Dict
     dense = DenseData(list(DENSE), torch.tensor([0, -1, 1, 2]), inputs, targets)
     seen: list[dict[str, float]] = []
     loss_fn = dense.series_loss(heads, series_loss(heads, ["sex"]), seen)
-    width = heads["sex"].net[0].normalized_shape[0]
+    width = heads["trunk"].net[0].normalized_shape[0]  # the pooled feature the shared trunk reads
 
     def sample(i: int) -> tuple[Any, int]:
         x = torch.randn(width, generator=torch.Generator().manual_seed(10 + i))

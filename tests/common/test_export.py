@@ -235,15 +235,18 @@ def test_a_bad_align_section_is_rejected(tmp_path: Path, cfg, vit, minilm) -> No
         load_encoder(folder)
 
 
-def test_heads_round_trip_and_a_folder_without_heads_is_refused(tmp_path: Path, cfg, vit) -> None:
+@pytest.mark.parametrize("trunk_dim", [0, 16])
+def test_heads_round_trip_and_a_folder_without_heads_is_refused(tmp_path: Path, cfg, vit, trunk_dim: int) -> None:
     from fedmri.heads.export import heads_card, load_heads, save_heads
-    from fedmri.heads.tasks import build_task_heads, task_heads_state
+    from fedmri.heads.tasks import TRUNK, build_task_heads, task_heads_state
 
+    cfg = OmegaConf.merge(cfg, {"heads": {"trunk_dim": trunk_dim}})
     bare = save_encoder(tmp_path / "bare", vit, config=cfg)
     with pytest.raises(InputError, match="no task heads"):
         load_heads(bare)
 
     heads = build_task_heads(cfg)
+    assert (TRUNK in heads) == bool(trunk_dim)
     for p in heads.parameters():
         torch.nn.init.normal_(p)  # not the init a rebuild would give
     card = heads_card(cfg, {"sequence_accuracy": 0.5, "findings_auroc/T2_HYPER": 0.7, "loss": 1.0})
@@ -255,6 +258,11 @@ def test_heads_round_trip_and_a_folder_without_heads_is_refused(tmp_path: Path, 
     assert list(loaded) == list(heads)
     for task in heads:
         _assert_same_weights(heads[task], loaded[task])
+    if not trunk_dim:  # an export from before heads.trunk_dim existed has no such key in its card
+        meta = json.loads((folder / "config.json").read_text())
+        del meta["extra"]["heads"]["config"]["trunk_dim"]
+        (folder / "config.json").write_text(json.dumps(meta))
+        assert list(load_heads(folder)) == list(heads)
 
     (folder / "heads.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="heads"):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus.validators import ModuleValidator
+from omegaconf import OmegaConf
 
 from fedmri.errors import ConfigError
 from fedmri.heads import MLPHead, build_mlp_head, pool_features, pooled_dim
+from fedmri.heads.mlp import build_trunk
 
 
 def _train(head: MLPHead, x: torch.Tensor, y: torch.Tensor, steps: int = 60) -> tuple[float, float]:
@@ -84,9 +86,15 @@ def test_regression_head_learns_in_target_units() -> None:
 
 
 def test_build_from_config_uses_the_pooled_width(cfg) -> None:
-    head = build_mlp_head(cfg, "multiclass", 5)
+    separate = OmegaConf.merge(cfg, {"heads": {"trunk_dim": 0}})
+    head = build_mlp_head(separate, "multiclass", 5)
     assert head.net[0].normalized_shape == (2 * cfg.model.embed_dim,)  # heads.pooling = cls+mean
     assert head(torch.randn(2, 2 * cfg.model.embed_dim)).shape == (2, 5)
+    trunk = build_trunk(cfg)  # the default: every head reads the shared trunk
+    assert trunk.net[0].normalized_shape == (2 * cfg.model.embed_dim,)
+    head = build_mlp_head(cfg, "multiclass", 5)
+    assert head.net[0].normalized_shape == (cfg.heads.trunk_dim,)
+    assert head(trunk(torch.randn(2, 2 * cfg.model.embed_dim))).shape == (2, 5)
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel", "regression"])

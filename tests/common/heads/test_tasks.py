@@ -61,3 +61,22 @@ def test_dense_heads_leave_the_mlp_heads_and_the_random_stream_as_without_them(c
                                                                             "anomaly"])
     assert mlp.keys() == both.keys() and all(torch.equal(mlp[k], both[k]) for k in mlp)
     assert torch.equal(after, after_dense)
+
+
+def test_a_heads_round_at_base_sends_under_one_percent_of_the_encoder() -> None:
+    # Issue 18: after alignment a site holds the frozen encoder, and a heads round sends it only the
+    # head groups, every round. At base the default heads (a shared trunk) are under 1% of the
+    # encoder's bytes; five separate heads of the same width would be 2.25%.
+    from omegaconf import OmegaConf
+
+    from fedmri.config import load_config
+    from fedmri.heads.tasks import build_task_heads, task_heads_state
+    from fedmri.models import build_encoder
+
+    cfg = load_config("base")
+    encoder = sum(v.numel() for v in build_encoder(cfg.model).state_dict().values())
+    heads = sum(v.numel() for v in task_heads_state(build_task_heads(cfg)).values())
+    separate = sum(v.numel() for v in task_heads_state(
+        build_task_heads(OmegaConf.merge(cfg, {"heads": {"trunk_dim": 0}}))).values())
+    assert heads <= 0.01 * encoder, heads / encoder
+    assert separate > 0.02 * encoder  # what the trunk is for
