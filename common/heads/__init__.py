@@ -8,7 +8,7 @@ importing the MLP heads stays cheap.
 from __future__ import annotations
 
 from fedmri.heads.anomaly import AnomalyHead, build_anomaly_head
-from fedmri.heads.mlp import MLPHead, build_mlp_head, pool_features, pooled_dim
+from fedmri.heads.mlp import MLPHead, SharedTrunk, build_mlp_head, build_trunk, pool_features, pooled_dim
 from fedmri.lazy import lazy_attributes
 
 _LAZY = {
@@ -41,10 +41,12 @@ __all__ = [
     "DenseTaskSpec",
     "FeatureCache",
     "MLPHead",
+    "SharedTrunk",
     "UNETRDecoder",
     "build_anomaly_head",
     "build_feature_cache",
     "build_mlp_head",
+    "build_trunk",
     "LightDecoder",
     "build_segmentation_head",
     "default_skip_layers",
