@@ -118,6 +118,7 @@ def _breakdown(trace: Path) -> list[dict[str, float | str]]:
     started = {e["pid"]: e["started"] for e in events if e["event"] == "clientapp-imported"}
     imported = {e["pid"]: e["t"] for e in events if e["event"] == "clientapp-imported"}
     out = []
+    seen: dict[str, int] = {}
     for start in (e for e in events if e["event"] == "round-start"):
         done = next((e for e in events if e["event"] == "round-done" and e["t"] > start["t"]), None)
         if done is None:
@@ -127,7 +128,9 @@ def _breakdown(trace: Path) -> list[dict[str, float | str]]:
                  for name in ("messages-built", "push-start", "push-done")}
         if None in first.values():
             continue
-        row: dict[str, float | str] = {"stage": start["stage"],
+        seen[start["stage"]] = seen.get(start["stage"], 0) + 1  # labelled as in _rounds ("heads 2")
+        label = start["stage"] if seen[start["stage"]] == 1 else f"{start['stage']} {seen[start['stage']]}"
+        row: dict[str, float | str] = {"stage": label,
                                        "build": first["messages-built"]["t"] - start["t"],
                                        "push": first["push-done"]["t"] - first["push-start"]["t"]}
         sites: dict[int, dict[str, float]] = {}
