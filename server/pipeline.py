@@ -22,7 +22,7 @@ import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,29 @@ def _nbytes(record: ArrayRecord) -> int:
     return int(sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize for array in record.values()))
 
 
+def checkpoint_mismatch(state: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    """What keeps a checkpoint's ``state`` from fitting the run's config (``expected``: its initial state); "" if nothing.
+
+    Names the first key missing, unexpected or of another shape. A missing
+    ``head.trunk`` is a run started before the heads shared a trunk
+    (``heads.trunk_dim``, 2026-12-07): its federation.yaml needs
+    ``heads.trunk_dim=0`` among its overrides to resume.
+    """
+    from fedmri.heads.tasks import TRUNK
+
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        hint = ("; a run from before the heads shared a trunk resumes with heads.trunk_dim=0 in its overrides"
+                if wire.group_of(missing[0]) == f"{wire.HEAD_PREFIX}{TRUNK}" else "")
+        return f"it lacks {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}{hint}"
+    if extra:
+        return f"it has {extra[0]}, which this config does not{f', and {len(extra) - 1} more' if len(extra) > 1 else ''}"
+    for key in expected:
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            return f"{key} is {tuple(state[key].shape)} there, {tuple(expected[key].shape)} here"
+    return ""
+
+
 class Pipeline:
     """Runs a federation config's stages over a grid, checkpointing every round.
 
@@ -161,9 +184,9 @@ class Pipeline:
                 self.state.update({k: v.clone() for k, v in self.init_state.items()})
             return 0, 1, 0
         state, strategy_arrays, meta = ckpt
-        expected = wire.initial_state(self.cfg)
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            raise FedmriError(f"checkpoint in {self.run.ckpt} was made with another encoder config; "
+        mismatch = checkpoint_mismatch(state, wire.initial_state(self.cfg))
+        if mismatch:
+            raise FedmriError(f"checkpoint in {self.run.ckpt} was made with another encoder config ({mismatch}); "
                               "resume with the run's own federation.yaml or start a new run name")
         self.state = state
         self.rng.bit_generator.state = meta["rng"]

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from fedmri import wire
 from fedmri.server.config import load_federation
-from fedmri.server.pipeline import Pipeline
+from fedmri.server.pipeline import Pipeline, checkpoint_mismatch
 
 from helpers.local_grid import LocalGrid
 
@@ -316,3 +316,19 @@ def test_site_level_dp_draws_each_site_on_its_own(tmp_path: Path) -> None:
     assert plain._site_rate(0) == 1.0
     assert {len(plain._sample(nodes, 0)) for _ in range(5)} == {300}
     assert {len(plain._sample([1, 2, 3], 0)) for _ in range(5)} == {2}
+
+
+def test_a_checkpoint_of_another_config_is_named_by_its_first_differing_key() -> None:
+    from fedmri.config import load_config
+
+    cfg = load_config("micro")
+    now = wire.initial_state(cfg)
+    assert checkpoint_mismatch(now, now) == ""
+    # A run started before the heads shared a trunk: its checkpoint has no head.trunk group.
+    before = wire.initial_state(OmegaConf.merge(cfg, {"heads": {"trunk_dim": 0}}))
+    message = checkpoint_mismatch(before, now)
+    assert message.startswith("it lacks head.trunk/") and "heads.trunk_dim=0" in message, message
+    assert checkpoint_mismatch(now, before).startswith("it has head.trunk/")
+    key = next(iter(now))
+    reshaped = now | {key: torch.zeros(3)}
+    assert checkpoint_mismatch(reshaped, now) == f"{key} is (3,) there, {tuple(now[key].shape)} here"
