@@ -41,6 +41,7 @@ def replay(run: Path, data: Path, sites: list[str], holdout: str, width: int, se
     from fedmri.client.trainers import TrainRequest
     from fedmri.client.trainers.heads import evaluate_heads, run_heads
     from fedmri.config import to_yaml
+    from fedmri.heads.mlp import trunk_dim
     from fedmri.server.checkpoint import load_checkpoint
     from fedmri.wire import initial_state
 
@@ -68,8 +69,9 @@ def replay(run: Path, data: Path, sites: list[str], holdout: str, width: int, se
         state = state | {k: sum(up[k] * (m["num-examples"] / total) for up, m in ups) for k in ups[0][0]}
     train_s = time.perf_counter() - t
     scores = evaluate_heads(load_site(data / f"{holdout}.yaml"), cfg, state, "val")
-    out = {"width": width, "trunk": int(cfg.heads.get("trunk_dim", 0)), "seed": seed, "overrides": list(overrides or []), "local_steps": int(local_steps or stage.local_steps), "head_kb": round(head_bytes / 1e3, 1), "train_s": round(train_s, 1),
-           "patients": scores.get("heads-patients")}
+    out = {"width": width, "trunk": trunk_dim(cfg), "seed": seed, "overrides": list(overrides or []),
+           "local_steps": int(local_steps or stage.local_steps), "head_kb": round(head_bytes / 1e3, 1),
+           "train_s": round(train_s, 1), "patients": scores.get("heads-patients")}
     for m in HEADLINE:
         if m in scores:
             out[m] = round(scores[m], 3)

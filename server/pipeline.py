@@ -103,22 +103,25 @@ def _nbytes(record: ArrayRecord) -> int:
 
 
 def checkpoint_mismatch(state: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
-    """What keeps a checkpoint's ``state`` from fitting the run's config (``expected``: its initial state); "" if nothing.
+    """What keeps a checkpoint's ``state`` from fitting the run's config; "" if nothing.
 
-    Names the first key missing, unexpected or of another shape. A missing
+    ``expected`` is the config's initial state. Names the first key missing, unexpected or of another shape. A missing
     ``head.trunk`` is a run started before the heads shared a trunk
     (``heads.trunk_dim``, 2026-12-07): its federation.yaml needs
     ``heads.trunk_dim=0`` among its overrides to resume.
     """
     from fedmri.heads.tasks import TRUNK
 
+    def more(keys: list[str]) -> str:
+        return f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
         hint = ("; a run from before the heads shared a trunk resumes with heads.trunk_dim=0 in its overrides"
                 if wire.group_of(missing[0]) == f"{wire.HEAD_PREFIX}{TRUNK}" else "")
-        return f"it lacks {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}{hint}"
+        return f"it lacks {missing[0]}{more(missing)}{hint}"
     if extra:
-        return f"it has {extra[0]}, which this config does not{f', and {len(extra) - 1} more' if len(extra) > 1 else ''}"
+        return f"it has {extra[0]}{more(extra)}, which this config does not"
     for key in expected:
         if tuple(state[key].shape) != tuple(expected[key].shape):
             return f"{key} is {tuple(state[key].shape)} there, {tuple(expected[key].shape)} here"
