@@ -9,8 +9,9 @@ the server are never trusted.
 
 Each ClientApp process starts through fedmri's launcher, which refuses an app
 bundle that brings code of its own (:mod:`fedmri.client.guard`); a warm starter
-beside the SuperNode, which has imported fedmri once, forks it
-(:mod:`fedmri.client.warm`), so a message no longer waits seconds for imports.
+beside the SuperNode, started once the SuperNode has connected, has imported fedmri
+and the stage trainers once and forks it (:mod:`fedmri.client.warm`), so a message
+no longer waits seconds for imports.
 
 When the SuperNode fails for a reason a site admin can fix (the SuperLink's
 certificate is not signed by the given CA; the coordinator has not registered
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,9 +142,11 @@ def prepare(site_file: str | Path, *, insecure: bool = False, state: str | Path 
 class _Watcher:
     """Reads the SuperNode's output for failures a site admin can fix, and passes it to the reaper."""
 
-    def __init__(self, launch: SupernodeLaunch, reaper: ClientAppReaper) -> None:
+    def __init__(self, launch: SupernodeLaunch, reaper: ClientAppReaper,
+                 on_connect: Callable[[], None] = lambda: None) -> None:
         self.launch = launch
         self.reaper = reaper
+        self.on_connect = on_connect
         self.cause: str | None = None
         self.refused = False  # the SuperLink would not activate this site's node
 
@@ -152,6 +156,7 @@ class _Watcher:
         if (match := _CONNECTED.search(line)) is not None:
             _say(f"site {self.launch.site.name} connected to the SuperLink at {server.address} "
                  f"as node {match.group(1)}; waiting for work")
+            self.on_connect()
         elif self.cause is None and _TLS_FAILURE.search(line):
             self.cause = (f"TLS to the SuperLink at {server.address} failed: its certificate is not signed by "
                           f"{server.root_certificates} (or does not name that host); get the federation's "
@@ -182,37 +187,55 @@ def serve(launch: SupernodeLaunch) -> int:
     # coordinator's app bundle before any of it can be imported (fedmri.client.guard).
     guard = write_launcher(launch.flwr_home / "fedmri-bin").parent
     env["PATH"] = os.pathsep.join([str(guard), env["PATH"]])
-    starter = _start_warm(socket_path(guard), env)
+    starter = _WarmStarter(socket_path(guard), env)
     try:
-        return _supervise(launch, reaper, env)
+        return _supervise(launch, reaper, env, on_connect=starter.start)
     finally:
-        _stop_warm(starter)
+        starter.stop()
 
 
-def _start_warm(path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """The warm ClientApp starter (:mod:`fedmri.client.warm`): it imports fedmri once, then forks each ClientApp.
+class _WarmStarter:
+    """The warm ClientApp starter (:mod:`fedmri.client.warm`): it imports fedmri and the stage
+    trainers once, then forks each ClientApp.
 
-    In its own session, so that a Ctrl-C meant for the SuperNode does not reach it; the
-    daemon stops it, and it stops by itself once the daemon is gone.
+    Started once the SuperNode has connected, not before: a site that cannot connect (a wrong
+    CA, a key not registered yet) does not spend seconds of CPU and half a gigabyte on imports
+    for messages that cannot come. A message that arrives before it is ready runs cold. In its
+    own session, so that a Ctrl-C meant for the SuperNode does not reach it; the daemon stops
+    it, and it stops by itself once the daemon is gone.
     """
-    return subprocess.Popen([sys.executable, "-m", "fedmri.client.warm", str(path), str(os.getpid())],
-                            env={**env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def __init__(self, path: Path, env: dict[str, str]) -> None:
+        self.path, self.env = path, env
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start it, unless it runs already (a reconnecting SuperNode keeps the one it has)."""
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "fedmri.client.warm", str(self.path), str(os.getpid())],
+                    env={**self.env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.proc is None:
+                return
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
-def _stop_warm(starter: subprocess.Popen) -> None:
-    starter.terminate()
-    try:
-        starter.wait(10)
-    except subprocess.TimeoutExpired:
-        starter.kill()
-        starter.wait(10)
-
-
-def _supervise(launch: SupernodeLaunch, reaper: ClientAppReaper, env: dict[str, str]) -> int:
+def _supervise(launch: SupernodeLaunch, reaper: ClientAppReaper, env: dict[str, str],
+               on_connect: Callable[[], None] = lambda: None) -> int:
     """Run the SuperNode until it exits or is told to stop; retry a refused activation for a while."""
     first = time.monotonic()
     while True:
-        watcher = _Watcher(launch, reaper)
+        watcher = _Watcher(launch, reaper, on_connect)
         child = ForegroundChild(launch.command, env=env, cwd=launch.site_file.parent, watch=watcher)
         _say(f"starting site {launch.site.name}'s SuperNode -> {launch.site.server.address}")
         child.start()

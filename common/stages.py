@@ -131,6 +131,14 @@ def names(*, trains: bool | None = None) -> tuple[str, ...]:
     return tuple(n for n, spec in _REGISTRY.items() if trains is None or spec.trains == trains)
 
 
+def trainer_modules() -> tuple[str, ...]:
+    """The modules of the registered stages' trainers given as ``"module:function"`` paths, in
+    registration order: what a site's warm ClientApp starter imports once, so that no round's
+    ClientApp pays for MONAI and transformers again (:mod:`fedmri.client.warm`)."""
+    found = (spec.trainer.partition(":")[0] for spec in _REGISTRY.values() if isinstance(spec.trainer, str))
+    return tuple(dict.fromkeys(found))
+
+
 def get(name: str) -> StageSpec:
     """The stage called ``name``.
 

@@ -8,6 +8,7 @@ the child dies with the launcher. Without a starter the launcher runs it cold
 
 from __future__ import annotations
 
+import importlib
 import signal
 import socket
 import subprocess
@@ -20,7 +21,9 @@ import pytest
 
 from fedmri.client.guard import write_launcher
 from fedmri.client.reaper import _catches_sigterm
-from fedmri.client.warm import SOCKET_NAME, socket_path
+from fedmri.client import warm
+from fedmri.client.warm import SOCKET_NAME, preload, socket_path
+from fedmri.stages import StageSpec, registered
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 
@@ -145,3 +148,30 @@ def test_a_deep_folder_gets_a_socket_path_that_fits_and_is_private(tmp_path: Pat
     assert socket_path(deep) == path  # the launcher and the starter agree
     assert socket_path(tmp_path) == tmp_path / SOCKET_NAME
     assert str(path) in write_launcher(deep).read_text()
+
+
+def test_the_starter_imports_every_stage_trainer_and_names_one_that_does_not_import(monkeypatch) -> None:
+    """What :func:`serve` runs before it listens: every forked ClientApp then finds the trainers
+    (MONAI, transformers) imported instead of importing them for each message."""
+    asked: list[str] = []
+    real, depth = importlib.import_module, [0]
+
+    def recording(name: str, *args: object) -> object:  # the calls of preload, not those of the modules
+        if not depth[0]:
+            asked.append(name)
+        depth[0] += 1
+        try:
+            return real(name, *args)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(warm.importlib, "import_module", recording)
+    said: list[str] = []
+    with registered(StageSpec("broken-for-test", lambda cfg: None, "fedmri_no_such_module:run_it")):
+        preload(said.append)
+    assert asked == ["fedmri.client.trainers.pretrain", "fedmri.client.trainers.align", "fedmri.client.trainers.heads",
+                     "fedmri.client.trainers.evaluate", "fedmri_no_such_module"]
+    assert all(module in sys.modules for module in asked[:-1])
+    assert len(said) == 1, said
+    assert "fedmri_no_such_module did not import (ModuleNotFoundError" in said[0]
+    assert "import it themselves" in said[0]

@@ -46,9 +46,12 @@ class Federation:
     other_ca: Path
 
 
-def start_federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+def start_federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                     refused_sites: bool = False) -> Iterator[Federation]:
     """A module's federation (the body of its module-scoped ``federation`` fixture): a SuperLink with
-    the GOOD and SPARES keys registered, GOOD's daemons connected, and two sites that cannot connect."""
+    the GOOD and SPARES keys registered, GOOD's daemons connected, and with ``refused_sites`` two
+    sites that cannot connect ("unregistered" and "wrong-ca"; the first keeps restarting its
+    SuperNode for a minute, CPU that the modules which do not test them should not pay)."""
     # Sites get the indexed hospitals only when a selected test here trains (those ask for
     # federation_sites too): indexing them is half a minute the other tests do not need.
     training = any("federation_sites" in item.fixturenames for item in request.session.items
@@ -77,10 +80,11 @@ def start_federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         server.wait_for(r"SuperLink ready at https://127\.0\.0\.1:\d+: .*5 site key\(s\) registered", 90)
         sites = {name: write_site(root / name, name, address, certs / "ca.crt", certs / f"{name}.key", free_port(),
                                   catalogs.get(name)) for name in (*GOOD, *SPARES)}
-        sites["unregistered"] = write_site(root / "site-99", "site-99", address, rogue / "ca.crt", rogue_key,
+        if refused_sites:
+            sites["unregistered"] = write_site(root / "site-99", "site-99", address, rogue / "ca.crt", rogue_key,
+                                               free_port())
+            sites["wrong-ca"] = write_site(root / "wrong-ca", "site-01", address, other_ca, certs / "site-01.key",
                                            free_port())
-        sites["wrong-ca"] = write_site(root / "wrong-ca", "site-01", address, other_ca, certs / "site-01.key",
-                                       free_port())
         clients = {}
         for name, site in sites.items():
             if name not in SPARES:

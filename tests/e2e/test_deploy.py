@@ -43,7 +43,7 @@ from fedmri.server.config import load_federation, run_config
 
 @pytest.fixture(scope="module")
 def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    yield from start_federation(request, tmp_path_factory)
+    yield from start_federation(request, tmp_path_factory, refused_sites=True)
 
 
 def test_wrong_ca_cannot_connect(federation: Federation) -> None:
@@ -51,6 +51,8 @@ def test_wrong_ca_cannot_connect(federation: Federation) -> None:
     assert client.wait_exit(60) == 2
     assert "TLS to the SuperLink" in client.output and str(federation.other_ca) in client.output
     assert "connected to the SuperLink" not in client.output
+    assert "warm ClientApp starter" not in client.output  # started only once a SuperNode connects
+    federation.clients[GOOD[0]].wait_for(r"connected to the SuperLink[\s\S]*warm ClientApp starter ready", 120)
 
 
 def test_second_server_on_a_busy_port_says_so(federation: Federation, tmp_path: Path) -> None:
@@ -145,6 +147,7 @@ def test_unregistered_site_key_is_refused(federation: Federation) -> None:
     assert "trying again in" in client.output
     assert "refused this site's key" in client.output and "site-99.pub" in client.output
     assert "connected to the SuperLink" not in client.output
+    assert "warm ClientApp starter" not in client.output
 
 
 def test_a_failed_run_tells_the_coordinator_why(federation: Federation, daemons: list[Daemon],
