@@ -124,8 +124,9 @@ class Daemon:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Wait until the output matches ``pattern``; fail with the output if it does not in time."""
+    def wait_for(self, pattern: str, timeout: float, poll: float = 0.2) -> re.Match[str]:
+        """Wait until the output matches ``pattern`` (looked at every ``poll`` s); fail with the output
+        if it does not in time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.remember_tree()
@@ -133,7 +134,7 @@ class Daemon:
                 return match
             if self.proc.poll() is not None:
                 break
-            time.sleep(0.2)
+            time.sleep(poll)
         if (match := re.search(pattern, self.output)) is not None:
             return match
         raise AssertionError(f"no {pattern!r} within {timeout} s (exit {self.proc.poll()}):\n{self.output[-4000:]}")
@@ -259,6 +260,23 @@ def stop_all(daemons: list[Daemon]) -> None:
 def processes_named(root: int, text: str) -> dict[int, str]:
     """Process id -> command line of each process in ``root``'s tree whose command line holds ``text``."""
     return {pid: line for pid in process_tree(root) if text in (line := cmdline(pid))}
+
+
+def hold_clientapps(site: Daemon) -> int:
+    """Freeze (SIGSTOP) a site daemon's warm ClientApp starter; returns its pid.
+
+    The site's next ClientApp launcher then waits, alive, for a fork that does not come, until
+    the test kills the site (or sends SIGCONT). Forked warm, with the trainers imported, a
+    micro-encoder ClientApp answers in about a second: a test that must catch a site in the
+    middle of a message, after its previous reply went out, holds the site between the two.
+    Only the starter is frozen (the daemon's direct child), not a ClientApp it forked that is
+    still on its way out.
+    """
+    children, _ = snapshot()
+    starters = [pid for pid in children.get(site.proc.pid, []) if "fedmri.client.warm" in cmdline(pid)]
+    assert len(starters) == 1, f"{len(starters)} warm starters under {site.log.stem}'s daemon"
+    os.kill(starters[0], signal.SIGSTOP)
+    return starters[0]
 
 
 def clientapp_worker(site: Daemon, launcher: int, timeout: float = 30) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploy_helpers import Daemon, fedmri_cli, process_tree
+from deploy_helpers import Daemon, fedmri_cli, hold_clientapps, process_tree, processes_named
 from deployed_federation import GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
 from deployed_federation import aggregate as _aggregate
 from deployed_federation import finish as _finish
@@ -283,10 +283,25 @@ def test_run_completes_when_two_of_five_sites_die_mid_round(federation: Federati
                                  [{"name": "pretrain", "rounds": 2, "local_steps": 2,
                                    "secure_aggregation": {"enabled": True, "threshold": 0.5}}],
                                  round_timeout_s=timeout, export=False, min_sites=3, wait_for_sites_s=120)
-    # Round 1 is under way at the doomed sites: each SuperNode took the train message and the
-    # ClientApp process for it has started (its first log line).
-    for name in doomed:
-        spares[name].wait_for(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process", RUN_TIMEOUT_S)
+    # Round 1 is under way at the doomed sites: each shared its keys and its key shares, then its
+    # SuperNode took the train message and started the ClientApp process for it (its launcher).
+    # Held between the shares' reply and the train message (hold_clientapps), the launcher waits
+    # for its fork: forked warm, a micro ClientApp would send its masked update in about a second,
+    # before this test could kill it. (The coordinator sends the train messages only once all five
+    # sites' shares are in: a second or more after a doomed site's own reply.)
+    waiting, deadline = set(doomed), time.monotonic() + RUN_TIMEOUT_S
+    while waiting:  # both at once, looked at every 50 ms: the train messages follow the last shares by ~1 s
+        for name in [n for n in waiting if "Sending: query.secagg_shares message" in spares[n].output]:
+            hold_clientapps(spares[name])
+            waiting.discard(name)
+        assert time.monotonic() < deadline, {n: spares[n].output[-2000:] for n in waiting}
+        time.sleep(0.05)
+    for name in doomed:  # the launcher started for the train message, waiting for its fork
+        spares[name].wait_for(r"Receiving: train message", RUN_TIMEOUT_S)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not processes_named(spares[name].proc.pid, "flwr-clientapp"):
+            assert time.monotonic() < deadline, f"no ClientApp launcher at {name}:\n{spares[name].output[-2000:]}"
+            time.sleep(0.1)
     for name in doomed:
         killed = spares[name].kill_tree()
         assert any("flower-supernode" in c for c in killed.values()), killed

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Daemon
+from deploy_helpers import Daemon, hold_clientapps
 from deployed_federation import GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
 from deployed_federation import aggregate as _aggregate
 from deployed_federation import finish as _finish
@@ -51,8 +51,12 @@ def test_a_site_killed_after_sending_its_masked_update_still_counts(federation: 
                                  [{"name": "pretrain", "rounds": 1, "local_steps": 1,
                                    "secure_aggregation": {"enabled": True, "threshold": 0.5}}],
                                  round_timeout_s=150, export=False, min_sites=5, wait_for_sites_s=120)
-    # The coordinator sends the unmask message only to sites whose masked update it holds; the
-    # ClientApp that would answer it takes seconds to start (torch), so the kill comes first.
+    # The coordinator sends the unmask message only to sites whose masked update it holds, once
+    # every site's is in. Held once its masked update went out (hold_clientapps), the site cannot
+    # fork the ClientApp that would answer the unmask message (warm, it would in about a second),
+    # so the kill comes first.
+    spares[doomed].wait_for(r"Sending: train message", RUN_TIMEOUT_S, poll=0.05)
+    hold_clientapps(spares[doomed])
     spares[doomed].wait_for(rf"Receiving: {SECAGG_UNMASK} message", RUN_TIMEOUT_S)
     killed = spares[doomed].kill_tree()
     assert any("flower-supernode" in c for c in killed.values()), killed
