@@ -271,7 +271,14 @@ def serve(path: Path, parent: int | None = None, say: Any = None) -> None:
     listener.listen(16)
     listener.settimeout(1.0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the socket goes with it (children reset this)
+
+    def leave(*_: object) -> None:  # children reset this
+        # At once: finalising an interpreter that holds MONAI and transformers takes 2 s, and the
+        # daemon waits for it while it stops.
+        path.unlink(missing_ok=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, leave)
     say(f"warm ClientApp starter ready at {path}")
     try:
         while os.getppid() == parent:

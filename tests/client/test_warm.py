@@ -63,6 +63,8 @@ def starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subproce
     finally:
         proc.terminate()
         proc.wait(30)
+    # SIGTERM: gone without finalising its imports, its socket with it.
+    assert proc.returncode == 0 and not socket_path(folder).exists()
 
 
 def _blocking(launcher: Path) -> subprocess.Popen:
