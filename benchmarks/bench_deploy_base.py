@@ -88,6 +88,12 @@ class PeakSampler(threading.Thread):
                     self.peak[role] = max(self.peak.get(role, 0.0), _rss_mb(pid))
 
 
+def _label(seen: dict[str, int], stage: str) -> str:
+    """``stage`` the first time it is seen, then ``"stage 2"``, ``"stage 3"``: a stage's later rounds apart."""
+    seen[stage] = seen.get(stage, 0) + 1
+    return stage if seen[stage] == 1 else f"{stage} {seen[stage]}"
+
+
 def _rounds(metrics: Path) -> list[dict[str, float | str]]:
     """Per round of a run: wall, slowest site's work, overhead, bytes per site both ways."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
@@ -96,9 +102,7 @@ def _rounds(metrics: Path) -> list[dict[str, float | str]]:
     for agg in (r for r in rows if r.get("site") == "all"):
         sites = [r for r in rows if r["server_round"] == agg["server_round"] and r.get("status") == "ok"]
         slowest = max((r.get("wall-time-s", 0.0) for r in sites), default=0.0)
-        seen[agg["stage"]] = seen.get(agg["stage"], 0) + 1  # a stage's later rounds are labelled apart ("heads 2")
-        label = agg["stage"] if seen[agg["stage"]] == 1 else f"{agg['stage']} {seen[agg['stage']]}"
-        out.append({"stage": label, "wall": agg["wall-time-s"], "slowest": slowest,
+        out.append({"stage": _label(seen, agg["stage"]), "wall": agg["wall-time-s"], "slowest": slowest,
                     "overhead": agg["wall-time-s"] - slowest,
                     "down_mb": max((r.get("bytes-down", 0) for r in sites), default=0) / MB,
                     "up_mb": max((r.get("bytes-up", 0) for r in sites), default=0) / MB})
@@ -128,9 +132,7 @@ def _breakdown(trace: Path) -> list[dict[str, float | str]]:
                  for name in ("messages-built", "push-start", "push-done")}
         if None in first.values():
             continue
-        seen[start["stage"]] = seen.get(start["stage"], 0) + 1  # labelled as in _rounds ("heads 2")
-        label = start["stage"] if seen[start["stage"]] == 1 else f"{start['stage']} {seen[start['stage']]}"
-        row: dict[str, float | str] = {"stage": label,
+        row: dict[str, float | str] = {"stage": _label(seen, start["stage"]),
                                        "build": first["messages-built"]["t"] - start["t"],
                                        "push": first["push-done"]["t"] - first["push-start"]["t"]}
         sites: dict[int, dict[str, float]] = {}

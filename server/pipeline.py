@@ -105,10 +105,10 @@ def _nbytes(record: ArrayRecord) -> int:
 def checkpoint_mismatch(state: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
     """What keeps a checkpoint's ``state`` from fitting the run's config; "" if nothing.
 
-    ``expected`` is the config's initial state. Names the first key missing, unexpected or of another shape. A missing
-    ``head.trunk`` is a run started before the heads shared a trunk
-    (``heads.trunk_dim``, 2026-12-07): its federation.yaml needs
-    ``heads.trunk_dim=0`` among its overrides to resume.
+    ``expected`` is the config's initial state. Names the first key missing, unexpected or of
+    another shape. A missing ``head.trunk`` is a run started before the heads shared a trunk
+    (``heads.trunk_dim``, 2026-12-07): its federation.yaml needs ``heads.trunk_dim=0`` among its
+    overrides to resume.
     """
     from fedmri.heads.tasks import TRUNK
 
