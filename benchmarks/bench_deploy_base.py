@@ -18,7 +18,11 @@ received and sent. At the end, a table of the medians over the completed runs.
 down: building the messages, pushing them to the SuperLink, each site's ClientApp starting
 (process start after the push: the SuperNode pulling the message and launching the process),
 its imports, receiving the message, its inputs (site file, weights from the wire), training,
-its reply's arrays, the reply's way back to the coordinator, and aggregating.
+its reply's arrays, the reply's way back to the coordinator, and aggregating. It also sums each
+kind of process' CPU seconds (from ``/proc``, every 0.25 s) over five parts of the round: the
+push, until the last site has its inputs, until the last site's handler ends, until the last
+reply is pulled, and aggregating; with the cores they kept busy, this shows which process a part
+waits on.
 
     python benchmarks/bench_deploy_base.py --store disk --runs 3
     python benchmarks/bench_deploy_base.py --store memory --runs 3
@@ -70,8 +74,21 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) that process ``pid`` has used, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class PeakSampler(threading.Thread):
-    """Peak RSS per role (superlink, serverapp, clientapp...) of a deployment's processes."""
+    """Peak RSS per role (superlink, serverapp, clientapp...) of a deployment's processes, and their CPU.
+
+    ``cpu`` holds ``(time, role, CPU seconds since the last sample)`` every 0.25 s: the processes
+    alive at the first sample count from then, later ones from their start.
+    """
 
     def __init__(self, deployment: Deployment) -> None:
         super().__init__(daemon=True)
@@ -79,13 +96,25 @@ class PeakSampler(threading.Thread):
         self.peak: dict[str, float] = {}
         self.started = time.perf_counter()
         self.first_seen: dict[str, float] = {}  # role -> seconds from start() to its first process
+        self.cpu: list[tuple[float, str, float]] = []
+        self._used: dict[int, float] = {}
 
     def run(self) -> None:
+        first = True
         while not self.stop_event.wait(0.25):
+            now = time.time()
             for role, pids in self.deployment.processes().items():
                 self.first_seen.setdefault(role, time.perf_counter() - self.started)
                 for pid in pids:
                     self.peak[role] = max(self.peak.get(role, 0.0), _rss_mb(pid))
+                    used = _cpu_s(pid)
+                    if used is None:
+                        continue
+                    before = self._used.get(pid, used if first else 0.0)
+                    self._used[pid] = used
+                    if used > before:
+                        self.cpu.append((now, role, used - before))
+            first = False
 
 
 def _label(seen: dict[str, int], stage: str) -> str:
@@ -113,8 +142,31 @@ PHASES = ("build", "push", "to clientapp start", "clientapp imports", "message i
           "reply arrays", "reply back", "aggregate")
 
 
-def _breakdown(trace: Path) -> list[dict[str, float | str]]:
-    """Per round: seconds of each phase (PHASES); per-site phases are the slowest site's."""
+WINDOWS = ("push", "message in", "sites at work", "reply back", "aggregate")
+
+
+def _cpu_windows(bounds: list[float], cpu: list[tuple[float, str, float]]) -> dict[str, dict]:
+    """CPU seconds per role in each of the round's WINDOWS, between consecutive ``bounds``.
+
+    The windows: the push; until the last site has its inputs; until the last site's handler
+    ends; until the last reply is pulled; until the round is done.
+    """
+    out = {}
+    for name, (lo, hi) in zip(WINDOWS, zip(bounds, bounds[1:])):
+        roles: dict[str, float] = {}
+        for t, role, used in cpu:
+            if lo < t <= hi:
+                roles[role] = roles.get(role, 0.0) + used
+        out[name] = {"wall": hi - lo, "roles": roles}
+    return out
+
+
+def _breakdown(trace: Path, cpu: list[tuple[float, str, float]] = ()) -> list[dict[str, float | str]]:
+    """Per round: seconds of each phase (PHASES); per-site phases are the slowest site's.
+
+    With ``cpu`` (:class:`PeakSampler`'s samples) a round's row also holds ``"cpu"``: each
+    process role's CPU seconds in each of WINDOWS.
+    """
     if not trace.is_file():
         return []
     events = sorted((json.loads(line) for line in trace.read_text().splitlines() if line.strip()),
@@ -159,8 +211,21 @@ def _breakdown(trace: Path) -> list[dict[str, float | str]]:
             for k, v in phases.items():  # negative: the ClientApp started before the last message was pushed
                 row[k] = max(float(row[k]), v) if k in row else v
         row["aggregate"] = done["t"] - last_reply
+        ends = [s["handler-end"] for s in sites.values() if "handler-end" in s]
+        inputs = [s.get("handler-inputs", s["handler-start"]) for s in sites.values() if "handler-start" in s]
+        if cpu and ends and inputs:
+            row["cpu"] = _cpu_windows([first["push-start"]["t"], first["push-done"]["t"], max(inputs), max(ends),
+                                       last_reply, done["t"]], cpu)
+            for name, w in row["cpu"].items():
+                print(f"           CPU in {name} ({w['wall']:.1f} s): " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in sorted(w["roles"].items())) + f"; {_busy(w):.2f} cores busy", flush=True)
         out.append(row)
     return out
+
+
+def _busy(window: dict) -> float:
+    """Cores kept busy on average in a window by the deployment's processes."""
+    return sum(window["roles"].values()) / window["wall"] if window["wall"] > 0 else 0.0
 
 
 def _folder_mb(path: Path) -> float:
@@ -234,7 +299,7 @@ def main() -> None:
                        "first_clientapp": sampler.first_seen.get("clientapp"),
                        "rounds": _rounds(deployment.state / "runs" / f"base-{r}" / "metrics.jsonl"),
                        "db_mb": db.stat().st_size / MB if db.exists() else 0.0,
-                       "breakdown": _breakdown(trace)}
+                       "breakdown": _breakdown(trace, sampler.cpu)}
                 rows.append(row)
                 print(f"[run {r + 1}, wire {wire}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
                       f"{row['heads']} s; locked: {row['locked']}; {row['cause']}; peak RSS MB "
@@ -287,6 +352,18 @@ def _summary(rows: list[dict]) -> None:
         for stage in dict.fromkeys(r["stage"] for r in staged):
             rounds = [r for r in staged if r["stage"] == stage]
             print(f"| {stage} | " + " | ".join(f"{med(float(r.get(k, 0.0)) for r in rounds):.1f}" for k in PHASES) + " |")
+    timed = [r for r in staged if "cpu" in r]
+    if timed:
+        roles = sorted({k for r in timed for w in r["cpu"].values() for k in w["roles"]})
+        print(f"\nCPU seconds by process in each part of a round (medians; {os.cpu_count()} cores):\n\n"
+              "| round | part | wall s | cores busy | " + " | ".join(roles) + " |\n| --- | --- | --- | --- |"
+              + " --- |" * len(roles))
+        for stage in dict.fromkeys(r["stage"] for r in timed):
+            rounds = [r for r in timed if r["stage"] == stage]
+            for name in WINDOWS:
+                ws = [r["cpu"][name] for r in rounds]
+                print(f"| {stage} | {name} | {med(w['wall'] for w in ws):.1f} | {med(_busy(w) for w in ws):.2f} | "
+                      + " | ".join(f"{med(w['roles'].get(k, 0.0) for w in ws):.1f}" for k in roles) + " |")
     firsts = [row["first_clientapp"] for row in rows if row["first_clientapp"] is not None]
     print(f"\nfirst ClientApp after `fedmri run`: median {med(firsts):.1f} s" if firsts else "")
     print(f"run wall: median {med(r['wall'] for r in rows):.0f} s; state folder after the run: median "

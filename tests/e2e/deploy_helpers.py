@@ -262,6 +262,20 @@ def processes_named(root: int, text: str) -> dict[int, str]:
     return {pid: line for pid in process_tree(root) if text in (line := cmdline(pid))}
 
 
+def wait_for_process(site: Daemon, text: str, timeout: float, before: set[int] = frozenset()) -> int:
+    """The newest process in ``site``'s tree whose command line holds ``text`` and that is not in ``before``.
+
+    Polls every 0.1 s and fails after ``timeout`` seconds with the end of the site's output.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        site.remember_tree()
+        if new := set(processes_named(site.proc.pid, text)) - set(before):
+            return max(new)
+        time.sleep(0.1)
+    raise AssertionError(f"no new {text} process at {site.log.stem} within {timeout} s:\n{site.output[-3000:]}")
+
+
 def hold_clientapps(site: Daemon) -> int:
     """Freeze (SIGSTOP) a site daemon's warm ClientApp starter; returns its pid.
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploy_helpers import Daemon, fedmri_cli, hold_clientapps, process_tree, processes_named
+from deploy_helpers import Daemon, fedmri_cli, hold_clientapps, process_tree, wait_for_process
 from deployed_federation import GOOD, RUN_TIMEOUT_S, SPARE, SPARES, Federation, start_federation
 from deployed_federation import aggregate as _aggregate
 from deployed_federation import finish as _finish
@@ -298,10 +298,7 @@ def test_run_completes_when_two_of_five_sites_die_mid_round(federation: Federati
         time.sleep(0.05)
     for name in doomed:  # the launcher started for the train message, waiting for its fork
         spares[name].wait_for(r"Receiving: train message", RUN_TIMEOUT_S)
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not processes_named(spares[name].proc.pid, "flwr-clientapp"):
-            assert time.monotonic() < deadline, f"no ClientApp launcher at {name}:\n{spares[name].output[-2000:]}"
-            time.sleep(0.1)
+        wait_for_process(spares[name], "flwr-clientapp", RUN_TIMEOUT_S)
     for name in doomed:
         killed = spares[name].kill_tree()
         assert any("flower-supernode" in c for c in killed.values()), killed

@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 import torch
 from deploy_helpers import (Daemon, Relay, clientapp_worker, fedmri_cli, free_port, processes_named, stop_all,
-                            write_site)
+                            wait_for_process, write_site)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -87,16 +87,6 @@ class Played:
 
 def _wait_count(daemon: Daemon, text: str, n: int, timeout: float) -> None:
     daemon.wait_for(rf"(?:{re.escape(text)}[\s\S]*){{{n}}}", timeout)
-
-
-def _new_clientapp(site: Daemon, before: set[int], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        site.remember_tree()
-        if new := set(processes_named(site.proc.pid, CLIENTAPP)) - before:
-            return max(new)
-        time.sleep(0.1)
-    raise AssertionError(f"no new ClientApp at {site.log.stem} within {timeout} s:\n{site.output[-3000:]}")
 
 
 def _outlives_its_run(site: Daemon, pid: int, ended_line: str) -> dict[int, str]:
@@ -157,7 +147,7 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
 
         # Round 1: site-02's ClientApp is held; site-01 answers, then restarts before round 2.
         site_02.wait_for("Sent successfully", RUN_TIMEOUT_S)  # its answer to the coordinator's query
-        held = _new_clientapp(site_02, set(processes_named(site_02.proc.pid, CLIENTAPP)), RUN_TIMEOUT_S)
+        held = wait_for_process(site_02, CLIENTAPP, RUN_TIMEOUT_S, set(processes_named(site_02.proc.pid, CLIENTAPP)))
         held = clientapp_worker(site_02, held)  # the warm starter's child, not its launcher
         os.kill(held, signal.SIGSTOP)
         _wait_count(site_01, "Sent successfully", 2, RUN_TIMEOUT_S)  # the query, then round 1
@@ -177,7 +167,7 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         relay.hold(up=True, down=False)
         _wait_latest(out.run_dir / "ckpt", "round-0001", run, RUN_TIMEOUT_S)
         site_01.wait_for("Receiving: train message", RUN_TIMEOUT_S)  # round 2 is out
-        ended = {"site-01": _new_clientapp(site_01, set(), 30)}  # training round 2 when the ServerApp dies
+        ended = {"site-01": wait_for_process(site_01, CLIENTAPP, 30)}  # training round 2 when the ServerApp dies
         relay.hold(up=False, down=True)
         deadline = time.monotonic() + 20
         while relay.kept_bytes["down"] < 2000:  # the answer that carries round 2's message
@@ -199,7 +189,7 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         # has started a ClientApp for it all the same.
         ended_line = rf"Run ID {out.killed_run} is not in `RUNNING` status. Ignoring"
         site_02.wait_for(ended_line + " message", 30)
-        ended["site-02"] = _new_clientapp(site_02, before, 30)
+        ended["site-02"] = wait_for_process(site_02, CLIENTAPP, 30, before)
 
         # The documented resume command, at once. Meanwhile each site's ClientApp of the ended run
         # must go: site-02's now, site-01's once its reply to round 2 is refused.
