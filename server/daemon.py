@@ -1,11 +1,10 @@
 """The coordinator's server daemon: a Flower SuperLink with TLS and SuperNode authentication.
 
-``fedmri server start`` runs ``flower-superlink`` (through
-:mod:`fedmri.server.superlink`) in the foreground with the certificates from
-``fedmri certs init``, keeps its state in one folder, writes the Flower CLI's
-connection entry for it (so ``flwr`` and ``fedmri run`` / ``status`` reach it
-without hand-editing ``config.toml``) and registers every site public key in
-the certs folder once the SuperLink answers.
+``fedmri server start`` runs ``flower-superlink`` in the foreground with the
+certificates from ``fedmri certs init``, keeps its state in one folder, writes
+the Flower CLI's connection entry for it (so ``flwr`` and ``fedmri run`` /
+``status`` reach it without hand-editing ``config.toml``) and registers every
+site public key in the certs folder once the SuperLink answers.
 
 It also starts Flower's ServerApp launcher (``flower-superexec``, which starts a
 ServerApp process for each submitted run) and supervises it: the SuperLink runs
@@ -132,14 +131,9 @@ def check_certs(settings: ServerSettings) -> dict[str, Path]:
 
 
 def superlink_command(settings: ServerSettings) -> list[str]:
-    """The ``flower-superlink`` argv for these settings (after the certificates were checked).
-
-    Flower's program runs through :mod:`fedmri.server.superlink`, which reads each request body
-    whole before Flower's HTTP middleware (a base round's transfers wait on the SuperLink's
-    one core); its arguments are Flower's.
-    """
+    """The ``flower-superlink`` argv for these settings (after the certificates were checked)."""
     state = settings.state.expanduser().resolve()
-    command = [sys.executable, "-m", "fedmri.server.superlink", flower_executable("flower-superlink"),
+    command = [flower_executable("flower-superlink"),
                "--host", settings.host, "--port", str(settings.port),
                "--database", str(state / "state.db") if settings.store == "disk" else IN_MEMORY_STORE,
                "--disable-runtime-dependency-installation",
