@@ -13,11 +13,21 @@ that import another checkout's fedmri with this venv's libraries
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
 from typing import Any
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) that process ``pid`` has used so far; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_in_process(target: Callable[..., None], *args: Any, start_method: str = "spawn", what: str = "",

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from _deploy import Deployment
-from _harness import boot_folder
+from _harness import boot_folder, cpu_seconds
 
 MB = 1e6
 # --wire: the federation's (uplink, downlink).
@@ -74,15 +74,6 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) that process ``pid`` has used, None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class PeakSampler(threading.Thread):
     """Peak RSS per role (superlink, serverapp, clientapp...) of a deployment's processes, and their CPU.
 
@@ -107,7 +98,7 @@ class PeakSampler(threading.Thread):
                 self.first_seen.setdefault(role, time.perf_counter() - self.started)
                 for pid in pids:
                     self.peak[role] = max(self.peak.get(role, 0.0), _rss_mb(pid))
-                    used = _cpu_s(pid)
+                    used = cpu_seconds(pid)
                     if used is None:
                         continue
                     before = self._used.get(pid, used if first else 0.0)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
-import ipaddress
 import os
 import socket
 import subprocess
@@ -27,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _harness import cpu_seconds
 
 OBJECT = 5 * 2**20  # Flower's FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
@@ -65,32 +65,6 @@ uvicorn.run(app, host="127.0.0.1", port={port}, ssl_keyfile=sys.argv[1], ssl_cer
 """
 
 
-def _certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1: (key, cert)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(datetime.datetime(2020, 1, 1))
-            .not_valid_after(datetime.datetime(2040, 1, 1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return folder / "key.pem", folder / "cert.pem"
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=90, help="5 MB objects each way (90: one base update)")
@@ -98,15 +72,18 @@ def main() -> None:
     args = parser.parse_args()
     import httpx
 
+    from fedmri.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_authority
+
     with tempfile.TemporaryDirectory() as tmp:
-        key, cert = _certificate(Path(tmp))
+        folder = init_authority(Path(tmp) / "certs", ["127.0.0.1"], []).folder
+        key, cert, ca = folder / SERVER_KEY, folder / SERVER_CERT, folder / CA_CERT
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         script = Path(tmp) / "server.py"
         script.write_text(SERVER.format(size=OBJECT, middlewares=args.middlewares, port=port))
         server = subprocess.Popen([sys.executable, str(script), str(key), str(cert)])
-        client = httpx.Client(verify=str(cert), timeout=60)
+        client = httpx.Client(verify=str(ca), timeout=60)
         try:
             url = f"https://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
@@ -122,10 +99,10 @@ def main() -> None:
             mb = args.objects * OBJECT / 1e6
             with concurrent.futures.ThreadPoolExecutor(2) as pool:  # Flower pushes and pulls 2 at a time
                 for way, path, content in (("push", "/push", body), ("pull", "/pull", b"x")):
-                    cpu, t = _cpu_s(server.pid), time.perf_counter()
+                    cpu, t = cpu_seconds(server.pid), time.perf_counter()
                     for reply in pool.map(lambda _: client.post(url + path, content=content), range(args.objects)):
                         reply.raise_for_status()
-                    wall, used = time.perf_counter() - t, _cpu_s(server.pid) - cpu
+                    wall, used = time.perf_counter() - t, cpu_seconds(server.pid) - cpu
                     print(f"{way}: {mb:.0f} MB in {wall:.1f} s = {mb / wall:.0f} MB/s; server CPU {used:.1f} s "
                           f"= {1000 * used / mb:.1f} ms per MB", flush=True)
         finally:
