@@ -319,9 +319,17 @@ class Relay:
 
     The site connects to :attr:`address` instead of the server; bytes pass unchanged,
     so TLS and node authentication stay end to end (the server certificate names
-    127.0.0.1). :meth:`hold` keeps what the site sends (``up``) or what the server
-    answers (``down``) in the relay instead of passing it on, as a congested link
-    would; letting a direction go passes on, in order, what was kept.
+    127.0.0.1). :meth:`hold` keeps, on each connection, what the site sends (``up``) or
+    what the server answers (``down``) in the relay instead of passing it on, as a
+    congested link would, from the first piece of at least ``at_least`` bytes on; the
+    smaller pieces before it pass. :meth:`let_go` passes on, in order, what was kept, and
+    then closes what either end closed meanwhile.
+
+    How long a hold lasts before it breaks the exchange (flwr 1.42, uvicorn): the server
+    closes a connection 5 s after its last answer if no request came (keep-alive), so a
+    request held ``up`` is lost after at most 5 s; an answer held ``down`` keeps the
+    connection open for 30 s (the site's read timeout, and the server's wait for the TLS
+    close that the relay holds too).
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
@@ -329,27 +337,61 @@ class Relay:
         self._listener = socket.create_server((host, 0))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
-        self._held = {"up": False, "down": False}
-        # Per direction: (destination socket, bytes kept for it) in arrival order.
-        self._kept: dict[str, list[tuple[socket.socket, bytes]]] = {"up": [], "down": []}
+        self._at_least = {"up": 0, "down": 0}  # 0: the direction passes
+        # Per direction: (connection, destination socket, bytes kept for it, or None for "then close
+        # both sockets") in arrival order; and the connections whose pieces are being kept.
+        self._kept: dict[str, list[tuple[int, socket.socket, bytes | None]]] = {"up": [], "down": []}
+        self._keeping: dict[str, set[int]] = {"up": set(), "down": set()}
+        self._ends: dict[int, tuple[socket.socket, socket.socket]] = {}
         self.kept_bytes = {"up": 0, "down": 0}  # kept since the direction was last held
         self._sockets: list[socket.socket] = [self._listener]
+        # What passed, for a failing test to show: (seconds since the relay started, event).
+        self._t0 = time.monotonic()
+        self.events: list[tuple[float, str]] = []
+        self._connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def hold(self, *, up: bool, down: bool) -> None:
-        """Set which directions are held; a direction let go first passes on what it kept."""
+    def hold(self, direction: str, at_least: int = 1) -> None:
+        """Keep what passes in ``direction`` on each connection, from its first piece of at least
+        ``at_least`` bytes on."""
         with self._lock:
-            for direction, value in (("up", up), ("down", down)):
-                if value and not self._held[direction]:
-                    self.kept_bytes[direction] = 0
-                if not value:
-                    for dst, data in self._kept[direction]:
-                        try:
-                            dst.sendall(data)
-                        except OSError:
-                            pass  # that connection is gone
-                    self._kept[direction].clear()
-                self._held[direction] = value
+            if not self._at_least[direction]:
+                self.kept_bytes[direction] = 0
+            self._at_least[direction] = at_least
+            self._event(f"{direction} held from the first piece of {at_least} bytes or more")
+
+    def let_go(self, direction: str) -> None:
+        """Pass on, in order, what ``direction`` kept, and let it pass from now on."""
+        with self._lock:
+            self._event(f"{direction} let go ({len(self._kept[direction])} pieces kept)")
+            for number, dst, data in self._kept[direction]:
+                try:
+                    if data is None:
+                        self._shut(*self._ends[number])
+                    else:
+                        dst.sendall(data)
+                except OSError:
+                    pass  # that connection is gone
+            self._kept[direction].clear()
+            self._keeping[direction].clear()
+            self._at_least[direction] = 0
+
+    def _event(self, text: str) -> None:
+        self.events.append((round(time.monotonic() - self._t0, 2), text))
+
+    def mark(self, text: str) -> None:
+        """Note a step of the test among the relay's events."""
+        with self._lock:
+            self._event(f"-- {text}")
+
+    def describe(self, lines: int = 300) -> str:
+        """The relay's events, one per line, for a failure message: from 5 s before a direction was
+        first held (or the start), at most ``lines`` of them."""
+        with self._lock:
+            held = [t for t, text in self.events if " held from " in text]
+            since = held[0] - 5 if held else 0.0
+            shown = [f"{t:8.2f} s  {text}" for t, text in self.events if t >= since]
+        return "\n".join(shown[:lines] + ([f"... {len(shown) - lines} more"] if len(shown) > lines else []))
 
     def close(self) -> None:
         with self._lock:
@@ -358,6 +400,14 @@ class Relay:
                     sock.close()
                 except OSError:
                     pass
+
+    @staticmethod
+    def _shut(*socks: socket.socket) -> None:
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _accept(self) -> None:
         while True:
@@ -368,27 +418,38 @@ class Relay:
                 return
             with self._lock:
                 self._sockets += [site, server]
-            threading.Thread(target=self._pump, args=(site, server, "up"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, site, "down"), daemon=True).start()
+                self._connections += 1
+                number = self._connections
+                self._ends[number] = (site, server)
+                self._event(f"connection {number} opened")
+            threading.Thread(target=self._pump, args=(site, server, "up", number), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, site, "down", number), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, number: int) -> None:
+        end = "site" if direction == "up" else "server"
         while True:
             try:
                 data = src.recv(65536)
             except OSError:
                 data = b""
             with self._lock:
+                keeping = number in self._keeping[direction]
                 if not data:
-                    for sock in (src, dst):
-                        try:
-                            sock.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
+                    if keeping:  # closed after what is kept: close once that has passed
+                        self._kept[direction].append((number, dst, None))
+                        self._event(f"connection {number} closed by the {end}, after what is kept")
+                    else:
+                        self._event(f"connection {number} closed by the {end}")
+                        self._shut(src, dst)
                     return
-                if self._held[direction]:
-                    self._kept[direction].append((dst, data))
+                at_least = self._at_least[direction]
+                if keeping or (at_least and len(data) >= at_least):
+                    self._keeping[direction].add(number)
+                    self._kept[direction].append((number, dst, data))
                     self.kept_bytes[direction] += len(data)
+                    self._event(f"connection {number}: {len(data)} bytes {direction} kept")
                     continue
+                self._event(f"connection {number}: {len(data)} bytes {direction}")
                 try:
                     dst.sendall(data)
                 except OSError:

@@ -17,12 +17,18 @@ Moments that are races in a real deployment are made exact here:
   answers every message still addressed to it with "Node Unavailable", even one it
   has already answered: the coordinator must have collected the reply first. It
   collects every 3 s; the hold lasts :data:`COLLECT_S`.)
-- site-02 reaches the SuperLink through a :class:`~deploy_helpers.Relay`, stalled so
-  that round 2's message is delivered to it just before the run ends and its
-  content is fetched just after: what a slow link does when a ServerApp dies (a
-  ViT-B update is ~900 MB). The SuperNode then drops the message, but the ClientApp
-  process Flower already started for it waits for that content for over an hour;
-  `fedmri client start` must stop it (:class:`fedmri.client.daemon.ClientAppReaper`).
+- site-02 reaches the SuperLink through a :class:`~deploy_helpers.Relay` that holds the
+  answer carrying round 2's message until the run has ended, so that its content is
+  fetched just after: what a slow link does when a ServerApp dies (a ViT-B update is
+  ~900 MB). The SuperNode then drops the message, but the ClientApp process Flower
+  already started for it waits for that content for over an hour; `fedmri client
+  start` must stop it (:class:`fedmri.client.daemon.ClientAppReaper`). The coordinator
+  is paused (SIGSTOP) while site-02 answers round 1, so that round 2 cannot go out
+  before the relay holds. (An earlier version held site-02's request instead, which
+  the server drops after 5 s of keep-alive: the test failed when the CI machine was
+  slow.)
+  The coordinator is paused (SIGSTOP) while site-02 answers round 1, so that round 2
+  cannot go out before the link stalls, however late the test reads site-02's log.
 
 The uninterrupted run it is compared with runs in-process (the same ClientApp code
 and site files over ``LocalGrid``): a second deployed run would cost another
@@ -37,6 +43,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +73,9 @@ COLLECT_S = 7.0
 # must be gone within this many seconds (the daemon looks every second, SIGKILL 10 s after SIGTERM).
 GRACE_S = 20.0
 RUN_TIMEOUT_S = 300
+# An answer of at least this many bytes carries work (round 2's message: 6.7 kB with the micro
+# encoder); "no work", a heartbeat's answer and a TLS handshake are under 1 kB.
+WORK_BYTES = 2000
 
 
 @dataclass
@@ -159,32 +169,45 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         out.site_01 = site_01
         site_01.wait_for(CONNECTED, 60)
         out.timings["site restarted"] = time.monotonic() - t0
-        os.kill(held, signal.SIGCONT)  # round 1 ends, and round 2 is sent at once
 
-        # The link to site-02 stalls: its next request for work waits in the relay until round 2
-        # is out, and the answer (round 2's message) until the run has ended.
-        _wait_count(site_02, "Sent successfully", 2, RUN_TIMEOUT_S)
-        relay.hold(up=True, down=False)
-        _wait_latest(out.run_dir / "ckpt", "round-0001", run, RUN_TIMEOUT_S)
-        site_01.wait_for("Receiving: train message", RUN_TIMEOUT_S)  # round 2 is out
-        ended = {"site-01": wait_for_process(site_01, CLIENTAPP, 30)}  # training round 2 when the ServerApp dies
-        relay.hold(up=False, down=True)
-        deadline = time.monotonic() + 20
-        while relay.kept_bytes["down"] < 2000:  # the answer that carries round 2's message
-            assert time.monotonic() < deadline, "the SuperLink never answered site-02's request for work"
-            time.sleep(0.05)
-
+        # site-02 answers round 1 while the coordinator is paused, so that round 2 cannot go out
+        # before site-02's link holds the answer that carries it, however late the test reads
+        # site-02's log (its SuperNode asks for work every 3 s).
         (serverapp,) = processes_named(server.proc.pid, "flwr-serverapp")
         server.remember_tree()
+        os.kill(serverapp, signal.SIGSTOP)
+        os.kill(held, signal.SIGCONT)
+        _wait_count(site_02, "Sent successfully", 2, RUN_TIMEOUT_S)
+        # From now on the only large answer that site-02 can get is round 2's message (the small
+        # ones, "no work" and heartbeats, pass): it waits in the relay until the run has ended.
+        relay.hold("down", at_least=WORK_BYTES)
+        os.kill(serverapp, signal.SIGCONT)
+        _wait_latest(out.run_dir / "ckpt", "round-0001", run, RUN_TIMEOUT_S)
+        relay.mark("round 1 checkpointed")
+        site_01.wait_for("Receiving: train message", RUN_TIMEOUT_S)  # round 2 is out
+        relay.mark("site-01 received round 2")
         os.kill(serverapp, signal.SIGKILL)
+        relay.mark("ServerApp killed")
         out.killed_run = run.output.split("run ", 1)[1].split()[0]
-        # The SuperLink still lists the killed run as running: resuming now would give one run
-        # folder two writers, so fedmri refuses and says how to stop it.
-        out.refused = fedmri_cli("run", "--config", str(config), "--state", str(state), "--resume", timeout=90)
+        with ThreadPoolExecutor(1) as pool:
+            # The SuperLink still lists the killed run as running: resuming now would give one run
+            # folder two writers, so fedmri refuses and says how to stop it. It runs meanwhile, as
+            # site-02 must get the held answer within its HTTP timeout of 30 s.
+            refusal = pool.submit(fedmri_cli, "run", "--config", str(config), "--state", str(state), "--resume",
+                                  timeout=90)
+            ended = {"site-01": wait_for_process(site_01, CLIENTAPP, 30)}  # training round 2 of the killed run
+            deadline = time.monotonic() + 30
+            while relay.kept_bytes["down"] < WORK_BYTES:  # site-02 asks for work every 3 s
+                assert time.monotonic() < deadline, \
+                    f"site-02 was not sent round 2's message within 30 s:\n{relay.describe()}"
+                time.sleep(0.05)
+            out.refused = refusal.result()
+        relay.mark("resume refused")
         flwr_json(["stop", out.killed_run, "fedmri"], state / "flwr", timeout=60)
+        relay.mark("run stopped")
         out.timings["run killed and stopped"] = time.monotonic() - t0
         before = set(processes_named(site_02.proc.pid, CLIENTAPP))
-        relay.hold(up=False, down=False)
+        relay.let_go("down")
         # site-02's SuperNode takes round 2's message, cannot fetch its content and drops it; Flower
         # has started a ClientApp for it all the same.
         ended_line = rf"Run ID {out.killed_run} is not in `RUNNING` status. Ignoring"
@@ -205,9 +228,13 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         out.timings["resumed run done"] = time.monotonic() - t0
         print(f"\ntimings, seconds from the start of the deployment: {out.timings}")
         yield out
+    except BaseException:
+        print(f"site-02's link, the relay (also in {root / 'relay.log'}):\n{relay.describe()}")
+        raise
     finally:
         stop_all(started)
         relay.close()
+        (root / "relay.log").write_text(relay.describe(lines=100_000))
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(played: Played, federation_sites: list,
