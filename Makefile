@@ -8,23 +8,35 @@ BIN    := $(VENV)/bin
 # pip from pulling a multi-GB CUDA build for the bare `torch` requirement.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	# Everything else in one resolver call, so no later install can break a pin. uv (flwr depends
-	# on it, hence its range) resolves the same versions as pip and installs them, compiled, in
-	# 27 s instead of pip's 61 s (fresh venv on the 2-core machine, 2026-12-07); pip does it
-	# wherever uv cannot.
-	$(BIN)/python -m pip install --quiet "uv>=0.13.5,<0.14" \
-	  && $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e ".[test]" \
-	  || $(BIN)/python -m pip install --quiet -e ".[test]"
+	# Everything else in one resolver call, so no later install can break a pin, at the versions
+	# in constraints.txt (`make lock` renews them). uv (flwr depends on it, hence its range)
+	# installs them, compiled, in 27 s instead of pip's 61 s (fresh venv on the 2-core machine,
+	# 2026-12-07); pip does it wherever uv cannot.
+	$(BIN)/python -m pip install --quiet -c constraints.txt "uv>=0.13.5,<0.14" \
+	  && $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[test]" \
+	  || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/python -m pip check
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh in a scratch venv and pin the result in constraints.txt.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH)" "uv>=0.13.5,<0.14"
+	$(LOCK_VENV)/bin/uv pip install --quiet --python $(LOCK_VENV)/bin/python -e ".[test]"
+	{ echo "# Every dependency's version, as resolved from pyproject.toml's ranges on $$(date +%F) (torch is pinned"; \
+	  sed -n '2,4p' constraints.txt; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 # The main job: three synthetic hospitals, indexed, then a simulated federation
 # (pretrain -> align -> evaluate) against local-only and centralized baselines,
