@@ -24,9 +24,11 @@ Moments that are races in a real deployment are made exact here:
   already started for it waits for that content for over an hour; `fedmri client
   start` must stop it (:class:`fedmri.client.daemon.ClientAppReaper`). The coordinator
   is paused (SIGSTOP) while site-02 answers round 1, so that round 2 cannot go out
-  before the relay holds. (An earlier version held site-02's request instead, which
-  the server drops after 5 s of keep-alive: the test failed when the CI machine was
-  slow.)
+  before the test is ready, and site-02's SuperNode is paused from then until the
+  killed run's resume has been refused, so that the held answer waits only for
+  ``flwr stop``, well within the site's HTTP timeout of 30 s. (An earlier version held
+  site-02's request instead, which the server drops after 5 s of keep-alive: the test
+  failed when the CI machine was slow.)
   The coordinator is paused (SIGSTOP) while site-02 answers round 1, so that round 2
   cannot go out before the link stalls, however late the test reads site-02's log.
 
@@ -43,7 +45,6 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
     state = root / "state"
     out = Played(state, state / "runs" / NAME)
     started: list[Daemon] = []
+    paused: list[int] = []  # processes stopped (SIGSTOP) by the fixture, continued on the way out
     relay = Relay(port)
     try:
         server = Daemon(["server", "start", "--certs", str(certs), "--state", str(state), "--host", "127.0.0.1",
@@ -171,17 +173,22 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         out.timings["site restarted"] = time.monotonic() - t0
 
         # site-02 answers round 1 while the coordinator is paused, so that round 2 cannot go out
-        # before site-02's link holds the answer that carries it, however late the test reads
-        # site-02's log (its SuperNode asks for work every 3 s).
+        # before site-02's SuperNode is paused below, however late the test reads site-02's log
+        # (the SuperNode asks for work every 3 s).
         (serverapp,) = processes_named(server.proc.pid, "flwr-serverapp")
         server.remember_tree()
         os.kill(serverapp, signal.SIGSTOP)
+        paused.append(serverapp)
         os.kill(held, signal.SIGCONT)
         _wait_count(site_02, "Sent successfully", 2, RUN_TIMEOUT_S)
-        # From now on the only large answer that site-02 can get is round 2's message (the small
-        # ones, "no work" and heartbeats, pass): it waits in the relay until the run has ended.
-        relay.hold("down", at_least=WORK_BYTES)
+        # site-02's SuperNode is paused too, until the run's ServerApp is dead and the resume refused:
+        # the answer that carries round 2's message must then reach it within its HTTP timeout of 30 s,
+        # and on a loaded machine the refusal alone took 23 s.
+        (supernode,) = processes_named(site_02.proc.pid, "flower-supernode")
+        os.kill(supernode, signal.SIGSTOP)
+        paused.append(supernode)
         os.kill(serverapp, signal.SIGCONT)
+        paused.remove(serverapp)
         _wait_latest(out.run_dir / "ckpt", "round-0001", run, RUN_TIMEOUT_S)
         relay.mark("round 1 checkpointed")
         site_01.wait_for("Receiving: train message", RUN_TIMEOUT_S)  # round 2 is out
@@ -189,20 +196,20 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         os.kill(serverapp, signal.SIGKILL)
         relay.mark("ServerApp killed")
         out.killed_run = run.output.split("run ", 1)[1].split()[0]
-        with ThreadPoolExecutor(1) as pool:
-            # The SuperLink still lists the killed run as running: resuming now would give one run
-            # folder two writers, so fedmri refuses and says how to stop it. It runs meanwhile, as
-            # site-02 must get the held answer within its HTTP timeout of 30 s.
-            refusal = pool.submit(fedmri_cli, "run", "--config", str(config), "--state", str(state), "--resume",
-                                  timeout=90)
-            ended = {"site-01": wait_for_process(site_01, CLIENTAPP, 30)}  # training round 2 of the killed run
-            deadline = time.monotonic() + 30
-            while relay.kept_bytes["down"] < WORK_BYTES:  # site-02 asks for work every 3 s
-                assert time.monotonic() < deadline, \
-                    f"site-02 was not sent round 2's message within 30 s:\n{relay.describe()}"
-                time.sleep(0.05)
-            out.refused = refusal.result()
+        ended = {"site-01": wait_for_process(site_01, CLIENTAPP, 30)}  # training round 2 of the killed run
+        # The SuperLink still lists the killed run as running: resuming now would give one run
+        # folder two writers, so fedmri refuses and says how to stop it.
+        out.refused = fedmri_cli("run", "--config", str(config), "--state", str(state), "--resume", timeout=90)
         relay.mark("resume refused")
+        # The only large answer that site-02 can get now is round 2's message (the small ones, "no
+        # work" and heartbeats, pass): it waits in the relay until the run has ended.
+        relay.hold("down", at_least=WORK_BYTES)
+        os.kill(supernode, signal.SIGCONT)
+        paused.remove(supernode)
+        deadline = time.monotonic() + 30
+        while relay.kept_bytes["down"] < WORK_BYTES:  # site-02 asks for work every 3 s
+            assert time.monotonic() < deadline, f"site-02 was not sent round 2's message within 30 s:\n{relay.describe()}"
+            time.sleep(0.05)
         flwr_json(["stop", out.killed_run, "fedmri"], state / "flwr", timeout=60)
         relay.mark("run stopped")
         out.timings["run killed and stopped"] = time.monotonic() - t0
@@ -232,6 +239,11 @@ def played(federation_sites: list, tmp_path_factory: pytest.TempPathFactory) -> 
         print(f"site-02's link, the relay (also in {root / 'relay.log'}):\n{relay.describe()}")
         raise
     finally:
+        for pid in paused:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         stop_all(started)
         relay.close()
         (root / "relay.log").write_text(relay.describe(lines=100_000))
