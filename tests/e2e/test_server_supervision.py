@@ -7,10 +7,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
-from deploy_helpers import Daemon, cmdline, free_port, process_tree
+from deploy_helpers import Daemon, cmdline, free_port, process_tree, wait_until
 
 from fedmri.certs import init_authority
 from fedmri.flower_cli import SupervisedChild
@@ -18,15 +17,6 @@ from fedmri.flower_cli import SupervisedChild
 
 def _launchers(server: Daemon) -> list[int]:
     return [pid for pid in process_tree(server.proc.pid) if "flower-superexec" in cmdline(pid)]
-
-
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {timeout} s")
 
 
 def test_a_killed_launcher_is_restarted_and_runs_still_start(daemons: list[Daemon], tmp_path: Path) -> None:
@@ -37,12 +27,13 @@ def test_a_killed_launcher_is_restarted_and_runs_still_start(daemons: list[Daemo
                      "--port", str(port)], tmp_path / "server.log")
     daemons.append(server)
     server.wait_for(r"SuperLink ready at https://", 90)
-    first = _wait(lambda: _launchers(server), 30, "launcher")
+    first = wait_until(lambda: _launchers(server), 30, "no launcher within 30 s", poll=0.2)
     assert len(first) == 1
     server.remember_tree()
     os.kill(first[0], signal.SIGKILL)  # as the burst of issue 18 did
     server.wait_for(r"the ServerApp launcher \(flower-superexec\) exited \(code -9\); restarting it", 30)
-    second = _wait(lambda: [p for p in _launchers(server) if p not in first], 30, "new launcher")
+    second = wait_until(lambda: [p for p in _launchers(server) if p not in first], 30, "no new launcher within 30 s",
+                        poll=0.2)
     assert len(second) == 1 and server.proc.poll() is None
     server.remember_tree()
 
