@@ -50,6 +50,7 @@ def federation_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
 
     from fedmri.config import load_config
     from fedmri.data.indexer import index_site
+    from fedmri.simulations.runner import synthetic_salt
     from fedmri.simulations.synth import generate_site
 
     root = tmp_path_factory.mktemp("federation")
@@ -60,6 +61,7 @@ def federation_sites(tmp_path_factory: pytest.TempPathFactory) -> list:
         hospital = root / "hospitals" / name
         generate_site(hospital, site_index=i, seed=0, preset="tiny", series_per_site=12)
         catalog = root / "catalogs" / name
+        synthetic_salt(catalog, 0, name)  # a random salt would put other patients in validation on every run
         index_site(hospital / "dicom", hospital / "reports.csv", catalog, labels=hospital / "labels.csv", cfg=cfg)
         site_file = root / f"{name}.yaml"
         site_file.write_text(OmegaConf.to_yaml(OmegaConf.create(

@@ -39,9 +39,11 @@ def run_yaml(small_cfg: DictConfig) -> str:
 def site_file(tmp_path_factory: pytest.TempPathFactory, small_cfg: DictConfig) -> Path:
     """site.yaml of a 6-patient hospital (2 series each): 8 train, 2 val, 2 test series."""
     from fedmri.data.indexer import index_site
+    from fedmri.simulations.runner import synthetic_salt
 
     root = tmp_path_factory.mktemp("client-site")
     site = make_site(root / "hospital", n_patients=6, series_per_patient=2, seed=5, with_mask=False)
+    synthetic_salt(root / "catalog", 5, "site-a")  # the same patients in each split on every run
     index_site(site.dicom, site.reports, root / "catalog", labels=site.labels, cfg=small_cfg)
     path = root / "site.yaml"
     path.write_text("name: site-a\ncatalog: catalog\nbatch_size: 4\n"
