@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmri.errors import InputError
+from fedmri.machine import describe
 from fedmri.simulations import columns
 from fedmri.metrics.bootstrap import interval_bounds
 
@@ -211,8 +212,12 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
     date = time.strftime("%Y-%m-%d %H:%M", time.localtime(top.stat().st_mtime))
     n_local = sum(1 for label in runs if label.endswith(" alone"))
 
+    machine = summary.get("machine")
+    computed = (f" Computed with {describe(machine)}: the same seed repeats these figures exactly with the "
+                "same packages on a CPU with the same kernels (another instruction set rounds differently, "
+                "and training carries the difference on)." if machine else "")
     md = [f"# {title or f'fedmri simulate: {sim_dir.name}'}", "",
-          f"Run `{sim_dir.name}`, finished {date}.", "",
+          f"Run `{sim_dir.name}`, finished {date}.{computed}", "",
           "## Results per mode", "",
           "On the validation splits of the federation's sites, weighted by series. `local` is the mean of the "
           f"{n_local} models each trained on one site alone; `random` tunes the same heads the same way on a "

@@ -521,9 +521,11 @@ def simulate(sim: DictConfig, say: Callable[[str], None] = print) -> dict[str, A
         if held:
             holdout["ceiling"] = holdout_ceiling
     differences = _holdout_differences(sim, root, names, holdouts, ceiling_scores, say) if held else {}
+    from fedmri.machine import machine_record
+
     (root / "results.json").write_text(json.dumps({"modes": modes, "holdout": holdout, "sites": names,
                                                    "holdout_sites": held, "holdout_differences": differences,
-                                                   "runs": results},
+                                                   "runs": results, "machine": machine_record()},
                                                   indent=1, sort_keys=True), encoding="utf-8")
     from fedmri.simulations.report import write_report
 

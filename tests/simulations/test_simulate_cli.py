@@ -43,6 +43,7 @@ def test_simulate_runs_every_mode_and_scores_a_held_out_hospital(tmp_path: Path,
     root = tmp_path / "runs" / "smoke"
     results = json.loads((root / "results.json").read_text())
     assert results["holdout_sites"] == ["holdout-01"] and set(results["holdout"]) == {*modes, "ceiling"}
+    assert results["machine"]["cpu_kernels"] and "torch" in results["machine"]["packages"]  # what computed it
     # The supervised ceiling scores the same held-out series, outside Flower.
     assert "mode ceiling" in out.stdout and "ceiling" in table
     assert results["holdout"]["ceiling"]["num-examples"] == results["holdout"]["federated"]["num-examples"]
