@@ -13,11 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.waiting import wait_until
 
 from fedmri.client.guard import write_launcher
 from fedmri.client.reaper import _catches_sigterm
@@ -41,13 +41,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def _until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +79,14 @@ def test_the_clientapp_runs_in_a_child_of_the_starter_with_the_launchers_streams
     before = _children(proc.pid)  # a child on its way out may still be listed
     app = _blocking(launcher)
     try:
-        _until(lambda: _children(proc.pid) - before, 30, "the starter forked no child")
+        wait_until(lambda: _children(proc.pid) - before, 30, "the starter forked no child")
         (child,) = _children(proc.pid) - before
         assert _children(app.pid) == set()  # the launcher started nothing itself
         # SIGTERM reaches the launcher once the child catches it, as with a cold ClientApp.
-        _until(lambda: _catches_sigterm(app.pid), 30, "the launcher never caught SIGTERM")
+        wait_until(lambda: _catches_sigterm(app.pid), 30, "the launcher never caught SIGTERM")
         app.send_signal(signal.SIGTERM)
         assert app.wait(60) is not None
-        _until(lambda: not _alive(child), 30, "the child outlived SIGTERM")
+        wait_until(lambda: not _alive(child), 30, "the child outlived SIGTERM")
     finally:
         app.kill()
         app.wait(10)
@@ -104,11 +97,11 @@ def test_a_killed_launcher_takes_its_child_with_it(starter) -> None:
     before = _children(proc.pid)  # a child on its way out may still be listed
     app = _blocking(launcher)
     try:
-        _until(lambda: _children(proc.pid) - before, 30, "the starter forked no child")
+        wait_until(lambda: _children(proc.pid) - before, 30, "the starter forked no child")
         (child,) = _children(proc.pid) - before
         app.kill()  # SIGKILL: nothing forwarded, the connection just closes
         app.wait(10)
-        _until(lambda: not _alive(child), 30, "the child outlived its launcher")
+        wait_until(lambda: not _alive(child), 30, "the child outlived its launcher")
     finally:
         app.kill()
         app.wait(10)
@@ -138,7 +131,7 @@ def test_the_starter_leaves_when_its_parent_does(tmp_path: Path) -> None:
     shell = subprocess.run(["sh", "-c", f'"{sys.executable}" -m fedmri.client.warm "{path}" $$ '
                             '>/dev/null 2>&1 & echo $!'], capture_output=True, text=True, timeout=30)
     pid = int(shell.stdout.strip())
-    _until(lambda: not _alive(pid), 90, "the starter outlived its parent")
+    wait_until(lambda: not _alive(pid), 90, "the starter outlived its parent")
     assert not path.exists()
 
 

@@ -23,11 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TypeVar
-
-T = TypeVar("T")
 
 FEDMRI = [sys.executable, "-c", "from fedmri.cli import main; main()"]
 # Process id -> start time of every process seen in a daemon's tree (or a short command's group).
@@ -258,15 +255,6 @@ def stop_all(daemons: list[Daemon]) -> None:
         daemon.terminate()
     for daemon in reversed(daemons):
         daemon.stop()
-
-
-def wait_until(condition: Callable[[], T], timeout: float, what: str, poll: float = 0.05) -> T:
-    """``condition()``'s first truthy value, looked for every ``poll`` s; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(poll)
-    return value
 
 
 def processes_named(root: int, text: str) -> dict[int, str]:

@@ -50,7 +50,8 @@ from typing import Any
 import pytest
 import torch
 from deploy_helpers import (Daemon, Relay, clientapp_worker, fedmri_cli, free_port, processes_named, stop_all,
-                            wait_for_process, wait_until, write_site)
+                            wait_for_process, write_site)
+from helpers.waiting import wait_until
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 

@@ -8,7 +8,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from deploy_helpers import Relay, wait_until
+from deploy_helpers import Relay
+from helpers.waiting import wait_until
 
 
 @pytest.fixture()

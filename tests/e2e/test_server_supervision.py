@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from deploy_helpers import Daemon, cmdline, free_port, process_tree, wait_until
+from deploy_helpers import Daemon, cmdline, free_port, process_tree
+from helpers.waiting import wait_until
 
 from fedmri.certs import init_authority
 from fedmri.flower_cli import SupervisedChild
