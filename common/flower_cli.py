@@ -26,12 +26,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedmri.errors import FedmriError, InputError
 
+# Flower sends usage events to telemetry.flower.ai unless this is "0": from every SuperLink,
+# SuperNode, ClientApp and `flwr` call, each with the host's platform, CPU count and a persistent
+# id (flwr/supercore/telemetry.py). fedmri turns it off in every process it starts; a site or
+# coordinator who wants to send it sets it to "1" themselves.
+TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"
 # After a forwarded signal the child gets this long to stop before SIGKILL.
 STOP_GRACE_S = 15.0
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -49,13 +54,24 @@ def flower_executable(name: str) -> str:
     return found
 
 
+def telemetry_off(env: MutableMapping[str, str]) -> None:
+    """Turn Flower's telemetry off in ``env`` (:data:`TELEMETRY_ENV`), unless it is set there already.
+
+    A hospital's network should see its SuperNode talk to the SuperLink and nothing else.
+    Flower reads the variable when it is imported: set it before that, or in a child's environment.
+    """
+    env.setdefault(TELEMETRY_ENV, "0")
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process' environment with Flower's commands first on PATH.
+    """This process' environment with Flower's commands first on PATH, and Flower's telemetry off.
 
     Flower starts helpers (``flower-superexec``, ``flwr-serverapp``) by name,
-    so the folder of the running interpreter must be on PATH for them.
+    so the folder of the running interpreter must be on PATH for them. They,
+    and the ClientApps a SuperNode starts, inherit the environment.
     """
     env = dict(os.environ)
+    telemetry_off(env)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
     return env

@@ -13,7 +13,12 @@ from deploy_helpers import Daemon, cmdline, free_port, process_tree
 from helpers.waiting import wait_until
 
 from fedmri.certs import init_authority
-from fedmri.flower_cli import SupervisedChild
+from fedmri.flower_cli import TELEMETRY_ENV, SupervisedChild
+
+
+def _environ(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
 
 
 def _launchers(server: Daemon) -> list[int]:
@@ -24,12 +29,18 @@ def test_a_killed_launcher_is_restarted_and_runs_still_start(daemons: list[Daemo
     certs = init_authority(tmp_path / "certs", ["localhost", "127.0.0.1"], []).folder
     port = free_port()
     state = tmp_path / "state"
+    # Started as a coordinator would start it: with nothing said about Flower's telemetry.
+    env = {k: v for k, v in os.environ.items() if k != TELEMETRY_ENV}
     server = Daemon(["server", "start", "--certs", str(certs), "--state", str(state), "--host", "127.0.0.1",
-                     "--port", str(port)], tmp_path / "server.log")
+                     "--port", str(port)], tmp_path / "server.log", env=env)
     daemons.append(server)
     server.wait_for(r"SuperLink ready at https://", 90)
     first = wait_until(lambda: _launchers(server), 30, "no launcher within 30 s", poll=0.2)
     assert len(first) == 1
+    superlink = [pid for pid in process_tree(server.proc.pid) if "flower-superlink" in cmdline(pid)]
+    assert len(superlink) == 1
+    for pid in (*superlink, *first):  # Flower's own processes: no telemetry to telemetry.flower.ai
+        assert _environ(pid).get(TELEMETRY_ENV) == "0", cmdline(pid)
     server.remember_tree()
     os.kill(first[0], signal.SIGKILL)  # as the burst of issue 18 did
     server.wait_for(r"the ServerApp launcher \(flower-superexec\) exited \(code -9\); restarting it", 30)
