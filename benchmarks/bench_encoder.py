@@ -227,13 +227,12 @@ def main() -> None:
     dtypes = sorted({r["dtype"] for best in results.values() for r in best.values()})
     peaks = {d: matmul_peak_gflops(args.device, dtype=d) for d in dtypes}
     if args.device == "cuda":
-        device_name = torch.cuda.get_device_name()
-    else:  # which CPU and kernels: the peak below differs by machine, not only by load
+        device_name = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    else:  # which CPU and kernels (torch's version among them): the peak below differs by machine, not only by load
         from fedmri.machine import describe, machine_record
 
         device_name = f"{describe(machine_record())}, {torch.get_num_threads()} threads"
-    torch_named = "" if args.device == "cpu" else f", torch {torch.__version__}"
-    print(f"device: {device_name}{torch_named}" + (", compiled" if args.compile else ""))
+    print(f"device: {device_name}" + (", compiled" if args.compile else ""))
     for d, peak in peaks.items():
         print(f"{d} matmul peak (4096^2, best of 5): {peak:.0f} GFLOP/s")
     print(f"{'preset':6} {'model':7} {'prec':5} {'batch':>5} {'input':>6} {'params':>7} {'step s':>7} "

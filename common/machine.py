@@ -48,7 +48,7 @@ def machine_record() -> dict[str, Any]:
 
 
 def describe(record: dict[str, Any]) -> str:
-    """One line: ``torch 2.13.0, AVX2 kernels, AMD EPYC, 2 cores``."""
+    """One line, leaving out what ``record`` lacks: ``fedmri 0.1.0, torch 2.13.0, AVX2 kernels, AMD EPYC, 2 cores``."""
     packages = record.get("packages", {})
     parts = [f"fedmri {packages['fedmri']}" if "fedmri" in packages else None,
              f"torch {packages['torch']}" if "torch" in packages else None,
