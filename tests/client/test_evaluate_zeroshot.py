@@ -22,6 +22,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory, small_cfg) -> dict[str, Path
     from helpers.site_factory import make_site
 
     from fedmri.data.indexer import index_site
+    from fedmri.simulations.runner import synthetic_salt
 
     root = tmp_path_factory.mktemp("zeroshot-site")
     site = make_site(root / "hospital", n_patients=6, series_per_patient=2, seed=5, with_mask=False)
@@ -29,6 +30,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory, small_cfg) -> dict[str, Path
     site.reports.write_text("\n".join([lines[0], *lines[4:]]) + "\n")  # the header, patients 3-5
     out = {}
     for name, labels in (("labelled", site.labels), ("unlabelled", None)):
+        synthetic_salt(root / name, 5, "site-z")  # the same patients in each split on every run
         index_site(site.dicom, site.reports, root / name, labels=labels, cfg=small_cfg)
         out[name] = root / f"{name}.yaml"
         out[name].write_text(f"name: site-z\ncatalog: {name}\nbatch_size: 4\n")

@@ -56,6 +56,7 @@ def dense_site(tmp_path_factory: pytest.TempPathFactory, dense_cfg: DictConfig) 
     """
     from fedmri.data import find_files, load_series
     from fedmri.data.indexer import index_site
+    from fedmri.simulations.runner import synthetic_salt
 
     root = tmp_path_factory.mktemp("dense-site")
     site = make_site(root / "hospital", n_patients=6, series_per_patient=2, seed=5, with_mask=False)
@@ -69,6 +70,7 @@ def dense_site(tmp_path_factory: pytest.TempPathFactory, dense_cfg: DictConfig) 
             rows[k + 1][4] = f"masks/s{k}.nii.gz"
     with open(site.labels, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(rows[:-1])  # the last series has no labels row
+    synthetic_salt(root / "catalog", 5, "site-d")  # the same patients in each split on every run
     index_site(site.dicom, site.reports, root / "catalog", labels=site.labels, cfg=dense_cfg)
     path = root / "site.yaml"
     path.write_text("name: site-d\ncatalog: catalog\nbatch_size: 4\n")

@@ -186,7 +186,7 @@ def test_held_out_hospital_is_all_evaluation_data_from_its_own_seed_and_never_tr
     from fedmri.simulations.runner import load_simulation, prepare_sites
 
     sim = load_simulation(None, ["sites=1", "federation.min_sites=1", "series_per_site=4", "holdout_series=6",
-                                 "synth_preset=tiny",
+                                 "synth_preset=tiny", "synth_workers=1",  # in this process (test_transfer runs the pool)
                                  f"federation.run_root={tmp_path}"])
     (site,), (held,) = prepare_sites(sim, tmp_path / "data", say=lambda line: None)
     assert held.name == "holdout-01"
@@ -217,7 +217,7 @@ def test_ceiling_mode_alone_trains_on_the_pooled_training_splits_without_flower(
     from fedmri.simulations.runner import load_simulation, simulate
 
     sim = load_simulation(None, ["sites=2", "series_per_site=10", "holdout_series=12", "synth_preset=tiny",
-                                 "modes=[ceiling]", "ceiling_epochs=2", f"federation.run_root={tmp_path}"])
+                                 "modes=[ceiling]", "ceiling_epochs=2", "synth_workers=1", f"federation.run_root={tmp_path}"])
     lines: list[str] = []
     summary = simulate(sim, say=lines.append)
     root = tmp_path / "demo"
@@ -243,3 +243,10 @@ def test_table_cell_puts_the_interval_under_the_figure() -> None:
     assert cell({"m": 16.3, "m_ci_low": 12.4, "m_ci_high": 20.8}, "m", "{:.1f}") == "16.3\n12.4-20.8"
     assert cell({"a": 0.834}, "a", "{:.2f}") == "0.83"  # no interval computed: none shown
     assert cell({}, "a", "{:.2f}") == "-"
+
+
+def test_the_pool_starts_the_largest_hospital_first_and_keeps_job_order_among_equals() -> None:
+    from fedmri.simulations.runner import largest_first
+
+    jobs = [{"series": 48}, {"series": 48}, {"series": 150}, {"series": 16}]
+    assert largest_first(jobs) == [2, 0, 1, 3]
