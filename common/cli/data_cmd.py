@@ -60,7 +60,7 @@ def index_command(
 
     cfg = load_config(preset, file, overrides or [])
     err = Console(stderr=True)
-    with _RichProgress(err) as progress:
+    with (_RichProgress(err) if err.is_terminal else _LineProgress(err)) as progress:
         result = index_site(dicom_root, reports, out, labels=labels, nifti=nifti, bids=bids, cfg=cfg,
                             progress=progress, workers=workers)
     console = Console()
@@ -105,6 +105,67 @@ class _RichProgress:
 
     def advance(self, stage: str) -> None:
         self._progress.advance(self._tasks[stage])
+
+
+class ProgressLines:
+    """Progress as plain lines, for output that goes to a log file rather than a terminal.
+
+    Rich's bars draw nothing until they stop when they cannot redraw a terminal, so an
+    index of a whole PACS export run under nohup or systemd would log nothing for hours.
+    Each count is printed when it starts, every ``every_s`` seconds while it moves, and
+    once when it completes::
+
+        series processed: 1200/5000, 10.2/s, 118 s
+    """
+
+    def __init__(self, console: Console, every_s: float = 30.0, clock: Any = None) -> None:
+        import time
+
+        self._console, self._every = console, every_s
+        self._clock = clock or time.monotonic
+        self._counts: dict[str, list[float]] = {}  # name: [done, total, started, last printed]
+
+    def update(self, name: str, done: int, total: int) -> None:
+        now = self._clock()
+        count = self._counts.get(name)
+        if count is None:
+            self._counts[name] = count = [done, total, now, now]
+            self._print(name, count, now)
+            return
+        finished = done >= total > count[0]
+        count[0], count[1] = done, total
+        if finished or now - count[3] >= self._every:
+            count[3] = now
+            self._print(name, count, now)
+
+    def _print(self, name: str, count: list[float], now: float) -> None:
+        done, total, started = int(count[0]), int(count[1]), count[2]
+        elapsed = now - started
+        rate = f", {done / elapsed:.1f}/s" if done and elapsed > 0 else ""
+        self._console.print(f"{name}: {done}/{total}{rate}, {elapsed:.0f} s", highlight=False, soft_wrap=True)
+
+
+class _LineProgress:
+    """The indexer's stages as :class:`ProgressLines` (stderr is not a terminal)."""
+
+    def __init__(self, console: Console) -> None:
+        self._lines = ProgressLines(console)
+        self._done: dict[str, tuple[int, int]] = {}
+
+    def __enter__(self) -> _LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self, stage: str, total: int) -> None:
+        self._done[stage] = (0, total)
+        self._lines.update(_RichProgress._LABELS.get(stage, stage), 0, total)
+
+    def advance(self, stage: str) -> None:
+        done, total = self._done[stage]
+        self._done[stage] = (done + 1, total)
+        self._lines.update(_RichProgress._LABELS.get(stage, stage), done + 1, total)
 
 
 class _RateColumn(ProgressColumn):
@@ -234,17 +295,22 @@ def synth_command(
 
     workers = workers if workers > 0 else max(1, min(sites, os.cpu_count() or 1))
     err = Console(stderr=True)
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as bars:
-        tasks: dict[str, Any] = {}
-
-        def progress(site: str, done: int, total: int) -> None:
-            if site not in tasks:
-                tasks[site] = bars.add_task(site, total=total)
-            bars.update(tasks[site], completed=done, total=total)
-
+    if not err.is_terminal:  # a log file: lines, not bars
+        lines = ProgressLines(err)
         infos = generate_federation(out, sites=sites, seed=seed, preset=preset, series_per_site=series_per_site,
-                                    progress=progress, workers=workers)
+                                    progress=lines.update, workers=workers)
+    else:
+        with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err) as bars:
+            tasks: dict[str, Any] = {}
+
+            def progress(site: str, done: int, total: int) -> None:
+                if site not in tasks:
+                    tasks[site] = bars.add_task(site, total=total)
+                bars.update(tasks[site], completed=done, total=total)
+
+            infos = generate_federation(out, sites=sites, seed=seed, preset=preset,
+                                        series_per_site=series_per_site, progress=progress, workers=workers)
     from fedmri.data.metadata import normalise_vendor
 
     table = Table(title=f"Synthetic hospitals in {out}", caption="studies per body region and per finding")

@@ -48,7 +48,8 @@ def test_index_clean_site_exits_0_then_show(sites, tmp_path: Path, monkeypatch, 
                          "--labels", str(good.labels), "--out", str(cat), SMALL)
     assert code == 0, err
     assert "series in catalog" in out and "Skipped" not in out
-    assert "files scanned" in err and "series processed" in err  # rich progress goes to stderr
+    # Progress goes to stderr; captured (not a terminal, as under nohup), as lines with the counts.
+    assert "files scanned: 0/" in err and "series processed: 4/4" in err, err
 
     code, out, err = run(monkeypatch, capsys, "data", "show", str(cat))
     assert code == 0, err
@@ -115,8 +116,9 @@ def test_show_without_catalog_and_help(tmp_path: Path, monkeypatch, capsys) -> N
 def test_synth_writes_sites_and_keeps_them_on_rerun(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     args = ("data", "synth", "--sites", "1", "--series-per-site", "2", "--preset", "tiny", "--out", str(tmp_path))
-    code, out, _ = run(monkeypatch, capsys, *args)
+    code, out, err = run(monkeypatch, capsys, *args)
     assert code == 0
+    assert "site-01: 0/2" in err and "site-01: 2/2" in err, err  # progress lines: stderr is not a terminal
     site = tmp_path / "site-01"
     assert (site / "reports.csv").is_file() and (site / "labels.csv").is_file() and any((site / "dicom").rglob("*"))
     assert "site-01" in out and "(kept)" not in out
@@ -188,3 +190,25 @@ def test_index_refuses_a_wrong_bids_or_dicomdir_with_exit_2(case: str, sites, tm
     assert code == 2 and "Traceback" not in err
     assert ("dataset_description.json" if case == "not_bids" else "DICOMDIR") in err
     assert _dump(cat) == before
+
+
+def test_progress_in_a_log_file_is_a_line_at_start_every_interval_and_at_the_end() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedmri.cli.data_cmd import ProgressLines
+
+    log, now = StringIO(), [100.0]
+    lines = ProgressLines(Console(file=log, width=200), every_s=30.0, clock=lambda: now[0])
+    lines.update("series processed", 0, 50)  # printed: the total is known
+    for done, at in ((10, 110.0), (20, 129.0), (30, 131.0), (40, 150.0), (50, 155.0)):
+        now[0] = at
+        lines.update("series processed", done, 50)
+    assert log.getvalue().splitlines() == [
+        "series processed: 0/50, 0 s",
+        "series processed: 30/50, 1.0/s, 31 s",  # 30 s after the last line
+        "series processed: 50/50, 0.9/s, 55 s",  # complete
+    ]
+    lines.update("series processed", 50, 50)  # complete already: not again
+    assert len(log.getvalue().splitlines()) == 3
