@@ -81,10 +81,12 @@ def index_command(
     raise typer.Exit(result.exit_code)
 
 
+# The indexer's stages as its progress shows them.
+_STAGES = {"files": "files scanned", "series": "series processed"}
+
+
 class _RichProgress:
     """Rich bars on stderr for the indexer's stages (files scanned, series processed), with their rate."""
-
-    _LABELS = {"files": "files scanned", "series": "series processed"}
 
     def __init__(self, console: Console) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -101,7 +103,7 @@ class _RichProgress:
         self._progress.stop()
 
     def start(self, stage: str, total: int) -> None:
-        self._tasks[stage] = self._progress.add_task(self._LABELS.get(stage, stage), total=total)
+        self._tasks[stage] = self._progress.add_task(_STAGES.get(stage, stage), total=total)
 
     def advance(self, stage: str) -> None:
         self._progress.advance(self._tasks[stage])
@@ -160,12 +162,12 @@ class _LineProgress:
 
     def start(self, stage: str, total: int) -> None:
         self._done[stage] = (0, total)
-        self._lines.update(_RichProgress._LABELS.get(stage, stage), 0, total)
+        self._lines.update(_STAGES.get(stage, stage), 0, total)
 
     def advance(self, stage: str) -> None:
         done, total = self._done[stage]
         self._done[stage] = (done + 1, total)
-        self._lines.update(_RichProgress._LABELS.get(stage, stage), done + 1, total)
+        self._lines.update(_STAGES.get(stage, stage), done + 1, total)
 
 
 class _RateColumn(ProgressColumn):

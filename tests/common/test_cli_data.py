@@ -212,3 +212,18 @@ def test_progress_in_a_log_file_is_a_line_at_start_every_interval_and_at_the_end
     ]
     lines.update("series processed", 50, 50)  # complete already: not again
     assert len(log.getvalue().splitlines()) == 3
+
+
+def test_progress_on_a_terminal_is_rich_bars_with_the_rate() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedmri.cli.data_cmd import _RichProgress
+
+    screen = StringIO()
+    with _RichProgress(Console(file=screen, force_terminal=True, width=120)) as progress:
+        progress.start("series", 3)
+        for _ in range(3):
+            progress.advance("series")
+    assert "series processed" in screen.getvalue() and "3/3" in screen.getvalue() and "━" in screen.getvalue()
