@@ -157,9 +157,11 @@ def augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return x.clamp(min=0.0) ** gamma * scale
 
 
-def train_ceiling(train: Split, cfg: CeilingConfig,
-                  say: Callable[[str], None] = print) -> tuple[nn.Module, list[float]]:
+def train_ceiling(train: Split, cfg: CeilingConfig, say: Callable[[str], None] = print,
+                  say_every: int = 1) -> tuple[nn.Module, list[float]]:
     """Train the network on ``train`` with masked multi-label BCE; returns it in eval mode and the epoch losses.
+
+    ``say`` gets a line with the loss every ``say_every`` epochs and after the last.
 
     Raises:
         ConfigError: epochs or batch_size below 1, or a CUDA device this machine does not have.
@@ -193,7 +195,8 @@ def train_ceiling(train: Split, cfg: CeilingConfig,
             sched.step()
             total += float(loss.detach()) * len(idx)
         losses.append(total / len(train))
-        say(f"[ceiling] epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
+        if (epoch + 1) % say_every == 0 or epoch + 1 == cfg.epochs:
+            say(f"[ceiling] epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
     return model.eval(), losses
 
 

@@ -584,7 +584,7 @@ def _ceiling(sim: DictConfig, sites: list[SimSite], holdouts: list[SimSite], fol
     train = load_split([s.catalog for s in sites], "train")
     say(f"[simulate] mode ceiling: {cfg.network} trained with the findings labels on the {len(train)} pooled "
         f"training series, {cfg.epochs} epochs, on {cfg.device}")
-    model, losses = train_ceiling(train, cfg, say=lambda line: None)
+    model, losses = train_ceiling(train, cfg, say=say, say_every=10)  # 70 epochs by default: show it moving
     out: list[dict[str, float]] = []
     held_scores = None
     # The series the evaluate stage scores: the sites' split, and all of a synthesised held-out hospital

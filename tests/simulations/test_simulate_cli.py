@@ -233,6 +233,8 @@ def test_ceiling_mode_alone_trains_on_the_pooled_training_splits_without_flower(
             held = summary["ceiling @ held-out"]
             assert held[key + "_ci_low"] <= value <= held[key + "_ci_high"]
     assert any("mode ceiling" in line for line in lines)
+    assert [line for line in lines if line.startswith("[ceiling] epoch")] == [
+        f"[ceiling] epoch 2/2: loss {ceiling['losses'][-1]:.4f}"]  # every 10th epoch and the last
     assert not (root / "federated").exists()  # no Flower mode ran
 
 
