@@ -65,7 +65,7 @@ _STORED_KINDS = {"dicom": ("dicom", "seg", "dicomdir"), "nifti": ("nifti",)}
 
 
 class IndexProgress(Protocol):
-    """What the indexer reports while it works (the CLI draws rich bars from it)."""
+    """What the indexer reports while it works (the CLI draws rich bars, or lines in a log file, from it)."""
 
     def start(self, stage: str, total: int) -> None: ...
 
