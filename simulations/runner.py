@@ -270,26 +270,38 @@ def _synthesise_all(jobs: list[dict[str, Any]], workers: int, say: Callable[[str
 
     The largest hospitals start first (the held-out one: 150 series against 48 per
     site by default), so that none is left to run alone at the end while the
-    other cores idle. Results and their lines come back in job order.
+    other cores idle. The workers' lines (progress, then the summary) reach ``say``
+    as they are written; the sites come back in job order.
     """
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) <= 1:
         return [synthesise_site(**job, say=say) for job in jobs]
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    import queue
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    for job in jobs:
-        say(f"[data] {job['name']}: synthesising {job['series']} series ({job['preset']}, seed {job['seed']}) ...")
     ctx = mp.get_context("spawn")  # no fork: the caller may hold threads or torch state
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+    workers = min(workers, len(jobs))
+    say(f"[data] {len(jobs)} hospitals to synthesise and index, {workers} processes at a time ...")
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        lines = manager.Queue()
+
+        def relay() -> None:
+            while True:
+                try:
+                    say(lines.get_nowait())
+                except queue.Empty:
+                    return
+
         # The pool starts jobs in the order they are submitted.
-        futures = {k: pool.submit(_synthesise_job, jobs[k]) for k in largest_first(jobs)}
-        out = []
-        for k in range(len(jobs)):
-            site, line = futures[k].result()
-            say(line)
-            out.append(site)
-    return out
+        futures = {k: pool.submit(_synthesise_job, jobs[k], lines) for k in largest_first(jobs)}
+        pending = set(futures.values())
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            relay()
+            if any(f.exception() is not None for f in done):
+                break
+        return [futures[k].result() for k in range(len(jobs))]  # the first failure raises here
 
 
 def largest_first(jobs: list[dict[str, Any]]) -> list[int]:
@@ -297,14 +309,12 @@ def largest_first(jobs: list[dict[str, Any]]) -> list[int]:
     return sorted(range(len(jobs)), key=lambda k: -int(jobs[k]["series"]))
 
 
-def _synthesise_job(job: dict[str, Any]) -> tuple[SimSite, str]:
-    """One hospital in a worker process, on one thread; returns it and its summary line."""
+def _synthesise_job(job: dict[str, Any], lines: Any) -> SimSite:
+    """One hospital in a worker process, on one thread; its lines go to the ``lines`` queue."""
     import torch
 
     torch.set_num_threads(1)
-    lines: list[str] = []
-    site = synthesise_site(**job, say=lines.append)
-    return site, lines[-1]
+    return synthesise_site(**job, say=lines.put)
 
 
 def _evaluate_split(sim: DictConfig) -> str:
@@ -329,15 +339,31 @@ def _given(catalog: str, name: str, data_dir: Path) -> SimSite:
 
 
 def synthesise_site(cfg: DictConfig, data_dir: Path, name: str, index: int, seed: int, say: Callable[[str], None],
-                    preset: str, series: int, case_mix: str = "site") -> SimSite:
+                    preset: str, series: int, case_mix: str = "site", every_s: float = 30.0) -> SimSite:
     """Synthesise hospital ``name`` into ``<data_dir>/hospitals/<name>`` and index it into
-    ``<data_dir>/catalogs/<name>`` with a seeded salt (complete folders are reused)."""
+    ``<data_dir>/catalogs/<name>`` with a seeded salt (complete folders are reused).
+
+    ``say`` gets a line at the start, the count of series written every ``every_s``
+    seconds, and a summary once the hospital is indexed.
+    """
+    import time
+
     from fedmri.data.indexer import index_site
     from fedmri.simulations.synth import generate_site
 
     root = data_dir / "hospitals" / name
     say(f"[data] {name}: synthesising {series} series ({preset}, seed {seed}) ...")
-    generate_site(root, site_index=index, seed=seed, preset=preset, series_per_site=series, case_mix=case_mix)
+    started = last = time.monotonic()
+
+    def progress(_: str, done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if 0 < done < total and now - last >= every_s:
+            last = now
+            say(f"[data] {name}: {done}/{total} series written, {now - started:.0f} s")
+
+    generate_site(root, site_index=index, seed=seed, preset=preset, series_per_site=series, case_mix=case_mix,
+                  progress=progress)
     catalog = data_dir / "catalogs" / name
     synthetic_salt(catalog, seed, name)
     result = index_site(root / "dicom", root / "reports.csv", catalog, labels=root / "labels.csv", cfg=cfg)

@@ -252,3 +252,16 @@ def test_the_pool_starts_the_largest_hospital_first_and_keeps_job_order_among_eq
 
     jobs = [{"series": 48}, {"series": 48}, {"series": 150}, {"series": 16}]
     assert largest_first(jobs) == [2, 0, 1, 3]
+
+
+def test_a_hospital_being_synthesised_reports_its_series_as_they_are_written(tmp_path: Path) -> None:
+    from fedmri.server.config import run_config
+    from fedmri.simulations.runner import load_simulation, synthesise_site
+
+    lines: list[str] = []
+    synthesise_site(cfg=run_config(load_simulation(None, []).federation), data_dir=tmp_path, name="site-01", index=1,
+                    seed=0, say=lines.append, preset="tiny", series=3, every_s=0.0)
+    assert lines[0].startswith("[data] site-01: synthesising 3 series (tiny, seed 0)"), lines
+    assert [line.split(",")[0] for line in lines[1:3]] == ["[data] site-01: 1/3 series written",
+                                                           "[data] site-01: 2/3 series written"], lines
+    assert lines[-1].startswith("[data] site-01: 3 series indexed") and len(lines) == 4, lines

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 from simulate_process import run_simulate
@@ -39,6 +38,9 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, fl
                         "federation.overrides=[]", f"federation.seed={SEED}",
                         "federation.name=transfer", f"federation.run_root={root}"], root)
     assert out.returncode == 0, out.stdout[-3000:]
+    # The hospitals are synthesised in a pool of processes; their lines reach the terminal.
+    assert "[data] holdout-01: synthesising 48 series" in out.stdout, out.stdout[:3000]
+    assert "[data] holdout-01: 48 series indexed" in out.stdout, out.stdout[:3000]
     results = json.loads((root / "transfer" / "results.json").read_text())
     assert results["holdout_sites"] == ["holdout-01"]
     return results["holdout"]
