@@ -140,6 +140,11 @@ class ProgressLines:
             count[3] = now
             self._print(name, count, now)
 
+    def advance(self, name: str) -> None:
+        """One more of a count that :meth:`update` started."""
+        done, total = self._counts[name][:2]
+        self.update(name, int(done) + 1, int(total))
+
     def _print(self, name: str, count: list[float], now: float) -> None:
         done, total, started = int(count[0]), int(count[1]), count[2]
         elapsed = now - started
@@ -152,7 +157,6 @@ class _LineProgress:
 
     def __init__(self, console: Console) -> None:
         self._lines = ProgressLines(console)
-        self._done: dict[str, tuple[int, int]] = {}
 
     def __enter__(self) -> _LineProgress:
         return self
@@ -161,13 +165,10 @@ class _LineProgress:
         pass
 
     def start(self, stage: str, total: int) -> None:
-        self._done[stage] = (0, total)
         self._lines.update(_STAGES.get(stage, stage), 0, total)
 
     def advance(self, stage: str) -> None:
-        done, total = self._done[stage]
-        self._done[stage] = (done + 1, total)
-        self._lines.update(_STAGES.get(stage, stage), done + 1, total)
+        self._lines.advance(_STAGES.get(stage, stage))
 
 
 class _RateColumn(ProgressColumn):
