@@ -256,7 +256,8 @@ def main() -> None:
             os.environ["FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"] = str(int(args.chunk_mb * 2**20))
         deployment = Deployment(tmp / f"deploy-{store}", catalogs, tree=tree, boot=boot_folder(tmp),
                                 server_args=[] if tree and store == "disk" else ["--store", store])
-        rows = []
+        # The runs share one deployment, whose state folder keeps every run's folder: count each run's growth.
+        rows, before_mb = [], _folder_mb(deployment.state)
         try:
             for r in range(args.runs * len(args.wire)):  # --runs of each wire, alternated
                 wire = args.wire[r % len(args.wire)]
@@ -282,11 +283,12 @@ def main() -> None:
                 sampler.stop_event.set()
                 sampler.join()
                 state_mb = _folder_mb(deployment.state)
+                grown_mb, before_mb = state_mb - before_mb, state_mb
                 db = deployment.state / "state.db"
                 row = {"run": r + 1, "wire": wire, "code": code, "wall": seen["run"], "pretrain": seen.get("round1"),
                        "heads": seen.get("heads"), "locked": "locked" in seen or "database is locked" in output,
                        "cause": output.split("cause: ", 1)[1].splitlines()[0] if "cause: " in output else "",
-                       "peak": dict(sampler.peak), "state_mb": state_mb,
+                       "peak": dict(sampler.peak), "state_mb": state_mb, "grown_mb": grown_mb,
                        "first_clientapp": sampler.first_seen.get("clientapp"),
                        "rounds": _rounds(deployment.state / "runs" / f"base-{r}" / "metrics.jsonl"),
                        "db_mb": db.stat().st_size / MB if db.exists() else 0.0,
@@ -295,7 +297,7 @@ def main() -> None:
                 print(f"[run {r + 1}, wire {wire}] exit {code} in {row['wall']:.0f} s; pretrain round {row['pretrain']} s, heads "
                       f"{row['heads']} s; locked: {row['locked']}; {row['cause']}; peak RSS MB "
                       + ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["peak"].items()))
-                      + f"; state folder {state_mb:.0f} MB (state.db {row['db_mb']:.0f} MB); first ClientApp after "
+                      + f"; state folder {state_mb:.0f} MB (+{grown_mb:.0f} MB by this run; state.db {row['db_mb']:.0f} MB); first ClientApp after "
                       + (f"{row['first_clientapp']:.1f} s" if row["first_clientapp"] is not None else "-"), flush=True)
                 for rnd in row["rounds"]:
                     print(f"         {rnd['stage']}: wall {rnd['wall']:.1f} s, slowest site {rnd['slowest']:.1f} s, "
@@ -357,8 +359,8 @@ def _summary(rows: list[dict]) -> None:
                       + " | ".join(f"{med(w['roles'].get(k, 0.0) for w in ws):.1f}" for k in roles) + " |")
     firsts = [row["first_clientapp"] for row in rows if row["first_clientapp"] is not None]
     print(f"\nfirst ClientApp after `fedmri run`: median {med(firsts):.1f} s" if firsts else "")
-    print(f"run wall: median {med(r['wall'] for r in rows):.0f} s; state folder after the run: median "
-          f"{med(r['state_mb'] for r in rows):.0f} MB")
+    print(f"run wall: median {med(r['wall'] for r in rows):.0f} s; the state folder grew by a median "
+          f"{med(r['grown_mb'] for r in rows):.0f} MB a run (checkpoints, metrics, logs)")
 
 
 if __name__ == "__main__":
