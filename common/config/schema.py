@@ -397,8 +397,9 @@ class TrainConfig:
 
     # Forward and loss precision of the pretrain and align steps: "auto" (bf16
     # autocast on a CUDA GPU with bf16 tensor cores, compute capability >= 8.0;
-    # fp32 on a CPU or an older GPU), "fp32", or "bf16" (forced, also on a CPU,
-    # where it is slower: for tests). Weights, optimizer state and the losses'
+    # fp32 on a CPU or an older GPU), "fp32", or "bf16" (forced, also on a CPU:
+    # slower on most, but about 2x fp32 at small and base on a CPU with AMX,
+    # docs/architecture.md "GPU sites"). Weights, optimizer state and the losses'
     # softmaxes stay fp32 either way; bf16 has fp32's exponent range, so no loss
     # scaling is needed.
     precision: str = "auto"

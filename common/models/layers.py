@@ -4,8 +4,9 @@ Every module that owns parameters directly takes exactly one tensor input and
 treats each sample independently. That keeps the encoder DP-safe by
 construction (STYLE.md, pattern 8): Opacus computes per-sample gradients for
 ``nn.Linear``, ``nn.LayerNorm`` and ``nn.Conv3d`` with its own grad samplers and
-for the small custom modules here (tokens, position embedding, LayerScale)
-through functorch, which only sees a module's first input. No BatchNorm.
+for the small custom modules here (tokens, position embedding, LayerScale, the
+patch projection) through functorch, which only sees a module's first input.
+No BatchNorm.
 """
 
 from __future__ import annotations
@@ -20,6 +21,33 @@ from torch import Tensor, nn
 STEMS = ("patch", "conv")
 
 
+class PatchProjection(nn.Conv3d):
+    """ViT's linear patch projection: a Conv3d with kernel and stride ``patch_size``, computed as one matmul.
+
+    The parameters, their initialisation and the state-dict keys are the Conv3d's;
+    only the arithmetic differs. Each patch is flattened (channel, x, y, z, as the
+    kernel is laid out) and multiplied by the kernel as a (embed_dim, C p^3) matrix,
+    which gives the convolution's result up to float rounding (3e-6 at base size).
+    On a CPU the convolution's backward is the slow part: the matmul makes the
+    projection's forward and backward 1.6x faster in fp32 and 30-60x faster under
+    bf16 autocast, where oneDNN's Conv3d backward alone had taken 37% of a base
+    training step (benchmarks/RESULTS.md, "The patch projection as a matmul").
+    Like the convolution, it drops the voxels past the last whole patch.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.kernel_size[0]
+        b, c = x.shape[:2]
+        grid = [n // p for n in x.shape[2:]]
+        patches = x[..., :grid[0] * p, :grid[1] * p, :grid[2] * p].reshape(b, c, grid[0], p, grid[1], p, grid[2], p)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, grid[0] * grid[1] * grid[2], c * p ** 3)
+        tokens = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # B, N, D
+        return tokens.transpose(1, 2).reshape(b, self.out_channels, *grid)  # B, D, gx, gy, gz
+
+
 class PatchEmbed3D(nn.Module):
     """Cut a volume into cubic patches and project each to a token.
 
@@ -28,7 +56,7 @@ class PatchEmbed3D(nn.Module):
         in_chans: Input channels.
         embed_dim: Token width.
         stem: ``"patch"``: one Conv3d with kernel and stride ``patch_size`` (ViT's
-            linear patch projection); ``"conv"``: log2(patch_size) 3^3 stride-2
+            linear patch projection, :class:`PatchProjection`); ``"conv"``: log2(patch_size) 3^3 stride-2
             convolutions (16, 32, 64, ... channels, capped at ``embed_dim``, each
             with GroupNorm and GELU), then a 1x1x1 projection: the early
             convolutions of Xiao et al. 2021, which keep a lesion a few voxels
@@ -49,7 +77,7 @@ class PatchEmbed3D(nn.Module):
             raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
         self.patch_size, self.stem = patch_size, stem
         if stem == "patch":
-            self.proj: nn.Module = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+            self.proj: nn.Module = PatchProjection(patch_size, in_chans, embed_dim)
             return
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"a conv stem halves the grid per layer: patch_size must be a power of two >= 2, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedmri.models.dino_head import WeightNormLinear
 from fedmri.models.layers import (
@@ -36,6 +37,23 @@ def test_patch_embed_is_a_strided_conv() -> None:
     # Patch (1, 0, 0) is voxels 4..7 along x: a dot product with the kernel.
     manual = (pe.proj.weight[:, 0] * x[0, 0, 4:8]).sum((1, 2, 3)) + pe.proj.bias
     torch.testing.assert_close(out[0, :, 1, 0, 0], manual)
+
+
+def test_patch_projection_computes_the_strided_conv_and_its_gradients() -> None:
+    """The matmul form gives Conv3d's output and parameter gradients, with 2 channels and a
+    volume that is not a whole number of patches (both drop the remainder)."""
+    torch.manual_seed(0)
+    pe = PatchEmbed3D(4, 2, 6)
+    x = torch.rand(3, 2, 9, 8, 13)
+    out = pe(x)
+    expected = F.conv3d(x, pe.proj.weight, pe.proj.bias, stride=4)
+    assert out.shape == expected.shape == (3, 6, 2, 2, 3)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad((out * upstream).sum(), [pe.proj.weight, pe.proj.bias])
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [pe.proj.weight, pe.proj.bias])
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("patch, widths", [(2, [16]), (8, [16, 32, 48]), (16, [16, 32, 48, 48])])
