@@ -7,11 +7,14 @@ random-init mode (the same heads, tuned the same way, on a randomly
 initialised encoder). The held-out hospital (48 series, ~12 studies) is
 synthesised from a seed of its own with a vendor no site has.
 
-Margins, from ``benchmarks/bench_transfer.py --seeds 0 1 2 3 series_per_site=16``
-(see ``benchmarks/RESULTS.md``): report->image R@5 0.58-0.67 federated against
-0.17-0.36 random (differences +0.29 to +0.42), median rank 3.0-5.0 against
-8.0-11.0. The test asks for +0.15 (about two of the ~12 queries) and a median
-rank lower by 2. ``FEDMRI_TRANSFER_SEED`` runs it on another seed.
+Margins, from ``benchmarks/bench_transfer.py --modes federated random --seeds 0 1 2 3
+series_per_site=16 holdout_series=48 "federation.overrides=[]"`` (this test's config;
+``benchmarks/RESULTS.md``, 2026-12-08, after the patch projection became a matmul):
+report->image R@5 0.62-0.93 federated against 0.15-0.50 random (differences +0.25 to
++0.64; seed 0, run here, +0.64), median rank 2.5-4.0 against 5.5-26 (differences -2 to
+-22; seed 0 -9.5). The test asks for +0.15 (about two of the ~14 queries) and a median
+rank lower by 2: seed 2's random init ranked well enough to meet the second only at
+its edge. ``FEDMRI_TRANSFER_SEED`` runs it on another seed.
 
 Disease AUROC is not asserted here: at this scale it does not beat random init
 robustly (see the benchmark), and a margin that holds on one seed only would
