@@ -214,7 +214,7 @@ def write_report(sim_dir: Path, title: str | None = None) -> Path:
 
     machine = summary.get("machine")
     computed = (f" Computed with {describe(machine)}: the same seed repeats these figures exactly with the "
-                "same packages on a CPU with the same kernels (another instruction set rounds differently, "
+                "same packages on the same kind of CPU (another instruction set or vendor rounds differently, "
                 "and training carries the difference on)." if machine else "")
     md = [f"# {title or f'fedmri simulate: {sim_dir.name}'}", "",
           f"Run `{sim_dir.name}`, finished {date}.{computed}", "",
